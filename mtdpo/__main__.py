@@ -1,0 +1,3 @@
+from mtdpo.cli import app
+
+app(prog_name="mtdpo")

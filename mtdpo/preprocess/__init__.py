@@ -1,0 +1,1 @@
+"""Stage one: read → render + mask → truncate → write shards. May import tokenizers."""

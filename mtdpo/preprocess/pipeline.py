@@ -1,0 +1,286 @@
+"""Stage one end to end: read → render + mask → truncate → write schema-1 shards.
+
+Rows are processed in fixed-size chunks, in order, by `num_proc` workers with a bounded
+number of chunks in flight, so memory does not grow with the input and the output is the
+same for any `num_proc`. Everything is written into a temporary directory that is renamed
+into place only when complete: an interrupted run never leaves a cache train would accept.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+from datasets import Dataset, Features, List, Value
+from datasets.arrow_writer import ArrowWriter
+
+from mtdpo import __version__
+from mtdpo.cache import SCHEMA_VERSION
+from mtdpo.errors import UsageError
+from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
+from mtdpo.preprocess.mask import IGNORE_INDEX, seed_markers
+from mtdpo.preprocess.read import count_rows, detect_format, read_rows
+from mtdpo.preprocess.rows import RowError
+from mtdpo.tokenizer import fingerprint, load_tokenizer, sha256_path, sha256_text
+
+CHUNK_ROWS = 256
+TOKEN_LIST = List(Value("int32"))
+FEATURES = Features(
+    {
+        "chosen_input_ids": TOKEN_LIST,
+        "chosen_labels": TOKEN_LIST,
+        "rejected_input_ids": TOKEN_LIST,
+        "rejected_labels": TOKEN_LIST,
+        "prompt_len": Value("int32"),
+        "chosen_len": Value("int32"),
+        "rejected_len": Value("int32"),
+        "row": Value("int64"),
+    }
+)
+
+
+@dataclass
+class Tally:
+    rows: int = 0
+    kept: int = 0
+    rejected: int = 0  # unusable rows (bad JSON, bad roles, template errors …)
+    dropped: int = 0  # valid rows left without a trained token by truncation
+    truncated: int = 0  # kept rows cut to --max-length
+    chosen_tokens: int = 0
+    rejected_tokens: int = 0
+    chosen_trained_tokens: int = 0
+    rejected_trained_tokens: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def merge(self, other: Tally) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class ChunkResult:
+    records: list[dict]
+    rejects: list[dict]  # {"row": n, "reason": ...} in row order
+    tally: Tally
+
+
+_encoder: PairEncoder | None = None  # one per worker process
+
+
+def _init_worker(tokenizer_dir: str, options: MaskOptions) -> None:
+    from transformers import AutoTokenizer
+
+    global _encoder
+    _encoder = PairEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), options)
+
+
+def encode_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
+    result = ChunkResult([], [], Tally())
+    tally = result.tally
+    for n, row in chunk:
+        tally.rows += 1
+        try:
+            if isinstance(row, RowError):
+                raise row
+            record, truncated = _encoder(row)
+        except RowError as err:
+            kind = "dropped" if isinstance(err, Dropped) else "rejected"
+            setattr(tally, kind, getattr(tally, kind) + 1)
+            tally.reasons[_reason_kind(str(err))] += 1
+            result.rejects.append({"row": n, "reason": str(err), "dropped": kind == "dropped"})
+            continue
+        record["row"] = n
+        result.records.append(record)
+        tally.kept += 1
+        tally.truncated += truncated
+        tally.chosen_tokens += record["chosen_len"]
+        tally.rejected_tokens += record["rejected_len"]
+        tally.chosen_trained_tokens += sum(label != IGNORE_INDEX for label in record["chosen_labels"])
+        tally.rejected_trained_tokens += sum(label != IGNORE_INDEX for label in record["rejected_labels"])
+    return result
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: drop the row-specific tail (indexes, values)."""
+    return reason.split(":")[0] if reason.startswith(("invalid JSON", "chat template error")) else reason
+
+
+def preprocess(
+    input_path: Path,
+    out: Path,
+    *,
+    tokenizer: str | None = None,
+    chat_template: Path | None = None,
+    options: MaskOptions = MaskOptions(),
+    num_proc: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    fmt: str = "auto",
+    max_shard_size: str = "500MB",
+    progress: bool = True,
+) -> dict:
+    """Write the cache at `out` and return its stats (also saved as stats.json)."""
+    started = time.perf_counter()
+    input_path, out = Path(input_path), Path(out)
+    fmt = detect_format(input_path, fmt)
+    if out.exists() and not overwrite:
+        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    if num_proc < 1:
+        raise UsageError("--num-proc must be at least 1")
+    tok = load_tokenizer(tokenizer, chat_template)
+    options = _resolve_seed_markers(options, tok.chat_template)
+    total = count_rows(input_path, fmt)
+    if total == 0:
+        raise UsageError(f"input {input_path} holds no rows")
+
+    tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
+    parts = out.with_name(f".{out.name}.parts-{os.getpid()}")
+    for stale in (tmp, parts):
+        shutil.rmtree(stale, ignore_errors=True)
+    parts.mkdir(parents=True)
+    tmp.mkdir(parents=True)
+    try:
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        tally = Tally()
+        part_file = parts / "part-00000.arrow"
+        with ArrowWriter(features=FEATURES, path=str(part_file)) as writer, open(tmp / "rejects.jsonl", "w") as rejects:
+            chunks = _chunks(read_rows(input_path, fmt), CHUNK_ROWS)
+            results = ordered_map(encode_chunk, chunks, num_proc, _init_worker, (str(tmp / "tokenizer"), options))
+            for result in _with_progress(results, total, progress):
+                if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
+                    raise UsageError(f"row {bad['row']}: {bad['reason']} (--strict stops at the first bad row)")
+                if result.records:
+                    writer.write_table(pa.Table.from_pylist(result.records, schema=FEATURES.arrow_schema))
+                for reject in result.rejects:
+                    rejects.write(json.dumps({"row": reject["row"], "reason": reject["reason"]}) + "\n")
+                tally.merge(result.tally)
+            writer.finalize()
+        with _quiet_datasets():
+            Dataset.from_file(str(part_file)).save_to_disk(str(tmp), max_shard_size=max_shard_size)
+        seconds = time.perf_counter() - started
+        stats = _stats(tally, seconds)
+        _write_json(tmp / "stats.json", stats)
+        _write_json(tmp / "manifest.json", _manifest(tok, options, input_path, fmt, tally, chat_template))
+        _replace(tmp, out)
+        return stats
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ordered_map(fn: Callable, items: Iterable, num_proc: int, init: Callable, init_args: tuple) -> Iterator:
+    """map() over processes, results in input order, at most 2 items per worker in flight."""
+    if num_proc == 1:
+        init(*init_args)
+        yield from map(fn, items)
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=init, initargs=init_args) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextmanager
+def _quiet_datasets():
+    """datasets prints its own progress bar when saving; ours already covers the run."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def _with_progress(results: Iterator[ChunkResult], total: int, enabled: bool) -> Iterator[ChunkResult]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not enabled, transient=True) as bar:
+        task = bar.add_task("rows", total=total)
+        for result in results:
+            bar.advance(task, result.tally.rows)
+            yield result
+
+
+def _resolve_seed_markers(options: MaskOptions, template: str) -> MaskOptions:
+    if options.mode not in ("assistant", "seed"):
+        raise UsageError(f"unknown --mask-mode {options.mode!r}; use assistant or seed")
+    if options.mode != "seed" or (options.user_marker and options.end_marker):
+        return options
+    family = seed_markers(template)
+    if family is None:
+        raise UsageError("--mask-mode seed: unknown template family; pass --user-marker and --end-marker")
+    user, end = family
+    return MaskOptions(options.mode, options.max_length, options.user_marker or user, options.end_marker or end)
+
+
+def _stats(tally: Tally, seconds: float) -> dict:
+    stats = asdict(tally)
+    stats["reasons"] = dict(tally.reasons.most_common())
+    stats["seconds"] = round(seconds, 3)
+    stats["rows_per_second"] = round(tally.rows / seconds, 1) if seconds else None
+    return stats
+
+
+def _manifest(tok, options: MaskOptions, input_path: Path, fmt: str, tally: Tally, chat_template) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "mtdpo_version": __version__,
+        "tokenizer": {
+            "name_or_path": str(tok.name_or_path),
+            "fingerprint": fingerprint(tok),
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        "chat_template_sha256": sha256_text(tok.chat_template),
+        "chat_template_file": str(chat_template) if chat_template else None,
+        "mask_mode": options.mode,
+        "seed_markers": [options.user_marker, options.end_marker] if options.mode == "seed" else None,
+        "max_length": options.max_length,
+        "truncation": "keep_start",
+        "input": {"path": str(input_path), "format": fmt, "sha256": sha256_path(input_path)},
+        "counts": {k: getattr(tally, k) for k in ("rows", "kept", "rejected", "dropped", "truncated")},
+        "tokens": {
+            k: getattr(tally, k)
+            for k in ("chosen_tokens", "rejected_tokens", "chosen_trained_tokens", "rejected_trained_tokens")
+        },
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished cache into place; an old one (with --overwrite) goes only then."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""Load the tokenizer for stage one and fingerprint it for the manifest.
+
+Stage two never calls this: it only compares fingerprints and copies the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from mtdpo.errors import UsageError
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_TOKENIZER = ASSETS / "tokenizer"
+SAMPLE_DATA = ASSETS / "sample.jsonl"
+
+
+def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = str(name_or_path or EMBEDDED_TOKENIZER)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise UsageError(f"tokenizer not found or not loadable: {source} ({type(err).__name__}: {err})".splitlines()[0]) from None
+    if not tokenizer.is_fast:
+        raise UsageError(f"{source} has no fast tokenizer; mtdpo needs character offsets to find assistant spans")
+    if chat_template is not None:
+        if not Path(chat_template).is_file():
+            raise UsageError(f"chat template file not found: {chat_template}")
+        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise UsageError(f"{source} has no chat template; pass one with --chat-template FILE")
+    return tokenizer
+
+
+def fingerprint(tokenizer) -> str:
+    """Hash of what decides token ids: the vocabulary and the special tokens."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "added": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),
+    }
+    return sha256_text(json.dumps(payload, ensure_ascii=False))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """Content hash of a file, or of every file under a directory (sorted, names included)."""
+    path, digest = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Stage two: train from the shards. Never calls a tokenizer."""
