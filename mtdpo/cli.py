@@ -104,6 +104,33 @@ def _summary(stats: dict, out: Path) -> Table:
     return table
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@user_errors
+def train(ctx: typer.Context) -> None:
+    """Train a model with DPO + NLL on preprocessed caches. `mtdpo train --help` lists every option.
+
+    Options: --data CACHE [CACHE ...] --model M --output-dir DIR [--config configs/X.yaml] [--beta 0.1]
+    [--nll-coef 1.0] [--loss-type sigmoid|ipo|hinge|robust] and every transformers TrainingArguments field
+    (--learning-rate, --max-steps, --per-device-train-batch-size, --bf16, --resume-from-checkpoint auto …).
+    """
+    from trl import TrlParser
+
+    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.run import train as run
+
+    parser = TrlParser([MtdpoConfig], prog="mtdpo train", description="Train with multi-turn DPO + NLL on mtdpo caches.")
+    try:
+        (config,) = parser.parse_args_and_config(ctx.args)
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    trainer = run(config)
+    if trainer.is_world_process_zero():
+        console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
+
+
 @app.command("show-sample")
 @user_errors
 def show_sample(

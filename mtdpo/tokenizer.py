@@ -36,13 +36,24 @@ def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None =
 
 
 def fingerprint(tokenizer) -> str:
-    """Hash of what decides token ids: the vocabulary and the special tokens."""
+    """Hash of what decides token ids: the vocabulary, merges and added/special tokens."""
+    return fingerprint_json(tokenizer.backend_tokenizer.to_str())
+
+
+def fingerprint_dir(path: Path) -> str | None:
+    """The same hash from a saved tokenizer.json, without loading a tokenizer (stage two)."""
+    file = Path(path) / "tokenizer.json"
+    return fingerprint_json(file.read_text(encoding="utf-8")) if file.is_file() else None
+
+
+def fingerprint_json(tokenizer_json: str) -> str:
+    data = json.loads(tokenizer_json)
+    model = data.get("model", {})
     payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "added": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),
+        "model": {k: model.get(k) for k in ("type", "vocab", "merges")},
+        "added": sorted((t["id"], t["content"], t["special"]) for t in data.get("added_tokens", [])),
     }
-    return sha256_text(json.dumps(payload, ensure_ascii=False))
+    return sha256_text(json.dumps(payload, ensure_ascii=False, sort_keys=True))
 
 
 def sha256_text(text: str) -> str:

@@ -1,0 +1,55 @@
+"""Every option of `mtdpo train`: transformers' TrainingArguments plus the DPO ones.
+
+One dataclass, parsed by TRL's TrlParser, so each field can be set in a YAML file
+(`--config configs/X.yaml`) and overridden on the command line (`--learning-rate 1e-6`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class MtdpoConfig(TrainingArguments):
+    data: list[str] = field(default_factory=list, metadata={"help": "Cache directory (or several) written by `mtdpo preprocess`."})
+    model: str | None = field(
+        default=None, metadata={"help": "Policy model name or path. Default: a tiny random Gemma-architecture model (offline demo)."}
+    )
+    ref_model: str | None = field(
+        default=None, metadata={"help": "Frozen reference model. Default: a copy of --model as loaded (before training)."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature: larger keeps the policy closer to the reference."})
+    nll_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the NLL term on chosen tokens (1.0 as in the multi-turn math-agent recipe; 0 = plain DPO)."},
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid, ipo, hinge or robust."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed preference-label noise for sigmoid (cDPO) and robust losses, in [0, 0.5)."}
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "A second cache to evaluate on."})
+    allow_mismatch: bool = field(
+        default=False, metadata={"help": "Train even if the model's tokenizer differs from the one the cache was made with."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 (needs the gpu extra)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model's repository to run (off: only transformers' own)."}
+    )
+    # TrainingArguments whose defaults differ for DPO
+    output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cache's columns (the collator needs them)."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb, … (installed loggers)."})
+    save_only_model: bool = field(default=False, metadata={"help": "Checkpoints without optimizer state (no resume)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            raise ValueError("--data is required: a cache directory written by `mtdpo preprocess`")

@@ -1,0 +1,33 @@
+"""Batches from the memory-mapped cache: pad to the longest sequence, chosen then rejected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl.trainer.utils import pad
+
+from mtdpo.train.loss import IGNORE_INDEX
+
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+@dataclass
+class PairCollator:
+    """rows -> input_ids/labels/attention_mask of shape [2B, T]: B chosen rows, then B rejected."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        sides = [f"{side}_{{}}" for side in ("chosen", "rejected")]
+        ids = [torch.tensor(r[side.format("input_ids")]) for side in sides for r in rows]
+        labels = [torch.tensor(r[side.format("labels")]) for side in sides for r in rows]
+        batch = {
+            "input_ids": pad(ids, padding_value=self.pad_token_id),
+            "labels": pad(labels, padding_value=IGNORE_INDEX),
+            "attention_mask": pad([torch.ones_like(t) for t in ids], padding_value=0),
+            "rows": torch.tensor([r["row"] for r in rows]),
+        }
+        if all(column in rows[0] for column in REF_COLUMNS):
+            batch["ref_logps"] = torch.tensor([r[c] for c in REF_COLUMNS for r in rows], dtype=torch.float32)
+        return batch

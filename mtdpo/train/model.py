@@ -1,0 +1,41 @@
+"""Load the policy and its frozen reference. Never loads a tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mtdpo.errors import UsageError
+from mtdpo.tokenizer import ASSETS
+
+TINY_MODEL = ASSETS / "tiny-gemma"  # config.json of a 0.5M-parameter Gemma sized to the embedded tokenizer
+
+
+def attention_kernel(requested: str) -> str:
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("--attn-implementation flash_attention_2 needs flash-attn: pip install 'mtdpo[gpu]' (or use sdpa)")
+    return requested
+
+
+def load_policy(name_or_path: str | None, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool):
+    attn = attention_kernel(attn_implementation)
+    if name_or_path is None:  # random init: the seed (set by the caller) makes it reproducible
+        config = AutoConfig.from_pretrained(str(TINY_MODEL))
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, attn_implementation=attn, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise UsageError(f"model not found or not loadable: {name_or_path} ({str(err).splitlines()[0]})") from None
+
+
+def load_reference(policy, name_or_path: str | None, attn_implementation: str, dtype, trust_remote_code: bool):
+    """A frozen copy of the policy as loaded, or a separate --ref-model."""
+    ref = copy.deepcopy(policy) if name_or_path is None else load_policy(name_or_path, attn_implementation, dtype, trust_remote_code)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

@@ -1,0 +1,104 @@
+"""`mtdpo train`: open the caches, check them against the model, train, save."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from mtdpo.cache import load_cache, read_manifest
+from mtdpo.errors import UsageError
+from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir
+from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.data import PairCollator
+from mtdpo.train.loss import LOSS_TYPES
+from mtdpo.train.model import load_policy, load_reference
+from mtdpo.train.trainer import MultiTurnDPOTrainer
+
+# Manifest fields that must agree for several caches to be one dataset.
+COMPATIBLE_FIELDS = (("tokenizer", "fingerprint"), ("chat_template_sha256",), ("mask_mode",), ("max_length",))
+
+
+def open_caches(paths: list[str]):
+    """One memory-mapped dataset from one or more caches whose manifests agree."""
+    from datasets import concatenate_datasets
+
+    manifests = [read_manifest(Path(p)) for p in paths]
+    for path, manifest in zip(paths[1:], manifests[1:]):
+        for keys in COMPATIBLE_FIELDS:
+            if _get(manifest, keys) != _get(manifests[0], keys):
+                raise UsageError(f"caches {paths[0]} and {path} disagree on {'.'.join(keys)}; preprocess them alike")
+    datasets = [load_cache(Path(p)) for p in paths]
+    return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
+
+
+def _get(d: dict, keys: tuple[str, ...]):
+    for key in keys:
+        d = d.get(key, {}) if isinstance(d, dict) else None
+    return d
+
+
+def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int, allow_mismatch: bool) -> None:
+    """Refuse a model whose tokenizer is not the one the cache was tokenized with."""
+    cache_vocab = manifest["tokenizer"]["vocab_size"]
+    if cache_vocab > vocab_size:
+        hint = " (the tiny default model fits only the embedded tokenizer; pass --model)" if model_path is None else ""
+        raise UsageError(f"the cache uses token ids up to {cache_vocab - 1} but the model's vocabulary has {vocab_size}{hint}")
+    tokenizer_dir = EMBEDDED_TOKENIZER if model_path is None else Path(model_path)
+    model_fingerprint = fingerprint_dir(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    if model_fingerprint and model_fingerprint != manifest["tokenizer"]["fingerprint"] and not allow_mismatch:
+        raise UsageError(
+            f"the model's tokenizer ({tokenizer_dir}) differs from the cache's ({manifest['tokenizer']['name_or_path']}): "
+            "re-run `mtdpo preprocess --tokenizer` with the model's tokenizer, or pass --allow-mismatch"
+        )
+
+
+class MetricsFile(TrainerCallback):
+    """Append every log line to <output_dir>/metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def train(config: MtdpoConfig) -> MultiTurnDPOTrainer:
+    if config.loss_type not in LOSS_TYPES:
+        raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    train_data, manifest = open_caches(config.data)
+    eval_data = open_caches([config.eval_data])[0] if config.eval_data else None
+
+    set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
+    dtype = torch.float32  # master weights; --bf16 trains in mixed precision
+    policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code)
+    check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch)
+    precomputed = all(c in train_data.column_names for c in ("ref_chosen_logp", "ref_rejected_logp"))
+    ref = None if precomputed else load_reference(policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code)
+
+    output_dir = Path(config.output_dir)
+    trainer = MultiTurnDPOTrainer(
+        policy,
+        ref,
+        config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=PairCollator(pad_token_id=manifest["tokenizer"]["pad_token_id"] or 0),
+        callbacks=[MetricsFile(output_dir / "metrics.jsonl")],
+    )
+    resume = config.resume_from_checkpoint
+    if resume == "auto":
+        resume = get_last_checkpoint(str(output_dir))  # None when there is none yet: start fresh
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.
+        shutil.copytree(Path(config.data[0]) / "tokenizer", output_dir, dirs_exist_ok=True)
+    return trainer

@@ -1,0 +1,96 @@
+"""A slim transformers.Trainer for multi-turn DPO + NLL.
+
+Trainer brings accelerate, DeepSpeed ZeRO-2/3, FSDP, gradient accumulation, checkpoints,
+resume and loggers; this class only says how a batch becomes a loss and what to log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.loss import dpo_loss, nll_loss, sequence_logps
+
+
+class MultiTurnDPOTrainer(Trainer):
+    def __init__(self, model, ref_model, args: MtdpoConfig, **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is already a mean: Trainer scales it for accumulation
+        self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+
+    def _prepare_reference(self, ref_model):
+        if self.is_deepspeed_enabled:  # ZeRO-3 must shard the reference too
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        loss, metrics = self.pair_loss(model, inputs)
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        if mode == "train":
+            self._tokens_since_log += int(self.accelerator.gather(inputs["attention_mask"].sum()).sum())
+        return (loss, {}) if return_outputs else loss
+
+    def pair_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+        """One concatenated forward of chosen + rejected; DPO on summed log-probs + NLL."""
+        args: MtdpoConfig = self.args
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        logps, tokens = sequence_logps(model(**model_inputs).logits, inputs["labels"])
+        if "ref_logps" in inputs:
+            ref_logps = inputs["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref_logps, _ = sequence_logps(self.ref_model(**model_inputs).logits, inputs["labels"])
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing, chosen_tokens, rejected_tokens
+        )
+        # NLL over the chosen tokens of all ranks: each rank divides by the global count and
+        # DDP's gradient mean over ranks (x world size) gives the global token mean.
+        world = self.accelerator.num_processes
+        global_tokens = self.accelerator.reduce(chosen_tokens.sum().detach(), reduction="sum")
+        nll = nll_loss(chosen, chosen_tokens, global_tokens) * world
+        dpo = losses.mean()
+        loss = dpo + args.nll_coef * nll
+
+        gather = self.accelerator.gather_for_metrics
+        margins = chosen_rewards - rejected_rewards
+        metrics = {
+            "dpo_loss": gather(dpo.detach()).mean().item(),
+            "nll": gather(nll.detach()).mean().item(),
+            "rewards/chosen": gather(chosen_rewards).mean().item(),
+            "rewards/rejected": gather(rejected_rewards).mean().item(),
+            "rewards/margins": gather(margins).mean().item(),
+            "rewards/accuracies": gather((margins > 0).float()).mean().item(),
+            "logps/chosen": gather(chosen.detach()).mean().item(),
+            "logps/rejected": gather(rejected.detach()).mean().item(),
+        }
+        return loss, metrics
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+        self._metrics[mode].clear()
+        if mode == "train" and "loss" in logs:
+            now = time.perf_counter()
+            logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
+            self._tokens_since_log, self._last_log_time = 0, now
+        super().log(logs, start_time)
