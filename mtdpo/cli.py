@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mtdpo import __version__
@@ -32,7 +33,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UsageError as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escape: a path or reason holding "[...]" is text, not rich markup (it vanished or crashed)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -55,9 +57,9 @@ def main(
 @user_errors
 def preprocess(
     input: Path = typer.Argument(..., help="Conversations: .jsonl, .json, .parquet, or a saved `datasets` directory."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. [default: data_cache/<input name>]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. \\[default: data_cache/<input name>]"),
     tokenizer: Optional[str] = typer.Option(
-        None, help="Tokenizer name or path. [default: the embedded tiny Gemma-style tokenizer]"
+        None, help="Tokenizer name or path. \\[default: the embedded tiny Gemma-style tokenizer]"
     ),
     chat_template: Optional[Path] = typer.Option(None, help="Jinja chat template file to use instead of the tokenizer's."),
     max_length: int = typer.Option(2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."),
@@ -66,8 +68,8 @@ def preprocess(
         help="assistant: train post-prompt assistant messages only. "
         "seed: the original research rule (mask user turns by marker, train the rest).",
     ),
-    user_marker: Optional[str] = typer.Option(None, help="seed mode: user-turn start marker. [default: from the template family]"),
-    end_marker: Optional[str] = typer.Option(None, help="seed mode: end-of-turn marker. [default: from the template family]"),
+    user_marker: Optional[str] = typer.Option(None, help="seed mode: user-turn start marker. \\[default: from the template family]"),
+    end_marker: Optional[str] = typer.Option(None, help="seed mode: end-of-turn marker. \\[default: from the template family]"),
     num_proc: int = typer.Option(1, help="Worker processes; the output is identical for any value."),
     strict: bool = typer.Option(False, help="Stop at the first unusable row instead of writing it to rejects.jsonl."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is complete)."),

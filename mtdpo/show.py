@@ -69,9 +69,10 @@ def show_sample(cache: Path, index: int, side: str, console: Console) -> None:
         header.append("trained text is [[bracketed]]")
     else:
         header.append("trained", style=TRAINED).append(" / ").append("masked", style=MASKED)
-    console.print(header)
+    # soft_wrap: never insert line breaks of our own, the text must be shown as it was tokenized
+    console.print(header, soft_wrap=True)
     for name in sides_of(side):
-        console.print(render_side(pair, tokenizer, name, plain), end="")
+        console.print(render_side(pair, tokenizer, name, plain), end="", soft_wrap=True)
 
 
 def sides_of(side: str) -> list[str]:

@@ -168,7 +168,11 @@ def preprocess(
                 tally.merge(result.tally)
             writer.finalize()
         with _quiet_datasets():
-            Dataset.from_file(str(part_file)).save_to_disk(str(tmp), max_shard_size=max_shard_size)
+            kept = Dataset.from_file(str(part_file))
+            # datasets writes no shard at all for an empty dataset and then cannot load it back:
+            # a run that rejected every row must still leave a cache that opens (with 0 pairs).
+            shards = {"max_shard_size": max_shard_size} if len(kept) else {"num_shards": 1}
+            kept.save_to_disk(str(tmp), **shards)
         seconds = time.perf_counter() - started
         stats = _stats(tally, seconds)
         _write_json(tmp / "stats.json", stats)

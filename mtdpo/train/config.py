@@ -44,8 +44,6 @@ class MtdpoConfig(TrainingArguments):
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cache's columns (the collator needs them)."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb, … (installed loggers)."})
-    save_only_model: bool = field(default=False, metadata={"help": "Checkpoints without optimizer state (no resume)."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -25,9 +25,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
-    per_token = torch.zeros(trained.shape, dtype=torch.float32, device=logits.device)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # sums in fp32 even for bf16 logits
+    per_token = torch.zeros(trained.shape, dtype=dtype, device=logits.device)
     if trained.any():
-        per_token[trained] = selective_log_softmax(logits[:, :-1][trained], targets[trained]).float()
+        per_token[trained] = selective_log_softmax(logits[:, :-1][trained], targets[trained]).to(dtype)
     return per_token.sum(-1), trained.sum(-1)
 
 

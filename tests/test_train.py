@@ -1,0 +1,137 @@
+"""The trainer: multi-turn masking in the loss, no tokenizer at runtime, checks, resume, config."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trainkit import batch, make_cache, mtdpo_trainer, tiny_model
+
+from mtdpo.errors import UsageError
+from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.run import train
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("train"), n=24)
+
+
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, **_):
+        return SimpleNamespace(logits=self.logits)
+
+
+def test_loss_counts_exactly_the_trained_tokens(cache, tmp_path):
+    """Changing the logits that predict user/tool/header tokens (label -100) moves nothing."""
+    mb = batch(cache, range(4))
+    trained = mb["labels"][:, 1:] != -100
+    masked = ~trained & (mb["attention_mask"][:, 1:] == 1)
+    assert masked.sum() > trained.sum() / 2  # multi-turn rows: many masked tokens in the sequences
+    logits = torch.randn(*mb["input_ids"].shape, 2048, generator=torch.Generator().manual_seed(0))
+    trainer = mtdpo_trainer(cache, tiny_model(), None, tmp_path)
+    ref_logps = torch.full((8,), -300.0)
+
+    def loss_and_metrics(lg):
+        trainer._metrics["train"].clear()
+        loss, metrics = trainer.pair_loss(FixedLogits(lg), {**mb, "ref_logps": ref_logps})
+        return loss.item(), metrics
+
+    base_loss, base = loss_and_metrics(logits)
+    perturbed = logits.clone()
+    perturbed[:, :-1][masked] += 10 * torch.randn(int(masked.sum()), 2048)
+    assert loss_and_metrics(perturbed)[0] == base_loss
+    bumped = logits.clone()
+    first_trained = trained[0].nonzero()[0, 0]
+    bumped[0, first_trained] += 5.0 * torch.randn(2048)
+    assert loss_and_metrics(bumped)[0] != base_loss
+
+    # NLL is the mean over the chosen trained tokens, counted from the labels
+    chosen_labels = mb["labels"][:4, 1:]
+    n_chosen = (chosen_labels != -100).sum().item()
+    logp = torch.log_softmax(logits[:4, :-1], -1).gather(-1, chosen_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected_nll = -(logp * (chosen_labels != -100)).sum().item() / n_chosen
+    assert base["nll"] == pytest.approx(expected_nll, rel=1e-5)
+
+
+def run_config(cache, tmp_path, **overrides):
+    values = dict(
+        data=[str(cache)], output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=4, logging_steps=1,
+        per_device_train_batch_size=2, save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3,
+    )  # fmt: skip
+    return MtdpoConfig(**{**values, **overrides})
+
+
+def logged(run_dir, key="loss"):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line[key] for line in lines if key in line}
+
+
+def test_training_never_loads_a_tokenizer(cache, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("stage two must not load a tokenizer")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "from_pretrained", refuse)
+    config = run_config(cache, tmp_path, eval_data=str(cache), eval_strategy="steps", eval_steps=2)
+    train(config)
+    monkeypatch.undo()
+
+    run = tmp_path / "run"
+    assert (run / "model.safetensors").exists()
+    assert logged(run, "eval_rewards/margins")  # eval on the second cache logs DPO metrics too
+    margins = logged(run, "rewards/margins")
+    assert sorted(margins) == [1, 2, 3, 4]
+    model = AutoModelForCausalLM.from_pretrained(str(run))
+    tok = AutoTokenizer.from_pretrained(str(run))
+    assert model.config.vocab_size == 2048 and len(tok) == 2048
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<bos><start_of_turn>user")
+
+
+def test_tokenizer_mismatch_is_refused_unless_allowed(cache, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="differs from the cache's"):
+        train(run_config(other, tmp_path, max_steps=1))
+    train(run_config(other, tmp_path, max_steps=1, allow_mismatch=True))
+
+
+def test_vocabulary_too_small_is_refused(cache, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 32000
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="token ids up to 31999"):
+        train(run_config(other, tmp_path, max_steps=1, allow_mismatch=True))
+
+
+def test_resume_gives_the_same_losses(cache, tmp_path):
+    straight = tmp_path / "straight"
+    train(run_config(cache, tmp_path, output_dir=str(straight), max_steps=6, save_strategy="steps", save_steps=3))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")  # what a run stopped at step 3 leaves
+    train(run_config(cache, tmp_path, output_dir=str(resumed), max_steps=6, resume_from_checkpoint="auto"))
+    before, after = logged(straight), logged(resumed)
+    assert sorted(after) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(before[step], abs=1e-6)
+    assert before[4] != before[6]
+
+
+def test_same_seed_same_losses(cache, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(run_config(cache, tmp_path, output_dir=str(a)))
+    train(run_config(cache, tmp_path, output_dir=str(b)))
+    assert logged(a) == logged(b)

@@ -1,0 +1,61 @@
+"""Shared helpers for the training tests: small caches and trainers built in-process."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from mtdpo.cache import load_cache
+from mtdpo.preprocess.pipeline import preprocess
+from mtdpo.synthetic import make_pairs
+from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.data import PairCollator
+from mtdpo.train.model import load_policy
+from mtdpo.train.trainer import MultiTurnDPOTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_cache(tmp: Path, rows=None, n: int = 32, name: str = "cache", **kwargs) -> Path:
+    """Preprocess rows (default: n generated multi-turn pairs) into tmp/name."""
+    rows = list(make_pairs(n, seed=3)) if rows is None else rows
+    out = tmp / name
+    preprocess(write_jsonl(tmp / f"{name}.jsonl", rows), out, progress=False, **kwargs)
+    return out
+
+
+def single_turn_rows(n: int) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i + 3} times {i + 7}?"}],
+            "chosen": [{"role": "assistant", "content": f"It is {(i + 3) * (i + 7)}."}],
+            "rejected": [{"role": "assistant", "content": f"Maybe {(i + 3) * (i + 7) + 1}, I think so."}],
+        }
+        for i in range(n)
+    ]
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32):
+    set_seed(seed)
+    return load_policy(None, "eager", dtype, False)
+
+
+def mtdpo_trainer(cache: Path, policy, ref, tmp: Path, **config) -> MultiTurnDPOTrainer:
+    defaults = dict(output_dir=str(tmp / "run"), data=[str(cache)], use_cpu=True, per_device_train_batch_size=4)
+    args = MtdpoConfig(**{**defaults, **config})
+    ref = None if ref is None else copy.deepcopy(ref).eval().requires_grad_(False)
+    return MultiTurnDPOTrainer(policy, ref, args, train_dataset=load_cache(cache), data_collator=PairCollator(0))
+
+
+def batch(cache: Path, indices) -> dict:
+    ds = load_cache(cache)
+    return PairCollator(0)([ds[i] for i in indices])
