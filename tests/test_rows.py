@@ -1,0 +1,112 @@
+"""Row validation (mtdpo.preprocess.rows): every bad shape is a RowError whose message is
+the reason written to rejects.jsonl; both accepted shapes mask the same way."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import embedded_tokenizer, family_tokenizer, math_agent_pairs, msg
+
+from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.preprocess.rows import ROLES, RowError, to_pair
+
+Q, A, B = msg("user", "What is 2 + 3?"), msg("assistant", "It is 5."), msg("assistant", "It is 6.")
+KNOWN = "system, user, assistant, tool, observation, ipython, function"
+
+
+def good(**changes) -> dict:
+    row = {"chosen": [Q, A], "rejected": [Q, B]}
+    row.update(changes)
+    return row
+
+
+BAD_ROWS = {
+    "list row": ([Q, A], "row is a list, expected a JSON object"),
+    "string row": ("chosen and rejected", "row is a str, expected a JSON object"),
+    "null row": (None, "row is a NoneType, expected a JSON object"),
+    "missing rejected": ({"chosen": [Q, A]}, "missing key 'rejected' (row keys: ['chosen'])"),
+    "missing chosen": ({"prompt": "Hi", "rejected": "x"}, "missing key 'chosen' (row keys: ['prompt', 'rejected'])"),
+    "unknown role": (good(rejected=[Q, msg("bot", "6")]), f"rejected[1] has unknown role 'bot' (known: {KNOWN})"),
+    "null role": (good(chosen=[{"role": None, "content": "x"}, A]), f"chosen[0] has unknown role None (known: {KNOWN})"),
+    "no role": (good(chosen=[{"content": "What?"}, A]), "chosen[0] has no 'role'"),
+    "no content": (good(rejected=[Q, {"role": "assistant"}]), "rejected[1] (assistant) has no 'content'"),
+    "null content": (good(chosen=[Q, {"role": "assistant", "content": None}]), "chosen[1] (assistant) content is null, expected a string"),
+    "int content": (good(chosen=[{"role": "user", "content": 5}, A]), "chosen[0] (user) content is a int, expected a string"),
+    "float content": (good(chosen=[Q, {"role": "assistant", "content": 5.5}]), "chosen[1] (assistant) content is a float, expected a string"),
+    "NaN content": (good(chosen=[Q, {"role": "assistant", "content": math.nan}]), "chosen[1] (assistant) content is NaN, expected a string"),
+    "list content": (good(rejected=[Q, {"role": "assistant", "content": ["It", "is"]}]), "rejected[1] (assistant) content is a list, expected a string"),
+    "message is a string": (good(chosen=["What?", A]), "chosen[0] is a str, expected an object with 'role' and 'content'"),
+    "side is a number": (good(chosen=7), "chosen is a int, expected a list of messages or a string"),
+    "prompt is a dict": (good(prompt={"role": "user"}), "prompt is a dict, expected a list of messages or a string"),
+    "empty side": (good(chosen=[]), "empty conversation: chosen or rejected has no messages"),
+    "identical": (good(rejected=[Q, A]), "chosen and rejected are identical"),
+    "identical TRL": ({"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}, "chosen and rejected are identical"),
+    "no assistant after prompt": (good(chosen=[Q, A, B], rejected=[Q, A, msg("user", "Sure?")]), "rejected has no assistant message after the shared prompt (2 messages)"),
+    "only users": (good(chosen=[msg("user", "a")], rejected=[msg("user", "b")]), "chosen has no assistant message after the shared prompt (0 messages)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row, reason", list(BAD_ROWS.values()), ids=list(BAD_ROWS))
+def test_bad_rows_are_row_errors_with_the_reason(row, reason):
+    with pytest.raises(RowError) as err:
+        to_pair(row)
+    assert str(err.value) == reason
+
+
+def test_every_documented_role_is_accepted():
+    for role in ROLES:
+        pair = to_pair(good(chosen=[Q, msg(role, "x"), A]))
+        assert pair.chosen[1]["role"] == role
+    assert set(ROLES) == {"system", "user", "assistant", "tool", "observation", "ipython", "function"}
+
+
+def test_full_conversations_share_the_longest_common_message_prefix():
+    row = math_agent_pairs()["shared_code_and_tool_exchange"]
+    pair = to_pair(row)
+    assert pair.n_prompt == 3  # question, code, tool output
+    assert pair.chosen == row["chosen"] and pair.rejected == row["rejected"]
+
+
+def test_extra_message_keys_are_kept():
+    tagged = dict(A, name="calculator", tool_calls=None)
+    assert to_pair(good(chosen=[Q, tagged])).chosen[1] == tagged
+
+
+def test_string_shorthands():
+    pair = to_pair({"prompt": "What is 2 + 3?", "chosen": "It is 5.", "rejected": "It is 6."})
+    assert pair.chosen == [Q, A] and pair.rejected == [Q, B] and pair.n_prompt == 1
+    pair = to_pair({"prompt": [msg("system", "Be brief."), Q], "chosen": "It is 5.", "rejected": [B]})
+    assert pair.chosen == [msg("system", "Be brief."), Q, A] and pair.n_prompt == 2
+
+
+def test_trl_shape_masks_like_full_conversations():
+    full = math_agent_pairs()["shared_code_and_tool_exchange"]
+    question, *chosen_tail = full["chosen"]
+    trl = {"prompt": [question], "chosen": chosen_tail, "rejected": full["rejected"][1:]}
+    assert to_pair(trl) == to_pair(full)  # the shared code/tool exchange joins the prompt
+    for tok in (embedded_tokenizer(), family_tokenizer("qwen2")):
+        encoder = PairEncoder(tok, MaskOptions())
+        assert encoder(trl) == encoder(full)
+
+
+def test_trl_string_shape_masks_like_full_conversations():
+    encoder = PairEncoder(embedded_tokenizer(), MaskOptions())
+    shorthand = {"prompt": "What is 2 + 3?", "chosen": "It is 5.", "rejected": "It is 6."}
+    record, truncated = encoder(shorthand)
+    assert (record, truncated) == encoder(good())
+    assert sum(label != -100 for label in record["chosen_labels"]) > 0
+
+
+# Rows that are valid JSON shapes but cannot be rendered into a usable mask.
+def test_sides_that_render_the_same_are_rejected():
+    """Gemma trims contents: "It is 5." and " It is 5. " are the same tokens."""
+    row = good(rejected=[Q, msg("assistant", " It is 5. ")])
+    with pytest.raises(RowError, match="^chosen and rejected render to the same tokens$"):
+        PairEncoder(embedded_tokenizer(), MaskOptions())(row)
+
+
+def test_empty_assistant_message_is_rejected():
+    row = good(chosen=[Q, msg("assistant", "  ")])
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\) has empty content$"):
+        PairEncoder(embedded_tokenizer(), MaskOptions())(row)
