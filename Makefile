@@ -3,7 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-export HF_HUB_OFFLINE := 1   # nothing is ever downloaded from a model hub
+# Nothing is ever downloaded from a model hub.
+export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test test-slow test-real clean
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtdpo.cache import load_cache, read_manifest
@@ -74,6 +75,41 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class ProgressLine(TrainerCallback):
+    """One compact line per logging step (loss, margins, accuracy, tokens/s, ETA) and a summary."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            done = (state.global_step - self.first_step) / max(state.max_steps - self.first_step, 1)
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed * (1 - done) / done if done else 0.0
+            print(
+                f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
+                f"  loss {logs['loss']:.4f}  dpo {logs.get('dpo_loss', float('nan')):.4f}  nll {logs.get('nll', float('nan')):.4f}"
+                f"  margin {logs.get('rewards/margins', float('nan')):+.3f}  acc {logs.get('rewards/accuracies', float('nan')):.2f}"
+                f"  {logs.get('tokens_per_second', 0):,.0f} tok/s  eta {_clock(eta)}",
+                flush=True,
+            )
+        elif "eval_loss" in logs:
+            print(
+                f"eval  loss {logs['eval_loss']:.4f}  margin {logs.get('eval_rewards/margins', float('nan')):+.3f}"
+                f"  acc {logs.get('eval_rewards/accuracies', float('nan')):.2f}",
+                flush=True,
+            )
+        elif "train_runtime" in logs:
+            print(f"done: {state.global_step} steps in {_clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
 def train(config: MtdpoConfig) -> MultiTurnDPOTrainer:
     if config.loss_type not in LOSS_TYPES:
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
@@ -95,8 +131,9 @@ def train(config: MtdpoConfig) -> MultiTurnDPOTrainer:
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=PairCollator(pad_token_id=manifest["tokenizer"]["pad_token_id"] or 0),
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl")],
+        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), ProgressLine()],
     )
+    trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
     if resume == "auto":
         resume = get_last_checkpoint(str(output_dir))  # None when there is none yet: start fresh
