@@ -62,6 +62,7 @@ def _runs(ids, labels, split_at):
 
 
 def show_sample(cache: Path, index: int, side: str, console: Console) -> None:
+    sides = sides_of(side)  # a bad --side is an error before anything is printed
     pair, tokenizer = load_pair(cache, index)
     plain = not console.is_terminal
     header = Text(f"pair {index} (source row {pair['row']}), shared prompt {pair['prompt_len']} tokens; ")
@@ -71,7 +72,7 @@ def show_sample(cache: Path, index: int, side: str, console: Console) -> None:
         header.append("trained", style=TRAINED).append(" / ").append("masked", style=MASKED)
     # soft_wrap: never insert line breaks of our own, the text must be shown as it was tokenized
     console.print(header, soft_wrap=True)
-    for name in sides_of(side):
+    for name in sides:
         console.print(render_side(pair, tokenizer, name, plain), end="", soft_wrap=True)
 
 

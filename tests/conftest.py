@@ -21,6 +21,8 @@ TESTS = Path(__file__).parent
 TEMPLATES = TESTS / "templates"
 FAMILIES: dict[str, dict] = json.loads((TEMPLATES / "families.json").read_text())
 GEMMA_USER, GEMMA_END = "<start_of_turn>user\n", "<end_of_turn>\n"  # the original seed markers
+IGNORE = -100  # DESIGN.md: the label of every token that is not trained
+assert IGNORE_INDEX == IGNORE
 
 
 # ── tokenizers ────────────────────────────────────────────────────────────────
@@ -161,7 +163,7 @@ def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """Contiguous runs of trained tokens (label != -100), each checked to carry its own id."""
     runs, current = [], []
     for token, label in zip(ids, labels, strict=True):
-        if label == IGNORE_INDEX:
+        if label == IGNORE:
             if current:
                 runs.append(current)
             current = []
@@ -185,6 +187,36 @@ def n_prompt_messages(row: dict) -> int:
     while row["chosen"][n] == row["rejected"][n]:
         n += 1
     return n
+
+
+# ── the original research rule ────────────────────────────────────────────────
+
+
+def seed_reference(tok, messages: list[dict], n_prompt: int, user: str = GEMMA_USER, end: str = GEMMA_END) -> list[int]:
+    """Labels of the original research rule, computed from its statement over token ids only:
+    mask the shared prompt including the first `<start_of_turn>model\\n`; mask from each
+    user-marker token sequence through the next end-marker sequence inclusive; train the
+    rest (so later `<start_of_turn>model\\n` headers are trained)."""
+    ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt = tok.apply_chat_template(messages[:n_prompt], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids  # Gemma headers end in "\n" + content: token-stable
+    user_ids = tok(user, add_special_tokens=False)["input_ids"]
+    end_ids = tok(end, add_special_tokens=False)["input_ids"]
+
+    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids) :]
+    i = 0
+    while i < len(ids):
+        if ids[i : i + len(user_ids)] != user_ids:
+            i += 1
+            continue
+        j = i + len(user_ids)
+        while j < len(ids) and ids[j : j + len(end_ids)] != end_ids:
+            j += 1
+        j = min(j + len(end_ids), len(ids))  # through the end marker, inclusive
+        labels[i:j] = [IGNORE] * (j - i)
+        i = j
+    return labels
 
 
 # ── caches ────────────────────────────────────────────────────────────────────

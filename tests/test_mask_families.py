@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from conftest import (
     FAMILIES,
+    IGNORE,
     decoded_runs,
     family_tokenizer,
     for_family,
@@ -22,7 +23,6 @@ from conftest import (
 )
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-from mtdpo.preprocess.mask import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
 
 FAMILY_NAMES = ["gemma", "llama3", "qwen2", "mistral", "phi3"]
@@ -68,14 +68,14 @@ def assert_mask_rule(family: str, row: dict) -> None:
 
         # The shared prompt, up to and including the generation header, is fully masked:
         # everything before the first trained token is exactly that text.
-        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        first = next(i for i, label in enumerate(labels) if label != IGNORE)
         assert tok.decode(ids[:first]) == prompt_text
         assert record["prompt_len"] >= first
 
         # BOS: exactly once, first, masked, where the template renders it; never added on top.
         if renders_bos:
             assert ids.count(tok.bos_token_id) == 1
-            assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX
+            assert ids[0] == tok.bos_token_id and labels[0] == IGNORE
         else:
             assert tok.bos_token_id not in ids
 
@@ -124,7 +124,7 @@ def test_phi3_closing_endoftext_is_masked():
     endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
     for side in ("chosen", "rejected"):
         ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
-        assert ids.count(endoftext) == 1 and ids[-1] == endoftext and labels[-1] == IGNORE_INDEX
+        assert ids.count(endoftext) == 1 and ids[-1] == endoftext and labels[-1] == IGNORE
         assert labels[-3] == tok.convert_tokens_to_ids("<|end|>")  # ..., <|end|>, \n, <|endoftext|>
 
 
@@ -135,7 +135,7 @@ def test_common_token_prefix_past_the_prompt_stays_trained():
     shared = tok("The output is", add_special_tokens=False)["input_ids"]
     for side in ("chosen", "rejected"):
         ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
-        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        first = next(i for i, label in enumerate(labels) if label != IGNORE)
         assert tok.decode(ids[:first]).endswith("```output\n8\n```\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
         assert ids[first : first + len(shared)] == labels[first : first + len(shared)] == shared
     assert record["prompt_len"] >= first + len(shared)

@@ -80,6 +80,11 @@ def test_string_shorthands():
     assert pair.chosen == [msg("system", "Be brief."), Q, A] and pair.n_prompt == 2
 
 
+def test_null_prompt_is_no_prompt():
+    """Columnar inputs (parquet, arrow) hold `prompt: None` for rows that have no prompt."""
+    assert to_pair(good(prompt=None)) == to_pair(good())
+
+
 def test_trl_shape_masks_like_full_conversations():
     full = math_agent_pairs()["shared_code_and_tool_exchange"]
     question, *chosen_tail = full["chosen"]

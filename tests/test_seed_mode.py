@@ -1,10 +1,5 @@
-"""`--mask-mode seed` reproduces the original research rule exactly (DESIGN.md).
-
-The reference below is written from the rule's statement, over token ids only: mask the
-shared prompt including the first `<start_of_turn>model\\n`; mask from each
-`<start_of_turn>user\\n` token sequence through the next `<end_of_turn>\\n` inclusive; train
-everything else, so later `<start_of_turn>model\\n` headers are trained.
-"""
+"""`--mask-mode seed` reproduces the original research rule exactly (DESIGN.md): the
+masks equal `seed_reference` (conftest), written independently from the rule's statement."""
 
 from __future__ import annotations
 
@@ -13,44 +8,20 @@ import pytest
 from conftest import (
     GEMMA_END,
     GEMMA_USER,
+    IGNORE,
     decoded_runs,
     embedded_tokenizer,
     math_agent_pairs,
     n_prompt_messages,
     run_preprocess,
     sample_rows,
+    seed_reference,
     write_jsonl,
 )
 
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.rows import to_pair
-
-IGNORE = -100
-
-
-def seed_reference(tok, messages: list[dict], n_prompt: int, user: str = GEMMA_USER, end: str = GEMMA_END) -> list[int]:
-    """Labels of the original rule, computed on token ids."""
-    ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-    prompt = tok.apply_chat_template(messages[:n_prompt], tokenize=False, add_generation_prompt=True)
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    assert ids[: len(prompt_ids)] == prompt_ids  # Gemma headers end in "\n" + content: token-stable
-    user_ids = tok(user, add_special_tokens=False)["input_ids"]
-    end_ids = tok(end, add_special_tokens=False)["input_ids"]
-
-    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids) :]
-    i = 0
-    while i < len(ids):
-        if ids[i : i + len(user_ids)] != user_ids:
-            i += 1
-            continue
-        j = i + len(user_ids)
-        while j < len(ids) and ids[j : j + len(end_ids)] != end_ids:
-            j += 1
-        j = min(j + len(end_ids), len(ids))  # through the end marker, inclusive
-        labels[i:j] = [IGNORE] * (j - i)
-        i = j
-    return labels
 
 
 def seed_encoder(user: str = GEMMA_USER, end: str = GEMMA_END) -> PairEncoder:
@@ -59,12 +30,10 @@ def seed_encoder(user: str = GEMMA_USER, end: str = GEMMA_END) -> PairEncoder:
 
 def test_seed_mode_equals_the_reference_on_the_sample():
     tok, encoder = embedded_tokenizer(), seed_encoder()
-    rows = sample_rows()
-    for row in rows:
+    for row in sample_rows():
         record, _ = encoder(row)
-        pair = to_pair(row)
         for side in ("chosen", "rejected"):
-            assert record[f"{side}_labels"] == seed_reference(tok, getattr(pair, side), pair.n_prompt)
+            assert record[f"{side}_labels"] == seed_reference(tok, row[side], n_prompt_messages(row))
 
 
 def test_seed_mode_trains_later_model_headers():
@@ -101,15 +70,18 @@ def test_seed_mode_is_a_superset_of_assistant_mode_by_headers_only():
 
 
 def test_seed_markers_can_be_overridden():
-    """With `<end_of_turn>` (no newline) as end marker the newline after user turns is trained."""
+    """With `<end_of_turn>` (no newline) as end marker, the newline after each user turn is trained."""
     tok = embedded_tokenizer()
     encoder = seed_encoder(GEMMA_USER, "<end_of_turn>")
+    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
     for row in sample_rows(20):
         pair = to_pair(row)
         record, _ = encoder(row)
-        expected = seed_reference(tok, pair.chosen, pair.n_prompt, GEMMA_USER, "<end_of_turn>")
-        assert record["chosen_labels"] == expected
-        assert expected != seed_reference(tok, pair.chosen, pair.n_prompt) or pair.chosen[-1]["role"] != "tool"
+        ids, labels = record["chosen_input_ids"], record["chosen_labels"]
+        assert labels == seed_reference(tok, pair.chosen, pair.n_prompt, GEMMA_USER, "<end_of_turn>")
+        changed = [i for i, (a, b) in enumerate(zip(labels, seed_reference(tok, pair.chosen, pair.n_prompt))) if a != b]
+        tool_turns = sum(m["role"] == "tool" for m in pair.chosen[pair.n_prompt :])  # rendered as user turns
+        assert len(changed) == tool_turns and all(ids[i] == labels[i] == newline for i in changed)
 
 
 def test_pipeline_seed_mode_resolves_gemma_markers(tmp_path):
@@ -121,9 +93,9 @@ def test_pipeline_seed_mode_resolves_gemma_markers(tmp_path):
     assert '"seed_markers": [\n    "<start_of_turn>user\\n",\n    "<end_of_turn>\\n"\n  ]' in manifest
     tok = embedded_tokenizer()
     for record in datasets.load_from_disk(str(tmp_path / "seed")):
-        pair = to_pair(rows[record["row"]])
-        assert record["chosen_labels"] == seed_reference(tok, pair.chosen, n_prompt_messages(rows[record["row"]]))
-        assert record["rejected_labels"] == seed_reference(tok, pair.rejected, pair.n_prompt)
+        row = rows[record["row"]]
+        for side in ("chosen", "rejected"):
+            assert record[f"{side}_labels"] == seed_reference(tok, row[side], n_prompt_messages(row))
 
 
 def test_seed_mode_needs_markers_for_an_unknown_family(tmp_path):

@@ -32,7 +32,8 @@ def to_pair(row: object) -> Pair:
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(f"missing key '{key}' (row keys: {sorted(row)})")
-    prompt = _messages(row["prompt"], "prompt", "user") if "prompt" in row else []
+    # A null prompt is no prompt: parquet/arrow inputs give rows without one `prompt: None`.
+    prompt = _messages(row["prompt"], "prompt", "user") if row.get("prompt") is not None else []
     chosen = prompt + _messages(row["chosen"], "chosen", "assistant")
     rejected = prompt + _messages(row["rejected"], "rejected", "assistant")
     if not chosen or not rejected:
