@@ -107,3 +107,21 @@ def test_seed_mode_needs_markers_for_an_unknown_family(tmp_path):
     with pytest.raises(UsageError, match="unknown --mask-mode 'everything'"):
         run_preprocess(rows, tmp_path / "out", options=MaskOptions("everything"))
     assert not (tmp_path / "out").exists()
+
+
+def test_seed_mode_finds_markers_that_merge_into_tokens():
+    """Mistral: the space before " [INST]" merges with "[" into one token; markers are
+    matched in the text, so the user (tool-output) turns are still masked."""
+    from conftest import family_tokenizer, for_family
+
+    from mtdpo.preprocess.mask import seed_markers
+
+    tok = family_tokenizer("mistral")
+    row = for_family(math_agent_pairs()["shared_code_and_tool_exchange"], "mistral")
+    record, _ = PairEncoder(tok, MaskOptions("seed", 4096, *seed_markers(tok.chat_template)))(row)
+    runs = decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"])
+    assert runs and all(run.endswith("</s>") for run in runs)  # the " [" token of " [INST]" is masked too
+    trained = "".join(runs)
+    user_turns = [m["content"] for m in to_pair(row).chosen[n_prompt_messages(row) :] if m["role"] == "user"]
+    assert user_turns and all(content not in trained for content in user_turns)
+    assert "[INST" not in trained and "/INST]" not in trained

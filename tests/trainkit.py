@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
+from conftest import write_jsonl
 from transformers import set_seed
 
 from mtdpo.cache import load_cache
@@ -18,11 +18,6 @@ from mtdpo.train.model import load_policy
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def make_cache(tmp: Path, rows=None, n: int = 32, name: str = "cache", **kwargs) -> Path:

@@ -153,37 +153,33 @@ def check_mask(offsets: np.ndarray, trained: np.ndarray, spans: list[TrainedSpan
 
 def seed_mask(tokenizer, messages: list[dict], n_prompt: int, user_marker: str, end_marker: str) -> Encoded:
     """The original research rule: mask the shared prompt and every span from a user-turn
-    start marker through the next end-of-turn marker (both inclusive); train the rest."""
+    start marker through the next end-of-turn marker (both inclusive); train the rest.
+
+    Markers are matched in the rendered text, not as token ids, so a marker whose first
+    character merges into the previous token (Mistral's " [INST]") is still found; a token
+    that overlaps a masked span is masked.
+    """
     text = render(tokenizer, messages)
     prompt = render(tokenizer, messages[:n_prompt], generation_prompt=True) if n_prompt else ""
     if not text.startswith(prompt):
         prompt = render(tokenizer, messages[:n_prompt])
     ids, offsets = _tokenize(tokenizer, text)
-    labels = np.where(offsets[:, 0] < len(prompt), IGNORE_INDEX, ids)
-    user = tokenizer(user_marker, add_special_tokens=False)["input_ids"]
-    end = tokenizer(end_marker, add_special_tokens=False)["input_ids"]
-    for start, stop in marker_spans(ids.tolist(), user, end):
-        labels[start:stop] = IGNORE_INDEX
-    return Encoded(ids.tolist(), labels.tolist())
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    masked = starts < len(prompt)
+    for start, stop in marker_spans(text, user_marker, end_marker):
+        masked |= (starts < stop) & (ends > start)
+    return Encoded(ids.tolist(), np.where(masked, IGNORE_INDEX, ids).tolist())
 
 
-def marker_spans(ids: list[int], open_ids: list[int], close_ids: list[int]) -> list[tuple[int, int]]:
-    """Token ranges [start, stop) from each open marker through the next close marker."""
+def marker_spans(text: str, open_marker: str, close_marker: str) -> list[tuple[int, int]]:
+    """Character ranges [start, stop) from each open marker through the next close marker."""
     spans, i = [], 0
-    while (start := _find(ids, open_ids, i)) != -1:
-        close = _find(ids, close_ids, start + len(open_ids))
-        stop = len(ids) if close == -1 else close + len(close_ids)
+    while (start := text.find(open_marker, i)) != -1:
+        close = text.find(close_marker, start + len(open_marker))
+        stop = len(text) if close == -1 else close + len(close_marker)
         spans.append((start, stop))
         i = stop
     return spans
-
-
-def _find(ids: list[int], sub: list[int], begin: int) -> int:
-    n = len(sub)
-    for i in range(begin, len(ids) - n + 1):
-        if ids[i] == sub[0] and ids[i : i + n] == sub:
-            return i
-    return -1
 
 
 def seed_markers(chat_template: str) -> tuple[str, str] | None:
