@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,21 +11,14 @@ from trainkit import batch, make_cache, mtdpo_trainer, tiny_model
 
 from mtdpo.errors import UsageError
 from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.loss import sequence_logps
 from mtdpo.train.run import train
+from mtdpo.train.trainer import fused_sequence_logps
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("train"), n=24)
-
-
-class FixedLogits(torch.nn.Module):
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, **_):
-        return SimpleNamespace(logits=self.logits)
 
 
 def test_loss_counts_exactly_the_trained_tokens(cache, tmp_path):
@@ -40,8 +32,8 @@ def test_loss_counts_exactly_the_trained_tokens(cache, tmp_path):
     ref_logps = torch.full((8,), -300.0)
 
     def loss_and_metrics(lg):
-        trainer._metrics["train"].clear()
-        loss, metrics = trainer.pair_loss(FixedLogits(lg), {**mb, "ref_logps": ref_logps})
+        logps, tokens = sequence_logps(lg, mb["labels"])
+        loss, metrics = trainer.objective(logps, ref_logps, tokens)
         return loss.item(), metrics
 
     base_loss, base = loss_and_metrics(logits)
@@ -59,6 +51,19 @@ def test_loss_counts_exactly_the_trained_tokens(cache, tmp_path):
     logp = torch.log_softmax(logits[:4, :-1], -1).gather(-1, chosen_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     expected_nll = -(logp * (chosen_labels != -100)).sum().item() / n_chosen
     assert base["nll"] == pytest.approx(expected_nll, rel=1e-5)
+
+
+def test_trainer_log_probs_equal_the_definition(cache, tmp_path):
+    """The fused head (no logits materialised) gives loss.sequence_logps of the full logits."""
+    mb = batch(cache, range(4))
+    model = tiny_model()
+    with torch.no_grad():
+        expected, counts = sequence_logps(model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"])
+    trainer = mtdpo_trainer(cache, model, None, tmp_path)
+    with torch.no_grad():
+        fused, fused_counts = fused_sequence_logps(trainer.model, mb)
+    assert torch.equal(fused_counts, counts) and counts.sum() == (mb["labels"][:, 1:] != -100).sum()
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-4)
 
 
 def run_config(cache, tmp_path, **overrides):

@@ -43,6 +43,10 @@ class MtdpoConfig(TrainingArguments):
     output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "group_by_length (pairs of similar length together: less padding), random, sequential."},
+    )
     disable_tqdm: bool = field(default=True, metadata={"help": "Hide the tqdm bar (mtdpo prints a line per logging step)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cache's columns (the collator needs them)."})
 

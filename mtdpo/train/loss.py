@@ -20,8 +20,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the trained tokens of each sequence, and how many there are.
 
-    logits [B, T, V] at position t predict labels[:, t + 1]. Only trained positions go
-    through the log-softmax, so user/tool tokens cost no memory there.
+    logits [B, T, V] at position t predict labels[:, t + 1]. This is the definition; the
+    trainer computes the same numbers without materialising logits (fused_sequence_logps).
     """
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX

@@ -9,18 +9,27 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.loss import dpo_loss, nll_loss, sequence_logps
+from mtdpo.train.loss import IGNORE_INDEX, dpo_loss, nll_loss
 
 
 class MultiTurnDPOTrainer(Trainer):
     def __init__(self, model, ref_model, args: MtdpoConfig, **kwargs):
+        # TRL's fused LM head: log-probs of the trained positions only, in chunks, without
+        # materialising the [batch, seq, vocab] logits (nor their log-softmax).
+        add_fused_lm_head(model)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss is already a mean: Trainer scales it for accumulation
-        self.ref_model = self._prepare_reference(ref_model) if ref_model is not None else None
+        if ref_model is not None:
+            add_fused_lm_head(ref_model)
+            ref_model = self._prepare_reference(ref_model)
+        self.ref_model = ref_model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
@@ -30,6 +39,24 @@ class MultiTurnDPOTrainer(Trainer):
 
             return prepare_deepspeed(ref_model, self.accelerator)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    # Length grouping on the longer side of each pair (the cache's length columns), so that
+    # batches need little padding; `--train-sampling-strategy random` turns it off.
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self._groups_by_length(dataset):
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=pair_lengths(dataset))
+
+    def _get_eval_sampler(self, eval_dataset):
+        if not self._groups_by_length(eval_dataset):
+            return super()._get_eval_sampler(eval_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=pair_lengths(eval_dataset), generator=torch.Generator().manual_seed(seed))
+
+    def _groups_by_length(self, dataset) -> bool:
+        return self.args.train_sampling_strategy == "group_by_length" and "chosen_len" in getattr(dataset, "column_names", ())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -42,14 +69,17 @@ class MultiTurnDPOTrainer(Trainer):
 
     def pair_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
         """One concatenated forward of chosen + rejected; DPO on summed log-probs + NLL."""
-        args: MtdpoConfig = self.args
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        logps, tokens = sequence_logps(model(**model_inputs).logits, inputs["labels"])
+        logps, tokens = fused_sequence_logps(model, inputs)
         if "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"]
         else:
             with torch.no_grad():
-                ref_logps, _ = sequence_logps(self.ref_model(**model_inputs).logits, inputs["labels"])
+                ref_logps, _ = fused_sequence_logps(self.ref_model, inputs)
+        return self.objective(logps, ref_logps, tokens)
+
+    def objective(self, logps, ref_logps, tokens) -> tuple[torch.Tensor, dict[str, float]]:
+        """[2B] summed log-probs (chosen rows, then rejected) -> loss and logged metrics."""
+        args: MtdpoConfig = self.args
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
@@ -94,3 +124,22 @@ class MultiTurnDPOTrainer(Trainer):
             logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
             self._tokens_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)
+
+
+def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loss.sequence_logps` computed through the fused head: the same numbers (tested),
+    without the logits."""
+    out = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        labels=inputs["labels"],
+        fused_lm_head=True,
+        use_cache=False,
+    )
+    return out.log_probs.sum(-1), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def pair_lengths(dataset) -> list[int]:
+    """max(chosen_len, rejected_len) per pair, read column-wise from the memory-mapped cache."""
+    columns = dataset.with_format("numpy", columns=["chosen_len", "rejected_len"])[:]
+    return np.maximum(columns["chosen_len"], columns["rejected_len"]).tolist()
