@@ -118,14 +118,11 @@ def train(ctx: typer.Context) -> None:
     [--nll-coef 1.0] [--loss-type sigmoid|ipo|hinge|robust] and every transformers TrainingArguments field
     (--learning-rate, --max-steps, --per-device-train-batch-size, --bf16, --resume-from-checkpoint auto …).
     """
-    from trl import TrlParser
-
-    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.config import parse_train_args
     from mtdpo.train.run import train as run
 
-    parser = TrlParser([MtdpoConfig], prog="mtdpo train", description="Train with multi-turn DPO + NLL on mtdpo caches.")
     try:
-        (config,) = parser.parse_args_and_config(ctx.args)
+        config = parse_train_args(ctx.args)
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from None
     trainer = run(config)
@@ -137,20 +134,31 @@ def train(ctx: typer.Context) -> None:
 @user_errors
 def show_sample(
     cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess`."),
-    index: int = typer.Option(0, "--index", "-i", help="Which pair (0-based position in the cache)."),
+    index: Optional[int] = typer.Option(
+        None, "--index", "-i", help="Which pair (0-based position in the cache); with --search, where the search starts. \\[default: 0]"
+    ),
     side: str = typer.Option("both", help="chosen, rejected or both."),
-    as_json: bool = typer.Option(False, "--json", help="Print ids, labels and decoded tokens as JSON for scripts."),
+    tokens: bool = typer.Option(False, "--tokens", help="Show token boundaries: each token followed by its id.", show_default="off"),
+    search: Optional[str] = typer.Option(
+        None, "--search", "-s", help="Show the first pair whose chosen or rejected text contains TEXT (ignoring case). \\[default: none]"
+    ),
+    pick_random: bool = typer.Option(False, "--random", help="Show a random pair (a random match with --search).", show_default="off"),
+    html: Optional[Path] = typer.Option(
+        None, "--html", help="Write a standalone HTML page (same colours, no network) to FILE instead of printing. \\[default: none]"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print ids, labels, decoded tokens and turns as JSON for scripts.", show_default="off"),
 ) -> None:
-    """Show one cached pair with trained tokens highlighted, to check a mask by eye."""
+    """Show one cached pair: chosen and rejected by turn, trained tokens green, masked ones grey."""
     from mtdpo import show
 
     if as_json:
-        pair, tokenizer = show.load_pair(cache, index)
-        sides = show.sides_of(side)
-        json.dump(show.pair_as_json(pair, tokenizer, index, sides), sys.stdout, ensure_ascii=False)
+        if html is not None:
+            raise UsageError("--json and --html are exclusive; pick one")
+        view, pair, tokenizer = show.load_view(cache, index, side, search, pick_random)
+        json.dump(show.pair_as_json(pair, tokenizer, view.index, show.sides_of(side)), sys.stdout, ensure_ascii=False)
         print()
     else:
-        show.show_sample(cache, index, side, console)
+        show.show_sample(cache, index, side, console, search=search, pick_random=pick_random, with_ids=tokens, html_file=html)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,28 @@ def test_same_seed_same_losses(cache, tmp_path):
     train(run_config(cache, tmp_path, output_dir=str(a)))
     train(run_config(cache, tmp_path, output_dir=str(b)))
     assert logged(a) == logged(b)
+
+
+def test_yaml_config_then_command_line_overrides(tmp_path):
+    from mtdpo.train.config import parse_train_args
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("beta: 0.25\nnll_coef: 0.5\nlearning_rate: 4.0e-7\nlr_scheduler_type: cosine\ndata: [a, b]\n")
+    config = parse_train_args(["--config", str(config_file), "--learning-rate", "1e-6", "--max-steps", "10", "--output-dir", str(tmp_path)])
+    assert (config.beta, config.nll_coef, config.learning_rate, config.max_steps) == (0.25, 0.5, 1e-6, 10)
+    assert config.data == ["a", "b"] and config.lr_scheduler_type == "cosine"
+    defaults = parse_train_args(["--data", "x", "--output-dir", str(tmp_path)])
+    assert (defaults.beta, defaults.nll_coef, defaults.loss_type, defaults.train_sampling_strategy) == (0.1, 1.0, "sigmoid", "group_by_length")
+
+
+def test_train_help_lists_every_option():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mtdpo = Path(sys.executable).parent / "mtdpo"
+    out = subprocess.run([str(mtdpo), "train", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--data", "--model", "--ref-model", "--beta", "--nll-coef", "--loss-type", "--label-smoothing",
+                 "--eval-data", "--allow-mismatch", "--attn-implementation", "--learning-rate", "--max-steps",
+                 "--per-device-train-batch-size", "--resume-from-checkpoint", "--config"):  # fmt: skip
+        assert flag in out, flag

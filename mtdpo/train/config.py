@@ -56,3 +56,16 @@ class MtdpoConfig(TrainingArguments):
             self.data = [self.data]
         if not self.data:
             raise ValueError("--data is required: a cache directory written by `mtdpo preprocess`")
+
+
+def parse_train_args(argv: list[str]) -> MtdpoConfig:
+    """`--config FILE.yaml` sets defaults, then command-line flags override them."""
+    from trl import TrlParser
+
+    description = (
+        "Train with multi-turn DPO + NLL on mtdpo caches. --config FILE.yaml sets any option below "
+        "(YAML keys are the option names with underscores); flags on the command line override it."
+    )
+    parser = TrlParser([MtdpoConfig], prog="mtdpo train", description=description)
+    (config,) = parser.parse_args_and_config(argv)
+    return config
