@@ -110,7 +110,7 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
-def train(config: MtdpoConfig) -> MultiTurnDPOTrainer:
+def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
     if config.loss_type not in LOSS_TYPES:
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     train_data, manifest = open_caches(config.data)
@@ -131,7 +131,7 @@ def train(config: MtdpoConfig) -> MultiTurnDPOTrainer:
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=PairCollator(pad_token_id=manifest["tokenizer"]["pad_token_id"] or 0),
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), ProgressLine()],
+        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), ProgressLine(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
