@@ -130,6 +130,24 @@ def train(ctx: typer.Context) -> None:
         console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
 
 
+@app.command("precompute-ref")
+@user_errors
+def precompute_ref(
+    cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess` (rewritten in place, atomically)."),
+    model: Optional[str] = typer.Option(None, help="Reference model name or path. [default: the tiny random model `mtdpo train` starts from]"),
+    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
+    seed: int = typer.Option(42, help="Seed of the tiny random default model (must match `mtdpo train --seed`)."),
+    attn_implementation: str = typer.Option("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2."),
+    allow_mismatch: bool = typer.Option(False, help="Use a model whose tokenizer differs from the cache's."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository to run."),
+) -> None:
+    """Store the reference model's log-probs in the cache; training then loads no reference model."""
+    from mtdpo.train.reference import precompute_reference
+
+    precompute_reference(cache, model, batch_size, seed, attn_implementation, allow_mismatch, trust_remote_code)
+    console.print(f"added ref_chosen_logp and ref_rejected_logp to [bold]{cache}[/]")
+
+
 @app.command("show-sample")
 @user_errors
 def show_sample(
@@ -159,6 +177,48 @@ def show_sample(
         print()
     else:
         show.show_sample(cache, index, side, console, search=search, pick_random=pick_random, with_ids=tokens, html_file=html)
+
+
+@app.command()
+@user_errors
+def stats(
+    cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables.", show_default="off"),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Also draw length histograms, trained fraction per pair and turns to this PNG (needs mtdpo[plot]). \\[default: none]"
+    ),
+) -> None:
+    """Rows, turns, lengths, trained-token fraction, truncation and reject reasons of a cache."""
+    from mtdpo import stats as cache_stats
+
+    numbers = cache_stats.cache_stats(cache)
+    if plot is not None:
+        cache_stats.plot_stats(cache, plot)
+    if as_json:
+        json.dump(numbers, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    for table in cache_stats.stats_tables(numbers):
+        console.print(table)
+    if plot is not None:
+        console.print(f"wrote {plot}", highlight=False)
+
+
+@app.command()
+@user_errors
+def plot(
+    run: Path = typer.Argument(..., help="Run folder of `mtdpo train` (holds metrics.jsonl), or a metrics.jsonl file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write. \\[default: RUN/curves.png]"),
+) -> None:
+    """Draw loss, reward margins and accuracy curves of a training run to a PNG (needs mtdpo[plot])."""
+    from mtdpo.plot import plot_run
+
+    out = out or (run if run.is_dir() else run.parent) / "curves.png"
+    drawn = plot_run(run, out)
+    margin, accuracy = drawn.get("rewards/margins"), drawn.get("rewards/accuracies")
+    detail = f": margin {margin[0]:+.3f} → {margin[1]:+.3f}" if margin else ""
+    detail += f", accuracy {accuracy[0]:.2f} → {accuracy[1]:.2f}" if accuracy else ""
+    console.print(f"wrote {out}{detail}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -1,82 +1,375 @@
-"""Render one cached pair with its mask, from the shards and the tokenizer copy in the cache."""
+"""Show one cached pair with its mask, from the shards and the tokenizer copy in the cache.
+
+Three views of the same model (a pair → sides → turns → tokens):
+- a terminal: chosen and rejected side by side (stacked when narrow), trained tokens green,
+  masked ones grey, a role label with trained / masked counts at each turn;
+- plain text when piped: the exact decoded text, trained runs [[bracketed]], one `▸` label
+  line before each turn;
+- a standalone HTML page (`--html`) with the same colours, no network, no external assets.
+"""
 
 from __future__ import annotations
 
-from itertools import groupby
+import html
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
+from rich.rule import Rule
+from rich.table import Table
 from rich.text import Text
 
 from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.mask import IGNORE_INDEX
+from mtdpo.turns import Family, detect_family, token_starts, turn_starts
 
-TRAINED, MASKED, DIVERGE = "bold green", "dim", "bold black on yellow"
+# One palette for the terminal and the HTML page.
+COLORS = {"trained": "#22c55e", "masked": "#8b8b8b", "diverge": "#facc15", "role": "#60a5fa"}
+TRAINED = f"bold {COLORS['trained']}"
+MASKED = COLORS["masked"]
+DIVERGE = f"bold #000000 on {COLORS['diverge']}"
+ROLE = f"bold #000000 on {COLORS['role']}"
+SIDE_BY_SIDE_WIDTH = 120  # narrower terminals stack chosen above rejected
+SUBSCRIPT = str.maketrans("0123456789-", "₀₁₂₃₄₅₆₇₈₉₋")
+SEARCH_BATCH = 256
 
 
-def load_pair(cache: Path, index: int) -> tuple[dict, object]:
+# ── the model ─────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Token:
+    position: int
+    id: int
+    text: str  # this token's share of the decoded text
+    trained: bool
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # from the template's turn marker; "trained"/"masked" when the family is unknown
+    tokens: list[Token]
+
+    @property
+    def trained(self) -> int:
+        return sum(t.trained for t in self.tokens)
+
+    @property
+    def masked(self) -> int:
+        return len(self.tokens) - self.trained
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str
+    turns: list[Turn]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(turn.tokens) for turn in self.turns)
+
+    @property
+    def trained(self) -> int:
+        return sum(turn.trained for turn in self.turns)
+
+
+@dataclass(frozen=True)
+class PairView:
+    index: int
+    row: int
+    prompt_len: int  # the sides diverge before this token
+    family: str | None  # template family the turns were read from (None: trained/masked runs)
+    sides: list[Side]
+    how: str = ""  # how the pair was picked, when not by --index ("random", "first match for …")
+
+
+def build_side(pair: dict, tokenizer, side: str, family: Family | None) -> Side:
+    ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
+    text, starts = token_starts(tokenizer, ids)
+    ends = starts[1:] + [len(text)]
+    tokens = [
+        Token(n, i, text[start:end], label != IGNORE_INDEX)
+        for n, (i, label, start, end) in enumerate(zip(ids, labels, starts, ends))
+    ]
+    heads = turn_starts(text, starts, family) if family else []
+    if not heads:  # unknown family: each run of trained or masked tokens is a "turn"
+        heads = [(t.position, "trained" if t.trained else "masked") for k, t in enumerate(tokens) if k == 0 or t.trained != tokens[k - 1].trained]
+    bounds = [first for first, _ in heads[1:]] + [len(tokens)]
+    return Side(side, [Turn(role, tokens[first:end]) for (first, role), end in zip(heads, bounds)])
+
+
+def build_view(pair: dict, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
+    family = detect_family(tokenizer.chat_template)
+    built = [build_side(pair, tokenizer, side, family) for side in sides]
+    has_turns = family is not None and any(turn.role not in ("trained", "masked") for side in built for turn in side.turns)
+    return PairView(index, pair["row"], pair["prompt_len"], family.name if has_turns else None, built, how)
+
+
+def runs(turn: Turn, prompt_len: int):
+    """Consecutive tokens of one turn with the same trained state, split where the sides
+    diverge; None stands for the divergence point."""
+    run: list[Token] = []
+    for token in turn.tokens:
+        if token.position == prompt_len:
+            if run:
+                yield run
+            yield None
+            run = []
+        elif run and token.trained != run[-1].trained:
+            yield run
+            run = []
+        run.append(token)
+    if run:
+        yield run
+
+
+def token_label(token: Token) -> str:
+    """A token with its id in subscript; newlines (↵) and tabs (→) made visible, and a
+    token holding a newline ends its line after its id."""
+    text = token.text.replace("\t", "→").replace("\n", "↵")
+    return text + str(token.id).translate(SUBSCRIPT) + ("\n" if "\n" in token.text else "")
+
+
+def run_text(run: list[Token], with_ids: bool) -> str:
+    return "".join(token_label(t) if with_ids else t.text for t in run)
+
+
+# ── picking a pair ────────────────────────────────────────────────────────────
+
+
+def open_cache(cache: Path):
     from transformers import AutoTokenizer
 
-    ds = load_cache(cache)
+    return load_cache(cache), AutoTokenizer.from_pretrained(str(Path(cache) / "tokenizer"))
+
+
+def pick_index(ds, tokenizer, cache: Path, index: int | None, search: str | None, pick_random: bool, rng=random) -> tuple[int, str]:
+    """The pair to show and, when not given by --index, how it was found."""
+    if pick_random and index is not None:
+        raise UsageError("--random picks the pair itself; drop --index")
+    if search is not None:
+        matches = find_pairs(ds, tokenizer, search, start=index or 0, first_only=not pick_random)
+        if not matches:
+            where = f" at or after --index {index}" if index else ""
+            raise UsageError(f"no pair in {cache} contains {search!r}{where}")
+        if pick_random:
+            return rng.choice(matches), f"random match for {search!r}, 1 of {len(matches)}"
+        return matches[0], f"first match for {search!r}"
+    if pick_random:
+        if len(ds) == 0:
+            raise UsageError(f"{cache} holds no pairs")
+        return rng.randrange(len(ds)), "random"
+    index = 0 if index is None else index
     if not 0 <= index < len(ds):
         raise UsageError(f"--index {index} is out of range: {cache} holds {len(ds)} pairs")
-    return ds[index], AutoTokenizer.from_pretrained(str(Path(cache) / "tokenizer"))
+    return index, ""
+
+
+def find_pairs(ds, tokenizer, text: str, start: int = 0, first_only: bool = True) -> list[int]:
+    """Positions of the pairs whose chosen or rejected text contains `text`, ignoring case."""
+    needle, found = text.casefold(), []
+    columns = ds.select_columns(["chosen_input_ids", "rejected_input_ids"])
+    for begin in range(max(start, 0), len(ds), SEARCH_BATCH):
+        batch = columns[begin : begin + SEARCH_BATCH]
+        chosen = tokenizer.batch_decode(batch["chosen_input_ids"])
+        rejected = tokenizer.batch_decode(batch["rejected_input_ids"])
+        for offset, (c, r) in enumerate(zip(chosen, rejected)):
+            if needle in c.casefold() or needle in r.casefold():
+                found.append(begin + offset)
+                if first_only:
+                    return found
+    return found
+
+
+# ── JSON ──────────────────────────────────────────────────────────────────────
 
 
 def pair_as_json(pair: dict, tokenizer, index: int, sides: list[str]) -> dict:
+    view = build_view(pair, tokenizer, index, sides)
     out = {"index": index, "row": pair["row"], "prompt_len": pair["prompt_len"]}
-    for side in sides:
-        ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
-        out[side] = {"input_ids": ids, "labels": labels, "tokens": [tokenizer.decode([i]) for i in ids]}
+    for side in view.sides:
+        ids, labels = pair[f"{side.name}_input_ids"], pair[f"{side.name}_labels"]
+        out[side.name] = {
+            "input_ids": ids,
+            "labels": labels,
+            "tokens": [tokenizer.decode([i]) for i in ids],
+            "turns": [
+                {"role": t.role, "start": t.tokens[0].position, "tokens": len(t.tokens), "trained": t.trained} for t in side.turns
+            ],
+        }
     return out
 
 
-def render_side(pair: dict, tokenizer, side: str, plain: bool) -> Text:
-    """Text of one side, trained runs highlighted (or [[bracketed]] when plain)."""
-    ids, labels, prompt_len = pair[f"{side}_input_ids"], pair[f"{side}_labels"], pair["prompt_len"]
-    trained = sum(label != IGNORE_INDEX for label in labels)
-    text = Text()
-    text.append(f"── {side}: {len(ids)} tokens, {trained} trained, {len(ids) - trained} masked ──\n", style="bold")
-    for position, run in _runs(ids, labels, prompt_len):
-        if position == prompt_len and prompt_len < len(ids):
-            text.append("<<diverges here>>" if plain else "▶ diverges ", style=DIVERGE)
-        piece = tokenizer.decode([i for i, _ in run])
-        is_trained = run[0][1] != IGNORE_INDEX
-        if plain:
-            text.append(f"[[{piece}]]" if is_trained else piece)
-        else:
-            text.append(piece, style=TRAINED if is_trained else MASKED)
-    text.append("\n")
-    return text
+# ── plain text (piped) ────────────────────────────────────────────────────────
 
 
-def _runs(ids, labels, split_at):
-    """Consecutive tokens with the same trained state, also split at the divergence point."""
-    position = 0
-    keyed = ((i, label, label != IGNORE_INDEX, n >= split_at) for n, (i, label) in enumerate(zip(ids, labels)))
-    for _, group in groupby(keyed, key=lambda t: (t[2], t[3])):
-        run = [(i, label) for i, label, _, _ in group]
-        yield position, run
-        position += len(run)
+def plain_text(view: PairView, with_ids: bool = False) -> str:
+    """The exact decoded text of each side; trained runs [[bracketed]]; a `▸ role: …` line
+    before each turn (on a new line when the turn starts mid-line, as Mistral's do)."""
+    out = [_title(view) + "; trained text is [[bracketed]]\n"]
+    if view.family is None:
+        out.append("turns: template family unknown, each run of trained or masked tokens is shown as one\n")
+    for side in view.sides:
+        out.append(f"── {_side_title(side)} ──\n")
+        for turn in side.turns:
+            if not out[-1].endswith("\n"):
+                out.append("\n")
+            out.append(f"▸ {_turn_title(turn)}\n")
+            for run in runs(turn, view.prompt_len):
+                if run is None:
+                    out.append("<<diverges here>>")
+                else:
+                    piece = run_text(run, with_ids)
+                    out.append(f"[[{piece}]]" if run[0].trained else piece)
+        out.append("\n")
+    return "".join(out)
 
 
-def show_sample(cache: Path, index: int, side: str, console: Console) -> None:
-    sides = sides_of(side)  # a bad --side is an error before anything is printed
-    pair, tokenizer = load_pair(cache, index)
-    plain = not console.is_terminal
-    header = Text(f"pair {index} (source row {pair['row']}), shared prompt {pair['prompt_len']} tokens; ")
-    if plain:
-        header.append("trained text is [[bracketed]]")
-    else:
-        header.append("trained", style=TRAINED).append(" / ").append("masked", style=MASKED)
-    # soft_wrap: never insert line breaks of our own, the text must be shown as it was tokenized
-    console.print(header, soft_wrap=True)
-    for name in sides:
-        console.print(render_side(pair, tokenizer, name, plain), end="", soft_wrap=True)
+def _title(view: PairView) -> str:
+    how = f"; {view.how}" if view.how else ""
+    return f"pair {view.index} (source row {view.row}{how}), shared prompt {view.prompt_len} tokens"
+
+
+def _side_title(side: Side) -> str:
+    return f"{side.name}: {side.tokens} tokens, {side.trained} trained, {side.tokens - side.trained} masked"
+
+
+def _turn_title(turn: Turn) -> str:
+    return f"{turn.role}: {turn.trained} trained, {turn.masked} masked"
+
+
+# ── terminal ──────────────────────────────────────────────────────────────────
+
+
+def rich_view(view: PairView, width: int, with_ids: bool = False):
+    """Chosen and rejected side by side when the terminal is wide enough, else stacked."""
+    header = Text(_title(view) + "  ")
+    header.append("trained", style=TRAINED).append(" · ").append("masked", style=MASKED).append(" · ")
+    header.append("▶ diverges", style=DIVERGE)
+    if view.family is None:
+        header.append("\nturns: template family unknown, each run of trained or masked tokens is shown as one", style="italic")
+    sides = [(Text(_side_title(side), style="bold"), _rich_side(side, view.prompt_len, with_ids)) for side in view.sides]
+    if len(sides) == 2 and width >= SIDE_BY_SIDE_WIDTH:
+        table = Table(box=box.SIMPLE_HEAD, expand=True, padding=(0, 1))
+        for title, _ in sides:
+            table.add_column(title, ratio=1, overflow="fold")
+        table.add_row(*(body for _, body in sides))
+        return Group(header, table)
+    parts: list = [header]
+    for title, body in sides:
+        parts += [Rule(title, align="left"), body]
+    return Group(*parts)
+
+
+def _rich_side(side: Side, prompt_len: int, with_ids: bool) -> Group:
+    blocks = []
+    for turn in side.turns:
+        label = Text.assemble((f" {turn.role} ", ROLE), (f" {turn.trained} trained · {turn.masked} masked", "italic"))
+        body = Text()
+        for run in runs(turn, prompt_len):
+            if run is None:
+                body.append("▶", style=DIVERGE)
+            else:
+                body.append(run_text(run, with_ids), style=TRAINED if run[0].trained else MASKED)
+        if body.plain.endswith("\n"):  # the next label starts a new line anyway
+            body.right_crop(1)
+        blocks += [label, body]
+    return Group(*blocks)
+
+
+# ── HTML ──────────────────────────────────────────────────────────────────────
+
+CSS = f"""
+body {{ background: #111418; color: #e5e7eb; font: 14px/1.45 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; margin: 16px; }}
+h1 {{ font-size: 15px; margin: 0 0 4px; }}
+.legend span {{ padding: 0 4px; }}
+.sides {{ display: grid; grid-template-columns: 1fr 1fr; gap: 20px; margin-top: 12px; }}
+@media (max-width: 900px) {{ .sides {{ grid-template-columns: 1fr; }} }}
+h2 {{ font-size: 14px; border-bottom: 1px solid #374151; padding-bottom: 4px; }}
+.label {{ margin-top: 10px; font-size: 12px; font-style: italic; }}
+.role {{ background: {COLORS['role']}; color: #000; font-weight: bold; font-style: normal; padding: 0 6px; margin-right: 6px; }}
+pre {{ white-space: pre-wrap; overflow-wrap: anywhere; margin: 2px 0 0; font: inherit; }}
+.trained {{ color: {COLORS['trained']}; font-weight: bold; }}
+.masked {{ color: {COLORS['masked']}; }}
+.diverge {{ background: {COLORS['diverge']}; color: #000; font-weight: bold; padding: 0 2px; }}
+.tok {{ border: 1px solid #374151; border-radius: 3px; margin: 0 1px; }}
+.tok sub {{ color: {COLORS['masked']}; font-weight: normal; font-size: 9px; }}
+.note {{ color: {COLORS['masked']}; font-style: italic; }}
+"""
+
+
+def html_page(view: PairView, with_ids: bool = False) -> str:
+    """A standalone page: inline CSS, no script, nothing fetched (a CSP forbids it)."""
+    e = html.escape
+    sides = "\n".join(_html_side(side, view.prompt_len, with_ids) for side in view.sides)
+    note = '<p class="note">turns: template family unknown, each run of trained or masked tokens is shown as one</p>' if view.family is None else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mtdpo: pair {view.index}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>{e(_title(view))}</h1>
+<p class="legend"><span class="trained">trained</span> <span class="masked">masked</span> <span class="diverge">▶ diverges</span></p>
+{note}
+<main class="sides">
+{sides}
+</main>
+</body></html>
+"""
+
+
+def _html_side(side: Side, prompt_len: int, with_ids: bool) -> str:
+    e = html.escape
+    parts = [f'<section class="side" id="{side.name}"><h2>{e(_side_title(side))}</h2>']
+    for turn in side.turns:
+        parts.append(f'<div class="turn"><div class="label"><span class="role">{e(turn.role)}</span>{turn.trained} trained · {turn.masked} masked</div><pre>')
+        for run in runs(turn, prompt_len):
+            if run is None:
+                parts.append('<span class="diverge">▶</span>')
+                continue
+            kind = "trained" if run[0].trained else "masked"
+            if with_ids:
+                tokens = "".join(f'<span class="tok" title="id {t.id}">{e(t.text)}<sub>{t.id}</sub></span>' for t in run)
+                parts.append(f'<span class="{kind}">{tokens}</span>')
+            else:
+                parts.append(f'<span class="{kind}">{e(run_text(run, False))}</span>')
+        parts.append("</pre></div>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+# ── the command ───────────────────────────────────────────────────────────────
 
 
 def sides_of(side: str) -> list[str]:
     if side not in ("chosen", "rejected", "both"):
         raise UsageError(f"--side must be chosen, rejected or both, not {side!r}")
     return ["chosen", "rejected"] if side == "both" else [side]
+
+
+def load_view(cache: Path, index: int | None, side: str, search: str | None = None, pick_random: bool = False) -> tuple[PairView, dict, object]:
+    sides = sides_of(side)  # a bad --side is an error before anything is read
+    ds, tokenizer = open_cache(cache)
+    index, how = pick_index(ds, tokenizer, cache, index, search, pick_random)
+    pair = ds[index]
+    return build_view(pair, tokenizer, index, sides, how), pair, tokenizer
+
+
+def show_sample(cache: Path, index: int | None, side: str, console: Console, *, search: str | None = None,
+                pick_random: bool = False, with_ids: bool = False, html_file: Path | None = None) -> None:  # fmt: skip
+    if html_file is not None and not Path(html_file).parent.is_dir():
+        raise UsageError(f"--html: folder {Path(html_file).parent} does not exist")
+    view, _, _ = load_view(cache, index, side, search, pick_random)
+    if html_file is not None:
+        Path(html_file).write_text(html_page(view, with_ids), encoding="utf-8")
+        console.print(f"wrote {html_file} (pair {view.index})", highlight=False, soft_wrap=True)
+    elif console.is_terminal:
+        console.print(rich_view(view, console.width, with_ids))
+    else:
+        # soft_wrap: never insert line breaks of our own, the text must be shown as it was tokenized
+        console.print(plain_text(view, with_ids), end="", soft_wrap=True, highlight=False, markup=False, emoji=False)

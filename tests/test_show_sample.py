@@ -70,7 +70,9 @@ def test_show_sample_plain_brackets_the_trained_text(cli_cache):
         n_trained = sum(label != IGNORE for label in labels)
         header, body = shown.split("──\n", 1) if side == "chosen" else ("── rejected: " + shown).split("──\n", 1)
         assert header.endswith(f"{side}: {len(ids)} tokens, {n_trained} trained, {len(ids) - n_trained} masked ")
-        plain = body.replace("[[", "").replace("]]", "").replace("<<diverges here>>", "")
+        # Gemma's turns start on a new line, so the `▸ role` label lines are the only text added.
+        plain = "".join(line for line in body.splitlines(keepends=True) if not line.startswith("▸ "))
+        plain = plain.replace("[[", "").replace("]]", "").replace("<<diverges here>>", "")
         assert plain == tok.decode(ids) + "\n"
         # and the bracketed pieces are the trained runs (split once more where the sides diverge).
         assert "".join(re.findall(r"\[\[(.*?)\]\]", body, flags=re.S)) == "".join(decoded_runs(tok, ids, labels))

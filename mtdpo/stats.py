@@ -1,0 +1,289 @@
+"""`mtdpo stats`: what is in a cache, before renting GPUs for it.
+
+Lengths, turns and trained-token counts are read column-wise from the memory-mapped Arrow
+shards with numpy (no Python loop over rows); counts and reject reasons come from
+stats.json, manifest.json and rejects.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from rich.table import Table
+from rich.text import Text
+
+from mtdpo.cache import load_cache, read_manifest
+from mtdpo.errors import UsageError
+from mtdpo.preprocess.mask import IGNORE_INDEX
+from mtdpo.turns import detect_family
+
+SIDES = ("chosen", "rejected")
+COUNTS = ("rows", "kept", "rejected", "dropped", "truncated")
+
+
+# ── per-row numbers, column-wise ──────────────────────────────────────────────
+
+
+def column(ds, name: str) -> np.ndarray:
+    return ds.data.column(name).to_numpy()
+
+
+def per_row(list_column: pa.ChunkedArray, flags) -> np.ndarray:
+    """For a list<int> column: per row, how many values `flags(values)` marks (numpy, chunk by chunk)."""
+    out = [np.zeros(0, dtype=np.int64)]
+    for chunk in list_column.chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy()[offsets[0] : offsets[-1]]  # zero-copy view of the mapped buffer
+        out.append(_sum_between(flags(values, offsets - offsets[0]), offsets - offsets[0]))
+    return np.concatenate(out)
+
+
+def _sum_between(marks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    total = np.concatenate([[0], np.cumsum(marks, dtype=np.int64)])
+    return total[offsets[1:]] - total[offsets[:-1]]
+
+
+def trained_tokens(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    return values != IGNORE_INDEX
+
+
+def trained_run_starts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """First token of each run of trained tokens (one run per trained assistant turn)."""
+    trained = values != IGNORE_INDEX
+    starts = trained.copy()
+    starts[1:] &= ~trained[:-1]
+    row_starts = offsets[:-1][offsets[:-1] < len(values)]
+    starts[row_starts] = trained[row_starts]  # a row's first token has no predecessor
+    return starts
+
+
+def tokens_among(ids: list[int]):
+    def flags(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        return np.isin(values, ids)
+
+    return flags
+
+
+def turn_token_ids(cache: Path) -> list[int] | None:
+    """Ids of the special tokens that open a turn in this cache's template, or None when the
+    family is unknown or its markers are not single tokens (Mistral's [INST])."""
+    from tokenizers import Tokenizer
+
+    folder = Path(cache) / "tokenizer"
+    template = _chat_template(folder)
+    family = detect_family(template)
+    if family is None or not family.start_tokens or not (folder / "tokenizer.json").is_file():
+        return None
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = [tokenizer.token_to_id(token) for token in family.start_tokens]
+    return None if None in ids else ids
+
+
+def _chat_template(folder: Path) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
+
+
+def summary(values: np.ndarray, digits: int = 1) -> dict | None:
+    """min / mean / median / p95 / max (linear interpolation between order statistics)."""
+    if len(values) == 0:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    as_number = (lambda x: int(x)) if digits == 0 else (lambda x: round(float(x), digits))
+    return {
+        "min": as_number(values.min()),
+        "mean": round(float(values.mean()), max(digits, 2)),
+        "median": round(float(np.median(values)), max(digits, 1)),
+        "p95": round(float(np.percentile(values, 95)), max(digits, 1)),
+        "max": as_number(values.max()),
+    }
+
+
+# ── the whole cache ───────────────────────────────────────────────────────────
+
+
+def per_row_arrays(cache: Path) -> dict[str, np.ndarray]:
+    """Every per-pair number, one numpy array each (what --plot draws)."""
+    ds = load_cache(cache)
+    arrays = {"prompt_len": column(ds, "prompt_len"), "row": column(ds, "row")}
+    start_ids = turn_token_ids(cache)
+    for side in SIDES:
+        labels, ids = ds.data.column(f"{side}_labels"), ds.data.column(f"{side}_input_ids")
+        arrays[f"{side}_len"] = column(ds, f"{side}_len")
+        arrays[f"{side}_trained"] = per_row(labels, trained_tokens)
+        arrays[f"{side}_trained_turns"] = per_row(labels, trained_run_starts)
+        if start_ids is not None:
+            arrays[f"{side}_turns"] = per_row(ids, tokens_among(start_ids))
+    return arrays
+
+
+def cache_stats(cache: Path) -> dict:
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    arrays = per_row_arrays(cache)
+    saved = _read_json(cache / "stats.json") or {}
+    counts = {name: saved.get(name, manifest.get("counts", {}).get(name)) for name in COUNTS}
+    pairs = len(arrays["row"])
+    out = {
+        "cache": str(cache),
+        "pairs": pairs,
+        "template_family": (detect_family(_chat_template(cache / "tokenizer")) or _NoFamily).name,
+        "mask_mode": manifest.get("mask_mode"),
+        "max_length": manifest.get("max_length"),
+        "counts": counts,
+        "reasons": reject_reasons(cache, saved.get("reasons")),
+        "lengths": {side: summary(arrays[f"{side}_len"], 0) for side in SIDES} | {"prompt": summary(arrays["prompt_len"], 0)},
+        "turns": {side: summary(arrays[f"{side}_turns"], 0) for side in SIDES} if "chosen_turns" in arrays else None,
+        "trained_turns": {side: summary(arrays[f"{side}_trained_turns"], 0) for side in SIDES},
+        "tokens": {},
+        "trained_fraction": {},
+        "trained_fraction_per_pair": {},
+    }
+    for side in SIDES:
+        total, trained = int(arrays[f"{side}_len"].sum()), int(arrays[f"{side}_trained"].sum())
+        out["tokens"][side] = total
+        out["tokens"][f"{side}_trained"] = trained
+        out["trained_fraction"][side] = round(trained / total, 4) if total else None
+        out["trained_fraction_per_pair"][side] = summary(_fraction(arrays, side), 3)
+    out["tokens"]["total"] = out["tokens"]["chosen"] + out["tokens"]["rejected"]
+    out["tokens"]["prompt"] = int(arrays["prompt_len"].sum())
+    return out
+
+
+class _NoFamily:
+    name = None
+
+
+def _fraction(arrays: dict, side: str) -> np.ndarray:
+    lengths = arrays[f"{side}_len"]
+    return np.divide(arrays[f"{side}_trained"], lengths, out=np.zeros(len(lengths)), where=lengths > 0)
+
+
+def reject_reasons(cache: Path, reasons: dict | None) -> list[dict]:
+    """[{reason, count, first_row}] from stats.json's grouped reasons, with the first row of
+    each found in rejects.jsonl (grouped by full reason when stats.json is missing)."""
+    lines = []
+    path = cache / "rejects.jsonl"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    if reasons is None:
+        reasons = {}
+        for line in lines:
+            reasons[line["reason"]] = reasons.get(line["reason"], 0) + 1
+    out = []
+    for reason, count in reasons.items():
+        first = next((line["row"] for line in lines if line["reason"].startswith(reason)), None)
+        out.append({"reason": reason, "count": count, "first_row": first})
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is corrupt: {err}") from None
+
+
+# ── terminal table ────────────────────────────────────────────────────────────
+
+
+def stats_tables(stats: dict) -> list:
+    """A title line, the per-pair distributions and the totals, for console.print."""
+    title = Text(
+        f"{stats['cache']}: {stats['pairs']:,} pairs · template {stats['template_family'] or 'unknown'}"
+        f" · mask {stats['mask_mode']} · max length {stats['max_length']}",
+        style="bold",
+    )
+    dist = Table()
+    dist.add_column("per pair", style="bold")
+    for name in ("min", "mean", "median", "p95", "max"):
+        dist.add_column(name, justify="right")
+    rows = [(f"{name} tokens", stats["lengths"][name], False) for name in ("chosen", "rejected", "prompt")]
+    if stats["turns"]:
+        rows += [(f"turns ({side})", stats["turns"][side], False) for side in SIDES]
+    rows += [(f"trained turns ({side})", stats["trained_turns"][side], False) for side in SIDES]
+    rows += [(f"trained fraction ({side})", stats["trained_fraction_per_pair"][side], True) for side in SIDES]
+    for name, values, is_fraction in rows:
+        dist.add_row(name, *_cells(values, is_fraction))
+
+    counts, tokens = stats["counts"], stats["tokens"]
+    totals = Table(show_header=False)
+    totals.add_column(style="bold")
+    totals.add_column(justify="right")
+    totals.add_row("input rows", _int(counts["rows"]))
+    totals.add_row("kept pairs", _int(counts["kept"]))
+    totals.add_row("rejected (unusable rows)", _int(counts["rejected"]))
+    totals.add_row("dropped (nothing trained after truncation)", _int(counts["dropped"]))
+    for reason in stats["reasons"]:
+        first = f", first row {reason['first_row']}" if reason["first_row"] is not None else ""
+        totals.add_row(f"  {reason['reason']}", f"{reason['count']:,}{first}")
+    share = f" ({counts['truncated'] / counts['kept']:.1%})" if counts["truncated"] is not None and counts["kept"] else ""
+    totals.add_row(f"truncated to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
+    totals.add_row("tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}")
+    totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
+    fraction = stats["trained_fraction"]
+    totals.add_row(
+        "trained chosen / rejected",
+        f"{tokens['chosen_trained']:,} ({_pct(fraction['chosen'])}) / {tokens['rejected_trained']:,} ({_pct(fraction['rejected'])})",
+    )
+    return [title, dist, totals]
+
+
+def _cells(values: dict | None, is_fraction: bool) -> list[str]:
+    if values is None:
+        return ["-"] * 5
+    if is_fraction:
+        return [f"{values[k]:.3f}" for k in ("min", "mean", "median", "p95", "max")]
+    return [f"{values['min']:,}", f"{values['mean']:,.1f}", f"{values['median']:,.1f}", f"{values['p95']:,.1f}", f"{values['max']:,}"]
+
+
+def _int(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+# ── plot ──────────────────────────────────────────────────────────────────────
+
+
+def plot_stats(cache: Path, out: Path) -> None:
+    """Length histograms, trained fraction per pair and turns per conversation, to one PNG."""
+    from mtdpo.plot import pyplot
+
+    plt = pyplot()
+    arrays = per_row_arrays(cache)
+    turns_key = "turns" if "chosen_turns" in arrays else "trained_turns"
+    fig, (lengths, fraction, turns) = plt.subplots(1, 3, figsize=(16, 4.5))
+    longest = max(int(arrays["chosen_len"].max(initial=1)), int(arrays["rejected_len"].max(initial=1)))
+    bins = np.linspace(0, longest, 41)
+    for name, key in (("chosen", "chosen_len"), ("rejected", "rejected_len"), ("prompt", "prompt_len")):
+        lengths.hist(arrays[key], bins=bins, histtype="step", linewidth=1.6, label=name)
+    lengths.set(title="sequence length", xlabel="tokens", ylabel="pairs")
+    lengths.legend()
+    index = np.arange(len(arrays["row"]))
+    for side, marker in (("chosen", "o"), ("rejected", "x")):
+        fraction.scatter(index, _fraction(arrays, side), s=10, marker=marker, label=side)
+    fraction.set(title="trained-token fraction per pair", xlabel="pair", ylabel="trained / tokens", ylim=(0, 1))
+    fraction.legend()
+    most = int(max(arrays[f"chosen_{turns_key}"].max(initial=0), arrays[f"rejected_{turns_key}"].max(initial=0)))
+    for shift, side in ((-0.2, "chosen"), (0.2, "rejected")):
+        counts = np.bincount(arrays[f"{side}_{turns_key}"], minlength=most + 1)
+        turns.bar(np.arange(most + 1) + shift, counts, width=0.4, label=side)
+    label = "turns per conversation" if turns_key == "turns" else "trained assistant turns per conversation"
+    turns.set(title=label, xlabel="turns", ylabel="pairs")
+    turns.legend()
+    fig.suptitle(f"{cache}: {len(index):,} pairs")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

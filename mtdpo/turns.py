@@ -1,0 +1,94 @@
+"""Where the turns of a cached conversation start, read back from its tokens.
+
+The shards hold token ids and labels, not roles. Roles are recovered from the decoded text:
+the chat template family (recognised from the cache's copy of the template) tells which
+turn-start markers to look for, e.g. Gemma's `<start_of_turn>ROLE\\n`. When the family is
+unknown, callers fall back to runs of trained / masked tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    signature: str  # a string every template of the family contains
+    turn_start: re.Pattern  # one turn header in the decoded text; group "role"
+    start_tokens: tuple[str, ...] = ()  # special tokens that each open one turn (to count turns by id)
+    roles: dict[str, str] = field(default_factory=dict)  # markers that are not role names (Mistral)
+
+    def role(self, match: re.Match) -> str:
+        name = match.group("role")
+        return self.roles.get(name, name)
+
+
+FAMILIES = (
+    Family("gemma", "<start_of_turn>", re.compile(r"<start_of_turn>(?P<role>[^\n<]*)\n"), ("<start_of_turn>",)),
+    Family("chatml", "<|im_start|>", re.compile(r"<\|im_start\|>(?P<role>[^\n<]*)\n"), ("<|im_start|>",)),
+    Family(
+        "llama3",
+        "<|start_header_id|>",
+        re.compile(r"<\|start_header_id\|>(?P<role>[^<]*)<\|end_header_id\|>"),
+        ("<|start_header_id|>",),
+    ),
+    Family("phi3", "<|assistant|>", re.compile(r"<\|(?P<role>system|user|assistant)\|>"), ("<|system|>", "<|user|>", "<|assistant|>")),
+    # [INST] and [/INST] are plain text in most Mistral vocabularies (and merge with a space):
+    # turns are found in the text, but cannot be counted by token id.
+    Family("mistral", "[INST]", re.compile(r"\[(?P<role>/?INST)\]"), roles={"INST": "user", "/INST": "assistant"}),
+)
+
+
+def detect_family(chat_template: str | None) -> Family | None:
+    """The first family whose signature the template contains, or None."""
+    for family in FAMILIES:
+        if chat_template and family.signature in chat_template:
+            return family
+    return None
+
+
+def token_starts(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The decoded text of `ids` and the character where each token starts in it.
+
+    Tokens partition the text: token k is text[starts[k]:starts[k+1]]. The offsets come from
+    re-tokenizing the decoded text, which gives back the same ids for a whole rendered
+    conversation; when it does not (a sequence cut mid-word, a decoder that drops spaces),
+    each token's own decoding is laid end to end instead.
+    """
+    ids = list(ids)
+    text = tokenizer.decode(ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if encoded["input_ids"] == ids:
+        starts = [start for start, _ in encoded["offset_mapping"]]
+    else:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        text, starts, position = "".join(pieces), [], 0
+        for piece in pieces:
+            starts.append(position)
+            position += len(piece)
+    # A character split over several byte-level tokens gives them overlapping offsets: keep the
+    # starts non-decreasing, the first at 0, so the pieces still join to the whole text.
+    for k in range(len(starts)):
+        starts[k] = 0 if k == 0 else max(starts[k], starts[k - 1])
+    return text, starts
+
+
+def turn_starts(text: str, starts: list[int], family: Family) -> list[tuple[int, str]]:
+    """(first token, role) of each turn, in order; [] when no marker is found.
+
+    A marker's turn starts at the token holding its first character (Mistral's " [INST]" is
+    one token). Tokens before the first marker (BOS) belong to the first turn.
+    """
+    ends = starts[1:] + [len(text)]
+    turns: list[tuple[int, str]] = []
+    for match in family.turn_start.finditer(text):
+        token = bisect_right(ends, match.start())
+        if token >= len(starts):
+            break
+        if turns and token <= turns[-1][0]:
+            continue  # two markers in one token: the first one opened the turn
+        turns.append((0 if not turns else token, family.role(match)))
+    return turns
