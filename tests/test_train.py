@@ -165,3 +165,27 @@ def test_train_help_lists_every_option():
                  "--eval-data", "--allow-mismatch", "--attn-implementation", "--learning-rate", "--max-steps",
                  "--per-device-train-batch-size", "--resume-from-checkpoint", "--config"):  # fmt: skip
         assert flag in out, flag
+
+
+def test_precomputed_reference_gives_the_same_losses_without_a_reference_model(cache, tmp_path, monkeypatch):
+    from mtdpo.cache import load_cache
+    from mtdpo.train import run as run_module
+    from mtdpo.train.reference import precompute_reference
+
+    live = tmp_path / "live"
+    train(run_config(cache, tmp_path, output_dir=str(live)))
+    cached = tmp_path / "cached"
+    shutil.copytree(cache, cached)
+    precompute_reference(cached, progress=False)
+    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(load_cache(cached).column_names)
+    assert json.loads((cached / "manifest.json").read_text())["reference"]["columns"] == ["ref_chosen_logp", "ref_rejected_logp"]
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a precomputed cache must not load a reference model")
+
+    monkeypatch.setattr(run_module, "load_reference", no_reference)
+    precomputed = tmp_path / "precomputed"
+    train(run_config(cached, tmp_path, output_dir=str(precomputed)))
+    for step, loss in logged(live).items():
+        assert logged(precomputed)[step] == pytest.approx(loss, abs=1e-5)
+    assert logged(precomputed, "rewards/margins")[4] != 0.0

@@ -27,7 +27,7 @@ from datasets import Dataset, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
 from mtdpo import __version__
-from mtdpo.cache import SCHEMA_VERSION
+from mtdpo.cache import SCHEMA_VERSION, remove_stale_runs, replace_dir, write_checksums
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import IGNORE_INDEX, seed_markers
@@ -130,6 +130,7 @@ def preprocess(
     fmt: str = "auto",
     max_shard_size: str = "500MB",
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Write the cache at `out` and return its stats (also saved as stats.json)."""
     started = time.perf_counter()
@@ -139,7 +140,9 @@ def preprocess(
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     if num_proc < 1:
         raise UsageError("--num-proc must be at least 1")
-    tok = load_tokenizer(tokenizer, chat_template)
+    if options.max_length < 1:
+        raise UsageError("--max-length must be at least 1")
+    tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
     options = _resolve_seed_markers(options, tok.chat_template)
     total = count_rows(input_path, fmt)
     if total == 0:
@@ -147,6 +150,7 @@ def preprocess(
 
     tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
     parts = out.with_name(f".{out.name}.parts-{os.getpid()}")
+    remove_stale_runs(out)  # temporary dirs of killed runs: their PID is gone
     for stale in (tmp, parts):
         shutil.rmtree(stale, ignore_errors=True)
     parts.mkdir(parents=True)
@@ -176,8 +180,9 @@ def preprocess(
         seconds = time.perf_counter() - started
         stats = _stats(tally, seconds)
         _write_json(tmp / "stats.json", stats)
+        write_checksums(tmp)
         _write_json(tmp / "manifest.json", _manifest(tok, options, input_path, fmt, tally, chat_template))
-        _replace(tmp, out)
+        replace_dir(tmp, out)
         return stats
     finally:
         shutil.rmtree(parts, ignore_errors=True)
@@ -279,12 +284,3 @@ def _manifest(tok, options: MaskOptions, input_path: Path, fmt: str, tally: Tall
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished cache into place; an old one (with --overwrite) goes only then."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,376 @@
+"""mtdpo vs TRL's DPOTrainer, side by side on this machine: one command, each measurement
+in its own process, results as JSON and a markdown table.
+
+    python bench/run.py                 # the full benchmark (about 40 minutes on 2 cores)
+    python bench/run.py --quick         # small sizes, a few minutes: checks the harness
+
+Same data, tokenizer (the embedded one), tiny model and batch shape for both systems.
+Ratios, not absolute times, are the result: both run in the same session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "bench" / "work"  # generated data and caches (git-ignored)
+RESULTS = REPO / "bench" / "results"
+
+
+# ── data ──────────────────────────────────────────────────────────────────────
+
+
+def write_rows(path: Path, n: int, seed: int = 0, approx_tokens: int | None = None) -> Path:
+    """n generated multi-turn pairs; with approx_tokens, tool outputs are lengthened so each
+    conversation has between half and all of that many tokens (a realistic spread)."""
+    import random
+
+    from mtdpo.synthetic import make_pairs
+
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for row in make_pairs(n, seed=seed):
+            if approx_tokens:
+                target_chars = int(4 * approx_tokens * rng.uniform(0.5, 1.0))  # ~4 characters per token
+                for side in ("chosen", "rejected"):
+                    _lengthen(row[side], target_chars)
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _lengthen(messages: list[dict], target_chars: int) -> None:
+    tools = [m for m in messages if m["role"] == "tool"] or [m for m in messages if m["role"] == "user"]
+    missing = target_chars - sum(len(m["content"]) for m in messages)
+    if missing <= 0:
+        return
+    for i, message in enumerate(tools):  # shared tool turns get the same text on both sides
+        share = missing // len(tools)
+        lines = [f"row {k}: value {k * 37 % 101} ok" for k in range(share // 20 + 1)]
+        message["content"] = message["content"] + "\n" + "\n".join(lines)[:share]
+
+
+def cache_for(rows: Path, name: str, num_proc: int = 2) -> Path:
+    from mtdpo.preprocess.encode import MaskOptions
+    from mtdpo.preprocess.pipeline import preprocess
+
+    out = WORK / name
+    if not (out / "manifest.json").exists():
+        preprocess(rows, out, options=MaskOptions(max_length=4096), num_proc=num_proc, overwrite=True, progress=False)
+    return out
+
+
+# ── workers (each runs in a fresh process) ───────────────────────────────────
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker_prep_mtdpo(rows: str, num_proc: int) -> dict:
+    from mtdpo.preprocess.pipeline import preprocess
+
+    out = Path(tempfile.mkdtemp()) / "cache"
+    started = time.perf_counter()
+    stats = preprocess(Path(rows), out, num_proc=num_proc, progress=False)
+    seconds = time.perf_counter() - started
+    return {"rows": stats["rows"], "seconds": seconds, "rows_per_s": stats["rows"] / seconds}
+
+
+def worker_prep_trl(rows: str, num_proc: int) -> dict:
+    import datasets
+
+    datasets.disable_progress_bars()
+    trainer, tok, args = _trl_trainer(_tiny(), rows=None, num_proc=num_proc)
+    dataset = datasets.Dataset.from_json(rows, cache_dir=tempfile.mkdtemp())  # not timed: both read the rows
+    started = time.perf_counter()
+    prepared = trainer._prepare_dataset(dataset, tok, args, "train")  # TRL's tokenization map
+    seconds = time.perf_counter() - started
+    return {"rows": len(prepared), "seconds": seconds, "rows_per_s": len(dataset) / seconds}
+
+
+class StepClock:
+    """Trainer callback: wall time at each optimizer step, from a given origin."""
+
+    def __init__(self, origin: float, stop_after: int | None = None):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.times.append(time.time() - origin)
+                if stop_after and state.global_step >= stop_after:
+                    control.should_training_stop = True
+
+        self.times: list[float] = []
+        self.callback = _Callback()
+
+
+class TokenCounter:
+    """Wraps a collator to count real (non-pad) tokens of every batch, in order."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens = collator, []
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+
+def worker_startup_mtdpo(cache: str) -> dict:
+    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.run import train
+
+    clock = StepClock(float(os.environ["BENCH_T0"]), stop_after=1)
+    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=1,
+                         per_device_train_batch_size=4, save_strategy="no", report_to="none")  # fmt: skip
+    train(config, callbacks=[clock.callback])
+    return {"seconds_to_first_step": clock.times[0], "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_startup_trl(rows: str, num_proc: int) -> dict:
+    clock = StepClock(float(os.environ["BENCH_T0"]), stop_after=1)
+    trainer, _, _ = _trl_trainer(_tiny(), rows=rows, num_proc=num_proc, max_steps=1, callbacks=[clock.callback])
+    trainer.train()
+    return {"seconds_to_first_step": clock.times[0], "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_train_mtdpo(cache: str, steps: int, batch: int) -> dict:
+    import mtdpo.train.run as run
+    from mtdpo.train.config import MtdpoConfig
+
+    clock = StepClock(time.time())
+    counters = []
+    original = run.PairCollator
+
+    def counting_collator(**kwargs):
+        counters.append(TokenCounter(original(**kwargs)))
+        return counters[-1]
+
+    run.PairCollator = counting_collator
+    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps,
+                         per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
+    run.train(config, callbacks=[clock.callback])
+    return _throughput(clock.times, counters[0].tokens, steps)
+
+
+def worker_train_trl(rows: str, steps: int, batch: int) -> dict:
+    clock = StepClock(time.time())
+    trainer, _, _ = _trl_trainer(_tiny(), rows=rows, num_proc=2, max_steps=steps, batch=batch, callbacks=[clock.callback])
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    trainer.train()
+    return _throughput(clock.times, counter.tokens, steps)
+
+
+def _throughput(times: list[float], tokens: list[int], steps: int) -> dict:
+    warm = 2  # the first steps include lazy initialisation
+    seconds = times[steps - 1] - times[warm - 1]
+    return {"tokens_per_s": sum(tokens[warm:steps]) / seconds, "steps_timed": steps - warm, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_logprob_memory(mode: str, vocab: int, seq: int, hidden: int) -> dict:
+    """Peak extra memory of per-sequence log-probs (forward + backward) through a one-layer
+    Gemma with a `vocab`-sized head: naive full log-softmax vs mtdpo's fused path."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    config = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=hidden // 4)  # fmt: skip
+    model = GemmaForCausalLM(config)
+    input_ids = torch.randint(0, vocab, (1, seq))
+    labels = input_ids.clone()
+    labels[:, : seq // 2] = -100  # half the tokens trained, as in multi-turn rows
+    if mode == "mtdpo":
+        add_fused_lm_head(model)
+    before = current_rss_mb()
+    started = time.perf_counter()
+    if mode == "naive":
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        logps = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total = (logps * (labels[:, 1:] != -100)).sum()
+    else:
+        total = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs.sum()
+    total.backward()
+    return {"peak_extra_mb": peak_rss_mb() - before, "seconds": time.perf_counter() - started, "logp": total.item()}
+
+
+def worker_trainer_rss(cache: str, steps: int) -> dict:
+    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.run import train
+
+    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps,
+                         per_device_train_batch_size=4, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
+    train(config)
+    return {"peak_rss_mb": peak_rss_mb()}
+
+
+def _tiny():
+    import torch
+    from transformers import set_seed
+
+    from mtdpo.train.model import load_policy
+
+    set_seed(0)
+    return load_policy(None, "sdpa", torch.float32, False)
+
+
+def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=()):
+    """TRL's DPOTrainer on the same tokenizer and model: DPO + NLL as mtdpo (sigmoid + sft)."""
+    import copy
+
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", max_length=None, save_strategy="no",
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1, learning_rate=1e-6,
+                     per_device_train_batch_size=batch, max_steps=max_steps, logging_steps=max_steps,
+                     dataset_num_proc=num_proc if num_proc > 1 else None, disable_tqdm=True)  # fmt: skip
+    if rows is None:  # a trainer only to reach its preparation step
+        dataset = datasets.Dataset.from_list([json.loads(next(open(REPO / "mtdpo/assets/sample.jsonl")))])
+    else:
+        dataset = datasets.load_dataset("json", data_files=rows, split="train", cache_dir=tempfile.mkdtemp())
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
+                         processing_class=tok, callbacks=list(callbacks))  # fmt: skip
+    return trainer, tok, args
+
+
+WORKERS = {name[len("worker_") :]: fn for name, fn in globals().items() if name.startswith("worker_")}
+
+
+def run_worker(name: str, **kwargs) -> dict:
+    """Run one measurement in a fresh interpreter (its own memory, no shared caches)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore", "BENCH_T0": repr(time.time())}  # fmt: skip
+    proc = subprocess.run([sys.executable, __file__, "worker", name, json.dumps(kwargs)], env=env, cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {name} {kwargs} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {name} {kwargs}: {result}", flush=True)
+    return result
+
+
+# ── the benchmark ─────────────────────────────────────────────────────────────
+
+
+def benchmark(quick: bool) -> dict:
+    sizes = dict(prep_rows=2000, startup=(200, 2000), train_steps=6, lengths=(256, 512), rss=(1000, 4000)) if quick else \
+        dict(prep_rows=20000, startup=(1000, 100000), train_steps=20, lengths=(512, 2048), rss=(10000, 200000))  # fmt: skip
+    results: dict = {"machine": _machine(), "quick": quick, "sizes": sizes}
+
+    print("1. preparation rows/s", flush=True)
+    rows = write_rows(WORK / f"prep-{sizes['prep_rows']}.jsonl", sizes["prep_rows"])
+    results["prep"] = {
+        f"{system}_np{n}": run_worker(f"prep_{system}", rows=str(rows), num_proc=n) for n in (1, 2) for system in ("mtdpo", "trl")
+    }
+
+    print("2. start-up: launch to first optimizer step", flush=True)
+    results["startup"] = {}
+    for n in sizes["startup"]:
+        rows = write_rows(WORK / f"startup-{n}.jsonl", n, seed=1)
+        cache = cache_for(rows, f"startup-{n}")
+        results["startup"][f"mtdpo_{n}"] = run_worker("startup_mtdpo", cache=str(cache))
+        results["startup"][f"trl_{n}"] = run_worker("startup_trl", rows=str(rows), num_proc=2)
+
+    print("3. training tokens/s", flush=True)
+    results["train"] = {}
+    for length in sizes["lengths"]:
+        rows = write_rows(WORK / f"train-{length}.jsonl", 400, seed=2, approx_tokens=length)
+        cache = cache_for(rows, f"train-{length}")
+        for system, kwargs in (("mtdpo", {"cache": str(cache)}), ("trl", {"rows": str(rows)})):
+            results["train"][f"{system}_{length}"] = run_worker(f"train_{system}", steps=sizes["train_steps"], batch=4, **kwargs)
+
+    print("4. log-prob memory (vocab 256k, seq 2048)", flush=True)
+    shape = dict(vocab=256000, seq=2048 if not quick else 512, hidden=640)
+    results["logprob_memory"] = {mode: run_worker("logprob_memory", mode=mode, **shape) for mode in ("naive", "mtdpo")}
+
+    print("5. trainer RSS vs dataset size", flush=True)
+    results["trainer_rss"] = {}
+    for n in sizes["rss"]:
+        cache = cache_for(write_rows(WORK / f"rss-{n}.jsonl", n, seed=3), f"rss-{n}")
+        results["trainer_rss"][str(n)] = run_worker("trainer_rss", cache=str(cache), steps=5)
+    return results
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def table(r: dict) -> str:
+    s = r["sizes"]
+    prep, start, train, mem, rss = r["prep"], r["startup"], r["train"], r["logprob_memory"], r["trainer_rss"]
+    small, big = s["startup"]
+    short, long = s["lengths"]
+    lo, hi = s["rss"]
+    rows = [
+        ("preparation rows/s, 1 process", prep["mtdpo_np1"]["rows_per_s"], prep["trl_np1"]["rows_per_s"], "≥ 2×"),
+        ("preparation rows/s, 2 processes", prep["mtdpo_np2"]["rows_per_s"], prep["trl_np2"]["rows_per_s"], "≥ 2×"),
+        (f"start-up s, {small:,} pairs", start[f"mtdpo_{small}"]["seconds_to_first_step"], start[f"trl_{small}"]["seconds_to_first_step"], ""),
+        (f"start-up s, {big:,} pairs", start[f"mtdpo_{big}"]["seconds_to_first_step"], start[f"trl_{big}"]["seconds_to_first_step"], ""),
+        (f"training tokens/s, ~{short} tokens", train[f"mtdpo_{short}"]["tokens_per_s"], train[f"trl_{short}"]["tokens_per_s"], ""),
+        (f"training tokens/s, ~{long} tokens", train[f"mtdpo_{long}"]["tokens_per_s"], train[f"trl_{long}"]["tokens_per_s"], "≥ 1.5×"),
+        (f"training peak RSS MB, ~{long} tokens", train[f"mtdpo_{long}"]["peak_rss_mb"], train[f"trl_{long}"]["peak_rss_mb"], ""),
+    ]  # fmt: skip
+    lines = ["| measurement | mtdpo | TRL | mtdpo / TRL | target |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}× | {t} |" for name, a, b, t in rows]
+    startup_ratio = start[f"mtdpo_{big}"]["seconds_to_first_step"] / start[f"mtdpo_{small}"]["seconds_to_first_step"]
+    mem_ratio = mem["mtdpo"]["peak_extra_mb"] / mem["naive"]["peak_extra_mb"]
+    growth = rss[str(hi)]["peak_rss_mb"] - rss[str(lo)]["peak_rss_mb"]
+    lines += [
+        "",
+        "| measurement | value | target |",
+        "|---|---:|---|",
+        f"| mtdpo start-up {big:,} / {small:,} pairs | {startup_ratio:.2f} | ≤ 1.2 |",
+        f"| log-prob peak memory, fused / naive (vocab 256k) | {mem['mtdpo']['peak_extra_mb']:,.0f} / {mem['naive']['peak_extra_mb']:,.0f} MB = {mem_ratio:.2f} | ≤ 0.3 |",
+        f"| trainer peak RSS {lo:,} → {hi:,} pairs | {rss[str(lo)]['peak_rss_mb']:,.0f} → {rss[str(hi)]['peak_rss_mb']:,.0f} MB (+{growth:,.0f}) | ≤ +100 MB |",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        result = WORKERS[sys.argv[2]](**json.loads(sys.argv[3]))
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes, to check the harness")
+    args = parser.parse_args()
+    results = benchmark(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "quick" if args.quick else "results"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = table(results)
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

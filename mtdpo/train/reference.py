@@ -1,0 +1,87 @@
+"""`mtdpo precompute-ref`: store the reference model's log-probs in the cache, once.
+
+Training then reads `ref_chosen_logp`/`ref_rejected_logp` from the shards and never loads a
+reference model: half the forward passes and one model's memory less per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+from trl.trainer.utils import add_fused_lm_head
+
+from mtdpo.cache import load_cache, read_manifest, replace_dir
+from mtdpo.train.data import REF_COLUMNS, PairCollator
+from mtdpo.train.model import load_policy
+from mtdpo.train.run import check_model_matches
+from mtdpo.train.trainer import fused_sequence_logps
+
+
+def reference_logps(model, dataset, pad_token_id: int, batch_size: int, progress: bool = True) -> tuple[list[float], list[float]]:
+    """Summed log-probs of the trained tokens of every chosen and rejected sequence."""
+    from rich.progress import Progress
+
+    collate = PairCollator(pad_token_id)
+    chosen, rejected = [], []
+    pairs = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+    with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
+        task = bar.add_task("reference log-probs", total=len(pairs))
+        for start in range(0, len(pairs), batch_size):
+            rows = pairs[start : start + batch_size]
+            batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+            logps, _ = fused_sequence_logps(model, batch)
+            c, r = logps.float().chunk(2)
+            chosen += c.tolist()
+            rejected += r.tolist()
+            bar.advance(task, len(c))
+    return chosen, rejected
+
+
+def precompute_reference(
+    cache: Path,
+    model_name: str | None = None,
+    batch_size: int = 8,
+    seed: int = 42,
+    attn_implementation: str = "sdpa",
+    allow_mismatch: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Add the reference columns to `cache` (rewritten atomically); returns the manifest."""
+    from datasets import Value
+
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    dataset = load_cache(cache)
+    set_seed(seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
+    model = load_policy(model_name, attn_implementation, torch.float32, trust_remote_code)
+    check_model_matches(manifest, model_name, model.config.vocab_size, allow_mismatch)
+    add_fused_lm_head(model)
+    model.eval()
+    chosen, rejected = reference_logps(model, dataset, manifest["tokenizer"]["pad_token_id"] or 0, batch_size, progress)
+
+    base = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+    float32 = Value("float32")
+    with_ref = base.add_column(REF_COLUMNS[0], chosen, feature=float32).add_column(REF_COLUMNS[1], rejected, feature=float32)
+    tmp = cache.with_name(f".{cache.name}.ref-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with_ref.save_to_disk(str(tmp))
+        for extra in ("stats.json", "rejects.jsonl", "tokenizer"):
+            source = cache / extra
+            if source.is_dir():
+                shutil.copytree(source, tmp / extra)
+            elif source.exists():
+                shutil.copy2(source, tmp / extra)
+        manifest["reference"] = {"model": model_name or "tiny random Gemma (seeded)", "columns": list(REF_COLUMNS)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        del dataset, base, with_ref  # release the memory maps of the old shards before replacing them
+        replace_dir(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
