@@ -56,7 +56,10 @@ def main(
 @app.command()
 @user_errors
 def preprocess(
-    input: Path = typer.Argument(..., help="Conversations: .jsonl, .json, .parquet, or a saved `datasets` directory."),
+    input: Path = typer.Argument(
+        ..., help="Conversations: .jsonl, .json, .parquet, or a saved `datasets` directory.",
+        readable=False,  # no click check (a boxed usage message): preprocess says "cannot read" in one line
+    ),  # fmt: skip
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. \\[default: data_cache/<input name>]"),
     tokenizer: Optional[str] = typer.Option(
         None, help="Tokenizer name or path. \\[default: the embedded tiny Gemma-style tokenizer]"
@@ -76,6 +79,7 @@ def preprocess(
     format: str = typer.Option("auto", help="Input format: auto (from the file name), jsonl, json, parquet, arrow."),
     max_shard_size: str = typer.Option("500MB", help="Largest Arrow shard written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+    trust_remote_code: bool = typer.Option(False, help="Allow tokenizer code from the tokenizer's repository to run (off: only transformers' own)."),
 ) -> None:
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
     from mtdpo.preprocess.encode import MaskOptions
@@ -86,19 +90,21 @@ def preprocess(
     stats = run(
         input, out, tokenizer=tokenizer, chat_template=chat_template, options=options, num_proc=num_proc,
         strict=strict, overwrite=overwrite, fmt=format, max_shard_size=max_shard_size, progress=not quiet,
+        trust_remote_code=trust_remote_code,
     )  # fmt: skip
     if not quiet:
         console.print(_summary(stats, out))
 
 
 def _summary(stats: dict, out: Path) -> Table:
-    table = Table(title=f"preprocess → {out}", show_header=False, title_justify="left")
+    # Reasons quote the input (a role named "[/bold]") and paths may hold brackets: text, not markup.
+    table = Table(title=f"preprocess → {escape(str(out))}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for name in ("rows", "kept", "rejected", "dropped", "truncated"):
         table.add_row(name, f"{stats[name]:,}")
     for reason, count in stats["reasons"].items():
-        table.add_row(f"  {reason}", f"{count:,}")
+        table.add_row(f"  {escape(reason)}", f"{count:,}")
     table.add_row("tokens (chosen / rejected)", f"{stats['chosen_tokens']:,} / {stats['rejected_tokens']:,}")
     table.add_row("trained (chosen / rejected)", f"{stats['chosen_trained_tokens']:,} / {stats['rejected_trained_tokens']:,}")
     table.add_row("seconds", f"{stats['seconds']:.2f}")

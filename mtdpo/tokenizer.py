@@ -32,7 +32,20 @@ def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None =
         tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
         raise UsageError(f"{source} has no chat template; pass one with --chat-template FILE")
+    check_template_compiles(tokenizer, chat_template or source)
     return tokenizer
+
+
+def check_template_compiles(tokenizer, where) -> None:
+    """A template with a syntax error would reject every row one by one: say it once, up front."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    except TemplateSyntaxError as err:
+        raise UsageError(f"the chat template of {where} does not compile: {err.message} (line {err.lineno})") from None
+    except Exception:
+        pass  # the template may refuse this one conversation (raise_exception …): rows will say why
 
 
 def fingerprint(tokenizer) -> str:

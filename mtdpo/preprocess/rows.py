@@ -4,7 +4,12 @@ Two row shapes are accepted (DESIGN.md, "Input"):
   {"chosen": [msgs], "rejected": [msgs]}                 full conversations (RLHFlow style)
   {"prompt": [msgs] | str, "chosen": [msgs] | str, "rejected": [msgs] | str}   TRL style
 Either way the shared prompt is the longest common prefix of whole messages of the two
-full conversations, so both shapes mask the same way.
+full conversations, so both shapes mask the same way. The sides must first differ at an
+assistant message (on at least one side): a pair whose sides first differ at a user, system or
+tool message on both sides answers two different prompts, which DPO cannot compare.
+
+Every RowError message is written to rejects.jsonl as is, so it names the place (`chosen[1]`)
+and says what is wrong in JSON terms (null, a number, an object), not Python's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import math
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython", "function")
+# Masking renders one prefix per message, so time grows with the square of the turns: a
+# 2,000-message row takes about a minute. Longer rows are rejected, not rendered.
+MAX_MESSAGES = 512
 
 
 class RowError(ValueError):
@@ -28,22 +36,33 @@ class Pair:
 
 def to_pair(row: object) -> Pair:
     if not isinstance(row, dict):
-        raise RowError(f"row is a {type(row).__name__}, expected a JSON object")
+        raise RowError(f"row is {json_type(row)}, expected a JSON object")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(f"missing key '{key}' (row keys: {sorted(row)})")
     # A null prompt is no prompt: parquet/arrow inputs give rows without one `prompt: None`.
     prompt = _messages(row["prompt"], "prompt", "user") if row.get("prompt") is not None else []
-    chosen = prompt + _messages(row["chosen"], "chosen", "assistant")
-    rejected = prompt + _messages(row["rejected"], "rejected", "assistant")
-    if not chosen or not rejected:
-        raise RowError("empty conversation: chosen or rejected has no messages")
+    sides = {}
+    for side in ("chosen", "rejected"):
+        own = _messages(row[side], side, "assistant")
+        if not own:
+            raise RowError(f"empty conversation: {side} has no messages" + (" after the prompt" if prompt else ""))
+        sides[side] = prompt + own
+        if len(sides[side]) > MAX_MESSAGES:
+            raise RowError(f"{side} has {len(sides[side]):,} messages, more than the {MAX_MESSAGES} mtdpo renders per row")
+    chosen, rejected = sides["chosen"], sides["rejected"]
     if chosen == rejected:
         raise RowError("chosen and rejected are identical")
     n_prompt = shared_prefix_length(chosen, rejected)
-    for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+    for side, msgs in sides.items():
         if not any(m["role"] == "assistant" for m in msgs[n_prompt:]):
             raise RowError(f"{side} has no assistant message after the shared prompt ({n_prompt} messages)")
+    first = {side: msgs[n_prompt]["role"] for side, msgs in sides.items()}
+    if "assistant" not in first.values():
+        raise RowError(
+            f"the sides disagree on the prompt: they first differ at message {n_prompt} "
+            f"({first['chosen']} in chosen, {first['rejected']} in rejected), not at an assistant message"
+        )
     return Pair(chosen, rejected, n_prompt)
 
 
@@ -54,32 +73,46 @@ def shared_prefix_length(a: list, b: list) -> int:
     return n
 
 
+def json_type(value: object) -> str:
+    """What a value is, in the words of JSON: 'null', 'a number', 'an object' …"""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity"
+    names = {int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return next((name for kind, name in names.items() if isinstance(value, kind)), f"a {type(value).__name__}")
+
+
 def _messages(value: object, side: str, shorthand_role: str) -> list[dict]:
     """Validate a list of messages, or expand a string shorthand into one message."""
     if isinstance(value, str):
-        return [{"role": shorthand_role, "content": value}]
+        return [_message({"role": shorthand_role, "content": value}, side)]
     if not isinstance(value, list):
-        raise RowError(f"{side} is a {type(value).__name__}, expected a list of messages or a string")
+        raise RowError(f"{side} is {json_type(value)}, expected a list of messages or a string")
     return [_message(m, f"{side}[{i}]") for i, m in enumerate(value)]
 
 
 def _message(msg: object, where: str) -> dict:
     if not isinstance(msg, dict):
-        raise RowError(f"{where} is a {type(msg).__name__}, expected an object with 'role' and 'content'")
+        raise RowError(f"{where} is {json_type(msg)}, expected an object with 'role' and 'content'")
     role, content = msg.get("role"), msg.get("content")
     if "role" not in msg:
-        raise RowError(f"{where} has no 'role'")
+        hint = " (ShareGPT-style 'from'/'value' messages must be converted to 'role'/'content')" if "from" in msg else ""
+        raise RowError(f"{where} has no 'role'{hint}")
+    if not isinstance(role, str):
+        raise RowError(f"{where} role is {json_type(role)}, expected a string (one of: {', '.join(ROLES)})")
     if role not in ROLES:
-        raise RowError(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)})")
+        hint = "; roles are lower-case" if role.lower() in ROLES else ""
+        raise RowError(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)}{hint})")
     if "content" not in msg:
         raise RowError(f"{where} ({role}) has no 'content'")
     if not isinstance(content, str):
-        if content is None:
-            shown = "null"
-        elif isinstance(content, float) and math.isnan(content):
-            shown = "NaN"
-        else:
-            shown = f"a {type(content).__name__}"
-        raise RowError(f"{where} ({role}) content is {shown}, expected a string")
+        raise RowError(f"{where} ({role}) content is {json_type(content)}, expected a string")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as err:  # a JSON escape such as "\ud800" decodes to half a character
+        raise RowError(f"{where} ({role}) content is not valid Unicode (a lone surrogate at character {err.start})") from None
     # Keep extra keys (tool_calls, name …): a template may render them.
     return dict(msg)
