@@ -46,7 +46,7 @@ def common_args(tiny: bool, steps: int, batch: int) -> dict:
                 logging_steps=steps, disable_tqdm=True, beta=0.1)  # fmt: skip
 
 
-def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: str) -> dict:
+def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: str, sampling: str) -> dict:
     import copy
 
     import torch
@@ -61,7 +61,7 @@ def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: st
         from mtdpo.train.trainer import MultiTurnDPOTrainer
 
         counter = TokenCounter(PairCollator(0))
-        trainer = MultiTurnDPOTrainer(model, ref, MtdpoConfig(data=[cache], nll_coef=1.0, **common_args(tiny, steps, batch)),
+        trainer = MultiTurnDPOTrainer(model, ref, MtdpoConfig(data=[cache], nll_coef=1.0, train_sampling_strategy=sampling, **common_args(tiny, steps, batch)),
                                       train_dataset=load_cache(Path(cache)), data_collator=counter, callbacks=[clock.callback])  # fmt: skip
     else:
         import datasets
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--seq", type=int, default=2048, help="longest conversation, tokens")
+    parser.add_argument("--sampling", default="group_by_length", help="mtdpo's sampler (random: no length grouping)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     seq = 256 if args.tiny else args.seq
@@ -109,7 +110,8 @@ def main() -> None:
     cache = cache_for(rows, f"gpu-{seq}", num_proc=2 if args.tiny else 8)
     results = {}
     for system in ("mtdpo", "trl"):
-        kwargs = dict(system=system, tiny=args.tiny, steps=args.steps, batch=args.batch, rows=str(rows), cache=str(cache))
+        kwargs = dict(system=system, tiny=args.tiny, steps=args.steps, batch=args.batch, rows=str(rows), cache=str(cache),
+                      sampling=args.sampling)  # fmt: skip
         started = time.time()
         proc = subprocess.run([sys.executable, __file__, "worker", json.dumps(kwargs)], capture_output=True, text=True)
         if proc.returncode:
@@ -119,8 +121,9 @@ def main() -> None:
         print(system, results[system], flush=True)
     ratio = results["mtdpo"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "gpu-tiny.json" if args.tiny else "gpu.json"
-    (Path(args.out) / name).write_text(json.dumps(results | {"ratio": ratio, "seq": seq, "batch": args.batch}, indent=2) + "\n")
+    name = f"gpu{'-tiny' if args.tiny else ''}{'' if args.sampling == 'group_by_length' else '-' + args.sampling}.json"
+    summary = {"ratio": ratio, "seq": seq, "batch": args.batch, "mtdpo_sampling": args.sampling}
+    (Path(args.out) / name).write_text(json.dumps(results | summary, indent=2) + "\n")
     print(f"mtdpo / TRL tokens/s = {ratio:.2f}")
 
 
