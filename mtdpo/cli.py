@@ -64,7 +64,9 @@ def preprocess(
     tokenizer: Optional[str] = typer.Option(
         None, help="Tokenizer name or path. \\[default: the embedded tiny Gemma-style tokenizer]"
     ),
-    chat_template: Optional[Path] = typer.Option(None, help="Jinja chat template file to use instead of the tokenizer's."),
+    chat_template: Optional[Path] = typer.Option(
+        None, help="Jinja chat template file to use instead of the tokenizer's. \\[default: the tokenizer's own]"
+    ),
     max_length: int = typer.Option(2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."),
     mask_mode: str = typer.Option(
         "assistant",
@@ -74,12 +76,16 @@ def preprocess(
     user_marker: Optional[str] = typer.Option(None, help="seed mode: user-turn start marker. \\[default: from the template family]"),
     end_marker: Optional[str] = typer.Option(None, help="seed mode: end-of-turn marker. \\[default: from the template family]"),
     num_proc: int = typer.Option(1, help="Worker processes; the output is identical for any value."),
-    strict: bool = typer.Option(False, help="Stop at the first unusable row instead of writing it to rejects.jsonl."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is complete)."),
+    strict: bool = typer.Option(False, help="Stop at the first unusable row instead of writing it to rejects.jsonl.", show_default="off"),
+    overwrite: bool = typer.Option(
+        False, help="Replace an existing output directory (only once the new one is complete).", show_default="off"
+    ),
     format: str = typer.Option("auto", help="Input format: auto (from the file name), jsonl, json, parquet, arrow."),
     max_shard_size: str = typer.Option("500MB", help="Largest Arrow shard written."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
-    trust_remote_code: bool = typer.Option(False, help="Allow tokenizer code from the tokenizer's repository to run (off: only transformers' own)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table.", show_default="off"),
+    trust_remote_code: bool = typer.Option(
+        False, help="Allow tokenizer code from the tokenizer's repository to run (off: only transformers' own).", show_default="off"
+    ),
 ) -> None:
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
     from mtdpo.preprocess.encode import MaskOptions
@@ -130,7 +136,13 @@ def train(ctx: typer.Context) -> None:
     try:
         config = parse_train_args(ctx.args)
     except ValueError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
+        from dataclasses import fields
+
+        from mtdpo.suggest import explain_unknown_options
+        from mtdpo.train.config import MtdpoConfig
+
+        names = [f.name for f in fields(MtdpoConfig)] + ["config"]
+        raise UsageError(explain_unknown_options(str(err).splitlines()[0], names)) from None
     trainer = run(config)
     if trainer.is_world_process_zero():
         console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
@@ -140,12 +152,12 @@ def train(ctx: typer.Context) -> None:
 @user_errors
 def precompute_ref(
     cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess` (rewritten in place, atomically)."),
-    model: Optional[str] = typer.Option(None, help="Reference model name or path. [default: the tiny random model `mtdpo train` starts from]"),
+    model: Optional[str] = typer.Option(None, help="Reference model name or path. \\[default: the tiny random model `mtdpo train` starts from]"),
     batch_size: int = typer.Option(8, help="Pairs per forward pass."),
     seed: int = typer.Option(42, help="Seed of the tiny random default model (must match `mtdpo train --seed`)."),
     attn_implementation: str = typer.Option("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2."),
-    allow_mismatch: bool = typer.Option(False, help="Use a model whose tokenizer differs from the cache's."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository to run."),
+    allow_mismatch: bool = typer.Option(False, help="Use a model whose tokenizer differs from the cache's.", show_default="off"),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository to run.", show_default="off"),
 ) -> None:
     """Store the reference model's log-probs in the cache; training then loads no reference model."""
     from mtdpo.train.reference import precompute_reference
@@ -204,7 +216,9 @@ def stats(
         json.dump(numbers, sys.stdout, indent=2, ensure_ascii=False)
         print()
         return
-    for table in cache_stats.stats_tables(numbers):
+    title, *tables = cache_stats.stats_tables(numbers)
+    console.print(title, soft_wrap=True)
+    for table in tables:
         console.print(table)
     if plot is not None:
         console.print(f"wrote {plot}", highlight=False)

@@ -129,8 +129,11 @@ def runs(turn: Turn, prompt_len: int):
 def token_label(token: Token) -> str:
     """A token with its id in subscript; newlines (↵) and tabs (→) made visible, and a
     token holding a newline ends its line after its id."""
-    text = token.text.replace("\t", "→").replace("\n", "↵")
-    return text + str(token.id).translate(SUBSCRIPT) + ("\n" if "\n" in token.text else "")
+    return _visible(token.text) + str(token.id).translate(SUBSCRIPT) + ("\n" if "\n" in token.text else "")
+
+
+def _visible(text: str) -> str:
+    return text.replace("\t", "→").replace("\n", "↵")
 
 
 def run_text(run: list[Token], with_ids: bool) -> str:
@@ -334,7 +337,10 @@ def _html_side(side: Side, prompt_len: int, with_ids: bool) -> str:
                 continue
             kind = "trained" if run[0].trained else "masked"
             if with_ids:
-                tokens = "".join(f'<span class="tok" title="id {t.id}">{e(t.text)}<sub>{t.id}</sub></span>' for t in run)
+                tokens = "".join(
+                    f'<span class="tok" title="id {t.id}">{e(_visible(t.text))}<sub>{t.id}</sub></span>' + ("\n" if "\n" in t.text else "")
+                    for t in run
+                )
                 parts.append(f'<span class="{kind}">{tokens}</span>')
             else:
                 parts.append(f'<span class="{kind}">{e(run_text(run, False))}</span>')

@@ -223,11 +223,13 @@ def stats_tables(stats: dict) -> list:
     totals.add_row("kept pairs", _int(counts["kept"]))
     totals.add_row("rejected (unusable rows)", _int(counts["rejected"]))
     totals.add_row("dropped (nothing trained after truncation)", _int(counts["dropped"]))
+    if stats["reasons"]:
+        totals.add_row("rejected or dropped, by reason", "rows")
     for reason in stats["reasons"]:
         first = f", first row {reason['first_row']}" if reason["first_row"] is not None else ""
-        totals.add_row(f"  {reason['reason']}", f"{reason['count']:,}{first}")
+        totals.add_row(Text(f"  {reason['reason']}"), f"{reason['count']:,}{first}")  # text, not rich markup
     share = f" ({counts['truncated'] / counts['kept']:.1%})" if counts["truncated"] is not None and counts["kept"] else ""
-    totals.add_row(f"truncated to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
+    totals.add_row(f"kept pairs cut to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
     totals.add_row("tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}")
     totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
     fraction = stats["trained_fraction"]

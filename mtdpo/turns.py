@@ -69,8 +69,9 @@ def token_starts(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
         for piece in pieces:
             starts.append(position)
             position += len(piece)
-    # A character split over several byte-level tokens gives them overlapping offsets: keep the
-    # starts non-decreasing, the first at 0, so the pieces still join to the whole text.
+    # A character split over several byte-level tokens gives each of them the character's offsets:
+    # the last one shows it, the others are empty. Starts stay non-decreasing, the first at 0, so
+    # the pieces always join to the whole text.
     for k in range(len(starts)):
         starts[k] = 0 if k == 0 else max(starts[k], starts[k - 1])
     return text, starts

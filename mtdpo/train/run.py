@@ -80,6 +80,9 @@ class ProgressLine(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started, self.first_step = time.perf_counter(), state.global_step
+        # For the summary: the first and last logged steps, and tokens ≈ Σ tokens/s × interval.
+        self.first_log = self.last_log = None
+        self.tokens, self.last_time = 0.0, self.started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -88,6 +91,9 @@ class ProgressLine(TrainerCallback):
             done = (state.global_step - self.first_step) / max(state.max_steps - self.first_step, 1)
             elapsed = time.perf_counter() - self.started
             eta = elapsed * (1 - done) / done if done else 0.0
+            now = time.perf_counter()
+            self.tokens += logs.get("tokens_per_second", 0) * (now - self.last_time)
+            self.first_log, self.last_log, self.last_time = self.first_log or logs, logs, now
             print(
                 f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
                 f"  loss {logs['loss']:.4f}  dpo {logs.get('dpo_loss', float('nan')):.4f}  nll {logs.get('nll', float('nan')):.4f}"
@@ -102,7 +108,19 @@ class ProgressLine(TrainerCallback):
                 flush=True,
             )
         elif "train_runtime" in logs:
-            print(f"done: {state.global_step} steps in {_clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}", flush=True)
+            print(f"done: {state.global_step} steps in {_clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}{self._trend()}", flush=True)
+
+    def _trend(self) -> str:
+        """First → last logged margin and accuracy, and the mean tokens/s of the run."""
+        if self.last_log is None:
+            return ""
+        first, last, nan = self.first_log, self.last_log, float("nan")
+        seconds = self.last_time - self.started
+        return (
+            f", margin {first.get('rewards/margins', nan):+.3f} → {last.get('rewards/margins', nan):+.3f}"
+            f", acc {first.get('rewards/accuracies', nan):.2f} → {last.get('rewards/accuracies', nan):.2f}"
+            f", {self.tokens / seconds if seconds > 0 else 0:,.0f} tok/s"
+        )
 
 
 def _clock(seconds: float) -> str:

@@ -1,0 +1,126 @@
+"""Training output: the final summary line of `mtdpo train`, runs/NAME/metrics.jsonl, and
+`mtdpo plot` drawing loss, margins and accuracy from it."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from mtdpo.cli import app
+from mtdpo.plot import read_metrics
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def step(n: int, loss: float, margin: float, accuracy: float, **extra) -> dict:
+    return {"step": n, "loss": loss, "dpo_loss": loss / 2, "nll": loss / 2, "rewards/chosen": margin, "rewards/rejected": 0.0,
+            "rewards/margins": margin, "rewards/accuracies": accuracy, "tokens_per_second": 1000.0, **extra}  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run resumed from step 10: steps 15 and 20 were logged twice, the later lines win."""
+    lines = [
+        step(5, 2.0, 0.1, 0.5),
+        step(10, 1.5, 0.8, 0.75),
+        {"step": 10, "eval_loss": 1.7, "eval_rewards/margins": 0.5, "eval_rewards/accuracies": 0.6},
+        step(15, 9.9, 9.9, 0.0),
+        step(20, 9.9, 9.9, 0.0),
+        step(15, 1.2, 1.5, 0.9),
+        step(20, 1.0, 2.0, 1.0),
+        {"step": 20, "train_runtime": 12.5, "train_loss": 1.4},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def test_read_metrics_keeps_the_last_line_of_each_step(run_dir):
+    train, evals = read_metrics(run_dir)
+    assert [(e["step"], e["loss"], e["rewards/margins"]) for e in train] == [(5, 2.0, 0.1), (10, 1.5, 0.8), (15, 1.2, 1.5), (20, 1.0, 2.0)]
+    assert [(e["step"], e["eval_loss"]) for e in evals] == [(10, 1.7)]
+    assert read_metrics(run_dir / "metrics.jsonl") == (train, evals)  # the file itself works too
+
+
+def test_plot_command_draws_the_curves(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = invoke("plot", run_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {run_dir / 'curves.png'}: margin +0.100 → +2.000, accuracy 0.50 → 1.00\n"
+    assert png_size(run_dir / "curves.png") == (1600, 450)
+    out = tmp_path / "elsewhere.png"
+    assert invoke("plot", run_dir, "--out", out).exit_code == 0 and png_size(out) == (1600, 450)
+
+
+def test_plot_errors(tmp_path, run_dir, monkeypatch):
+    result = invoke("plot", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr == f"error: no metrics file at {tmp_path / 'metrics.jsonl'}; `mtdpo train --output-dir {tmp_path}` writes it\n"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "train_runtime": 1.0, "train_loss": 1.0}\n')
+    result = invoke("plot", tmp_path)
+    assert result.stderr == f"error: {tmp_path / 'metrics.jsonl'} holds no training step yet (a line is written every --logging-steps)\n"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{oops\n')
+    assert invoke("plot", tmp_path).stderr == f"error: {tmp_path / 'metrics.jsonl'}, line 2: not JSON\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = invoke("plot", run_dir)
+    assert result.exit_code == 2 and result.stderr == "error: plotting needs matplotlib: pip install 'mtdpo[plot]'\n"
+
+
+def test_progress_line_summary_reports_first_and_last_margin_accuracy_and_tokens_per_second(monkeypatch, capsys):
+    from mtdpo.train import run
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock.now)
+    line = run.ProgressLine()
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10)
+    line.on_train_begin(None, state, None)
+    for state.global_step, clock.now, tokens_per_second, margin, accuracy in ((5, 102.0, 1000.0, 0.1, 0.5), (10, 106.0, 500.0, 2.0, 1.0)):
+        logs = {"loss": 1.0, "dpo_loss": 0.5, "nll": 0.5, "rewards/margins": margin, "rewards/accuracies": accuracy, "tokens_per_second": tokens_per_second}
+        line.on_log(None, state, None, logs=logs)
+    line.on_log(None, state, None, logs={"train_runtime": 6.2, "train_loss": 1.2345})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "step  5/10  loss 1.0000  dpo 0.5000  nll 0.5000  margin +0.100  acc 0.50  1,000 tok/s  eta 0:00:02"
+    # tokens: 1000/s over the first 2 s + 500/s over the next 4 s = 4000 in 6 s
+    assert printed[-1] == "done: 10 steps in 0:00:06, mean loss 1.2345, margin +0.100 → +2.000, acc 0.50 → 1.00, 667 tok/s"
+
+
+@pytest.mark.slow
+def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
+    """End to end on the tiny model: metrics.jsonl, the summary line agreeing with it, the plot."""
+    pytest.importorskip("matplotlib")
+    from trainkit import make_cache
+
+    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.run import train
+
+    cache = make_cache(tmp_path, n=8)
+    config = MtdpoConfig(data=[str(cache)], output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=3, logging_steps=1,
+                         per_device_train_batch_size=2, save_strategy="no", report_to="none", learning_rate=1e-3)  # fmt: skip
+    train(config)
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [e["step"] for e in steps] == [1, 2, 3]
+    first, last = steps[0], steps[-1]
+    done = capsys.readouterr().out.splitlines()[-1]
+    trend = f"margin {first['rewards/margins']:+.3f} → {last['rewards/margins']:+.3f}, acc {first['rewards/accuracies']:.2f} → {last['rewards/accuracies']:.2f}"
+    expected = rf"done: 3 steps in 0:00:\d\d, mean loss \d+\.\d{{4}}, {re.escape(trend)}, [\d,]+ tok/s"
+    assert re.fullmatch(expected, done), done
+    result = invoke("plot", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert png_size(tmp_path / "run" / "curves.png") == (1600, 450)
