@@ -255,3 +255,19 @@ def test_template_error_is_a_row_error():
     row = math_agent_pairs()["diverge_at_first_assistant"]  # starts with a system message
     with pytest.raises(RowError, match="^chat template error: System role not supported$"):
         PairEncoder(family_tokenizer("gemma"), MaskOptions())(row)
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama3", "qwen2", "mistral", "phi3"])
+def test_fast_renderer_equals_apply_chat_template(family):
+    """ChatTemplate.render skips apply_chat_template's per-call overhead, not its output."""
+    from mtdpo.preprocess.mask import ChatTemplate
+
+    tok = family_tokenizer(family)
+    chat = ChatTemplate(tok)
+    for row in math_agent_pairs().values():
+        messages = for_family(row, family)["chosen"]
+        for n in range(1, len(messages) + 1):
+            for prompt in (False, True):
+                assert chat.render(messages[:n], prompt) == tok.apply_chat_template(
+                    messages[:n], tokenize=False, add_generation_prompt=prompt
+                )

@@ -68,9 +68,10 @@ def test_full_conversations_share_the_longest_common_message_prefix():
     assert pair.chosen == row["chosen"] and pair.rejected == row["rejected"]
 
 
-def test_extra_message_keys_are_kept():
+def test_extra_message_keys_are_kept_and_nulls_dropped():
+    """As apply_chat_template does: a template's `is defined` sees no key set to null."""
     tagged = dict(A, name="calculator", tool_calls=None)
-    assert to_pair(good(chosen=[Q, tagged])).chosen[1] == tagged
+    assert to_pair(good(chosen=[Q, tagged])).chosen[1] == dict(A, name="calculator")
 
 
 def test_string_shorthands():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtdpo.preprocess.mask import IGNORE_INDEX, Encoded, end_markers, render_and_mask, seed_mask
+from mtdpo.preprocess.mask import IGNORE_INDEX, ChatTemplate, Encoded, render_and_mask, seed_mask
 from mtdpo.preprocess.rows import RowError, shared_prefix_length, to_pair
 
 
@@ -22,9 +22,8 @@ class MaskOptions:
 
 class PairEncoder:
     def __init__(self, tokenizer, options: MaskOptions):
-        self.tokenizer = tokenizer
         self.options = options
-        self.markers = end_markers(tokenizer)
+        self.chat = ChatTemplate(tokenizer)
 
     def __call__(self, row: object) -> tuple[dict, bool]:
         """Return the record and whether it was truncated; raise RowError/Dropped."""
@@ -51,8 +50,8 @@ class PairEncoder:
 
     def _mask(self, messages: list[dict], n_prompt: int) -> Encoded:
         if self.options.mode == "seed":
-            return seed_mask(self.tokenizer, messages, n_prompt, self.options.user_marker, self.options.end_marker)
-        return render_and_mask(self.tokenizer, messages, n_prompt, self.markers)
+            return seed_mask(self.chat, messages, n_prompt, self.options.user_marker, self.options.end_marker)
+        return render_and_mask(self.chat, messages, n_prompt)
 
 
 def truncate(enc: Encoded, max_length: int) -> Encoded:

@@ -49,11 +49,42 @@ class TrainedSpan:
     turn_end: int  # end of this message's rendered text; nothing past it may be trained
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
-        raise RowError(f"chat template error: {err}") from None
+class ChatTemplate:
+    """A tokenizer's chat template, rendered exactly as `apply_chat_template(tokenize=False)`
+    does (transformers' own compiled, sandboxed Jinja template and variables) but without
+    its per-call overhead, which dominates when every row renders several prefixes."""
+
+    def __init__(self, tokenizer):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.tokenizer = tokenizer
+        self.markers = end_markers(tokenizer)
+        self._template = _compile_jinja_template(tokenizer.chat_template)
+        self._variables = dict(tokenizer.special_tokens_map)
+        self.generation_header = self._generation_header()
+
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        try:
+            return self._template.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **self._variables
+            )
+        except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
+            raise RowError(f"chat template error: {err}") from None
+
+    def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and character offsets. The template already emits BOS: adding special
+        tokens again would double it."""
+        enc = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+
+    def _generation_header(self) -> str | None:
+        """What add_generation_prompt appends (e.g. "<start_of_turn>model\n"), when it only appends."""
+        probe = [{"role": "user", "content": "x"}]
+        try:
+            plain, prompted = self.render(probe), self.render(probe, generation_prompt=True)
+        except RowError:
+            return None
+        return prompted[len(plain) :] if prompted.startswith(plain) else None
 
 
 def end_markers(tokenizer) -> list[str]:
@@ -62,11 +93,11 @@ def end_markers(tokenizer) -> list[str]:
     return sorted(specials, key=len, reverse=True)
 
 
-def render_and_mask(tokenizer, messages: list[dict], n_prompt: int, markers: list[str]) -> Encoded:
+def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int) -> Encoded:
     """Assistant mode: train the post-prompt assistant messages only."""
-    text = render(tokenizer, messages)
-    spans = trained_spans(tokenizer, messages, n_prompt, text, markers)
-    ids, offsets = _tokenize(tokenizer, text)
+    text = chat.render(messages)
+    spans = trained_spans(chat, messages, n_prompt, text)
+    ids, offsets = chat.tokenize(text)
     trained = np.zeros(len(ids), dtype=bool)
     for span in spans:
         trained |= (offsets[:, 0] >= span.start) & (offsets[:, 0] < span.end)
@@ -75,49 +106,60 @@ def render_and_mask(tokenizer, messages: list[dict], n_prompt: int, markers: lis
     return Encoded(ids.tolist(), labels.tolist())
 
 
-def trained_spans(tokenizer, messages, n_prompt, text, markers) -> list[TrainedSpan]:
-    turn_start = _prefix_length(tokenizer, messages[:n_prompt], text, n_prompt, markers) if n_prompt else 0
+def trained_spans(chat: ChatTemplate, messages, n_prompt, text) -> list[TrainedSpan]:
+    turn_start = _prefix_length(chat, messages[:n_prompt], text) if n_prompt else 0
     spans = []
     for i in range(n_prompt, len(messages)):
-        turn_end = _prefix_length(tokenizer, messages[: i + 1], text, i + 1, markers)
+        turn_end = _prefix_length(chat, messages[: i + 1], text)
         if messages[i]["role"] == "assistant":
-            spans.append(_assistant_span(tokenizer, messages, i, text, turn_start, turn_end, markers))
+            spans.append(_assistant_span(chat, messages, i, text, turn_start, turn_end))
         turn_start = turn_end
     return spans
 
 
-def _prefix_length(tokenizer, prefix, text, n, markers) -> int:
-    rendered = render(tokenizer, prefix)
+def _prefix_length(chat: ChatTemplate, prefix, text) -> int:
+    rendered = chat.render(prefix)
     if text.startswith(rendered):
         return len(rendered)
     # Some templates close every render with a special token (Phi-3 appends <|endoftext|>):
     # a prefix that differs from the whole only by that closing token is still stable.
-    for closing in markers:
+    for closing in chat.markers:
         if rendered.endswith(closing) and text.endswith(closing) and text.startswith(rendered[: -len(closing)]):
             return len(rendered) - len(closing)
     raise RowError(
-            f"chat template is not prefix-stable: the first {n} messages render differently inside the "
-            "whole conversation (the template rewrites earlier turns), so the mask cannot be trusted"
-        )
+        f"chat template is not prefix-stable: the first {len(prefix)} messages render differently inside the "
+        "whole conversation (the template rewrites earlier turns), so the mask cannot be trusted"
+    )
 
 
-def _assistant_span(tokenizer, messages, i, text, turn_start, turn_end, markers) -> TrainedSpan:
+def _assistant_span(chat: ChatTemplate, messages, i, text, turn_start, turn_end) -> TrainedSpan:
     content = messages[i]["content"]
     if not content.strip():
         raise RowError(f"message {i} (assistant) has empty content")
     turn = text[turn_start:turn_end]
-    found = _locate(turn, content, markers) or _locate(turn, content.strip(), markers)  # templates may trim
+    found = _locate(turn, content, chat.markers) or _locate(turn, content.strip(), chat.markers)  # templates may trim
     if found is None:
         raise RowError(f"message {i} (assistant): its text is not in the rendered template output (the template alters it)")
     content_start, content_end = turn_start + found[0], turn_start + found[1]
-    marker = next((m for m in markers if text.startswith(m, content_end, turn_end)), "")
+    marker = next((m for m in chat.markers if text.startswith(m, content_end, turn_end)), "")
     # The model generates everything after the generation prompt, e.g. Mistral's space
     # after [/INST]; use it as the start when it ends just before the content.
     start = content_start
-    gen = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-    if gen and turn_start <= len(gen) <= content_start and text.startswith(gen) and not text[len(gen) : content_start].strip():
-        start = len(gen)
+    generation_end = _generation_end(chat, messages, i, text, turn_start)
+    if generation_end is not None and turn_start <= generation_end <= content_start and not text[generation_end:content_start].strip():
+        start = generation_end
     return TrainedSpan(start, content_end + len(marker), content_start, content_end, turn_end)
+
+
+def _generation_end(chat: ChatTemplate, messages, i, text, turn_start) -> int | None:
+    """Where the generation prompt for message i ends in `text`, if the template has one there."""
+    if i == 0:
+        return None
+    header = chat.generation_header
+    if header is not None and text.startswith(header, turn_start):  # the usual case: no extra render
+        return turn_start + len(header)
+    prompted = chat.render(messages[:i], generation_prompt=True)
+    return len(prompted) if text.startswith(prompted) else None
 
 
 def _locate(turn: str, needle: str, markers: list[str]) -> tuple[int, int] | None:
@@ -151,7 +193,7 @@ def check_mask(offsets: np.ndarray, trained: np.ndarray, spans: list[TrainedSpan
             raise RowError("a trained token runs into the next message; the mask would train it")
 
 
-def seed_mask(tokenizer, messages: list[dict], n_prompt: int, user_marker: str, end_marker: str) -> Encoded:
+def seed_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, user_marker: str, end_marker: str) -> Encoded:
     """The original research rule: mask the shared prompt and every span from a user-turn
     start marker through the next end-of-turn marker (both inclusive); train the rest.
 
@@ -159,11 +201,11 @@ def seed_mask(tokenizer, messages: list[dict], n_prompt: int, user_marker: str, 
     character merges into the previous token (Mistral's " [INST]") is still found; a token
     that overlaps a masked span is masked.
     """
-    text = render(tokenizer, messages)
-    prompt = render(tokenizer, messages[:n_prompt], generation_prompt=True) if n_prompt else ""
+    text = chat.render(messages)
+    prompt = chat.render(messages[:n_prompt], generation_prompt=True) if n_prompt else ""
     if not text.startswith(prompt):
-        prompt = render(tokenizer, messages[:n_prompt])
-    ids, offsets = _tokenize(tokenizer, text)
+        prompt = chat.render(messages[:n_prompt])
+    ids, offsets = chat.tokenize(text)
     starts, ends = offsets[:, 0], offsets[:, 1]
     masked = starts < len(prompt)
     for start, stop in marker_spans(text, user_marker, end_marker):
@@ -184,11 +226,3 @@ def marker_spans(text: str, open_marker: str, close_marker: str) -> list[tuple[i
 
 def seed_markers(chat_template: str) -> tuple[str, str] | None:
     return next((m for key, m in SEED_MARKERS.items() if key in chat_template), None)
-
-
-def _tokenize(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
-    # The template already emits BOS: adding special tokens again would double it.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    return ids, offsets

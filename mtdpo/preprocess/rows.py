@@ -114,5 +114,6 @@ def _message(msg: object, where: str) -> dict:
         content.encode("utf-8")
     except UnicodeEncodeError as err:  # a JSON escape such as "\ud800" decodes to half a character
         raise RowError(f"{where} ({role}) content is not valid Unicode (a lone surrogate at character {err.start})") from None
-    # Keep extra keys (tool_calls, name …): a template may render them.
-    return dict(msg)
+    # Keep extra keys (tool_calls, name …): a template may render them. Keys set to null are
+    # dropped, as apply_chat_template does, so `is defined` tests in templates see the same.
+    return {key: value for key, value in msg.items() if value is not None}
