@@ -189,3 +189,24 @@ def test_precomputed_reference_gives_the_same_losses_without_a_reference_model(c
     for step, loss in logged(live).items():
         assert logged(precomputed)[step] == pytest.approx(loss, abs=1e-5)
     assert logged(precomputed, "rewards/margins")[4] != 0.0
+
+
+def test_padding_free_batches_give_the_padded_losses_and_gradients(cache, tmp_path):
+    from mtdpo.cache import load_cache
+    from mtdpo.train.data import PairCollator
+
+    rows = [load_cache(cache)[i] for i in range(4)]
+    padded, packed = PairCollator(0)(rows), PairCollator(0, padding_free=True)(rows)
+    assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))  # not one pad token
+    results = []
+    for batch in (padded, packed):
+        model = tiny_model()
+        trainer = mtdpo_trainer(cache, model, tiny_model(), tmp_path, attn_implementation="sdpa")
+        loss, metrics = trainer.pair_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.item(), metrics, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for name in ("nll", "logps/chosen", "logps/rejected"):
+        assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-4

@@ -36,8 +36,16 @@ class MtdpoConfig(TrainingArguments):
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 (needs the gpu extra)."}
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Pack each batch's sequences into one row (no padding); fastest with flash_attention_2."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model's repository to run (off: only transformers' own)."}
+    )
+    skip_nonfinite: bool = field(
+        default=False,
+        metadata={"help": "Skip (zero gradient, counted as nonfinite_skipped) a batch whose loss is NaN or infinite, instead of stopping."},
     )
     # TrainingArguments whose defaults differ for DPO
     output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -12,12 +13,13 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtdpo.cache import load_cache, read_manifest
-from mtdpo.errors import UsageError
+from mtdpo.errors import Interrupted, UsageError
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import LOSS_TYPES
 from mtdpo.train.model import load_policy, load_reference
+from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 # Manifest fields that must agree for several caches to be one dataset.
@@ -33,7 +35,7 @@ def open_caches(paths: list[str]):
         for keys in COMPATIBLE_FIELDS:
             if _get(manifest, keys) != _get(manifests[0], keys):
                 raise UsageError(f"caches {paths[0]} and {path} disagree on {'.'.join(keys)}; preprocess them alike")
-    datasets = [load_cache(Path(p)) for p in paths]
+    datasets = [load_cache(Path(p), verify=True) for p in paths]  # SHA-256 of every shard: ~1 s per GB
     return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
 
 
@@ -142,20 +144,29 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     ref = None if precomputed else load_reference(policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code)
 
     output_dir = Path(config.output_dir)
+    stop = StopOnSignal()  # SIGTERM: checkpoint, then stop (mtdpo/train/safety.py)
+    callbacks = [stop, *callbacks]
     trainer = MultiTurnDPOTrainer(
         policy,
         ref,
         config,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=PairCollator(pad_token_id=manifest["tokenizer"]["pad_token_id"] or 0),
+        data_collator=PairCollator(manifest["tokenizer"]["pad_token_id"] or 0, config.padding_free),
         callbacks=[MetricsFile(output_dir / "metrics.jsonl"), ProgressLine(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
     if resume == "auto":
         resume = get_last_checkpoint(str(output_dir))  # None when there is none yet: start fresh
-    trainer.train(resume_from_checkpoint=resume)
+    with stop.installed():
+        trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:  # no final model: the run is not finished
+        raise Interrupted(
+            f"stopped by {signal.Signals(stop.received).name} after step {stop.stopped_at}; checkpoint saved to "
+            f"{output_dir / f'checkpoint-{stop.stopped_at}'}; go on with --resume-from-checkpoint auto",
+            stop.received,
+        )
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.

@@ -17,6 +17,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.loss import IGNORE_INDEX, dpo_loss, nll_loss
+from mtdpo.train.safety import NonFiniteGuard, zero_gradient
 
 
 class MultiTurnDPOTrainer(Trainer):
@@ -31,6 +32,7 @@ class MultiTurnDPOTrainer(Trainer):
             ref_model = self._prepare_reference(ref_model)
         self.ref_model = ref_model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.nonfinite = NonFiniteGuard(args.skip_nonfinite)
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
     def _prepare_reference(self, ref_model):
@@ -61,10 +63,12 @@ class MultiTurnDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         loss, metrics = self.pair_loss(model, inputs)
+        if mode == "train" and not self.nonfinite.finite(loss, inputs.get("rows"), self.state.global_step + 1, self.accelerator):
+            loss, metrics = zero_gradient(model, loss), {}  # --skip-nonfinite: the batch moves no weight
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         if mode == "train":
-            self._tokens_since_log += int(self.accelerator.gather(inputs["attention_mask"].sum()).sum())
+            self._tokens_since_log += int(self.accelerator.gather(real_tokens(inputs)).sum())
         return (loss, {}) if return_outputs else loss
 
     def pair_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -120,6 +124,8 @@ class MultiTurnDPOTrainer(Trainer):
         logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
         self._metrics[mode].clear()
         if mode == "train" and "loss" in logs:
+            if self.nonfinite.skipped:
+                logs["nonfinite_skipped"] = self.nonfinite.skipped  # batches skipped so far
             now = time.perf_counter()
             logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
             self._tokens_since_log, self._last_log_time = 0, now
@@ -128,15 +134,28 @@ class MultiTurnDPOTrainer(Trainer):
 
 def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss.sequence_logps` computed through the fused head: the same numbers (tested),
-    without the logits."""
+    without the logits. Works on padded [2B, T] batches and on packed (padding-free) rows."""
     out = model(
         input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
+        attention_mask=inputs.get("attention_mask"),
+        position_ids=inputs.get("position_ids"),
         labels=inputs["labels"],
         fused_lm_head=True,
         use_cache=False,
     )
-    return out.log_probs.sum(-1), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    trained = inputs["labels"][:, 1:] != IGNORE_INDEX
+    if "sequence_index" not in inputs:
+        return out.log_probs.sum(-1), trained.sum(-1)
+    owner = inputs["sequence_index"][0, 1:]  # the sequence each predicted token belongs to
+    n = int(inputs["sequence_index"][0, -1]) + 1
+    logps = out.log_probs.new_zeros(n).index_add(0, owner, out.log_probs[0])
+    return logps, trained.new_zeros(n, dtype=torch.long).index_add(0, owner, trained[0].long())
+
+
+def real_tokens(inputs: dict) -> torch.Tensor:
+    """Tokens that are not padding (a packed row has none)."""
+    mask = inputs.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
 
 
 def pair_lengths(dataset) -> list[int]:
