@@ -3,3 +3,15 @@
 
 class UsageError(Exception):
     """Bad input path, bad option, existing output …: no traceback, just the reason."""
+
+
+class NonFiniteLoss(UsageError):
+    """A NaN or infinite loss: the message names the step and the batch's source rows."""
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving a checkpoint; the CLI exits with 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
