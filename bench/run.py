@@ -84,6 +84,8 @@ def current_rss_mb() -> float:
 
 
 def worker_prep_mtdpo(rows: str, num_proc: int) -> dict:
+    from transformers import AutoTokenizer  # noqa: F401  imports are not timed, for either system
+
     from mtdpo.preprocess.pipeline import preprocess
 
     out = Path(tempfile.mkdtemp()) / "cache"
@@ -198,6 +200,9 @@ def worker_logprob_memory(mode: str, vocab: int, seq: int, hidden: int) -> dict:
     config = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=1, head_dim=hidden // 4)  # fmt: skip
     model = GemmaForCausalLM(config)
+    # The head's weight gradient is the same in both paths (and part of any training step):
+    # freeze it so the measurement is the log-prob computation itself.
+    model.get_output_embeddings().weight.requires_grad_(False)
     input_ids = torch.randint(0, vocab, (1, seq))
     labels = input_ids.clone()
     labels[:, : seq // 2] = -100  # half the tokens trained, as in multi-turn rows
