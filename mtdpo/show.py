@@ -273,10 +273,15 @@ def _rich_side(side: Side, prompt_len: int, with_ids: bool) -> Group:
         label = Text.assemble((f" {turn.role} ", ROLE), (f" {turn.trained} trained · {turn.masked} masked", "italic"))
         body = Text()
         for run in runs(turn, prompt_len):
+            style = None if run is None else TRAINED if run[0].trained else MASKED
             if run is None:
                 body.append("▶", style=DIVERGE)
+            elif with_ids:  # each token in its colour, its id dim after it
+                for token in run:
+                    body.append(_visible(token.text), style=style).append(str(token.id).translate(SUBSCRIPT), style="dim")
+                    body.append("\n" if "\n" in token.text else "")
             else:
-                body.append(run_text(run, with_ids), style=TRAINED if run[0].trained else MASKED)
+                body.append(run_text(run, False), style=style)
         if body.plain.endswith("\n"):  # the next label starts a new line anyway
             body.right_crop(1)
         blocks += [label, body]
