@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mtdpo import __version__
-from mtdpo.errors import UsageError
+from mtdpo.errors import Interrupted, UsageError
 
 app = typer.Typer(
     help="Multi-turn DPO + NLL: preprocess conversations into masked Arrow shards once, train many times.",
@@ -36,6 +36,9 @@ def user_errors(command):
             # escape: a path or reason holding "[...]" is text, not rich markup (it vanished or crashed)
             Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except Interrupted as err:  # a checkpoint was saved: say where, exit as a signalled process would
+            Console(stderr=True).print(escape(str(err)), highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
 
     return wrapper
 
