@@ -2,7 +2,7 @@
 # Regenerate every picture and console output of the README tour from the outputs of `make demo`.
 #
 #   make demo                                   # data_cache/demo and runs/demo
-#   .venv/bin/pip install -e '.[plot]'          # matplotlib, for the two plots
+#   (matplotlib for the two plots: in make's .venv; elsewhere pip install 'mtdpo[plot]')
 #   scripts/make_readme_assets.sh               # needs Chromium for the screenshot (apt-get install -y chromium)
 #
 # Writes docs/images/{show-sample.png,stats.png,training-curves.png} and prints the text the
