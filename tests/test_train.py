@@ -210,3 +210,10 @@ def test_padding_free_batches_give_the_padded_losses_and_gradients(cache, tmp_pa
     for name in ("nll", "logps/chosen", "logps/rejected"):
         assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-5)
     assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-4
+
+
+def test_abbreviated_options_are_typos_not_prefixes(tmp_path):
+    from mtdpo.train.config import parse_train_args
+
+    with pytest.raises(SystemExit):
+        parse_train_args(["--data", "x", "--output-dir", str(tmp_path), "--learning_rat", "1"])

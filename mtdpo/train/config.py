@@ -74,6 +74,6 @@ def parse_train_args(argv: list[str]) -> MtdpoConfig:
         "Train with multi-turn DPO + NLL on mtdpo caches. --config FILE.yaml sets any option below "
         "(YAML keys are the option names with underscores); flags on the command line override it."
     )
-    parser = TrlParser([MtdpoConfig], prog="mtdpo train", description=description)
+    parser = TrlParser([MtdpoConfig], prog="mtdpo train", description=description, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     (config,) = parser.parse_args_and_config(argv)
     return config
