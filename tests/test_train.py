@@ -215,5 +215,5 @@ def test_padding_free_batches_give_the_padded_losses_and_gradients(cache, tmp_pa
 def test_abbreviated_options_are_typos_not_prefixes(tmp_path):
     from mtdpo.train.config import parse_train_args
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--learning_rat"):
         parse_train_args(["--data", "x", "--output-dir", str(tmp_path), "--learning_rat", "1"])
