@@ -4,6 +4,7 @@ ones, templates run sandboxed, and every command-line mistake is one line with e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -74,6 +75,14 @@ def test_the_corpus_is_what_make_faults_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
     for name in ("raises.jinja", "escape.jinja"):
         assert (tmp_path / "templates" / name).read_bytes() == (DATA / "templates" / name).read_bytes(), name
+
+
+def test_the_reliability_doc_lists_every_fault():
+    """docs/RELIABILITY.md's fault tables are the expectations (python tests/data/make_faults.py --doc)."""
+    spec = importlib.util.spec_from_file_location("make_faults", DATA / "make_faults.py")
+    make_faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_faults)
+    assert make_faults.markdown() in make_faults.DOC.read_text(), "run: python tests/data/make_faults.py --doc"
 
 
 def test_the_corpus_covers_69_distinct_faults():
