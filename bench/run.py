@@ -163,8 +163,8 @@ def worker_train_mtdpo(cache: str, steps: int, batch: int) -> dict:
     counters = []
     original = run.PairCollator
 
-    def counting_collator(**kwargs):
-        counters.append(TokenCounter(original(**kwargs)))
+    def counting_collator(*args, **kwargs):
+        counters.append(TokenCounter(original(*args, **kwargs)))
         return counters[-1]
 
     run.PairCollator = counting_collator
@@ -267,8 +267,16 @@ def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=()):
 WORKERS = {name[len("worker_") :]: fn for name, fn in globals().items() if name.startswith("worker_")}
 
 
+MEASURED = WORK / "measured.json"  # finished measurements: a re-run after a failure skips them
+
+
 def run_worker(name: str, **kwargs) -> dict:
     """Run one measurement in a fresh interpreter (its own memory, no shared caches)."""
+    key = f"{name} {json.dumps(kwargs, sort_keys=True)}"
+    measured = json.loads(MEASURED.read_text()) if MEASURED.exists() else {}
+    if key in measured:
+        print(f"  {name} {kwargs}: {measured[key]} (measured earlier)", flush=True)
+        return measured[key]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore", "BENCH_T0": repr(time.time())}  # fmt: skip
     proc = subprocess.run([sys.executable, __file__, "worker", name, json.dumps(kwargs)], env=env, cwd=REPO,
@@ -277,6 +285,7 @@ def run_worker(name: str, **kwargs) -> dict:
         raise RuntimeError(f"worker {name} {kwargs} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"  {name} {kwargs}: {result}", flush=True)
+    MEASURED.write_text(json.dumps({**measured, key: result}, indent=1))
     return result
 
 
@@ -367,7 +376,10 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes, to check the harness")
+    parser.add_argument("--fresh", action="store_true", help="forget measurements kept from an interrupted run")
     args = parser.parse_args()
+    if args.fresh:
+        MEASURED.unlink(missing_ok=True)
     results = benchmark(args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "quick" if args.quick else "results"
