@@ -163,9 +163,9 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_at is not None:  # no final model: the run is not finished
         raise Interrupted(
-            f"stopped by {signal.Signals(stop.received).name} after step {stop.stopped_at}; checkpoint saved to "
+            f"stopped by {signal.Signals(stop.stop_signal).name} after step {stop.stopped_at}; checkpoint saved to "
             f"{output_dir / f'checkpoint-{stop.stopped_at}'}; go on with --resume-from-checkpoint auto",
-            stop.received,
+            stop.stop_signal,
         )
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():

@@ -2,8 +2,10 @@
 
 StopOnSignal: the SIGTERM of a scheduler (preemption, `scancel`, `kill`) lets the current
 optimizer step finish, saves a checkpoint and stops; `--resume-from-checkpoint auto` goes on
-from it with the same losses. A second SIGTERM exits at once. The handler only sets a flag:
-all the work happens between steps, on every rank at the same step.
+from it with the same losses. The handler only sets a flag: the work happens between steps, on
+every rank at the same step, even when only some ranks were signalled. Further SIGTERMs are
+ignored (a scheduler and torchrun may both send one to each rank): SIGINT (Ctrl-C) and SIGKILL
+still stop at once, without a checkpoint.
 
 NonFiniteGuard: a NaN or infinite loss stops training with the step and the batch's source
 rows named (they are the cache's `row` column: line numbers of the input), before any weight
@@ -30,7 +32,8 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.signals = signals
-        self.received: int | None = None  # the signal number, once one came
+        self.received: int | None = None  # the signal this rank got, once one came
+        self.stop_signal: int | None = None  # the one all ranks stopped for (maybe another rank's)
         self.stopped_at: int | None = None  # the step whose checkpoint was saved
         self._previous: dict[int, object] = {}
 
@@ -45,17 +48,16 @@ class StopOnSignal(TrainerCallback):
             self._restore()
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # asked twice: stop now, as without this handler
-            self._restore()
-            signal.raise_signal(signum)
-            return
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            logger.warning("got %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _on_any_rank(self.received is not None, args.device):
+        signum = _max_over_ranks(self.received or 0, args.device)
+        if signum and self.stopped_at is None:
             control.should_save = True
             control.should_training_stop = True
-            self.stopped_at = state.global_step
+            self.stop_signal, self.stopped_at = signum, state.global_step
 
     def _restore(self):
         for sig, handler in self._previous.items():
@@ -94,9 +96,9 @@ def zero_gradient(model, loss: torch.Tensor) -> torch.Tensor:
     return zero + loss.detach()
 
 
-def _on_any_rank(flag: bool, device) -> bool:
+def _max_over_ranks(value: int, device) -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
+        return value
+    tensor = torch.tensor([value], device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return bool(tensor.item())
+    return int(tensor.item())
