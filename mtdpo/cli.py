@@ -60,7 +60,8 @@ def main(
 @user_errors
 def preprocess(
     input: Path = typer.Argument(
-        ..., help="Conversations: .jsonl, .json, .parquet, or a saved `datasets` directory.",
+        ..., help="Conversations: .jsonl, .json, .parquet, a saved `datasets` directory, a directory of such files "
+        "(read in sorted order), or a `datasets` hub name (streamed).",
         readable=False,  # no click check (a boxed usage message): preprocess says "cannot read" in one line
     ),  # fmt: skip
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. \\[default: data_cache/<input name>]"),
@@ -85,6 +86,11 @@ def preprocess(
     ),
     format: str = typer.Option("auto", help="Input format: auto (from the file name), jsonl, json, parquet, arrow."),
     max_shard_size: str = typer.Option("500MB", help="Largest Arrow shard written."),
+    shard: Optional[str] = typer.Option(
+        None, help="I/N: process only rows [I*total/N, (I+1)*total/N) of the input (row numbers stay global), "
+        "one slice per machine; `mtdpo train --data` takes the N caches together. \\[default: all rows]",
+    ),  # fmt: skip
+    split: str = typer.Option("train", help="Split to stream when INPUT is a `datasets` hub name."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table.", show_default="off"),
     trust_remote_code: bool = typer.Option(
         False, help="Allow tokenizer code from the tokenizer's repository to run (off: only transformers' own).", show_default="off"
@@ -93,13 +99,17 @@ def preprocess(
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
     from mtdpo.preprocess.encode import MaskOptions
     from mtdpo.preprocess.pipeline import preprocess as run
+    from mtdpo.preprocess.sources import parse_shard
 
-    out = out or Path("data_cache") / input.stem
+    if out is None:  # data_cache/NAME, or one per slice, sorting in order: data_cache/NAME-shard-03-of-12
+        index, count = parse_shard(shard) or (0, 0)
+        slice_name = f"-shard-{index:0{len(str(count))}d}-of-{count}" if shard else ""
+        out = Path("data_cache") / f"{input.stem}{slice_name}"
     options = MaskOptions(mask_mode, max_length, user_marker, end_marker)
     stats = run(
         input, out, tokenizer=tokenizer, chat_template=chat_template, options=options, num_proc=num_proc,
         strict=strict, overwrite=overwrite, fmt=format, max_shard_size=max_shard_size, progress=not quiet,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, split=split, shard=shard,
     )  # fmt: skip
     if not quiet:
         console.print(_summary(stats, out))

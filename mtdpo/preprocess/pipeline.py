@@ -31,9 +31,9 @@ from mtdpo.cache import SCHEMA_VERSION, remove_stale_runs, replace_dir, write_ch
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import IGNORE_INDEX, seed_markers
-from mtdpo.preprocess.read import count_rows, detect_format, read_rows
 from mtdpo.preprocess.rows import RowError
-from mtdpo.tokenizer import fingerprint, load_tokenizer, sha256_path, sha256_text
+from mtdpo.preprocess.sources import open_source
+from mtdpo.tokenizer import fingerprint, load_tokenizer, sha256_text
 
 CHUNK_ROWS = 256
 TOKEN_LIST = List(Value("int32"))
@@ -131,11 +131,13 @@ def preprocess(
     max_shard_size: str = "500MB",
     progress: bool = True,
     trust_remote_code: bool = False,
+    split: str = "train",
+    shard: str | None = None,
 ) -> dict:
     """Write the cache at `out` and return its stats (also saved as stats.json)."""
     started = time.perf_counter()
-    input_path, out = Path(input_path), Path(out)
-    fmt = detect_format(input_path, fmt)
+    out = Path(out)
+    source = open_source(input_path, fmt, split, shard)  # a file, a directory of files or a hub name
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     if num_proc < 1:
@@ -144,8 +146,8 @@ def preprocess(
         raise UsageError("--max-length must be at least 1")
     tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
     options = _resolve_seed_markers(options, tok.chat_template)
-    total = count_rows(input_path, fmt)
-    if total == 0:
+    source.count()  # and fix the slice of --shard I/N
+    if source.total == 0:
         raise UsageError(f"input {input_path} holds no rows")
 
     tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
@@ -160,15 +162,17 @@ def preprocess(
         tally = Tally()
         part_file = parts / "part-00000.arrow"
         with ArrowWriter(features=FEATURES, path=str(part_file)) as writer, open(tmp / "rejects.jsonl", "w") as rejects:
-            chunks = _chunks(read_rows(input_path, fmt), CHUNK_ROWS)
+            chunks = _chunks(source.read(), CHUNK_ROWS)
             results = ordered_map(encode_chunk, chunks, num_proc, _init_worker, (str(tmp / "tokenizer"), options))
-            for result in _with_progress(results, total, progress):
+            for result in _with_progress(results, source.rows, progress):
                 if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
-                    raise UsageError(f"row {bad['row']}: {bad['reason']} (--strict stops at the first bad row)")
+                    where = source.where(bad["row"])  # the file and its row, for a directory input
+                    at = f" ({where['file']} row {where['file_row']})" if where else ""
+                    raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
                 if result.records:
                     writer.write_table(pa.Table.from_pylist(result.records, schema=FEATURES.arrow_schema))
                 for reject in result.rejects:
-                    rejects.write(json.dumps({"row": reject["row"], "reason": reject["reason"]}) + "\n")
+                    rejects.write(json.dumps({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}) + "\n")
                 tally.merge(result.tally)
             writer.finalize()
         with _quiet_datasets():
@@ -181,7 +185,7 @@ def preprocess(
         stats = _stats(tally, seconds)
         _write_json(tmp / "stats.json", stats)
         write_checksums(tmp)
-        _write_json(tmp / "manifest.json", _manifest(tok, options, input_path, fmt, tally, chat_template))
+        _write_json(tmp / "manifest.json", _manifest(tok, options, source, tally, chat_template))
         replace_dir(tmp, out)
         return stats
     finally:
@@ -224,7 +228,7 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _with_progress(results: Iterator[ChunkResult], total: int, enabled: bool) -> Iterator[ChunkResult]:
+def _with_progress(results: Iterator[ChunkResult], total: int | None, enabled: bool) -> Iterator[ChunkResult]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -255,7 +259,7 @@ def _stats(tally: Tally, seconds: float) -> dict:
     return stats
 
 
-def _manifest(tok, options: MaskOptions, input_path: Path, fmt: str, tally: Tally, chat_template) -> dict:
+def _manifest(tok, options: MaskOptions, source, tally: Tally, chat_template) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "mtdpo_version": __version__,
@@ -273,7 +277,8 @@ def _manifest(tok, options: MaskOptions, input_path: Path, fmt: str, tally: Tall
         "seed_markers": [options.user_marker, options.end_marker] if options.mode == "seed" else None,
         "max_length": options.max_length,
         "truncation": "keep_start",
-        "input": {"path": str(input_path), "format": fmt, "sha256": sha256_path(input_path)},
+        "input": source.describe(),
+        "shard": source.shard_info(),  # None, or the slice of the input (--shard I/N)
         "counts": {k: getattr(tally, k) for k in ("rows", "kept", "rejected", "dropped", "truncated")},
         "tokens": {
             k: getattr(tally, k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import signal
@@ -23,7 +24,21 @@ from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 # Manifest fields that must agree for several caches to be one dataset.
-COMPATIBLE_FIELDS = (("tokenizer", "fingerprint"), ("chat_template_sha256",), ("mask_mode",), ("max_length",))
+COMPATIBLE_FIELDS = (("tokenizer", "fingerprint"), ("chat_template_sha256",), ("mask_mode",), ("seed_markers",), ("max_length",))
+
+
+def expand_cache_paths(paths: list[str]) -> list[str]:
+    """--data entries are cache directories or quoted glob patterns (`'data_cache/big-shard-*'`),
+    a pattern standing for its matches sorted by name."""
+    expanded = []
+    for path in paths:
+        if Path(path).exists() or not any(c in path for c in "*?["):
+            expanded.append(path)
+        elif matches := sorted(glob.glob(path)):
+            expanded.extend(matches)
+        else:
+            raise UsageError(f"--data {path}: no cache matches this pattern")
+    return expanded
 
 
 def open_caches(paths: list[str]):
@@ -35,6 +50,14 @@ def open_caches(paths: list[str]):
         for keys in COMPATIBLE_FIELDS:
             if _get(manifest, keys) != _get(manifests[0], keys):
                 raise UsageError(f"caches {paths[0]} and {path} disagree on {'.'.join(keys)}; preprocess them alike")
+    slices = {}  # (input hash, shard) -> the first cache holding that slice of that input
+    for path, manifest in zip(paths, manifests):
+        if shard := manifest.get("shard"):
+            source = manifest["input"].get("sha256") or manifest["input"].get("path")  # a hub dataset has no hash
+            key = (source, shard["index"], shard["count"])
+            if key in slices:
+                raise UsageError(f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) of one input; pass each once")
+            slices[key] = path
     datasets = [load_cache(Path(p), verify=True) for p in paths]  # SHA-256 of every shard: ~1 s per GB
     return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
 
@@ -133,6 +156,7 @@ def _clock(seconds: float) -> str:
 def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
     if config.loss_type not in LOSS_TYPES:
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
     train_data, manifest = open_caches(config.data)
     eval_data = open_caches([config.eval_data])[0] if config.eval_data else None
 
@@ -141,7 +165,9 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code)
     check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch)
     precomputed = all(c in train_data.column_names for c in ("ref_chosen_logp", "ref_rejected_logp"))
-    ref = None if precomputed else load_reference(policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code)
+    ref = None if precomputed else load_reference(
+        policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
+    )
 
     output_dir = Path(config.output_dir)
     stop = StopOnSignal()  # SIGTERM: checkpoint, then stop (mtdpo/train/safety.py)
