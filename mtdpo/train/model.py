@@ -6,7 +6,8 @@ import copy
 import importlib.util
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mtdpo.errors import UsageError
 from mtdpo.tokenizer import ASSETS
@@ -33,9 +34,19 @@ def load_policy(name_or_path: str | None, attn_implementation: str, dtype: torch
         raise UsageError(f"model not found or not loadable: {name_or_path} ({str(err).splitlines()[0]})") from None
 
 
-def load_reference(policy, name_or_path: str | None, attn_implementation: str, dtype, trust_remote_code: bool):
+def load_reference(
+    policy, name_or_path: str | None, attn_implementation: str, dtype, trust_remote_code: bool, *, policy_path: str | None = None, seed: int = 42
+):
     """A frozen copy of the policy as loaded, or a separate --ref-model."""
-    ref = copy.deepcopy(policy) if name_or_path is None else load_policy(name_or_path, attn_implementation, dtype, trust_remote_code)
+    if name_or_path is not None:
+        ref = load_policy(name_or_path, attn_implementation, dtype, trust_remote_code)
+    elif is_deepspeed_zero3_enabled():
+        # ZeRO-3 partitioned the policy's weights across ranks while loading it, so a deep copy would
+        # hold empty shards: build the policy a second time (same path, or same seed for the random model).
+        set_seed(seed)
+        ref = load_policy(policy_path, attn_implementation, dtype, trust_remote_code)
+    else:
+        ref = copy.deepcopy(policy)
     ref.eval()
     ref.requires_grad_(False)
     return ref
