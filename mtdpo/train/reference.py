@@ -15,7 +15,7 @@ import torch
 from transformers import set_seed
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import load_cache, read_manifest, replace_dir
+from mtdpo.cache import load_cache, read_manifest, replace_dir, write_checksums
 from mtdpo.train.data import REF_COLUMNS, PairCollator
 from mtdpo.train.model import load_policy
 from mtdpo.train.run import check_model_matches
@@ -72,7 +72,7 @@ def precompute_reference(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with_ref.save_to_disk(str(tmp))
-        for extra in ("stats.json", "rejects.jsonl", "tokenizer"):
+        for extra in ("stats.json", "rejects.jsonl", "tokenizer"):  # checksums.json is rewritten below
             source = cache / extra
             if source.is_dir():
                 shutil.copytree(source, tmp / extra)
@@ -80,6 +80,7 @@ def precompute_reference(
                 shutil.copy2(source, tmp / extra)
         manifest["reference"] = {"model": model_name or "tiny random Gemma (seeded)", "columns": list(REF_COLUMNS)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        write_checksums(tmp)  # the new shards' sizes and SHA-256, checked when the cache is opened
         del dataset, base, with_ref  # release the memory maps of the old shards before replacing them
         replace_dir(tmp, cache)
     finally:
