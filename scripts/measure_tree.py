@@ -2,9 +2,10 @@
 
     python scripts/measure_tree.py --out peak.json -- mtdpo preprocess big.jsonl --out data_cache/big --num-proc 2
 
-Every --interval seconds it sums VmRSS over the command and all its descendants (read from
-/proc, Linux only); the peak of that sum is what the machine had to hold at once. It also
-records the largest single process and the load average, before and after. Writes JSON.
+Every --interval seconds it sums VmRSS, RssAnon and PSS over the command and all its
+descendants (read from /proc, Linux only); the peaks of those sums are what the machine had to
+hold at once. It also records the largest single process and the load average, before and
+after. Writes JSON. `--pid P` watches a process that is already running instead.
 """
 
 from __future__ import annotations
@@ -31,28 +32,31 @@ def children_of() -> dict[int, list[int]]:
     return tree
 
 
-def rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) in KiB. RSS also counts pages of memory-mapped files (the Arrow
-    shards being read back), which the kernel can drop at any time; RssAnon is the heap."""
-    sizes = {"VmRSS:": 0, "RssAnon:": 0}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key = line.split(":")[0] + ":"
-            if key in sizes:
-                sizes[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return sizes["VmRSS:"], sizes["RssAnon:"]
+def rss_kib(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, RssAnon, Pss) in KiB. RSS also counts pages of memory-mapped files (the Arrow
+    shards being read back), which the kernel can drop at any time; RssAnon is the heap. Forked
+    workers share their parent's pages: the sum of RSS counts those twice, the sum of PSS once."""
+    sizes = {"VmRSS": 0, "RssAnon": 0, "Pss": 0}
+    for name in ("status", "smaps_rollup"):
+        try:
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                key = line.split(":")[0]
+                if key in sizes:
+                    sizes[key] = int(line.split()[1])
+        except OSError:
+            pass
+    return sizes["VmRSS"], sizes["RssAnon"], sizes["Pss"]
 
 
-def tree_rss(root: int) -> tuple[int, int, int, int]:
-    """(sum of RSS, sum of RssAnon, largest single RSS, all in KiB; number of processes) of root and descendants."""
+def tree_rss(root: int) -> tuple[int, int, int, int, int]:
+    """Sums of RSS, RssAnon and PSS, the largest single RSS (all KiB), and the number of processes,
+    over root and its descendants."""
     tree, todo, sizes = children_of(), [root], []
     while todo:
         pid = todo.pop()
         sizes.append(rss_kib(pid))
         todo.extend(tree.get(pid, []))
-    return sum(s[0] for s in sizes), sum(s[1] for s in sizes), max(s[0] for s in sizes), len(sizes)
+    return sum(s[0] for s in sizes), sum(s[1] for s in sizes), sum(s[2] for s in sizes), max(s[0] for s in sizes), len(sizes)
 
 
 def main() -> None:
@@ -67,13 +71,13 @@ def main() -> None:
     started = time.perf_counter()
     proc = None if args.pid else subprocess.Popen(command)
     root = args.pid or proc.pid
-    peak_sum = peak_anon = peak_single = peak_procs = 0
-    samples = []  # (seconds, tree RSS MiB, tree RssAnon MiB), for a curve of memory against time
+    peak_sum = peak_anon = peak_pss = peak_single = peak_procs = 0
+    samples = []  # (seconds, tree RSS, RssAnon, PSS in MiB), for a curve of memory against time
     while (proc.poll() is None) if proc else Path(f"/proc/{root}").exists():
-        total, anon, single, procs = tree_rss(root)
-        peak_sum, peak_anon = max(peak_sum, total), max(peak_anon, anon)
+        total, anon, pss, single, procs = tree_rss(root)
+        peak_sum, peak_anon, peak_pss = max(peak_sum, total), max(peak_anon, anon), max(peak_pss, pss)
         peak_single, peak_procs = max(peak_single, single), max(peak_procs, procs)
-        samples.append((round(time.perf_counter() - started, 1), round(total / 1024, 1), round(anon / 1024, 1)))
+        samples.append((round(time.perf_counter() - started, 1), *(round(kib / 1024, 1) for kib in (total, anon, pss))))
         time.sleep(args.interval)
     result = {
         "command": command or f"pid {root}",
@@ -81,6 +85,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "peak_tree_rss_mib": round(peak_sum / 1024, 1),
         "peak_tree_rss_anon_mib": round(peak_anon / 1024, 1),
+        "peak_tree_pss_mib": round(peak_pss / 1024, 1),
         "peak_single_process_rss_mib": round(peak_single / 1024, 1),
         "max_processes": peak_procs,
         "loadavg_before": load_before,

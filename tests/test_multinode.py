@@ -99,6 +99,8 @@ def test_two_machines_of_two_ranks_equal_one_rank_with_four_times_the_batch(setu
 
     single = losses(tmp / "single")
     assert sorted(losses(out)) == [1, 2]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[:2] == [0.5, 1.0]  # 4 ranks × 2 pairs: 16 pairs in 2 steps (2 ranks would give 0.25, 0.5)
     assert losses(out) == pytest.approx(single, abs=1e-5)
     assert single[1] != pytest.approx(single[2], abs=1e-4)  # the step moved the weights
     # One consolidated safetensors file (ZeRO-3 and FSDP gather the shards), the 1-rank weights.

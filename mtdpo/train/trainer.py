@@ -40,6 +40,10 @@ class MultiTurnDPOTrainer(Trainer):
             from trl.models.utils import prepare_deepspeed
 
             return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:  # accelerate leaves a model prepared for evaluation unwrapped, on the CPU
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(ref_model, self.accelerator)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     # Length grouping on the longer side of each pair (the cache's length columns), so that
