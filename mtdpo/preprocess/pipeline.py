@@ -79,11 +79,11 @@ class ChunkResult:
 _encoder: PairEncoder | None = None  # one per worker process
 
 
-def _init_worker(tokenizer_dir: str, options: MaskOptions) -> None:
+def _init_worker(tokenizer_dir: str, options: MaskOptions, trust_remote_code: bool = False) -> None:
     from transformers import AutoTokenizer
 
     global _encoder
-    _encoder = PairEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), options)
+    _encoder = PairEncoder(AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code), options)
 
 
 def encode_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
@@ -163,7 +163,7 @@ def preprocess(
         part_file = parts / "part-00000.arrow"
         with ArrowWriter(features=FEATURES, path=str(part_file)) as writer, open(tmp / "rejects.jsonl", "w") as rejects:
             chunks = _chunks(source.read(), CHUNK_ROWS)
-            results = ordered_map(encode_chunk, chunks, num_proc, _init_worker, (str(tmp / "tokenizer"), options))
+            results = ordered_map(encode_chunk, chunks, num_proc, _init_worker, (str(tmp / "tokenizer"), options, trust_remote_code))
             for result in _with_progress(results, source.rows, progress):
                 if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
                     where = source.where(bad["row"])  # the file and its row, for a directory input
