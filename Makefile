@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
-# Several CPU ranks (DDP, DeepSpeed ZeRO-2): a few minutes.
+# Several CPU ranks: DDP, DeepSpeed ZeRO-2/3 and FSDP, 2 simulated machines, resume (docs/SCALING.md): ~10 minutes.
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 

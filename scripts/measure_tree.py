@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -79,8 +80,10 @@ def main() -> None:
         peak_single, peak_procs = max(peak_single, single), max(peak_procs, procs)
         samples.append((round(time.perf_counter() - started, 1), *(round(kib / 1024, 1) for kib in (total, anon, pss))))
         time.sleep(args.interval)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and the descendants it waited for
     result = {
         "command": command or f"pid {root}",
+        "cpu_seconds": round(children.ru_utime + children.ru_stime, 1) if proc else None,
         "returncode": proc.returncode if proc else None,
         "seconds": round(time.perf_counter() - started, 1),
         "peak_tree_rss_mib": round(peak_sum / 1024, 1),

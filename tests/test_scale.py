@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_preprocess, sample_rows, write_jsonl
 from datasets import Dataset, SplitDict, SplitInfo
+from trainkit import REPO
 
 from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
@@ -106,6 +107,30 @@ def _options(**kwargs):
     from mtdpo.preprocess.encode import MaskOptions
 
     return MaskOptions(**kwargs)
+
+
+def comparable(rows):
+    """(row number, row or the error's type and text): RowErrors compare by what they say."""
+    return [(n, (type(row).__name__, str(row)) if isinstance(row, Exception) else row) for n, row in rows]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_slice_reads_as_the_whole_file_filtered(tmp_path, fmt):
+    """read_slice skips the rows before the slice without parsing them: on the fault corpus
+    (BOMs, blank lines, CRLF, bad JSON, deep nesting …) it must give what reading the whole
+    file and keeping the slice gives."""
+    from mtdpo.preprocess.read import read_rows
+    from mtdpo.preprocess.sources import InputFile, read_slice
+
+    path = REPO / "tests/data/faults.jsonl"
+    if fmt == "parquet":  # 2,100 rows: two batches of 1,024 and a short one
+        path = tmp_path / "rows.parquet"
+        pq.write_table(pa.Table.from_pylist([{"i": i, "text": "x" * (i % 7)} for i in range(2100)]), path)
+    whole = list(read_rows(path, fmt))
+    total = whole[-1][0] + 1
+    for start, stop in [(0, total), (0, 1), (1, 7), (5, total), (total - 1, total), (1000, 1100), (1023, 2049), (7, 7)]:
+        expected = [(n, row) for n, row in whole if start <= n < stop]
+        assert comparable(read_slice(InputFile(path, path.name, fmt), start, stop)) == comparable(expected), (start, stop)
 
 
 def test_bad_shard_values(tmp_path):

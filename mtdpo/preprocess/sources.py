@@ -23,7 +23,7 @@ from itertools import islice
 from pathlib import Path
 
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.read import count_rows, detect_format, read_rows
+from mtdpo.preprocess.read import BOM, count_rows, detect_format, parse_line, read_rows
 from mtdpo.tokenizer import sha256_path
 
 DIRECTORY_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -84,14 +84,13 @@ class Source:
             yield from islice(enumerate(self.hub), self.start, self.stop)
             return
         for file in self.files:
-            start, stop = max(self.start, file.first_row), min(self.stop, file.first_row + file.rows)
+            first, end = file.first_row, file.first_row + file.rows
+            start, stop = max(self.start, first) - first, min(self.stop, end) - first  # numbered within the file
             if start >= stop:
                 continue  # the slice holds none of this file: not opened
-            for n, row in read_rows(file.path, file.fmt):
-                if n >= stop - file.first_row:
-                    break
-                if n >= start - file.first_row:
-                    yield file.first_row + n, row
+            rows = read_rows(file.path, file.fmt) if (start, stop) == (0, file.rows) else read_slice(file, start, stop)
+            for n, row in rows:
+                yield file.first_row + n, row
 
     def where(self, row: int) -> dict:
         """{"file": name, "file_row": n} for a row of a directory input (for rejects); {} otherwise."""
@@ -130,6 +129,35 @@ def open_source(spec: str | Path, fmt: str = "auto", split: str = "train", shard
         return Source(str(spec), "hub", split=split, hub=_load_hub(str(spec), split), shard=parsed)
     fmt = detect_format(path, fmt)  # a missing path, a wrong --format … say so here
     return Source(str(spec), fmt, [InputFile(path, path.name, fmt)], shard=parsed)
+
+
+def read_slice(file: InputFile, start: int, stop: int) -> Iterator[tuple[int, object]]:
+    """Rows [start, stop) of one file, numbered within it. The jsonl lines and parquet batches
+    before the slice are skipped unparsed (the last of 100 machines would otherwise parse 99% of
+    the input for nothing); the rows inside go through read.py's own parser, as in `read_rows`."""
+    if file.fmt == "jsonl":
+        with open(file.path, "rb") as f:
+            for n, raw in islice(enumerate(f), start, stop):
+                raw = raw.removeprefix(BOM)  # as read.py's _jsonl: a BOM on any line, blank lines skipped
+                if raw.strip():
+                    yield n, parse_line(raw)
+    elif file.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        first = 0  # row number of the batch's first row
+        for batch in pq.ParquetFile(file.path).iter_batches(batch_size=1024):
+            lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)
+            if lo < hi:
+                yield from enumerate(batch.slice(lo, hi - lo).to_pylist(), first + lo)
+            first += batch.num_rows
+            if first >= stop:
+                return
+    else:  # json and saved datasets: loaded whole by read.py anyway
+        for n, row in read_rows(file.path, file.fmt):
+            if n >= stop:
+                return
+            if n >= start:
+                yield n, row
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
