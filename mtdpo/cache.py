@@ -6,7 +6,6 @@ JSON, the shards are Arrow IPC streams. Every problem is a UsageError naming the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from mtdpo.errors import UsageError
+from mtdpo.tokenizer import sha256_path
 
 SCHEMA_VERSION = 1
 CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the files below, written by preprocess
@@ -101,7 +101,7 @@ def _check_shard(shard: Path) -> None:
 def write_checksums(directory: Path) -> None:
     """Record size and SHA-256 of the shards and datasets' JSON files (preprocess, at the end)."""
     names = [*sorted(p.name for p in Path(directory).glob("data-*.arrow")), *CHECKED_FILES]
-    sums = {name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": _sha256(Path(directory) / name)} for name in names}
+    sums = {name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": sha256_path(Path(directory) / name)} for name in names}
     (Path(directory) / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
 
 
@@ -117,7 +117,7 @@ def check_files(cache: Path, verify: bool) -> None:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise UsageError(f"{file} is truncated or changed: {size:,} bytes, {CHECKSUMS} says {expected['bytes']:,}")
-        if verify and _sha256(file) != expected["sha256"]:
+        if verify and sha256_path(file) != expected["sha256"]:
             raise UsageError(f"{file} is corrupt: its SHA-256 differs from the one in {CHECKSUMS}")
 
 
@@ -149,14 +149,6 @@ def _read_json(path: Path):
         raise UsageError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is corrupt: {err}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
