@@ -99,12 +99,9 @@ def preprocess(
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
     from mtdpo.preprocess.encode import MaskOptions
     from mtdpo.preprocess.pipeline import preprocess as run
-    from mtdpo.preprocess.sources import parse_shard
+    from mtdpo.preprocess.sources import default_output
 
-    if out is None:  # data_cache/NAME, or one per slice, sorting in order: data_cache/NAME-shard-03-of-12
-        index, count = parse_shard(shard) or (0, 0)
-        slice_name = f"-shard-{index:0{len(str(count))}d}-of-{count}" if shard else ""
-        out = Path("data_cache") / f"{input.stem}{slice_name}"
+    out = out or default_output(input, shard)
     options = MaskOptions(mask_mode, max_length, user_marker, end_marker)
     stats = run(
         input, out, tokenizer=tokenizer, chat_template=chat_template, options=options, num_proc=num_proc,

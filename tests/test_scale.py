@@ -116,21 +116,20 @@ def comparable(rows):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_a_slice_reads_as_the_whole_file_filtered(tmp_path, fmt):
-    """read_slice skips the rows before the slice without parsing them: on the fault corpus
-    (BOMs, blank lines, CRLF, bad JSON, deep nesting …) it must give what reading the whole
-    file and keeping the slice gives."""
-    from mtdpo.preprocess.read import read_rows
-    from mtdpo.preprocess.sources import InputFile, read_slice
+    """A reader given a slice skips the rows before it without parsing them: on the fault
+    corpus (BOMs, blank lines, CRLF, bad JSON, deep nesting …) it must give what reading the
+    whole file and keeping the slice gives."""
+    from mtdpo.preprocess.sources import READERS
 
     path = REPO / "tests/data/faults.jsonl"
     if fmt == "parquet":  # 2,100 rows: two batches of 1,024 and a short one
         path = tmp_path / "rows.parquet"
         pq.write_table(pa.Table.from_pylist([{"i": i, "text": "x" * (i % 7)} for i in range(2100)]), path)
-    whole = list(read_rows(path, fmt))
+    whole = list(READERS[fmt](path))
     total = whole[-1][0] + 1
     for start, stop in [(0, total), (0, 1), (1, 7), (5, total), (total - 1, total), (1000, 1100), (1023, 2049), (7, 7)]:
         expected = [(n, row) for n, row in whole if start <= n < stop]
-        assert comparable(read_slice(InputFile(path, path.name, fmt), start, stop)) == comparable(expected), (start, stop)
+        assert comparable(READERS[fmt](path, start, stop)) == comparable(expected), (start, stop)
 
 
 def test_bad_shard_values(tmp_path):
@@ -179,7 +178,7 @@ def test_directory_changes_change_the_input_hash(tmp_path):
     for rename in ("b.jsonl", "c.jsonl"):  # the same files, another order
         (tmp_path / "in" / "b.jsonl").rename(tmp_path / "in" / rename)
         source = open_source(tmp_path / "in")
-        source.count()
+        source.count_rows()
         hashes.append(source.describe()["sha256"])
     assert hashes[0] != hashes[1]
 
@@ -239,7 +238,7 @@ def test_real_load_dataset_streams_a_local_dataset_folder(tmp_path):
     (tmp_path / "repo").mkdir()
     write_jsonl(tmp_path / "repo" / "train.jsonl", rows := sample_rows(6))
     source = Source("repo", "hub", split="train", hub=_load_hub(str(tmp_path / "repo"), "train"))
-    source.count()
+    source.count_rows()
     assert [n for n, _ in source.read()] == list(range(6))
     assert [row["chosen"] for _, row in source.read()] == [row["chosen"] for row in rows]
 

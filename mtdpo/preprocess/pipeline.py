@@ -146,7 +146,7 @@ def preprocess(
         raise UsageError("--max-length must be at least 1")
     tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
     options = _resolve_seed_markers(options, tok.chat_template)
-    source.count()  # and fix the slice of --shard I/N
+    source.count_rows()  # each file's rows, for global row numbers and the --shard slice
     if source.total == 0:
         raise UsageError(f"input {input_path} holds no rows")
 
