@@ -134,17 +134,23 @@ def _summary(stats: dict, out: Path) -> Table:
 )
 @user_errors
 def train(ctx: typer.Context) -> None:
-    """Train a model with DPO + NLL on preprocessed caches. `mtdpo train --help` lists every option.
+    """Train a model with DPO + NLL on preprocessed caches. `mtdpo train --help` shows the options.
 
     Options: --data CACHE [CACHE ...] --model M --output-dir DIR [--config configs/X.yaml] [--beta 0.1]
-    [--nll-coef 1.0] [--loss-type sigmoid|ipo|hinge|robust] and every transformers TrainingArguments field
-    (--learning-rate, --max-steps, --per-device-train-batch-size, --bf16, --resume-from-checkpoint auto …).
+    [--nll-coef 1.0] [--loss-type sigmoid] and every transformers TrainingArguments field
+    (`mtdpo train --help-all` lists them).
     """
+    if {"-h", "--help"} & set(ctx.args):
+        from mtdpo.train.help import print_help
+
+        print_help(console)
+        return
     from mtdpo.train.config import parse_train_args
     from mtdpo.train.run import train as run
 
+    args = ["--help" if arg == "--help-all" else arg for arg in ctx.args]  # argparse's full listing
     try:
-        config = parse_train_args(ctx.args)
+        config = parse_train_args(args)
     except ValueError as err:
         from dataclasses import fields
 
@@ -225,7 +231,7 @@ def stats(
     cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess`."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables.", show_default="off"),
     plot: Optional[Path] = typer.Option(
-        None, "--plot", help="Also draw length histograms, trained fraction per pair and turns to this PNG (needs mtdpo[plot]). \\[default: none]"
+        None, "--plot", help="Also draw length histograms, trained fraction per pair and turns to this PNG (needs mtdpo\\[plot]). \\[default: none]"
     ),
 ) -> None:
     """Rows, turns, lengths, trained-token fraction, truncation and reject reasons of a cache."""
@@ -252,7 +258,7 @@ def plot(
     run: Path = typer.Argument(..., help="Run folder of `mtdpo train` (holds metrics.jsonl), or a metrics.jsonl file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write. \\[default: RUN/curves.png]"),
 ) -> None:
-    """Draw loss, reward margins and accuracy curves of a training run to a PNG (needs mtdpo[plot])."""
+    """Draw loss, reward margins and accuracy curves of a training run to a PNG (needs mtdpo\\[plot])."""
     from mtdpo.plot import plot_run
 
     out = out or (run if run.is_dir() else run.parent) / "curves.png"

@@ -67,7 +67,7 @@ def train_tables() -> str:
         "Declared in `MtdpoConfig` (`mtdpo/train/config.py`); the last ones are TrainingArguments whose\n"
         "default mtdpo changes for DPO.\n\n" + "\n".join(rows) + "\n\n"
         "### `mtdpo train`: TrainingArguments the shipped configs set\n\n"
-        "Every other field of `transformers.TrainingArguments` works the same way; `mtdpo train --help`\n"
+        "Every other field of `transformers.TrainingArguments` works the same way; `mtdpo train --help-all`\n"
         "lists all of them with their defaults.\n\n" + "\n".join(rows2) + "\n"
     )
 
@@ -96,7 +96,7 @@ def command_tables() -> str:
             flags = ", ".join(f"`{opt}`" for opt in sorted(param.opts, key=len, reverse=True))
             rows.append(f"| {flags} | {cell(default)} | {cell(help_text.replace(chr(92) + '[', '['))} |")
         arguments = " ".join(p.name.upper() for p in command.params if p.param_type_name == "argument")
-        summary = (command.help or "").split("\n")[0]
+        summary = (command.help or "").split("\n")[0].replace(chr(92) + "[", "[")
         out.append(f"### `mtdpo {name} {arguments}`\n\n{summary}\n\n" + "\n".join(rows) + "\n")
     return "\n".join(out)
 

@@ -1,51 +1,26 @@
-"""The command line (mtdpo.cli): preprocess then show-sample, --help, and user errors that
-exit with code 2 and one line, never a traceback."""
+"""`mtdpo show-sample`: the plain, --tokens, --json, terminal and --html views of a cached
+pair, and the turns and roles read back from the cache alone."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-import click
 import datasets
 import pytest
-from conftest import IGNORE, decoded_runs, embedded_tokenizer, sample_rows, write_jsonl
-from typer.main import get_command
-from typer.testing import CliRunner
+from conftest import (
+    FAMILIES, IGNORE, decoded_runs, embedded_tokenizer, family_tokenizer, for_family, math_agent_pairs, n_prompt_messages,
+    sample_rows, with_template,
+)  # fmt: skip
+from helpers import assert_user_error, invoke
 
-from mtdpo.cli import app
-from mtdpo.tokenizer import SAMPLE_DATA
+from mtdpo import show
+from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.turns import token_starts
 
-runner = CliRunner()
 INDEX = 3  # a sample pair with several assistant turns on both sides
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, message: str) -> None:
-    """Exit code 2, one line on stderr naming the problem, nothing on stdout, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0] == f"error: {message}"
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
-
-
-@pytest.fixture(scope="module")
-def cli_cache(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "demo"
-    result = invoke("preprocess", SAMPLE_DATA, "--out", out)
-    assert result.exit_code == 0, result.output
-    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if "│" in line]
-    summary = dict(cells)
-    assert (summary["rows"], summary["kept"], summary["rejected"], summary["truncated"]) == ("240", "240", "0", "0")
-    return out
-
 
 def test_show_sample_plain_brackets_the_trained_text(cli_cache):
     result = invoke("show-sample", cli_cache, "--index", INDEX)
@@ -101,98 +76,7 @@ def test_show_sample_json_matches_the_cache(cli_cache):
     assert set(one) == {"index", "row", "prompt_len", "chosen"}
 
 
-OPTIONS = {  # DESIGN.md, "CLI contract" (+ the options the commands document beyond it)
-    "preprocess": ["--out", "--tokenizer", "--chat-template", "--max-length", "--mask-mode", "--user-marker",
-                   "--end-marker", "--num-proc", "--strict", "--overwrite", "--format", "--max-shard-size", "--quiet"],
-    "show-sample": ["--index", "--side", "--tokens", "--search", "--random", "--html", "--json"],
-    "stats": ["--json", "--plot"],
-    "plot": ["--out"],
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("command", list(OPTIONS))
-def test_help_lists_every_option(command):
-    result = invoke(command, "--help")
-    assert result.exit_code == 0
-    documented = {opt for param in get_command(app).commands[command].params for opt in param.opts}
-    assert set(OPTIONS[command]) <= documented
-    for option in documented | {"--help"}:
-        if option.startswith("--"):
-            assert option in result.stdout, option
-
-
-def test_preprocess_help_shows_the_bracketed_defaults():
-    """Help texts hold "[default: …]" for options whose default is computed: shown, not eaten as markup."""
-    result = invoke("preprocess", "--help")
-    flat = " ".join(result.stdout.replace("│", " ").split())
-    for default in ("data_cache/<input", "the embedded tiny", "from the template"):
-        assert f"[default: {default}" in flat
-
-
-def test_missing_input_file(tmp_path):
-    assert_user_error(invoke("preprocess", tmp_path / "nope.jsonl", "--out", tmp_path / "o"),
-                      f"input not found: {tmp_path / 'nope.jsonl'}")  # fmt: skip
-
-
-def test_error_text_with_brackets_is_printed_as_is(tmp_path):
-    """Paths are text, not rich markup: "[/v2]" neither vanishes nor crashes the printer."""
-    missing = tmp_path / "runs[/v2]" / "x[v1].jsonl"
-    assert_user_error(invoke("preprocess", missing), f"input not found: {missing}")
-
-
-def test_existing_output(tmp_path, cli_cache):
-    assert_user_error(invoke("preprocess", SAMPLE_DATA, "--out", cli_cache),
-                      f"output {cli_cache} already exists; pass --overwrite to replace it")  # fmt: skip
-
-
-def test_unknown_format(tmp_path):
-    assert_user_error(invoke("preprocess", SAMPLE_DATA, "--out", tmp_path / "o", "--format", "xml"),
-                      "unknown format 'xml'; use one of: auto, jsonl, json, parquet, arrow")  # fmt: skip
-    assert_user_error(invoke("preprocess", write_jsonl(tmp_path / "rows.txt", sample_rows(1))),
-                      "unknown format for rows.txt; name it .jsonl/.json/.parquet or pass --format")  # fmt: skip
-    assert not (tmp_path / "o").exists()
-
-
-def test_bad_index_and_side(cli_cache):
-    assert_user_error(invoke("show-sample", cli_cache, "--index", 240), f"--index 240 is out of range: {cli_cache} holds 240 pairs")
-    assert_user_error(invoke("show-sample", cli_cache, "--index", -1), f"--index -1 is out of range: {cli_cache} holds 240 pairs")
-    assert_user_error(invoke("show-sample", cli_cache, "--side", "both-ways"), "--side must be chosen, rejected or both, not 'both-ways'")
-
-
-def test_show_sample_of_a_non_cache(tmp_path):
-    assert_user_error(invoke("show-sample", tmp_path),
-                      f"{tmp_path} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first")  # fmt: skip
-
-
-def test_strict_names_the_row(tmp_path):
-    source = write_jsonl(tmp_path / "rows.jsonl", [*sample_rows(2), "oops"])
-    assert_user_error(invoke("preprocess", source, "--out", tmp_path / "o", "--strict", "-q"),
-                      "row 2: invalid JSON: Expecting value at column 1 (--strict stops at the first bad row)")  # fmt: skip
-
-
-def test_installed_entry_point_exits_2_with_one_line(tmp_path):
-    """The real console script, in its own process: no traceback, one line on stderr."""
-    mtdpo = Path(sys.executable).parent / "mtdpo"
-    assert mtdpo.exists(), "the package is not installed in this environment"
-    proc = subprocess.run([str(mtdpo), "preprocess", str(tmp_path / "missing.jsonl")], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
-    assert proc.returncode == 2
-    assert proc.stdout == "" and proc.stderr == f"error: input not found: {tmp_path / 'missing.jsonl'}\n"
-
-
-def test_unknown_option_is_a_usage_error():
-    result = invoke("show-sample", "x", "--colour")
-    assert result.exit_code == 2 and "No such option" in result.output and "Traceback" not in result.output
-    assert isinstance(result.exception, SystemExit) and not isinstance(result.exception, click.ClickException)
-
-
 # ── turns, roles and counts, read back from the cache alone ─────────────────────
-
-from conftest import FAMILIES, family_tokenizer, for_family, math_agent_pairs, n_prompt_messages, with_template  # noqa: E402
-
-from mtdpo import show  # noqa: E402
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder  # noqa: E402
-from mtdpo.turns import token_starts  # noqa: E402
 
 # Roles of the chosen side of "shared_code_and_tool_exchange" as each real template renders them
 # (tool turns: Llama-3 ipython, Qwen <tool_response> inside a user turn, others a user turn;
@@ -505,58 +389,3 @@ def test_html_renders_in_headless_chromium_with_the_colours(cli_cache, tmp_path)
         assert near(show.COLORS["trained"], half) > 100
 
 
-# ── help, typos, completion ──────────────────────────────────────────────────
-
-
-def test_every_option_says_what_it_does_and_its_default():
-    """Every option of every typer command has a help text and a "[default: …]" in --help
-    (flags say "[default: (off)]"; computed defaults are written out)."""
-    commands = get_command(app).commands
-    assert {"preprocess", "show-sample", "stats", "plot", "train"} <= set(commands)
-    for name, command in commands.items():
-        if name == "train":
-            continue  # argparse help, next test
-        options = [p for p in command.params if p.param_type_name == "option" and "--help" not in p.opts]
-        assert all(option.help for option in options), name
-        flat = " ".join(invoke(name, "--help").stdout.replace("│", " ").split())
-        assert flat.count("[default:") == len(options), name
-
-
-def test_train_help_gives_every_option_a_default():
-    result = invoke("train", "--help")
-    assert result.exit_code == 0
-    blocks = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])[1:]
-    assert len(blocks) > 100 and blocks[0].startswith("-h, --help")
-    for block in blocks[1:]:
-        assert "(default:" in block and block.split("  ", 1)[1].strip(), block
-    assert "--nll_coef NLL_COEF, --nll-coef NLL_COEF" in result.stdout
-
-
-def test_typos_of_commands_and_options_suggest_the_right_one(cli_cache, tmp_path):
-    result = invoke("shwo-sample", cli_cache)
-    assert result.exit_code == 2 and "No such command 'shwo-sample'. Did you mean 'show-sample'?" in result.output
-    result = invoke("stats", cli_cache, "--jsn")
-    assert result.exit_code == 2 and "No such option: --jsn" in result.output and "--json" in result.output
-    result = invoke("train", "--data", cli_cache, "--bta", "0.2", "--nll-coeff=1", "--zzz", "1")
-    assert result.exit_code == 2
-    assert result.stderr == "error: unknown options: --bta (did you mean --beta?), --nll-coeff (did you mean --nll-coef?), --zzz\n"
-    config = tmp_path / "typo.yaml"
-    config.write_text("nll_coeff: 0.5\nbeta: 0.2\n")
-    result = invoke("train", "--data", cli_cache, "--config", config)
-    assert result.stderr == "error: unknown key in the config file: nll_coeff (did you mean nll_coef?)\n"
-
-
-def test_shell_completion_of_commands_and_options():
-    """typer's completion: what `mtdpo --install-completion` wires into bash, run directly."""
-    mtdpo = Path(sys.executable).parent / "mtdpo"
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "_MTDPO_COMPLETE": "complete_bash"}
-
-    def complete(words: str) -> list[str]:
-        args = {"COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
-        proc = subprocess.run([str(mtdpo)], env={**env, **args}, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.split()
-
-    assert complete("mtdpo s") == ["show-sample", "stats"]
-    assert complete("mtdpo show-sample data_cache/x --s") == ["--side", "--search"]
-    assert "--install-completion" in invoke("--help").stdout and "--show-completion" in invoke("--help").stdout
