@@ -21,7 +21,7 @@ TESTS = Path(__file__).parent
 TEMPLATES = TESTS / "templates"
 FAMILIES: dict[str, dict] = json.loads((TEMPLATES / "families.json").read_text())
 GEMMA_USER, GEMMA_END = "<start_of_turn>user\n", "<end_of_turn>\n"  # the original seed markers
-IGNORE = -100  # DESIGN.md: the label of every token that is not trained
+IGNORE = -100  # docs/DESIGN.md: the label of every token that is not trained
 assert IGNORE_INDEX == IGNORE
 
 

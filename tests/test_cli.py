@@ -18,7 +18,7 @@ from typer.main import get_command
 from mtdpo.cli import app
 from mtdpo.tokenizer import SAMPLE_DATA
 
-OPTIONS = {  # DESIGN.md, "CLI contract" (+ the options the commands document beyond it)
+OPTIONS = {  # docs/DESIGN.md and docs/CONFIG.md (+ the options the commands document beyond it)
     "preprocess": ["--out", "--tokenizer", "--chat-template", "--max-length", "--mask-mode", "--user-marker",
                    "--end-marker", "--num-proc", "--strict", "--overwrite", "--format", "--max-shard-size", "--quiet"],
     "show-sample": ["--index", "--side", "--tokens", "--search", "--random", "--html", "--json"],

@@ -90,3 +90,23 @@ def test_docs_name_only_tests_that_exist():
     for doc in ("MASKING.md", "CONFIG.md", "FAQ.md"):
         cited = set(re.findall(r"`(?:tests/\w+\.py::)?(test_\w+)`", (REPO / "docs" / doc).read_text(encoding="utf-8")))
         assert cited <= defined, (doc, cited - defined)
+
+
+def test_readme_layout_names_every_folder_and_doc():
+    import subprocess
+
+    layout = README.split("## Layout", 1)[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {path.split("/")[0] for path in tracked if "/" in path}
+    for folder in folders:
+        assert f"\n{folder}/" in layout, folder
+    for doc in (REPO / "docs").glob("*.md"):
+        assert doc.name in layout, doc.name
+
+
+def test_docs_cited_in_the_code_exist():
+    """Every doc a comment cites (docs/FAQ.md, or DESIGN.md for docs/DESIGN.md) is a file of this repository."""
+    for path in [*REPO.glob("mtdpo/**/*.py"), *REPO.glob("tests/*.py")]:
+        for name in re.findall(r"\b((?:docs/)?[A-Z]+\.md)\b", path.read_text(encoding="utf-8")):
+            target = REPO / name if name.startswith("docs/") else REPO / "docs" / name
+            assert target.is_file() or (REPO / name).is_file(), f"{path.relative_to(REPO)} cites {name}"

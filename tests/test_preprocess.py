@@ -19,7 +19,7 @@ from mtdpo.synthetic import make_pairs
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint, load_tokenizer, sha256_path, sha256_text
 
 LIST_INT32 = pa.list_(pa.int32())
-SCHEMA_1 = {  # DESIGN.md, "Shards (schema version 1)"
+SCHEMA_1 = {  # docs/DESIGN.md, "The cache contract"
     "chosen_input_ids": LIST_INT32,
     "chosen_labels": LIST_INT32,
     "rejected_input_ids": LIST_INT32,

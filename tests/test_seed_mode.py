@@ -1,4 +1,4 @@
-"""`--mask-mode seed` reproduces the original research rule exactly (DESIGN.md): the
+"""`--mask-mode seed` reproduces the original research rule exactly (docs/DESIGN.md): the
 masks equal `seed_reference` (conftest), written independently from the rule's statement."""
 
 from __future__ import annotations
