@@ -9,6 +9,7 @@ fused LM head computes its no-grad reference log-probs with ~3e-4 noise of its o
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer
 from trainkit import batch, make_cache, mtdpo_trainer, single_turn_rows, tiny_model
 
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER
-from mtdpo.train.loss import sequence_logps
+from mtdpo.train.loss import dpo_loss, nll_loss, sequence_logps
 
 trl = pytest.importorskip("trl")
 B = 4
@@ -103,3 +104,123 @@ def test_live_reference_equals_precomputed(setup):
     pre = mtdpo_trainer(cache, copy.deepcopy(policy), None, tmp)
     loss_pre = pre.compute_loss(pre.model, {**mb, "ref_logps": ref_logps})
     assert loss_live.item() == pytest.approx(loss_pre.item(), abs=1e-6)
+
+
+# ── every loss TRL has, fed the same per-token log-probs ─────────────────────────────────────
+# A stand-in for the model hands TRL's DPOTrainer._compute_loss the log-probs we choose, so both
+# sides compute their loss (and its gradient) from identical numbers: what is compared is the
+# formula, to 1e-6. Run with `-s` to print the differences.
+TRL_LOSSES = {  # mtdpo loss_type -> (TRL loss_type, label_smoothing)
+    "sigmoid": ("sigmoid", 0.0),
+    "ipo": ("ipo", 0.0),
+    "hinge": ("hinge", 0.0),
+    "robust": ("robust", 0.1),
+    "sigmoid_norm": ("sigmoid_norm", 0.0),
+    "apo_zero": ("apo_zero", 0.0),
+    "bco_pair": ("bco_pair", 0.0),
+}
+P, T = 6, 12  # pairs, sequence length
+
+
+class GivenLogProbs(torch.nn.Module):
+    """Returns the per-token log-probs it holds, as TRL's fused LM head would."""
+
+    def __init__(self, per_token):
+        super().__init__()
+        self.per_token = per_token
+
+    def forward(self, **_):
+        zeros = torch.zeros_like(self.per_token.detach())
+        return SimpleNamespace(log_probs=self.per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+
+@pytest.fixture(scope="module")
+def logprobs():
+    """Multi-turn-shaped trained masks (gaps inside the completion), per-token and reference log-probs."""
+    g = torch.Generator().manual_seed(7)
+    trained = torch.rand(2 * P, T - 1, generator=g) < 0.6
+    trained[:, :2] = False  # a prompt
+    trained[:, 2] = True  # at least one trained token per sequence
+    per_token = -3 * torch.rand(2 * P, T - 1, generator=g, dtype=torch.float64).float() * trained
+    ref = per_token.sum(1) + 0.5 * torch.randn(2 * P, generator=g)
+    return trained, per_token, ref
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(setup):
+    tmp, rows, _, reference, policy, _, _ = setup
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+    args = trl.DPOConfig(output_dir=str(tmp / "trl-losses"), beta=0.1, use_cpu=True, bf16=False, report_to="none", max_length=None)
+    return trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                          train_dataset=Dataset.from_list(trl_rows(rows, tok)), processing_class=tok)  # fmt: skip
+
+
+def trl_loss(trainer, loss_type, smoothing, trained, per_token, ref):
+    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], smoothing
+    trainer.precompute_ref_logps = True
+    completion_mask = torch.cat([torch.zeros(2 * P, 1, dtype=torch.long), trained.long()], 1)
+    inputs = {"input_ids": torch.ones(2 * P, T, dtype=torch.long), "attention_mask": torch.ones(2 * P, T, dtype=torch.long),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref[:P], "ref_rejected_logps": ref[P:]}  # fmt: skip
+    return trainer._compute_loss(GivenLogProbs(per_token), inputs, return_outputs=False)
+
+
+def loss_and_grad(compute, per_token, trained):
+    """The loss and its gradient at the trained positions (the only ones with a log-prob)."""
+    leaf = per_token.clone().requires_grad_(True)
+    loss = compute(leaf)
+    loss.backward()
+    return loss.detach(), leaf.grad[trained]
+
+
+def report(name, ours, theirs):
+    (loss_a, grad_a), (loss_b, grad_b) = ours, theirs
+    diffs = (loss_a - loss_b).abs().item(), (grad_a - grad_b).abs().max().item()
+    print(f"TRL parity {name:>12}: loss {loss_a.item():.6f}, |loss diff| {diffs[0]:.1e}, max |grad diff| {diffs[1]:.1e}")
+    return diffs
+
+
+@pytest.mark.parametrize("loss_type", TRL_LOSSES)
+def test_every_loss_matches_trl_on_the_same_logprobs(trl_trainer, logprobs, loss_type):
+    trained, per_token, ref = logprobs
+    trl_type, smoothing = TRL_LOSSES[loss_type]
+    tokens = trained.sum(1)
+
+    def ours(leaf):
+        logps = leaf.sum(1)
+        losses, _, _ = dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], 0.1, loss_type, smoothing, tokens[:P], tokens[P:])
+        return losses.mean()
+
+    theirs = loss_and_grad(lambda leaf: trl_loss(trl_trainer, trl_type, smoothing, trained, leaf, ref), per_token, trained)
+    loss_diff, grad_diff = report(loss_type, loss_and_grad(ours, per_token, trained), theirs)
+    assert loss_diff < 1e-6 and grad_diff < 1e-6
+    assert theirs[0].item() != 0 and theirs[1].abs().sum() > 0  # a real comparison
+
+
+def test_nll_per_token_matches_trl_sft(trl_trainer, logprobs):
+    trained, per_token, ref = logprobs
+    tokens = trained.sum(1)
+    theirs = loss_and_grad(lambda leaf: trl_loss(trl_trainer, "sft", 0.0, trained, leaf, ref), per_token, trained)
+    loss_diff, grad_diff = report("nll (token)", loss_and_grad(lambda leaf: nll_loss(leaf.sum(1)[:P], tokens[:P]), per_token, trained), theirs)
+    assert loss_diff < 1e-6 and grad_diff < 1e-6
+
+
+@pytest.mark.parametrize("beta, gamma", [(2.0, 0.5), (0.1, 1.0)])
+def test_simpo_matches_trl_cpo(logprobs, beta, gamma):
+    """TRL has SimPO in its (experimental) CPOTrainer: its cpo_loss on mean token log-probs."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    trained, per_token, _ = logprobs
+    tokens = trained.sum(1)
+    cpo = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=0.0, loss_type="simpo",
+                          accelerator=SimpleNamespace(device=torch.device("cpu")))  # fmt: skip
+
+    def theirs(leaf):
+        mean = leaf.sum(1) / tokens
+        return CPOTrainer.cpo_loss(cpo, mean[:P], mean[P:])[0].mean()
+
+    def ours(leaf):
+        logps = leaf.sum(1)
+        return dpo_loss(logps[:P], logps[P:], None, None, beta, "simpo", 0.0, tokens[:P], tokens[P:], gamma)[0].mean()
+
+    loss_diff, grad_diff = report(f"simpo b={beta}", loss_and_grad(ours, per_token, trained), loss_and_grad(theirs, per_token, trained))
+    assert loss_diff < 1e-6 and grad_diff < 1e-6

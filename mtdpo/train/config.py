@@ -25,9 +25,21 @@ class MtdpoConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "Weight of the NLL term on chosen tokens (1.0 as in the multi-turn math-agent recipe; 0 = plain DPO)."},
     )
-    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid, ipo, hinge or robust."})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "Preference loss: sigmoid (DPO), ipo, hinge, robust, sigmoid_norm (length-normalised DPO), "
+            "simpo (reference-free: no reference model is loaded; use a larger --beta, the paper's 2-10), apo_zero, bco_pair."
+        },
+    )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "Assumed preference-label noise for sigmoid (cDPO) and robust losses, in [0, 0.5)."}
+        default=0.0,
+        metadata={"help": "Assumed preference-label noise for sigmoid (cDPO), sigmoid_norm, simpo and robust losses, in [0, 0.5)."},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin (--loss-type simpo only)."})
+    nll_norm: str = field(
+        default="token",
+        metadata={"help": "NLL normalisation: token (mean over all trained chosen tokens) or sequence (mean of each chosen sequence's per-token NLL)."},
     )
     eval_data: str | None = field(default=None, metadata={"help": "A second cache to evaluate on."})
     allow_mismatch: bool = field(

@@ -18,7 +18,7 @@ from mtdpo.errors import Interrupted, UsageError
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
-from mtdpo.train.loss import LOSS_TYPES
+from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 from mtdpo.train.model import load_policy, load_reference
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
@@ -156,6 +156,10 @@ def _clock(seconds: float) -> str:
 def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
     if config.loss_type not in LOSS_TYPES:
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    if config.nll_norm not in NLL_NORMS:
+        raise UsageError(f"unknown --nll-norm {config.nll_norm!r}; use one of {', '.join(NLL_NORMS)}")
+    if config.loss_type in REFERENCE_FREE and config.ref_model:
+        raise UsageError(f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them")
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
     train_data, manifest = open_caches(config.data)
     eval_data = open_caches([config.eval_data])[0] if config.eval_data else None
@@ -165,7 +169,7 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code)
     check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch)
     precomputed = all(c in train_data.column_names for c in ("ref_chosen_logp", "ref_rejected_logp"))
-    ref = None if precomputed else load_reference(
+    ref = None if precomputed or config.loss_type in REFERENCE_FREE else load_reference(
         policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
     )
 

@@ -16,7 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.loss import IGNORE_INDEX, dpo_loss, nll_loss
+from mtdpo.train.loss import IGNORE_INDEX, REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
 
 
@@ -78,7 +78,9 @@ class MultiTurnDPOTrainer(Trainer):
     def pair_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
         """One concatenated forward of chosen + rejected; DPO on summed log-probs + NLL."""
         logps, tokens = fused_sequence_logps(model, inputs)
-        if "ref_logps" in inputs:
+        if self.args.loss_type in REFERENCE_FREE:
+            ref_logps = None  # SimPO: no reference forward
+        elif "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"]
         else:
             with torch.no_grad():
@@ -89,16 +91,19 @@ class MultiTurnDPOTrainer(Trainer):
         """[2B] summed log-probs (chosen rows, then rejected) -> loss and logged metrics."""
         args: MtdpoConfig = self.args
         chosen, rejected = logps.chunk(2)
-        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        ref_chosen, ref_rejected = (None, None) if ref_logps is None else ref_logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing, chosen_tokens, rejected_tokens
-        )
+            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing, chosen_tokens, rejected_tokens,
+            args.simpo_gamma,
+        )  # fmt: skip
         # NLL over the chosen tokens of all ranks: each rank divides by the global count and
         # DDP's gradient mean over ranks (x world size) gives the global token mean.
         world = self.accelerator.num_processes
         global_tokens = self.accelerator.reduce(chosen_tokens.sum().detach(), reduction="sum")
         nll = nll_loss(chosen, chosen_tokens, global_tokens) * world
+        if args.nll_norm == "sequence":  # a mean over pairs, like the DPO term
+            nll = sequence_nll_loss(chosen, chosen_tokens)
         dpo = losses.mean()
         loss = dpo + args.nll_coef * nll
 
