@@ -28,18 +28,18 @@ class MtdpoConfig(TrainingArguments):
     loss_type: str = field(
         default="sigmoid",
         metadata={
-            "help": "Preference loss: sigmoid (DPO), ipo, hinge, robust, sigmoid_norm (length-normalised DPO), "
-            "simpo (reference-free: no reference model is loaded; use a larger --beta, the paper's 2-10), apo_zero, bco_pair."
+            "help": "sigmoid (DPO), ipo, hinge, robust, sigmoid_norm (length-normalised), "
+            "simpo (no reference model; wants --beta 2-10), apo_zero, bco_pair."
         },
     )
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Assumed preference-label noise for sigmoid (cDPO), sigmoid_norm, simpo and robust losses, in [0, 0.5)."},
+        metadata={"help": "Assumed label noise, in [0, 0.5), for sigmoid (cDPO), sigmoid_norm, simpo, robust."},
     )
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin (--loss-type simpo only)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin."})
     nll_norm: str = field(
         default="token",
-        metadata={"help": "NLL normalisation: token (mean over all trained chosen tokens) or sequence (mean of each chosen sequence's per-token NLL)."},
+        metadata={"help": "token: NLL over all trained chosen tokens; sequence: mean of each chosen sequence's NLL per token."},
     )
     eval_data: str | None = field(default=None, metadata={"help": "A second cache to evaluate on."})
     allow_mismatch: bool = field(
