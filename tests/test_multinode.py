@@ -6,8 +6,8 @@ real cluster with `accelerate launch --num_machines 2 --machine_rank R --main_pr
   (DPO is a mean over pairs; the NLL divides by the chosen tokens of all ranks), and the final
   model, gathered into one file (ZeRO-3, FSDP), loads with AutoModelForCausalLM and holds the
   1-rank weights.
-- On 2 ranks, length-grouped batches are disjoint across ranks and a resumed run trains on the
-  same rows with the same losses as an uninterrupted one.
+- On 2 ranks, length-grouped and random batches are disjoint across ranks and a run resumed
+  inside epoch 2 trains on the same rows with the same losses as an uninterrupted one.
 
 Every run starts from one saved model: ZeRO-3 initialises a random model shard by shard, so
 its random weights differ from a single process's. Slow (a minute or more per launch on a busy
@@ -117,7 +117,7 @@ def torchrun_two_ranks(cache: Path, init: Path, out: Path, rows_dir: Path, *extr
     rows_dir.mkdir(parents=True, exist_ok=True)
     command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "tests/record_rows.py"),
                "train", "--data", str(cache), "--model", str(init), "--output-dir", str(out), "--per-device-train-batch-size", "2",
-               "--max-steps", "6", "--save-strategy", "steps", "--save-steps", "3", *COMMON, *extra]  # fmt: skip
+               "--max-steps", "8", "--save-strategy", "steps", "--save-steps", "3", *COMMON, *extra]  # fmt: skip
     run_all([command], [out.parent / f"{out.name}.log"], env={**ENV, "MTDPO_ROWS_DIR": str(rows_dir)})
 
 
@@ -131,34 +131,40 @@ def rows_by_step(rows_dir: Path) -> dict[int, list[list[int]]]:
     return steps
 
 
-def test_length_grouped_batches_across_two_ranks_and_resume(setup):
-    """Default sampling (group_by_length) on 2 ranks, per-device batch 2: transformers' sampler
-    sorts megabatches of 4 pairs (16 // (2 * 4) = 2 batches) by length and puts the longest
-    first; accelerate deals the batches out to the ranks in turn, so each step's 4 pairs are
-    one megabatch, longest first. Stopped after step 3 and resumed: the same rows and losses."""
+@pytest.mark.parametrize("strategy", ["group_by_length", "random"])
+def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
+    """On 2 ranks with per-device batch 2, an epoch is 4 steps. Default sampling (group_by_length):
+    transformers' sampler sorts megabatches of 4 pairs (16 // (2 * 4) = 2 batches) by length and
+    puts the longest first; accelerate deals the batches out to the ranks in turn, so each step's
+    4 pairs are one megabatch, longest first. Stopped after step 6 (inside epoch 2) and resumed:
+    the same rows and losses (the skipped batches' wrappers hide the epoch from the sampler)."""
     tmp, cache, init = setup
-    straight, resumed = tmp / "straight", tmp / "resumed"
-    torchrun_two_ranks(cache, init, straight, tmp / "rows-straight")
-    seen = rows_by_step(tmp / "rows-straight")
-    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    straight, resumed = tmp / f"straight-{strategy}", tmp / f"resumed-{strategy}"
+    sampling = ("--train-sampling-strategy", strategy)
+    torchrun_two_ranks(cache, init, straight, tmp / f"rows-straight-{strategy}", *sampling)
+    seen = rows_by_step(tmp / f"rows-straight-{strategy}")
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6, 7, 8]
 
     ds = load_cache(cache)
     length = dict(zip(ds["row"], (max(c, r) for c, r in zip(ds["chosen_len"], ds["rejected_len"]))))
-    epoch = [seen[step][0] + seen[step][1] for step in (1, 2, 3, 4)]  # 4 steps × 2 ranks × 2 pairs = 16 pairs
-    assert sorted(row for batch in epoch for row in batch) == sorted(ds["row"])  # every pair once: ranks disjoint
-    for batch in epoch:
-        assert [length[row] for row in batch] == sorted((length[row] for row in batch), reverse=True)
-    assert length[epoch[0][0]] == max(length.values())
-    assert [row for batch in epoch for row in batch] != sorted(ds["row"])  # not the sequential order
+    epochs = [[seen[step][0] + seen[step][1] for step in steps] for steps in ((1, 2, 3, 4), (5, 6, 7, 8))]  # 4 steps x 2 ranks x 2 pairs
+    for epoch in epochs:
+        assert sorted(row for batch in epoch for row in batch) == sorted(ds["row"])  # every pair once: ranks disjoint
+        assert [row for batch in epoch for row in batch] != sorted(ds["row"])  # not the sequential order
+        if strategy == "group_by_length":
+            for batch in epoch:
+                assert [length[row] for row in batch] == sorted((length[row] for row in batch), reverse=True)
+            assert length[epoch[0][0]] == max(length.values())
+    assert epochs[0] != epochs[1]  # a new shuffle in epoch 2
 
     resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")  # what a run stopped after step 3 leaves
-    torchrun_two_ranks(cache, init, resumed, tmp / "rows-resumed", "--resume-from-checkpoint", "auto")
-    again = rows_by_step(tmp / "rows-resumed")
-    assert sorted(again) == [4, 5, 6]
-    assert {step: again[step] for step in (4, 5, 6)} == {step: seen[step] for step in (4, 5, 6)}
+    shutil.copytree(straight / "checkpoint-6", resumed / "checkpoint-6")  # what a run stopped after step 6 leaves
+    torchrun_two_ranks(cache, init, resumed, tmp / f"rows-resumed-{strategy}", *sampling, "--resume-from-checkpoint", "auto")
+    again = rows_by_step(tmp / f"rows-resumed-{strategy}")
+    assert sorted(again) == [7, 8]
+    assert {step: again[step] for step in (7, 8)} == {step: seen[step] for step in (7, 8)}
     before, after = losses(straight), losses(resumed)
-    assert sorted(after) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(after) == [7, 8]
+    for step in (7, 8):
         assert after[step] == pytest.approx(before[step], abs=1e-6)
-    assert len({round(before[step], 6) for step in (4, 5, 6)}) == 3
+    assert len({round(before[step], 6) for step in (6, 7, 8)}) == 3

@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 from transformers import Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.config import MtdpoConfig
@@ -47,13 +47,26 @@ class MultiTurnDPOTrainer(Trainer):
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     # Length grouping on the longer side of each pair (the cache's length columns), so that
-    # batches need little padding; `--train-sampling-strategy random` turns it off.
+    # batches need little padding; `--train-sampling-strategy random` turns it off. Both orders
+    # are pure functions of (seed, epoch), so a resumed run replays the same batches.
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not self._groups_by_length(dataset):
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self._groups_by_length(dataset):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            self._epoch_sampler = EpochSeededSampler(length_grouped_order(pair_lengths(dataset), batch), len(dataset), seed)
+        elif self.args.train_sampling_strategy == "random":
+            self._epoch_sampler = EpochSeededSampler(random_order, len(dataset), seed)
+        else:
             return super()._get_train_sampler(train_dataset)
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler(batch, lengths=pair_lengths(dataset))
+        return self._epoch_sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # Trainer hands the epoch to the sampler through the dataloader's wrappers, but not through
+        # the ones that skip a resumed epoch's first batches on several ranks: set it here.
+        if getattr(self, "_epoch_sampler", None) is not None:
+            self._epoch_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_eval_sampler(self, eval_dataset):
         if not self._groups_by_length(eval_dataset):
@@ -165,6 +178,35 @@ def real_tokens(inputs: dict) -> torch.Tensor:
     """Tokens that are not padding (a packed row has none)."""
     mask = inputs.get("attention_mask")
     return mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Indices in the order `order(n, generator)` drawn with a generator seeded by seed + epoch.
+
+    transformers' LengthGroupedSampler shuffles with the global RNG, whose state after a resume
+    differs from the uninterrupted run's: a run resumed inside epoch 2 trained some pairs twice
+    and others never. Here the order depends on nothing but (seed, epoch), on every rank."""
+
+    def __init__(self, order, n: int, seed: int):
+        self.order, self.n, self.seed, self.epoch = order, n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.order(self.n, torch.Generator().manual_seed(self.seed + self.epoch)))
+
+
+def random_order(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def length_grouped_order(lengths: list[int], batch_size: int):
+    """transformers' length grouping: shuffle, sort megabatches by length, longest batch first."""
+    return lambda n, generator: get_length_grouped_indices(lengths, batch_size, generator=generator)
 
 
 def pair_lengths(dataset) -> list[int]:
