@@ -145,6 +145,7 @@ def train(ctx: typer.Context) -> None:
 
         print_help(console)
         return
+    _quiet_cpu_warnings()
     from mtdpo.train.config import parse_train_args
     from mtdpo.train.run import train as run
 
@@ -163,6 +164,18 @@ def train(ctx: typer.Context) -> None:
     if trainer.is_world_process_zero():
         console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
     _close_process_group()
+
+
+def _quiet_cpu_warnings() -> None:
+    """DeepSpeed announces "Setting accelerator to CPU" at import when it finds no GPU, on every
+    run and every rank: nothing the user can act on. Naming the accelerator up front says it once, at
+    DeepSpeed's info level, which it does not print."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _close_process_group() -> None:

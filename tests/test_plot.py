@@ -83,24 +83,6 @@ def test_plot_errors(tmp_path, run_dir, monkeypatch):
     assert result.exit_code == 2 and result.stderr == "error: plotting needs matplotlib: pip install 'mtdpo[plot]'\n"
 
 
-def test_progress_line_summary_reports_first_and_last_margin_accuracy_and_tokens_per_second(monkeypatch, capsys):
-    from mtdpo.train import run
-
-    clock = SimpleNamespace(now=100.0)
-    monkeypatch.setattr(run.time, "perf_counter", lambda: clock.now)
-    line = run.ProgressLine()
-    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10)
-    line.on_train_begin(None, state, None)
-    for state.global_step, clock.now, tokens_per_second, margin, accuracy in ((5, 102.0, 1000.0, 0.1, 0.5), (10, 106.0, 500.0, 2.0, 1.0)):
-        logs = {"loss": 1.0, "dpo_loss": 0.5, "nll": 0.5, "rewards/margins": margin, "rewards/accuracies": accuracy, "tokens_per_second": tokens_per_second}
-        line.on_log(None, state, None, logs=logs)
-    line.on_log(None, state, None, logs={"train_runtime": 6.2, "train_loss": 1.2345})
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "step  5/10  loss 1.0000  dpo 0.5000  nll 0.5000  margin +0.100  acc 0.50  1,000 tok/s  eta 0:00:02"
-    # tokens: 1000/s over the first 2 s + 500/s over the next 4 s = 4000 in 6 s
-    assert printed[-1] == "done: 10 steps in 0:00:06, mean loss 1.2345, margin +0.100 → +2.000, acc 0.50 → 1.00, 667 tok/s"
-
-
 @pytest.mark.slow
 def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
     """End to end on the tiny model: metrics.jsonl, the summary line agreeing with it, the plot."""

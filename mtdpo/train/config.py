@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -76,6 +77,8 @@ class MtdpoConfig(TrainingArguments):
             self.data = [self.data]
         if not self.data:
             raise ValueError("--data is required: a cache directory written by `mtdpo preprocess`")
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            self.dataloader_pin_memory = False  # pinning needs an accelerator: torch warns on every run otherwise
 
 
 def parse_train_args(argv: list[str]) -> MtdpoConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
@@ -26,12 +27,19 @@ def load_policy(name_or_path: str | None, attn_implementation: str, dtype: torch
     if name_or_path is None:  # random init: the seed (set by the caller) makes it reproducible
         config = AutoConfig.from_pretrained(str(TINY_MODEL))
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    if looks_local(name_or_path) and not Path(name_or_path).exists():  # HF would answer about repo-id syntax
+        raise UsageError(f"model not found: {name_or_path} (no such directory)")
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path, attn_implementation=attn, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except OSError as err:
         raise UsageError(f"model not found or not loadable: {name_or_path} ({str(err).splitlines()[0]})") from None
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path the user meant on this machine (/x, ./x, ~/x, a/b/c), not a hub id (owner/name)."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
 
 def load_reference(

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import glob
-import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as transformers_logging
 
 from mtdpo.cache import load_cache, read_manifest
 from mtdpo.errors import Interrupted, UsageError
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir
+from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
@@ -83,76 +83,6 @@ def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int,
         )
 
 
-class MetricsFile(TrainerCallback):
-    """Append every log line to <output_dir>/metrics.jsonl (main process only)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and state.global_step == 0:  # a fresh run, not a resume
-            self.path.unlink(missing_ok=True)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-class ProgressLine(TrainerCallback):
-    """One compact line per logging step (loss, margins, accuracy, tokens/s, ETA) and a summary."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.first_step = time.perf_counter(), state.global_step
-        # For the summary: the first and last logged steps, and tokens ≈ Σ tokens/s × interval.
-        self.first_log = self.last_log = None
-        self.tokens, self.last_time = 0.0, self.started
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            done = (state.global_step - self.first_step) / max(state.max_steps - self.first_step, 1)
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed * (1 - done) / done if done else 0.0
-            now = time.perf_counter()
-            self.tokens += logs.get("tokens_per_second", 0) * (now - self.last_time)
-            self.first_log, self.last_log, self.last_time = self.first_log or logs, logs, now
-            print(
-                f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
-                f"  loss {logs['loss']:.4f}  dpo {logs.get('dpo_loss', float('nan')):.4f}  nll {logs.get('nll', float('nan')):.4f}"
-                f"  margin {logs.get('rewards/margins', float('nan')):+.3f}  acc {logs.get('rewards/accuracies', float('nan')):.2f}"
-                f"  {logs.get('tokens_per_second', 0):,.0f} tok/s  eta {_clock(eta)}",
-                flush=True,
-            )
-        elif "eval_loss" in logs:
-            print(
-                f"eval  loss {logs['eval_loss']:.4f}  margin {logs.get('eval_rewards/margins', float('nan')):+.3f}"
-                f"  acc {logs.get('eval_rewards/accuracies', float('nan')):.2f}",
-                flush=True,
-            )
-        elif "train_runtime" in logs:
-            print(f"done: {state.global_step} steps in {_clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}{self._trend()}", flush=True)
-
-    def _trend(self) -> str:
-        """First → last logged margin and accuracy, and the mean tokens/s of the run."""
-        if self.last_log is None:
-            return ""
-        first, last, nan = self.first_log, self.last_log, float("nan")
-        seconds = self.last_time - self.started
-        return (
-            f", margin {first.get('rewards/margins', nan):+.3f} → {last.get('rewards/margins', nan):+.3f}"
-            f", acc {first.get('rewards/accuracies', nan):.2f} → {last.get('rewards/accuracies', nan):.2f}"
-            f", {self.tokens / seconds if seconds > 0 else 0:,.0f} tok/s"
-        )
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
-
-
 def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
     if config.loss_type not in LOSS_TYPES:
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
@@ -165,6 +95,7 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     eval_data = open_caches([config.eval_data])[0] if config.eval_data else None
 
     set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint; ProgressLine reports the run
     dtype = torch.float32  # master weights; --bf16 trains in mixed precision
     policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code)
     check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch)

@@ -129,10 +129,18 @@ class MultiTurnDPOTrainer(Trainer):
             "rewards/rejected": gather(rejected_rewards).mean().item(),
             "rewards/margins": gather(margins).mean().item(),
             "rewards/accuracies": gather((margins > 0).float()).mean().item(),
+            "rewards/ties": gather((margins == 0).float()).mean().item(),  # policy == reference: printed as "tie"
             "logps/chosen": gather(chosen.detach()).mean().item(),
             "logps/rejected": gather(rejected.detach()).mean().item(),
         }
         return loss, metrics
+
+    def evaluate(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:  # tokens/s is training throughput: the eval's minutes are not in its interval
+            self._last_log_time += time.perf_counter() - started
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -1,0 +1,121 @@
+"""What a training run prints and writes as it goes: one line per logging step, a progress
+bar while evaluating, a summary at the end, and metrics.jsonl (main process only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+NAN = float("nan")
+
+
+class MetricsFile(TrainerCallback):
+    """Append every log line to <output_dir>/metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step == 0:  # a fresh run, not a resume
+            self.path.unlink(missing_ok=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class ProgressLine(TrainerCallback):
+    """One compact line per logging step (loss, margins, accuracy, tokens/s, ETA) and a summary.
+
+    Evaluation gets a progress bar of its own, and its time is left out of the ETA and of the
+    tokens/s (both are about training: an eval of 20 pairs on CPU takes minutes)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step
+        # For the summary: the first and last logged steps, and tokens ≈ Σ tokens/s × interval.
+        self.first_log = self.last_log = None
+        self.tokens, self.last_time = 0.0, self.started
+        self.eval_seconds, self._eval = 0.0, None  # (progress bar, task, start time) while evaluating
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self._eval is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeElapsedColumn())
+            bar = Progress(*columns, transient=True, disable=not sys.stdout.isatty())  # piped: no bar, no blank line
+            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+            bar.start()
+            self._eval = (bar, bar.add_task("eval", total=total), time.perf_counter())
+        bar, task, _ = self._eval
+        bar.advance(task)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._eval is not None:
+            bar, _, started = self._eval
+            bar.stop()
+            seconds = time.perf_counter() - started
+            self.eval_seconds += seconds
+            self.last_time += seconds  # the next step's tokens/s x interval must not span the eval
+            self._eval = None
+
+    def _training_seconds(self) -> float:
+        return time.perf_counter() - self.started - getattr(self, "eval_seconds", 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            done = (state.global_step - self.first_step) / max(state.max_steps - self.first_step, 1)
+            elapsed = self._training_seconds()
+            eta = elapsed * (1 - done) / done if done else 0.0
+            now = time.perf_counter()
+            self.tokens += logs.get("tokens_per_second", 0) * (now - self.last_time)
+            self.first_log, self.last_log, self.last_time = self.first_log or logs, logs, now
+            print(
+                f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
+                f"  loss {logs['loss']:.4f}  dpo {logs.get('dpo_loss', NAN):.4f}  nll {logs.get('nll', NAN):.4f}"
+                f"  margin {logs.get('rewards/margins', NAN):+.3f}  acc {accuracy(logs)}"
+                f"  {logs.get('tokens_per_second', 0):,.0f} tok/s  eta {clock(eta)}",
+                flush=True,
+            )
+        elif "eval_loss" in logs:
+            print(
+                f"eval  loss {logs['eval_loss']:.4f}  margin {logs.get('eval_rewards/margins', NAN):+.3f}"
+                f"  acc {accuracy(logs, 'eval_')}",
+                flush=True,
+            )
+        elif "train_runtime" in logs:
+            print(f"done: {state.global_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}{self._trend()}", flush=True)
+
+    def _trend(self) -> str:
+        """First → last logged margin and accuracy, and the mean training tokens/s of the run."""
+        if self.last_log is None:
+            return ""
+        first, last = self.first_log, self.last_log
+        seconds = self.last_time - self.started - self.eval_seconds
+        return (
+            f", margin {first.get('rewards/margins', NAN):+.3f} → {last.get('rewards/margins', NAN):+.3f}"
+            f", acc {accuracy(first)} → {accuracy(last)}"
+            f", {self.tokens / seconds if seconds > 0 else 0:,.0f} tok/s"
+        )
+
+
+def accuracy(logs: dict, prefix: str = "") -> str:
+    """Reward accuracy, or "tie" when every margin was exactly 0 (the policy still equals its
+    reference, at step 0 or in the first eval): 0.00 would read as "always wrong"."""
+    if logs.get(f"{prefix}rewards/ties", 0.0) >= 1.0:
+        return "tie"
+    return f"{logs.get(f'{prefix}rewards/accuracies', NAN):.2f}"
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
