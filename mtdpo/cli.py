@@ -145,7 +145,6 @@ def train(ctx: typer.Context) -> None:
 
         print_help(console)
         return
-    _quiet_cpu_warnings()
     from mtdpo.train.config import parse_train_args
     from mtdpo.train.run import train as run
 
@@ -163,30 +162,6 @@ def train(ctx: typer.Context) -> None:
     trainer = run(config)
     if trainer.is_world_process_zero():
         console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
-    _close_process_group()
-
-
-def _quiet_cpu_warnings() -> None:
-    """DeepSpeed announces "Setting accelerator to CPU" at import when it finds no GPU, on every
-    run and every rank: nothing the user can act on. Naming the accelerator up front says it once, at
-    DeepSpeed's info level, which it does not print."""
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def _close_process_group() -> None:
-    """Once every rank is done, close the process group. Left to interpreter exit, gloo's threads
-    aborted 2 of 5 finished torchrun jobs ("terminate called without an active exception", exit -6
-    after the model was saved), so the launcher reported a failed job."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing the model: nobody leaves before it is done
-        dist.destroy_process_group()
 
 
 @app.command("precompute-ref")

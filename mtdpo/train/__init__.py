@@ -1,1 +1,11 @@
-"""Stage two: train from the shards. Never calls a tokenizer."""
+"""Stage two: train on the cache, never calling a tokenizer (docs/DESIGN.md)."""
+
+import os as _os
+
+import torch as _torch
+
+# DeepSpeed announces "Setting accelerator to CPU" at import when it finds no GPU, on every run and
+# every rank: nothing the user can act on. Naming the accelerator before anything imports DeepSpeed
+# makes it say so at its info level, which it does not print.
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("DS_ACCELERATOR", "cpu")

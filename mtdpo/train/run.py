@@ -132,4 +132,16 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     if trainer.is_world_process_zero():
         # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.
         shutil.copytree(Path(config.data[0]) / "tokenizer", output_dir, dirs_exist_ok=True)
+    close_process_group()
     return trainer
+
+
+def close_process_group() -> None:
+    """Once every rank is done, close the process group. Left to interpreter exit, gloo's threads
+    aborted 2 of 5 finished torchrun jobs ("terminate called without an active exception", exit -6
+    after the model was saved), so the launcher reported a failed job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing the model: nobody leaves before it is done
+        dist.destroy_process_group()
