@@ -203,14 +203,7 @@ def show_sample(
     """Show one cached pair: chosen and rejected by turn, trained tokens green, masked ones grey."""
     from mtdpo import show
 
-    if as_json:
-        if html is not None:
-            raise UsageError("--json and --html are exclusive; pick one")
-        view, pair, tokenizer = show.load_view(cache, index, side, search, pick_random)
-        json.dump(show.pair_as_json(pair, tokenizer, view.index, show.sides_of(side)), sys.stdout, ensure_ascii=False)
-        print()
-    else:
-        show.show_sample(cache, index, side, console, search=search, pick_random=pick_random, with_ids=tokens, html_file=html)
+    show.show_sample(cache, index, side, console, search=search, pick_random=pick_random, with_ids=tokens, html_file=html, as_json=as_json)
 
 
 @app.command()

@@ -11,7 +11,9 @@ Three views of the same model (a pair → sides → turns → tokens):
 from __future__ import annotations
 
 import html
+import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,11 +374,17 @@ def load_view(cache: Path, index: int | None, side: str, search: str | None = No
 
 
 def show_sample(cache: Path, index: int | None, side: str, console: Console, *, search: str | None = None,
-                pick_random: bool = False, with_ids: bool = False, html_file: Path | None = None) -> None:  # fmt: skip
+                pick_random: bool = False, with_ids: bool = False, html_file: Path | None = None, as_json: bool = False) -> None:  # fmt: skip
+    """The pair as JSON (for scripts), an HTML page, a coloured terminal view or plain text when piped."""
+    if as_json and html_file is not None:
+        raise UsageError("--json and --html are exclusive; pick one")
     if html_file is not None and not Path(html_file).parent.is_dir():
         raise UsageError(f"--html: folder {Path(html_file).parent} does not exist")
-    view, _, _ = load_view(cache, index, side, search, pick_random)
-    if html_file is not None:
+    view, pair, tokenizer = load_view(cache, index, side, search, pick_random)
+    if as_json:
+        json.dump(pair_as_json(pair, tokenizer, view.index, sides_of(side)), sys.stdout, ensure_ascii=False)
+        print()
+    elif html_file is not None:
         Path(html_file).write_text(html_page(view, with_ids), encoding="utf-8")
         console.print(f"wrote {html_file} (pair {view.index})", highlight=False, soft_wrap=True)
     elif console.is_terminal:
