@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import datasets
@@ -285,7 +286,6 @@ def test_terminal_and_html_use_the_same_colours(cli_cache, tmp_path):
 
 # ── --html ────────────────────────────────────────────────────────────────────
 
-from html.parser import HTMLParser  # noqa: E402
 
 
 class SpansByClass(HTMLParser):

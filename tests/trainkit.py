@@ -6,11 +6,10 @@ import copy
 from pathlib import Path
 
 import torch
-from conftest import write_jsonl
+from conftest import run_preprocess, write_jsonl
 from transformers import set_seed
 
 from mtdpo.cache import load_cache
-from mtdpo.preprocess.pipeline import preprocess
 from mtdpo.synthetic import make_pairs
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
@@ -23,9 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 def make_cache(tmp: Path, rows=None, n: int = 32, name: str = "cache", **kwargs) -> Path:
     """Preprocess rows (default: n generated multi-turn pairs) into tmp/name."""
     rows = list(make_pairs(n, seed=3)) if rows is None else rows
-    out = tmp / name
-    preprocess(write_jsonl(tmp / f"{name}.jsonl", rows), out, progress=False, **kwargs)
-    return out
+    run_preprocess(write_jsonl(tmp / f"{name}.jsonl", rows), tmp / name, **kwargs)
+    return tmp / name
 
 
 def single_turn_rows(n: int) -> list[dict]:
