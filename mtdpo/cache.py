@@ -6,6 +6,7 @@ JSON, the shards are Arrow IPC streams. Every problem is a UsageError naming the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,9 @@ CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the files below, written by
 # Plus every data-*.arrow shard. Not state.json: datasets puts a random fingerprint in it, and
 # checksums.json should be byte-equal when the shards are (state.json is parsed on load anyway).
 CHECKED_FILES = ("dataset_info.json",)
+# Size and modification time of those files when their SHA-256 last matched checksums.json: train
+# re-hashes only files that changed since (O(1) start-up), `--verify-cache` re-hashes all.
+STAMP = "verified.json"
 COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "prompt_len", "row")
 MANIFEST_KEYS = (
     ("tokenizer", "fingerprint"), ("tokenizer", "vocab_size"), ("tokenizer", "pad_token_id"),
@@ -49,11 +53,12 @@ def read_manifest(cache: Path) -> dict:
     return manifest
 
 
-def load_cache(cache: Path, verify: bool = False):
+def load_cache(cache: Path, verify: bool = False, full: bool = False):
     """The shards as a memory-mapped `datasets.Dataset` (nothing is copied into RAM).
 
-    Sizes are always checked against checksums.json; `verify` also compares SHA-256 (it reads
-    every byte once: about a second per GB), which `mtdpo train` does before hours of training.
+    Sizes are always checked against checksums.json. `verify` also compares SHA-256 for the
+    files whose size or modification time changed since their last verification (none, for a
+    cache as preprocess left it); `full` re-hashes every file (about a second per GB).
     """
     import datasets
 
@@ -61,7 +66,7 @@ def load_cache(cache: Path, verify: bool = False):
     manifest = read_manifest(cache)
     for shard in shard_files(cache):
         _check_shard(shard)
-    check_files(cache, verify)
+    check_files(cache, verify, full)
     try:
         ds = datasets.load_from_disk(str(cache))
     except Exception as err:
@@ -103,22 +108,53 @@ def write_checksums(directory: Path) -> None:
     names = [*sorted(p.name for p in Path(directory).glob("data-*.arrow")), *CHECKED_FILES]
     sums = {name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": sha256_path(Path(directory) / name)} for name in names}
     (Path(directory) / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+    write_stamp(directory)
 
 
-def check_files(cache: Path, verify: bool) -> None:
+def check_files(cache: Path, verify: bool, full: bool = False) -> None:
     """Compare the files with checksums.json (absent in caches rewritten by other tools: skipped)."""
     path = Path(cache) / CHECKSUMS
     if not path.is_file():
         return
-    for name, expected in _read_json(path).items():
+    sums = _read_json(path)
+    for name, expected in sums.items():
         file = Path(cache) / name
         if not file.is_file():
             raise UsageError(f"{file} is missing (listed in {CHECKSUMS})")
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise UsageError(f"{file} is truncated or changed: {size:,} bytes, {CHECKSUMS} says {expected['bytes']:,}")
-        if verify and sha256_path(file) != expected["sha256"]:
-            raise UsageError(f"{file} is corrupt: its SHA-256 differs from the one in {CHECKSUMS}")
+    if not (verify or full) or (not full and _stamp(cache) == _read_stamp(cache)):
+        return
+    for name, expected in sums.items():
+        if sha256_path(Path(cache) / name) != expected["sha256"]:
+            raise UsageError(f"{Path(cache) / name} is corrupt: its SHA-256 differs from the one in {CHECKSUMS}")
+    write_stamp(cache)
+
+
+def write_stamp(cache: Path) -> None:
+    """Note that the files, as they are now, match checksums.json (best effort: a read-only
+    cache is simply verified in full at every start)."""
+    tmp = Path(cache) / f".{STAMP}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(_stamp(cache), indent=2) + "\n")
+        tmp.replace(Path(cache) / STAMP)  # atomic: ranks of one job may stamp the same cache at once
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _stamp(cache: Path) -> dict:
+    """What changes when a file is rewritten: its size and modification time, and checksums.json."""
+    stats = {name: Path(cache, name).stat() for name in [CHECKSUMS, *_read_json(Path(cache) / CHECKSUMS)]}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+
+
+def _read_stamp(cache: Path) -> dict | None:
+    try:
+        return json.loads((Path(cache) / STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no stamp or a damaged one: verify in full
 
 
 def remove_stale_runs(out: Path) -> list[Path]:

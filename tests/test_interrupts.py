@@ -80,8 +80,8 @@ def size(path: Path) -> int:
 def kill_moments(tmp_path: Path, full_size: int) -> dict:
     """When to kill a run writing tmp_path/cache, as predicates of its PID and start time."""
 
-    def part(pid: int) -> Path:
-        return tmp_path / f".cache.parts-{pid}" / "part-00000.arrow"
+    def part(pid: int) -> Path:  # the shard being streamed, named when the run ends
+        return tmp_path / f".cache.incomplete-{pid}" / "data-00000.arrow"
 
     return {
         "while starting": lambda pid, t0: time.monotonic() - t0 > 0.3,
@@ -124,7 +124,7 @@ def test_preprocess_survives_sigkill_at_four_moments(tmp_path):
         child.join(300)
         check_killed(tmp_path, out, moment, child.exitcode, killed)
     assert killed[:3] == ["while starting", "after the first chunk", "half-way"]
-    assert any(p.name.startswith(".cache.parts-") for p in tmp_path.iterdir())  # something to clean up
+    assert any(p.name.startswith(".cache.incomplete-") for p in tmp_path.iterdir())  # something to clean up
     run_preprocess(source, out)
     check_rerun(tmp_path, out, 1500)
 
@@ -426,15 +426,15 @@ def test_train_cli_names_the_damaged_file_in_one_line(small_cache, tmp_path):
 
 
 def test_preprocessing_twice_gives_byte_equal_files(tmp_path):
-    """Equal: the shards, checksums, manifest, rejects, dataset_info and tokenizer copy.
-    Not equal: state.json (datasets writes a random fingerprint) and stats.json (timings)."""
+    """Equal: the shards, checksums, manifest, rejects, dataset_info, state and tokenizer copy.
+    Not equal: stats.json (timings) and verified.json (the files' modification times)."""
     source = Path(__file__).parent / "data" / "faults.jsonl"
     run_preprocess(source, tmp_path / "a")
     run_preprocess(source, tmp_path / "b")
     files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
     equal = [f for f in files if (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()]
-    assert sorted(set(files) - set(equal)) == ["state.json", "stats.json"]
-    assert SHARD in equal and "checksums.json" in equal and len(files) == 10
+    assert sorted(set(files) - set(equal)) == ["stats.json", "verified.json"]
+    assert SHARD in equal and "checksums.json" in equal and len(files) == 11
 
 
 def test_remote_code_is_off_unless_asked(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from mtdpo.errors import UsageError
 from mtdpo.preprocess import pipeline
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.synthetic import make_pairs
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint, load_tokenizer, sha256_path, sha256_text
+from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint_dir, load_tokenizer, sha256_path, sha256_text, vocabulary_hash, vocabulary_hash_dir
 
 LIST_INT32 = pa.list_(pa.int32())
 SCHEMA_1 = {  # docs/DESIGN.md, "The cache contract"
@@ -85,13 +85,13 @@ def test_sample_counts_and_stats(sample_cache):
     assert stats["rejected_trained_tokens"] == sum(map(n_trained, ds["rejected_labels"])) == 14743
 
 
-def test_sample_manifest(sample_cache):
+def test_sample_manifest(sample_cache, tmp_path):
     manifest = read_json(sample_cache / "manifest.json")
     tok = load_tokenizer()
     assert manifest["schema_version"] == 1 and manifest["mtdpo_version"] == __version__
     assert manifest["tokenizer"] == {
         "name_or_path": str(EMBEDDED_TOKENIZER),
-        "fingerprint": fingerprint(tok),
+        "fingerprint": sha256_path(sample_cache / "tokenizer" / "tokenizer.json"),
         "vocab_size": 2048,
         "bos_token_id": tok.convert_tokens_to_ids("<bos>"),
         "eos_token_id": tok.convert_tokens_to_ids("<eos>"),
@@ -105,10 +105,11 @@ def test_sample_manifest(sample_cache):
     stats = read_json(sample_cache / "stats.json")
     assert manifest["counts"] == {k: stats[k] for k in COUNTS}
     assert manifest["tokens"] == {k: stats[k] for k in TOKEN_TOTALS}
-    # The tokenizer copy in the cache (what show-sample and train read) has the same fingerprint.
-    from transformers import AutoTokenizer
-
-    assert fingerprint(AutoTokenizer.from_pretrained(str(sample_cache / "tokenizer"))) == fingerprint(tok)
+    # The fingerprint is the bytes of the cache's tokenizer copy (what show-sample and train read):
+    # saving the same tokenizer again gives the same bytes, and the copy has its vocabulary.
+    tok.save_pretrained(str(tmp_path / "again"))
+    assert fingerprint_dir(tmp_path / "again") == manifest["tokenizer"]["fingerprint"]
+    assert vocabulary_hash_dir(sample_cache / "tokenizer") == vocabulary_hash(tok)
 
 
 def test_fingerprint_changes_with_an_added_special_token(tmp_path, sample_cache):
@@ -118,8 +119,9 @@ def test_fingerprint_changes_with_an_added_special_token(tmp_path, sample_cache)
     run_preprocess(write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)), tmp_path / "out", tokenizer=str(tmp_path / "tok"))
     manifest = read_json(tmp_path / "out" / "manifest.json")["tokenizer"]
     assert manifest["vocab_size"] == 2049
-    assert manifest["fingerprint"] == fingerprint(tok)
+    assert manifest["fingerprint"] == fingerprint_dir(tmp_path / "tok")
     assert manifest["fingerprint"] != read_json(sample_cache / "manifest.json")["tokenizer"]["fingerprint"]
+    assert vocabulary_hash_dir(tmp_path / "out" / "tokenizer") == vocabulary_hash(tok) != vocabulary_hash_dir(sample_cache / "tokenizer")
 
 
 def test_shards_have_the_schema_1_column_types(sample_cache):

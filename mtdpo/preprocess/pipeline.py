@@ -1,9 +1,10 @@
 """Stage one end to end: read → render + mask → truncate → write schema-1 shards.
 
 Rows are processed in fixed-size chunks, in order, by `num_proc` workers with a bounded
-number of chunks in flight, so memory does not grow with the input and the output is the
-same for any `num_proc`. Everything is written into a temporary directory that is renamed
-into place only when complete: an interrupted run never leaves a cache train would accept.
+number of chunks in flight, and each chunk's Arrow table goes straight into the current shard
+(a new one starts at --max-shard-size), so memory does not grow with the input and the output
+is the same for any `num_proc`. Everything is written into a temporary directory that is
+renamed into place only when complete: an interrupted run never leaves a cache train would accept.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
-import datasets
 import pyarrow as pa
-from datasets import Dataset, Features, List, Value
+from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
+from datasets.utils.py_utils import asdict as info_dict
+from datasets.utils.py_utils import convert_file_size_to_int
 
 from mtdpo import __version__
 from mtdpo.cache import SCHEMA_VERSION, remove_stale_runs, replace_dir, write_checksums
@@ -33,9 +34,15 @@ from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import IGNORE_INDEX, seed_markers
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.sources import open_source
-from mtdpo.tokenizer import fingerprint, load_tokenizer, sha256_text
+from mtdpo.tokenizer import (
+    fingerprint_dir,
+    load_tokenizer,
+    sha256_text,
+    vocabulary_hash,
+)
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 256  # rows per task sent to a worker
+BATCH_ROWS = 1000  # pairs per Arrow record batch in a shard (datasets' default writer batch)
 TOKEN_LIST = List(Value("int32"))
 FEATURES = Features(
     {
@@ -49,6 +56,7 @@ FEATURES = Features(
         "row": Value("int64"),
     }
 )
+SCHEMA = FEATURES.arrow_schema
 
 
 @dataclass
@@ -71,24 +79,18 @@ class Tally:
 
 @dataclass
 class ChunkResult:
-    records: list[dict]
+    table: pa.Table  # the kept pairs, schema-1 columns (Arrow: cheap to send between processes)
     rejects: list[dict]  # {"row": n, "reason": ...} in row order
     tally: Tally
 
 
-_encoder: PairEncoder | None = None  # one per worker process
-
-
-def _init_worker(tokenizer_dir: str, options: MaskOptions, trust_remote_code: bool = False) -> None:
-    from transformers import AutoTokenizer
-
-    global _encoder
-    _encoder = PairEncoder(AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code), options)
+# Set once in the main process before workers fork, so they share its tokenizer: it is loaded
+# once per run, not once more per worker (nor twice with --num-proc 1).
+_encoder: PairEncoder | None = None
 
 
 def encode_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
-    result = ChunkResult([], [], Tally())
-    tally = result.tally
+    records, rejects, tally = [], [], Tally()
     for n, row in chunk:
         tally.rows += 1
         try:
@@ -99,17 +101,17 @@ def encode_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
             kind = "dropped" if isinstance(err, Dropped) else "rejected"
             setattr(tally, kind, getattr(tally, kind) + 1)
             tally.reasons[_reason_kind(str(err))] += 1
-            result.rejects.append({"row": n, "reason": str(err), "dropped": kind == "dropped"})
+            rejects.append({"row": n, "reason": str(err), "dropped": kind == "dropped"})
             continue
         record["row"] = n
-        result.records.append(record)
+        records.append(record)
         tally.kept += 1
         tally.truncated += truncated
         tally.chosen_tokens += record["chosen_len"]
         tally.rejected_tokens += record["rejected_len"]
-        tally.chosen_trained_tokens += sum(label != IGNORE_INDEX for label in record["chosen_labels"])
-        tally.rejected_trained_tokens += sum(label != IGNORE_INDEX for label in record["rejected_labels"])
-    return result
+        tally.chosen_trained_tokens += record["chosen_len"] - record["chosen_labels"].count(IGNORE_INDEX)
+        tally.rejected_trained_tokens += record["rejected_len"] - record["rejected_labels"].count(IGNORE_INDEX)
+    return ChunkResult(pa.Table.from_pylist(records, schema=SCHEMA), rejects, tally)
 
 
 def _reason_kind(reason: str) -> str:
@@ -144,64 +146,127 @@ def preprocess(
         raise UsageError("--num-proc must be at least 1")
     if options.max_length < 1:
         raise UsageError("--max-length must be at least 1")
+    try:
+        shard_bytes = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise UsageError(f"--max-shard-size {max_shard_size!r}: give a size such as 500MB or 2GB") from None
     tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
     options = _resolve_seed_markers(options, tok.chat_template)
     source.count_rows()  # each file's rows, for global row numbers and the --shard slice
     if source.total == 0:
         raise UsageError(f"input {input_path} holds no rows")
 
+    global _encoder
+    _encoder = PairEncoder(tok, options)
     tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
-    parts = out.with_name(f".{out.name}.parts-{os.getpid()}")
     remove_stale_runs(out)  # temporary dirs of killed runs: their PID is gone
-    for stale in (tmp, parts):
-        shutil.rmtree(stale, ignore_errors=True)
-    parts.mkdir(parents=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         tok.save_pretrained(str(tmp / "tokenizer"))
         tally = Tally()
-        part_file = parts / "part-00000.arrow"
-        with ArrowWriter(features=FEATURES, path=str(part_file)) as writer, open(tmp / "rejects.jsonl", "w") as rejects:
-            chunks = _chunks(source.read(), CHUNK_ROWS)
-            results = ordered_map(encode_chunk, chunks, num_proc, _init_worker, (str(tmp / "tokenizer"), options, trust_remote_code))
+        with ShardWriter(tmp, shard_bytes) as shards, open(tmp / "rejects.jsonl", "w") as rejects:
+            results = ordered_map(encode_chunk, _chunks(source.read(), CHUNK_ROWS), num_proc)
             for result in _with_progress(results, source.rows, progress):
                 if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
                     where = source.where(bad["row"])  # the file and its row, for a directory input
                     at = f" ({where['file']} row {where['file_row']})" if where else ""
                     raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
-                if result.records:
-                    writer.write_table(pa.Table.from_pylist(result.records, schema=FEATURES.arrow_schema))
+                shards.write(result.table)
                 for reject in result.rejects:
                     rejects.write(json.dumps({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}) + "\n")
                 tally.merge(result.tally)
-            writer.finalize()
-        with _quiet_datasets():
-            kept = Dataset.from_file(str(part_file))
-            # datasets writes no shard at all for an empty dataset and then cannot load it back:
-            # a run that rejected every row must still leave a cache that opens (with 0 pairs).
-            shards = {"max_shard_size": max_shard_size} if len(kept) else {"num_shards": 1}
-            kept.save_to_disk(str(tmp), **shards)
+        write_dataset_files(tmp, shards.names)
         seconds = time.perf_counter() - started
         stats = _stats(tally, seconds)
         _write_json(tmp / "stats.json", stats)
-        write_checksums(tmp)
-        _write_json(tmp / "manifest.json", _manifest(tok, options, source, tally, chat_template))
+        _write_json(tmp / "manifest.json", _manifest(tok, tmp / "tokenizer", options, source, tally, chat_template))
         replace_dir(tmp, out)
         return stats
     finally:
-        shutil.rmtree(parts, ignore_errors=True)
+        _encoder = None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ordered_map(fn: Callable, items: Iterable, num_proc: int, init: Callable, init_args: tuple) -> Iterator:
-    """map() over processes, results in input order, at most 2 items per worker in flight."""
+class ShardWriter:
+    """Arrow shards written while the rows stream in, in record batches of BATCH_ROWS pairs
+    (as `datasets.save_to_disk` writes them, so the bytes depend on neither chunking nor
+    --num-proc). A new file starts when the next batch would take the current one past
+    `max_bytes`. Files are named data-NNNNN-of-MMMMM.arrow, as save_to_disk names them, once the
+    count is known (at close). A run that keeps no pair still writes one shard, with the schema
+    and no rows, so the cache opens."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = Path(directory), max_bytes
+        self.names: list[str] = []
+        self._pending: list[pa.Table] = []  # rows not yet written: fewer than BATCH_ROWS
+        self._pending_rows = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.names.append(f"data-{len(self.names):05d}.arrow")
+        self._writer = ArrowWriter(features=FEATURES, path=str(self.directory / self.names[-1]))
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._pending_rows += len(table)
+        while self._pending_rows >= BATCH_ROWS:
+            self._write_batch(BATCH_ROWS)
+
+    def _write_batch(self, rows: int) -> None:
+        pending = pa.concat_tables(self._pending)
+        batch, rest = pending.slice(0, rows), pending.slice(rows)
+        self._pending, self._pending_rows = [rest], len(rest)
+        if self._writer._num_examples and self._writer._num_bytes + batch.nbytes > self.max_bytes:
+            self._close_file()
+            self._open()
+        self._writer.write_table(batch)
+
+    def _close_file(self) -> None:
+        self._writer.finalize()
+        self._writer.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self._pending_rows:
+            self._write_batch(self._pending_rows)
+        self._close_file()
+        if exc[0] is None:
+            final = [f"data-{i:05d}-of-{len(self.names):05d}.arrow" for i in range(len(self.names))]
+            for name, new in zip(self.names, final):
+                (self.directory / name).rename(self.directory / new)
+            self.names = final
+
+
+def write_dataset_files(directory: Path, shards: list[str]) -> None:
+    """What `datasets.load_from_disk` reads besides the shards (dataset_info.json and state.json,
+    as `save_to_disk` writes them), and checksums.json. The state's fingerprint is derived from
+    the checksums, so preprocessing the same input twice gives byte-equal files."""
+    info = info_dict(DatasetInfo(features=FEATURES))
+    (directory / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
+    write_checksums(directory)
+    state = {
+        "_data_files": [{"filename": name} for name in shards],
+        "_fingerprint": sha256_text((directory / "checksums.json").read_text())[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def ordered_map(fn: Callable, items: Iterable, num_proc: int) -> Iterator:
+    """map() over forked processes, results in input order, at most 2 items per worker in flight."""
     if num_proc == 1:
-        init(*init_args)
         yield from map(fn, items)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=init, initargs=init_args) as pool:
+    context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer
+    with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -211,25 +276,20 @@ def ordered_map(fn: Callable, items: Iterable, num_proc: int, init: Callable, in
             yield pending.popleft().result()
 
 
-@contextmanager
-def _quiet_datasets():
-    """datasets prints its own progress bar when saving; ours already covers the run."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
     while chunk := list(islice(rows, size)):
         yield chunk
 
 
 def _with_progress(results: Iterator[ChunkResult], total: int | None, enabled: bool) -> Iterator[ChunkResult]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not enabled, transient=True) as bar:
@@ -259,13 +319,14 @@ def _stats(tally: Tally, seconds: float) -> dict:
     return stats
 
 
-def _manifest(tok, options: MaskOptions, source, tally: Tally, chat_template) -> dict:
+def _manifest(tok, saved_tokenizer: Path, options: MaskOptions, source, tally: Tally, chat_template) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "mtdpo_version": __version__,
         "tokenizer": {
             "name_or_path": str(tok.name_or_path),
-            "fingerprint": fingerprint(tok),
+            # The saved copy's bytes (what train compares first); a vocabulary hash if none was written.
+            "fingerprint": fingerprint_dir(saved_tokenizer) or vocabulary_hash(tok),
             "vocab_size": len(tok),
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,

@@ -46,6 +46,10 @@ class MtdpoConfig(TrainingArguments):
     allow_mismatch: bool = field(
         default=False, metadata={"help": "Train even if the model's tokenizer differs from the one the cache was made with."}
     )
+    verify_cache: bool = field(
+        default=False,
+        metadata={"help": "Re-hash every shard (SHA-256, ~1 s/GB) first; off: only files changed since their last check."},
+    )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 (needs the gpu extra)."}
     )

@@ -17,7 +17,7 @@ from rich.table import Table
 # Every option MtdpoConfig adds to TrainingArguments sits in one group (a test checks it), plus
 # the TrainingArguments a DPO run most often sets.
 OPTION_GROUPS = {
-    "Data": ("data", "eval_data", "allow_mismatch", "train_sampling_strategy"),
+    "Data": ("data", "eval_data", "allow_mismatch", "verify_cache", "train_sampling_strategy"),
     "Objective": ("beta", "nll_coef", "nll_norm", "loss_type", "label_smoothing", "simpo_gamma"),
     "Reference": ("ref_model",),
     "Model": ("model", "attn_implementation", "padding_free", "trust_remote_code"),

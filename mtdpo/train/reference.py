@@ -60,7 +60,7 @@ def precompute_reference(
     dataset = load_cache(cache)
     set_seed(seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
     model = load_policy(model_name, attn_implementation, torch.float32, trust_remote_code)
-    check_model_matches(manifest, model_name, model.config.vocab_size, allow_mismatch)
+    check_model_matches(manifest, model_name, model.config.vocab_size, allow_mismatch, cache)
     add_fused_lm_head(model)
     model.eval()
     chosen, rejected = reference_logps(model, dataset, manifest["tokenizer"]["pad_token_id"] or 0, batch_size, progress)

@@ -14,7 +14,7 @@ from transformers.utils import logging as transformers_logging
 
 from mtdpo.cache import load_cache, read_manifest
 from mtdpo.errors import Interrupted, UsageError
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir
+from mtdpo.tokenizer import EMBEDDED_TOKENIZER, same_tokenizer
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
@@ -24,7 +24,7 @@ from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 # Manifest fields that must agree for several caches to be one dataset.
-COMPATIBLE_FIELDS = (("tokenizer", "fingerprint"), ("chat_template_sha256",), ("mask_mode",), ("seed_markers",), ("max_length",))
+COMPATIBLE_FIELDS = (("chat_template_sha256",), ("mask_mode",), ("seed_markers",), ("max_length",))
 
 
 def expand_cache_paths(paths: list[str]) -> list[str]:
@@ -41,12 +41,18 @@ def expand_cache_paths(paths: list[str]) -> list[str]:
     return expanded
 
 
-def open_caches(paths: list[str]):
-    """One memory-mapped dataset from one or more caches whose manifests agree."""
+def open_caches(paths: list[str], verify_all: bool = False):
+    """One memory-mapped dataset from one or more caches whose manifests agree.
+
+    Shards are re-hashed only if they changed since their last verification, or all of them
+    with `verify_all` (`--verify-cache`), so start-up does not grow with the data."""
     from datasets import concatenate_datasets
 
     manifests = [read_manifest(Path(p)) for p in paths]
+    fingerprint = manifests[0]["tokenizer"]["fingerprint"]
     for path, manifest in zip(paths[1:], manifests[1:]):
+        if manifest["tokenizer"]["fingerprint"] != fingerprint and not same_tokenizer(fingerprint, Path(paths[0]) / "tokenizer", Path(path) / "tokenizer"):
+            raise UsageError(f"caches {paths[0]} and {path} disagree on tokenizer.fingerprint; preprocess them alike")
         for keys in COMPATIBLE_FIELDS:
             if _get(manifest, keys) != _get(manifests[0], keys):
                 raise UsageError(f"caches {paths[0]} and {path} disagree on {'.'.join(keys)}; preprocess them alike")
@@ -58,7 +64,7 @@ def open_caches(paths: list[str]):
             if key in slices:
                 raise UsageError(f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) of one input; pass each once")
             slices[key] = path
-    datasets = [load_cache(Path(p), verify=True) for p in paths]  # SHA-256 of every shard: ~1 s per GB
+    datasets = [load_cache(Path(p), verify=True, full=verify_all) for p in paths]
     return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
 
 
@@ -68,15 +74,15 @@ def _get(d: dict, keys: tuple[str, ...]):
     return d
 
 
-def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int, allow_mismatch: bool) -> None:
+def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int, allow_mismatch: bool, cache: Path) -> None:
     """Refuse a model whose tokenizer is not the one the cache was tokenized with."""
     cache_vocab = manifest["tokenizer"]["vocab_size"]
     if cache_vocab > vocab_size:
         hint = " (the tiny default model fits only the embedded tokenizer; pass --model)" if model_path is None else ""
         raise UsageError(f"the cache uses token ids up to {cache_vocab - 1} but the model's vocabulary has {vocab_size}{hint}")
     tokenizer_dir = EMBEDDED_TOKENIZER if model_path is None else Path(model_path)
-    model_fingerprint = fingerprint_dir(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    if model_fingerprint and model_fingerprint != manifest["tokenizer"]["fingerprint"] and not allow_mismatch:
+    fingerprint = manifest["tokenizer"]["fingerprint"]
+    if (tokenizer_dir / "tokenizer.json").is_file() and not allow_mismatch and not same_tokenizer(fingerprint, Path(cache) / "tokenizer", tokenizer_dir):
         raise UsageError(
             f"the model's tokenizer ({tokenizer_dir}) differs from the cache's ({manifest['tokenizer']['name_or_path']}): "
             "re-run `mtdpo preprocess --tokenizer` with the model's tokenizer, or pass --allow-mismatch"
@@ -91,14 +97,14 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     if config.loss_type in REFERENCE_FREE and config.ref_model:
         raise UsageError(f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them")
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
-    train_data, manifest = open_caches(config.data)
-    eval_data = open_caches([config.eval_data])[0] if config.eval_data else None
+    train_data, manifest = open_caches(config.data, config.verify_cache)
+    eval_data = open_caches([config.eval_data], config.verify_cache)[0] if config.eval_data else None
 
     set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint; ProgressLine reports the run
     dtype = torch.float32  # master weights; --bf16 trains in mixed precision
     policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code)
-    check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch)
+    check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch, Path(config.data[0]))
     precomputed = all(c in train_data.column_names for c in ("ref_chosen_logp", "ref_rejected_logp"))
     ref = None if precomputed or config.loss_type in REFERENCE_FREE else load_reference(
         policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
