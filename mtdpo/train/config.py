@@ -48,7 +48,7 @@ class MtdpoConfig(TrainingArguments):
     )
     verify_cache: bool = field(
         default=False,
-        metadata={"help": "Re-hash every shard (SHA-256, ~1 s/GB) first; off: only files changed since their last check."},
+        metadata={"help": "SHA-256 every shard first, not only changed ones (~1 s/GB)."},
     )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 (needs the gpu extra)."}
