@@ -42,6 +42,7 @@ def family_tokenizer(family: str):
     if spec["bos_token"]:
         specials["bos_token"] = spec["bos_token"]
     tok.add_special_tokens(specials)
+    tok.add_tokens(spec.get("added_tokens", []))  # e.g. Qwen's <tool_call>: added, not special
     tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
     assert tok.eos_token == spec["eos_token"] and tok.convert_tokens_to_ids(spec["end_of_turn"]) != tok.unk_token_id
     return tok

@@ -85,12 +85,12 @@ def test_the_reliability_doc_lists_every_fault():
     assert make_faults.markdown() in make_faults.DOC.read_text(), "run: python tests/data/make_faults.py --doc"
 
 
-def test_the_corpus_covers_69_distinct_faults():
+def test_the_corpus_covers_71_distinct_faults():
     faults = {e["fault"] for e in expected("faults") + expected("gemma2_faults") if not e["fault"].startswith("good row")}
     outcomes = [e["outcome"] for e in expected("faults") if not e["fault"].startswith("good row")]
-    # 65 between good rows, the cut-off last line, 5 run with the Gemma-2 template (2 names shared)
-    assert len(faults) == 69
-    assert {o: outcomes.count(o) for o in set(outcomes)} == {"rejected": 48, "kept": 14, "truncated": 1, "dropped": 1, "skipped": 2}
+    # 67 between good rows, the cut-off last line, 5 run with the Gemma-2 template (2 names shared)
+    assert len(faults) == 71
+    assert {o: outcomes.count(o) for o in set(outcomes)} == {"rejected": 49, "kept": 15, "truncated": 1, "dropped": 1, "skipped": 2}
 
 
 # ── every fault, every good row ───────────────────────────────────────────────
@@ -112,16 +112,16 @@ def test_no_row_is_lost(faults):
     cache, _ = faults
     rows = [e["row"] for e in expected("faults") if e["outcome"] != "skipped"]
     placed = list(load_cache(cache)["row"]) + [r["row"] for r in rejects(cache)]
-    assert sorted(placed) == rows and len(rows) == 130
+    assert sorted(placed) == rows and len(rows) == 134
 
 
 def test_counts_in_stats_manifest_and_summary(faults):
     cache, result = faults
     stats = json.loads((cache / "stats.json").read_text())
-    counts = {"rows": 130, "kept": 81, "rejected": 48, "dropped": 1, "truncated": 1}
+    counts = {"rows": 134, "kept": 84, "rejected": 49, "dropped": 1, "truncated": 1}
     assert {k: stats[k] for k in COUNTS} == counts
     assert json.loads((cache / "manifest.json").read_text())["counts"] == counts
-    assert sum(stats["reasons"].values()) == 49 and stats["reasons"]["invalid JSON"] == 7
+    assert sum(stats["reasons"].values()) == 50 and stats["reasons"]["invalid JSON"] == 7
     for name, value in counts.items():
         assert re.search(rf"│ {name} +│ +{value} │", result.stdout), name
     assert "[/bold]" in result.stdout  # the role from the data is printed as text, not read as markup
@@ -133,7 +133,7 @@ def test_good_rows_come_out_as_if_the_bad_rows_were_absent(faults, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_bytes(b"\n".join(lines[e["row"]] for e in expected("faults") if e["outcome"] in USED) + b"\n")
     run_preprocess(good, tmp_path / "good")
-    assert list(load_cache(tmp_path / "good")["row"]) == list(range(81))
+    assert list(load_cache(tmp_path / "good")["row"]) == list(range(84))
     assert without_row(tmp_path / "good").equals(without_row(cache))
 
 

@@ -229,7 +229,7 @@ def mixed_lines() -> tuple[list, dict[int, str], list[int]]:
         7: "chosen and rejected are identical",
         8: "duplicated key(s) in one object: chosen",
         9: "line is not valid UTF-8 (byte 12)",  # the \xff after '{"chosen": "'
-        11: "chosen[1] (assistant) content is null, expected a string",
+        11: "chosen[1] (assistant) content is null, expected a string or a list of text parts (null only with tool_calls)",
     }
     return lines, reasons, [0, 2, 10, 12]
 

@@ -31,11 +31,11 @@ BAD_ROWS = {
     "null role": (good(chosen=[{"role": None, "content": "x"}, A]), f"chosen[0] role is null, expected a string (one of: {KNOWN})"),
     "no role": (good(chosen=[{"content": "What?"}, A]), "chosen[0] has no 'role'"),
     "no content": (good(rejected=[Q, {"role": "assistant"}]), "rejected[1] (assistant) has no 'content'"),
-    "null content": (good(chosen=[Q, {"role": "assistant", "content": None}]), "chosen[1] (assistant) content is null, expected a string"),
-    "int content": (good(chosen=[{"role": "user", "content": 5}, A]), "chosen[0] (user) content is a number, expected a string"),
-    "float content": (good(chosen=[Q, {"role": "assistant", "content": 5.5}]), "chosen[1] (assistant) content is a number, expected a string"),
-    "NaN content": (good(chosen=[Q, {"role": "assistant", "content": math.nan}]), "chosen[1] (assistant) content is NaN, expected a string"),
-    "list content": (good(rejected=[Q, {"role": "assistant", "content": ["It", "is"]}]), "rejected[1] (assistant) content is a list, expected a string"),
+    "null content": (good(chosen=[Q, {"role": "assistant", "content": None}]), "chosen[1] (assistant) content is null, expected a string or a list of text parts (null only with tool_calls)"),
+    "int content": (good(chosen=[{"role": "user", "content": 5}, A]), "chosen[0] (user) content is a number, expected a string or a list of text parts"),
+    "float content": (good(chosen=[Q, {"role": "assistant", "content": 5.5}]), "chosen[1] (assistant) content is a number, expected a string or a list of text parts"),
+    "NaN content": (good(chosen=[Q, {"role": "assistant", "content": math.nan}]), "chosen[1] (assistant) content is NaN, expected a string or a list of text parts"),
+    "list content": (good(rejected=[Q, {"role": "assistant", "content": ["It", "is"]}]), "rejected[1] (assistant) content part 0 is a string, expected {\"type\": \"text\", \"text\": ...}"),
     "message is a string": (good(chosen=["What?", A]), "chosen[0] is a string, expected an object with 'role' and 'content'"),
     "side is a number": (good(chosen=7), "chosen is a number, expected a list of messages or a string"),
     "prompt is a dict": (good(prompt={"role": "user"}), "prompt is an object, expected a list of messages or a string"),
@@ -114,5 +114,5 @@ def test_sides_that_render_the_same_are_rejected():
 
 def test_empty_assistant_message_is_rejected():
     row = good(chosen=[Q, msg("assistant", "  ")])
-    with pytest.raises(RowError, match=r"^message 1 \(assistant\) has empty content$"):
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\) is empty: no content, reasoning or tool calls$"):
         PairEncoder(embedded_tokenizer(), MaskOptions())(row)

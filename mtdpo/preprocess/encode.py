@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtdpo.preprocess.mask import IGNORE_INDEX, ChatTemplate, Encoded, render_and_mask, seed_mask
-from mtdpo.preprocess.rows import RowError, shared_prefix_length, to_pair
+from mtdpo.preprocess.rows import Pair, RowError, shared_prefix_length, to_pair
 
 
 class Dropped(RowError):
@@ -28,7 +28,7 @@ class PairEncoder:
     def __call__(self, row: object) -> tuple[dict, bool]:
         """Return the record and whether it was truncated; raise RowError/Dropped."""
         pair = to_pair(row)
-        chosen, rejected = self._mask(pair.chosen, pair.n_prompt), self._mask(pair.rejected, pair.n_prompt)
+        chosen, rejected = self._mask(pair, pair.chosen), self._mask(pair, pair.rejected)
         if chosen.input_ids == rejected.input_ids:
             raise RowError("chosen and rejected render to the same tokens")
         limit = self.options.max_length
@@ -48,10 +48,11 @@ class PairEncoder:
         }
         return record, truncated
 
-    def _mask(self, messages: list[dict], n_prompt: int) -> Encoded:
+    def _mask(self, pair: Pair, messages: list[dict]) -> Encoded:
         if self.options.mode == "seed":
-            return seed_mask(self.chat, messages, n_prompt, self.options.user_marker, self.options.end_marker)
-        return render_and_mask(self.chat, messages, n_prompt)
+            options = self.options
+            return seed_mask(self.chat, messages, pair.n_prompt, options.user_marker, options.end_marker, pair.tools, pair.template_kwargs)
+        return render_and_mask(self.chat, messages, pair.n_prompt, pair.tools, pair.template_kwargs)
 
 
 def truncate(enc: Encoded, max_length: int) -> Encoded:

@@ -1,18 +1,30 @@
 """Render a conversation with its chat template and label the tokens to train.
 
-The masking rule (DESIGN.md): a token is trained iff it was emitted by an assistant
-message after the shared prompt, i.e. the message's text and its end-of-turn marker.
-Everything else (system, user, tool turns, role headers, BOS, the shared prompt) is -100.
+The masking rule (DESIGN.md): for each assistant message i after the shared prompt, the
+trained characters are exactly what the model generates for that turn: from the end of
+the generation prompt, `render(messages[:i], add_generation_prompt=True)`, through the
+turn's end-of-turn marker inclusive (content, reasoning, tool-call text and the marker),
+not the template's whitespace after the marker. Everything else (system, user and tool
+turns, tool schemas, role headers, BOS, the shared prompt) is -100.
 
-Spans are found from the rendered text, never from token ids: render growing prefixes
-of the conversation, each must extend the previous one, and the new suffix holds the
-message. Characters map to tokens through the tokenizer's offsets; a token follows the
-character that starts it. Every row is then self-checked, so a template that rewrites
-earlier turns or glues a message to its neighbour gives a rejected row, not a wrong mask.
+Three small pure steps, all on the rendered text, never on token ids:
+
+    assistant_spans(render, messages, n_prompt, text, ...)  -> one TurnSpan per trained message
+    trained_mask(offsets, spans)                            -> which tokens are trained
+    check_spans(text, offsets, messages, spans)             -> RowError unless the mask is right
+
+A span's end comes from rendering the conversation up to and including the message; a
+token follows the character that starts it. Only where a template's generation prompt is
+not a prefix of the conversation (it appends text the conversation never renders) is the
+start found by locating the content string instead. The self-check rejects a row whose
+span does not hold the message's content, reasoning and every tool call's name and
+arguments, or whose span boundaries cut a token: the mask is right or the row is not used.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +42,8 @@ SEED_MARKERS = {
     "<|user|>": ("<|user|>\n", "<|end|>\n"),
     "[INST]": ("[INST]", "[/INST]"),
 }
+# A render of the conversation so far: (messages, add_generation_prompt) -> text.
+Render = Callable[[list, bool], str]
 
 
 @dataclass(frozen=True)
@@ -39,14 +53,14 @@ class Encoded:
 
 
 @dataclass(frozen=True)
-class TrainedSpan:
-    """Characters of one assistant message that are trained, and what the check needs."""
+class TurnSpan:
+    """The trained characters [start, end) of one assistant message, in the rendered text."""
 
-    start: int  # where the model starts generating (after the role header)
-    end: int  # after the end-of-turn marker
-    content_start: int
-    content_end: int
-    turn_end: int  # end of this message's rendered text; nothing past it may be trained
+    message: int  # index of the message in the conversation
+    header_end: int  # where the template's generation prompt for it ends in the text
+    start: int  # where training starts: header_end, unless the content had to be located
+    end: int  # just after the end-of-turn marker
+    turn_end: int  # end of the message's render (end + the template's whitespace after it)
 
 
 class ChatTemplate:
@@ -61,15 +75,20 @@ class ChatTemplate:
         self.markers = end_markers(tokenizer)
         self._template = _compile_jinja_template(tokenizer.chat_template)
         self._variables = dict(tokenizer.special_tokens_map)
-        self.generation_header = self._generation_header()
+        self.closing = self._closing()
 
-    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool = False, tools=None, template_kwargs=None) -> str:
+        variables = {**self._variables, **template_kwargs} if template_kwargs else self._variables
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **self._variables
+                messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt, **variables
             )
         except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
             raise RowError(f"chat template error: {err}") from None
+
+    def renderer(self, tools=None, template_kwargs=None) -> Render:
+        """`render` bound to one row's tools and template arguments."""
+        return lambda messages, generation_prompt=False: self.render(messages, generation_prompt, tools, template_kwargs)
 
     def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and character offsets. The template already emits BOS: adding special
@@ -77,123 +96,203 @@ class ChatTemplate:
         enc = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
         return np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
 
-    def _generation_header(self) -> str | None:
-        """What add_generation_prompt appends (e.g. "<start_of_turn>model\n"), when it only appends."""
-        probe = [{"role": "user", "content": "x"}]
+    def _closing(self) -> str:
+        """A token the template appends to every render and the next message replaces
+        (Phi-3 closes each render with <|endoftext|>): not part of the last message."""
+        one, two = [{"role": "user", "content": "x"}], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         try:
-            plain, prompted = self.render(probe), self.render(probe, generation_prompt=True)
+            short, long = self.render(one), self.render(two)
         except RowError:
-            return None
-        return prompted[len(plain) :] if prompted.startswith(plain) else None
+            return ""
+        return next((m for m in self.markers if short.endswith(m) and long.endswith(m) and not long.startswith(short)), "")
 
 
 def end_markers(tokenizer) -> list[str]:
-    """Special-token strings, longest first: the candidates for an end-of-turn marker."""
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    return sorted(specials, key=len, reverse=True)
+    """Added-token strings (special or not), longest first: the candidates for an end-of-turn marker."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    return sorted(added, key=len, reverse=True)
 
 
-def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int) -> Encoded:
-    """Assistant mode: train the post-prompt assistant messages only."""
-    text = chat.render(messages)
-    spans = trained_spans(chat, messages, n_prompt, text)
+def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, tools=None, template_kwargs=None) -> Encoded:
+    """Assistant mode: train what the model generates for each post-prompt assistant message."""
+    render = chat.renderer(tools, template_kwargs)
+    text = render(messages)
+    spans = assistant_spans(render, messages, n_prompt, text, chat.markers, chat.closing)
     ids, offsets = chat.tokenize(text)
-    trained = np.zeros(len(ids), dtype=bool)
-    for span in spans:
-        trained |= (offsets[:, 0] >= span.start) & (offsets[:, 0] < span.end)
-    check_mask(offsets, trained, spans)
-    labels = np.where(trained, ids, IGNORE_INDEX)
+    check_spans(text, offsets, messages, spans)
+    labels = np.where(trained_mask(offsets, spans), ids, IGNORE_INDEX)
     return Encoded(ids.tolist(), labels.tolist())
 
 
-def trained_spans(chat: ChatTemplate, messages, n_prompt, text) -> list[TrainedSpan]:
-    turn_start = _prefix_length(chat, messages[:n_prompt], text) if n_prompt else 0
+# ── the rule: render → character spans ───────────────────────────────────────
+
+
+def assistant_spans(render: Render, messages: list[dict], n_prompt: int, text: str, markers: list[str], closing: str = "") -> list[TurnSpan]:
+    """One span per assistant message after the shared prompt, from renders of prefixes."""
     spans = []
     for i in range(n_prompt, len(messages)):
-        turn_end = _prefix_length(chat, messages[: i + 1], text)
-        if messages[i]["role"] == "assistant":
-            spans.append(_assistant_span(chat, messages, i, text, turn_start, turn_end))
-        turn_start = turn_end
+        if messages[i]["role"] != "assistant":
+            continue
+        if not (message_text(messages[i]).strip() or messages[i].get("tool_calls") or reasoning(messages[i])):
+            raise RowError(f"message {i} (assistant) is empty: no content, reasoning or tool calls")
+        whole = text if i + 1 == len(messages) else render(messages[: i + 1])
+        turn_end = prefix_end(whole, text, closing, i + 1)
+        header_end, start = generation_start(render, messages, i, text, closing, turn_end)
+        if start > turn_end:
+            raise RowError(f"message {i} (assistant): the template renders it inside its generation prompt")
+        spans.append(TurnSpan(i, header_end, start, end_of_turn(text, start, turn_end, markers, i), turn_end))
     return spans
 
 
-def _prefix_length(chat: ChatTemplate, prefix, text) -> int:
-    rendered = chat.render(prefix)
+def prefix_end(rendered: str, text: str, closing: str, n: int) -> int:
+    """Where a render of the first n messages ends inside the whole conversation's text."""
+    if closing and rendered.endswith(closing):
+        rendered = rendered[: -len(closing)]
     if text.startswith(rendered):
         return len(rendered)
-    # Some templates close every render with a special token (Phi-3 appends <|endoftext|>):
-    # a prefix that differs from the whole only by that closing token is still stable.
-    for closing in chat.markers:
-        if rendered.endswith(closing) and text.endswith(closing) and text.startswith(rendered[: -len(closing)]):
-            return len(rendered) - len(closing)
     raise RowError(
-        f"chat template is not prefix-stable: the first {len(prefix)} messages render differently inside the "
+        f"chat template is not prefix-stable: the first {n} messages render differently inside the "
         "whole conversation (the template rewrites earlier turns), so the mask cannot be trusted"
     )
 
 
-def _assistant_span(chat: ChatTemplate, messages, i, text, turn_start, turn_end) -> TrainedSpan:
-    content = messages[i]["content"]
-    if not content.strip():
-        raise RowError(f"message {i} (assistant) has empty content")
-    turn = text[turn_start:turn_end]
-    found = _locate(turn, content, chat.markers) or _locate(turn, content.strip(), chat.markers)  # templates may trim
-    if found is None:
+def generation_start(render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int) -> tuple[int, int]:
+    """(end of the generation prompt, first trained character) for assistant message i."""
+    try:
+        prompted = render(messages[:i], True)
+    except RowError:
+        prompted = None  # e.g. a template that cannot render an empty conversation (i == 0)
+    if prompted is not None and text.startswith(prompted):
+        return len(prompted), len(prompted)  # the rule
+    # Fallback: the generation prompt adds text the conversation does not render (a
+    # `<think>` opener, an empty thinking block). The header ends where the two part.
+    turn_start = prefix_end(render(messages[:i]), text, closing, i) if i else 0
+    header_end = turn_start
+    if prompted is not None and prompted.startswith(text[:turn_start]):
+        header_end += common_prefix_length(text[turn_start:], prompted[turn_start:])
+    content = message_text(messages[i])
+    for needle in (content, content.strip()):
+        if needle and (found := text.find(needle, header_end, turn_end)) != -1:
+            return header_end, found
+    if content.strip():
         raise RowError(f"message {i} (assistant): its text is not in the rendered template output (the template alters it)")
-    content_start, content_end = turn_start + found[0], turn_start + found[1]
-    marker = next((m for m in chat.markers if text.startswith(m, content_end, turn_end)), "")
-    # The model generates everything after the generation prompt, e.g. Mistral's space
-    # after [/INST]; use it as the start when it ends just before the content.
-    start = content_start
-    generation_end = _generation_end(chat, messages, i, text, turn_start)
-    if generation_end is not None and turn_start <= generation_end <= content_start and not text[generation_end:content_start].strip():
-        start = generation_end
-    return TrainedSpan(start, content_end + len(marker), content_start, content_end, turn_end)
+    return header_end, header_end
 
 
-def _generation_end(chat: ChatTemplate, messages, i, text, turn_start) -> int | None:
-    """Where the generation prompt for message i ends in `text`, if the template has one there."""
-    if i == 0:
-        return None
-    header = chat.generation_header
-    if header is not None and text.startswith(header, turn_start):  # the usual case: no extra render
-        return turn_start + len(header)
-    prompted = chat.render(messages[:i], generation_prompt=True)
-    return len(prompted) if text.startswith(prompted) else None
+def end_of_turn(text: str, start: int, turn_end: int, markers: list[str], i: int) -> int:
+    """The end of the turn's end-of-turn marker: the template's whitespace after it is not trained."""
+    body = text[start:turn_end].rstrip()
+    if not any(body.endswith(m) for m in markers):
+        raise RowError(f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})")
+    return start + len(body)
 
 
-def _locate(turn: str, needle: str, markers: list[str]) -> tuple[int, int] | None:
-    """Last occurrence of needle that an end marker (or the turn's end) follows."""
-    if not needle:
-        return None
-    hits, pos = [], turn.find(needle)
-    while pos != -1:
-        hits.append(pos)
-        pos = turn.find(needle, pos + 1)
-    if not hits:
-        return None
-
-    def closes_turn(p):
-        rest = turn[p + len(needle) :]
-        return not rest.strip() or any(rest.startswith(m) for m in markers)
-
-    best = next((p for p in reversed(hits) if closes_turn(p)), hits[-1])
-    return best, best + len(needle)
+def common_prefix_length(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
-def check_mask(offsets: np.ndarray, trained: np.ndarray, spans: list[TrainedSpan]) -> None:
-    """Self-check: every content character is trained, no trained token leaves its turn."""
+# ── spans → labels ────────────────────────────────────────────────────────────
+
+
+def trained_mask(offsets: np.ndarray, spans: list[TurnSpan]) -> np.ndarray:
+    """A token is trained iff the character that starts it is inside a span."""
+    trained = np.zeros(len(offsets), dtype=bool)
+    for span in spans:
+        trained |= (offsets[:, 0] >= span.start) & (offsets[:, 0] < span.end)
+    return trained
+
+
+# ── the self-check ────────────────────────────────────────────────────────────
+
+
+def check_spans(text: str, offsets: np.ndarray, messages: list[dict], spans: list[TurnSpan]) -> None:
+    """Raise RowError unless every span holds all of its message and cuts no token.
+
+    Per span: nothing but whitespace between the generation prompt and the start; the
+    content, reasoning, and each tool call's name and arguments inside [start, end); start
+    and end on token boundaries, so no trained token reaches into a header or the next turn.
+    """
     starts, ends = offsets[:, 0], offsets[:, 1]
     for span in spans:
-        overlaps = (starts < span.content_end) & (ends > span.content_start)
-        if not trained[overlaps].all():
-            raise RowError("assistant text shares a token with its role header; the mask would cut it")
-        mine = trained & (starts >= span.start) & (starts < span.end)
-        if (ends[mine] > span.turn_end).any():
-            raise RowError("a trained token runs into the next message; the mask would train it")
+        i, trained = span.message, text[span.start : span.end]
+        if text[span.header_end : span.start].strip():
+            raise RowError(f"message {i} (assistant): the template renders text before its content that the mask would skip")
+        for what, needles in message_parts(messages[i]):
+            if not any(needle in trained for needle in needles):
+                raise RowError(f"message {i} (assistant): its {what} is not in the rendered turn (the template drops or alters it)")
+        if ((starts < span.start) & (ends > span.start)).any():
+            raise RowError(f"message {i} (assistant): its first character shares a token with the generation prompt; the mask would cut it")
+        if ((starts < span.end) & (ends > span.end)).any():
+            raise RowError(f"message {i} (assistant): its end-of-turn marker shares a token with the next text; the mask would cut it")
 
 
-def seed_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, user_marker: str, end_marker: str) -> Encoded:
+def message_parts(message: dict) -> list[tuple[str, list[str]]]:
+    """(what, ways it may be rendered) for each piece of an assistant message that its span must hold."""
+    parts = []
+    content = message_text(message)
+    if "</think>" in content:  # Qwen3-style templates move an inline <think> block out of the content
+        pieces = [p.strip() for p in content.replace("<think>", "</think>").split("</think>")]
+    else:
+        pieces = [content.strip()]
+    parts += [("text", [p]) for p in pieces if p]
+    if thought := reasoning(message).strip():
+        parts.append(("reasoning", [thought]))
+    for k, call in enumerate(message.get("tool_calls") or []):
+        function = call["function"]
+        parts.append((f"tool call {k} name", [function["name"]]))
+        for leaf in argument_leaves(function.get("arguments")):
+            parts.append((f"tool call {k} arguments", rendered_forms(leaf)))
+    return parts
+
+
+def message_text(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def reasoning(message: dict) -> str:
+    value = message.get("reasoning_content")
+    return value if isinstance(value, str) else ""
+
+
+def argument_leaves(arguments) -> list:
+    """The keys and scalar values of a tool call's arguments (a dict or a JSON string)."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return [arguments]
+    leaves, stack = [], [arguments]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            leaves += list(value)
+            stack += list(value.values())
+        elif isinstance(value, list):
+            stack += value
+        elif value is not None:
+            leaves.append(value)
+    return leaves
+
+
+def rendered_forms(leaf) -> list[str]:
+    """A key or value as a template may write it: as is, JSON-escaped once (tojson), or twice
+    (a JSON string of arguments passed through tojson)."""
+    if isinstance(leaf, str):
+        once = json.dumps(leaf, ensure_ascii=False)[1:-1]
+        return [leaf, once, json.dumps(once, ensure_ascii=False)[1:-1]]
+    return [json.dumps(leaf), str(leaf)]
+
+
+# ── seed mode: the original research rule ────────────────────────────────────
+
+
+def seed_mask(
+    chat: ChatTemplate, messages: list[dict], n_prompt: int, user_marker: str, end_marker: str, tools=None, template_kwargs=None
+) -> Encoded:
     """The original research rule: mask the shared prompt and every span from a user-turn
     start marker through the next end-of-turn marker (both inclusive); train the rest.
 
@@ -201,10 +300,11 @@ def seed_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, user_mark
     character merges into the previous token (Mistral's " [INST]") is still found; a token
     that overlaps a masked span is masked.
     """
-    text = chat.render(messages)
-    prompt = chat.render(messages[:n_prompt], generation_prompt=True) if n_prompt else ""
+    render = chat.renderer(tools, template_kwargs)
+    text = render(messages)
+    prompt = render(messages[:n_prompt], True) if n_prompt else ""
     if not text.startswith(prompt):
-        prompt = chat.render(messages[:n_prompt])
+        prompt = render(messages[:n_prompt])
     ids, offsets = chat.tokenize(text)
     starts, ends = offsets[:, 0], offsets[:, 1]
     masked = starts < len(prompt)

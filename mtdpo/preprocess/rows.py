@@ -4,7 +4,16 @@ Two row shapes are accepted (DESIGN.md, "Input"):
   {"chosen": [msgs], "rejected": [msgs]}                 full conversations (RLHFlow style)
   {"prompt": [msgs] | str, "chosen": [msgs] | str, "rejected": [msgs] | str}   TRL style
 Either way the shared prompt is the longest common prefix of whole messages of the two
-full conversations, so both shapes mask the same way. The sides must first differ at an
+full conversations, so both shapes mask the same way.
+
+Messages are in the OpenAI / transformers chat format. Content is a string, a list of text
+parts (`[{"type": "text", "text": ...}]`, joined into one string) or, for an assistant turn
+that only calls tools or only reasons, null/empty. An assistant message may carry
+`tool_calls: [{"type": "function", "function": {"name": str, "arguments": object | JSON
+string}, "id"?: str}]` and `reasoning_content` (or `thinking` / `reasoning`: transformers'
+names, aliased the same way); a tool message may carry `tool_call_id` / `name`. Optional row
+keys: `tools` (JSON schemas, given to the template as `tools=`; `chosen_tools` /
+`rejected_tools` must then be equal) and `chat_template_kwargs` (e.g. `enable_thinking`). The sides must first differ at an
 assistant message (on at least one side): a pair whose sides first differ at a user, system or
 tool message on both sides answers two different prompts, which DPO cannot compare.
 
@@ -14,10 +23,14 @@ and says what is wrong in JSON terms (null, a number, an object), not Python's.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython", "function")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' names, first = standard
+# Names the template itself is rendered with: a row cannot override them.
+RESERVED_TEMPLATE_ARGS = ("messages", "tools", "documents", "add_generation_prompt")
 # Masking renders one prefix per message, so time grows with the square of the turns: a
 # 2,000-message row takes about a minute. Longer rows are rejected, not rendered.
 MAX_MESSAGES = 512
@@ -32,6 +45,8 @@ class Pair:
     chosen: list[dict]  # full conversation, prompt included
     rejected: list[dict]
     n_prompt: int  # leading messages shared by both sides
+    tools: list[dict] | None = None  # JSON schemas given to the template (both sides)
+    template_kwargs: dict | None = None  # extra template variables (enable_thinking …)
 
 
 def to_pair(row: object) -> Pair:
@@ -63,7 +78,31 @@ def to_pair(row: object) -> Pair:
             f"the sides disagree on the prompt: they first differ at message {n_prompt} "
             f"({first['chosen']} in chosen, {first['rejected']} in rejected), not at an assistant message"
         )
-    return Pair(chosen, rejected, n_prompt)
+    return Pair(chosen, rejected, n_prompt, _tools(row), _template_kwargs(row))
+
+
+def _tools(row: dict) -> list[dict] | None:
+    """The row's tool schemas; per-side copies must agree (DPO compares answers to one prompt)."""
+    given = {key: row[key] for key in ("tools", "chosen_tools", "rejected_tools") if row.get(key) is not None}
+    if len({json.dumps(v, sort_keys=True) for v in given.values()}) > 1:
+        raise RowError(f"{' and '.join(given)} differ: both sides must answer with the same tools")
+    if not given:
+        return None
+    key, tools = next(iter(given.items()))
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError(f"{key} is {json_type(tools)}, expected a list of JSON schema objects")
+    return tools
+
+
+def _template_kwargs(row: dict) -> dict | None:
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise RowError(f"chat_template_kwargs is {json_type(kwargs)}, expected an object")
+    if reserved := sorted(set(kwargs) & set(RESERVED_TEMPLATE_ARGS)):
+        raise RowError(f"chat_template_kwargs may not set {', '.join(reserved)}: mtdpo renders those itself")
+    return kwargs
 
 
 def shared_prefix_length(a: list, b: list) -> int:
@@ -106,14 +145,83 @@ def _message(msg: object, where: str) -> dict:
     if role not in ROLES:
         hint = "; roles are lower-case" if role.lower() in ROLES else ""
         raise RowError(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)}{hint})")
-    if "content" not in msg:
+    calls = _tool_calls(msg.get("tool_calls"), where) if role == "assistant" else None
+    thought = _reasoning(msg, where)
+    if "content" not in msg and not (calls or thought):
         raise RowError(f"{where} ({role}) has no 'content'")
+    content = _content(content, f"{where} ({role})", may_be_null=role == "assistant" and bool(calls or thought))
+    # Keep extra keys (name, tool_call_id …): a template may render them. Keys set to null are
+    # dropped, as apply_chat_template does, so `is defined` tests in templates see the same; a
+    # call-only turn's null content is kept (DeepSeek-V3's template tests `content is none`).
+    out = {key: value for key, value in msg.items() if value is not None}
+    if "content" in msg:
+        out["content"] = content
+    if calls:
+        out["tool_calls"] = calls
+    if thought is not None:  # as transformers aliases it: templates read either name
+        out.update(thinking=thought, reasoning_content=thought)
+    return out
+
+
+def _content(content: object, where: str, may_be_null: bool) -> str | None:
+    if content is None and may_be_null:
+        return None
+    if isinstance(content, list):
+        content = "".join(_text_part(part, f"{where} content part {k}") for k, part in enumerate(content))
     if not isinstance(content, str):
-        raise RowError(f"{where} ({role}) content is {json_type(content)}, expected a string")
+        expected = "a string or a list of text parts" + (" (null only with tool_calls)" if content is None else "")
+        raise RowError(f"{where} content is {json_type(content)}, expected {expected}")
+    _check_unicode(content, f"{where} content")
+    return content
+
+
+def _text_part(part: object, where: str) -> str:
+    if not isinstance(part, dict):
+        raise RowError(f'{where} is {json_type(part)}, expected {{"type": "text", "text": ...}}')
+    if part.get("type") != "text":
+        raise RowError(f"{where} has type {part.get('type')!r}: only text parts can be trained (mtdpo is text-only)")
+    if not isinstance(part.get("text"), str):
+        raise RowError(f"{where} text is {json_type(part.get('text'))}, expected a string")
+    return part["text"]
+
+
+def _tool_calls(calls: object, where: str) -> list[dict] | None:
+    """Validate OpenAI-style tool calls; arguments stay as given (an object or a JSON string)."""
+    if calls is None or calls == []:
+        return None
+    if not isinstance(calls, list):
+        raise RowError(f"{where} tool_calls is {json_type(calls)}, expected a list")
+    for k, call in enumerate(calls):
+        at = f"{where} tool_calls[{k}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise RowError(f'{at} has no "function" object (expected {{"type": "function", "function": {{"name": ..., "arguments": ...}}}})')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowError(f"{at} function name is {json_type(function.get('name'))}, expected a non-empty string")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                json.loads(arguments)
+            except ValueError:
+                raise RowError(f"{at} arguments is a string that is not valid JSON") from None
+            _check_unicode(arguments, f"{at} arguments")
+        elif not isinstance(arguments, dict):
+            raise RowError(f"{at} arguments is {json_type(arguments)}, expected an object or a JSON string")
+    return calls
+
+
+def _reasoning(msg: dict, where: str) -> str | None:
+    key = next((k for k in REASONING_KEYS if msg.get(k) is not None), None)
+    if key is None:
+        return None
+    if not isinstance(msg[key], str):
+        raise RowError(f"{where} {key} is {json_type(msg[key])}, expected a string")
+    _check_unicode(msg[key], f"{where} {key}")
+    return msg[key]
+
+
+def _check_unicode(text: str, where: str) -> None:
     try:
-        content.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as err:  # a JSON escape such as "\ud800" decodes to half a character
-        raise RowError(f"{where} ({role}) content is not valid Unicode (a lone surrogate at character {err.start})") from None
-    # Keep extra keys (tool_calls, name …): a template may render them. Keys set to null are
-    # dropped, as apply_chat_template does, so `is defined` tests in templates see the same.
-    return {key: value for key, value in msg.items() if value is not None}
+        raise RowError(f"{where} is not valid Unicode (a lone surrogate at character {err.start})") from None
