@@ -129,8 +129,8 @@ def main() -> None:
         for strategy in ("group_by_length", "random", "sequential"):
             lines += measure_resume(cache, tmp, strategy)
         lines.append(measure_accumulation(cache, tmp))
-        if any(f.name == "nll_normalization" for f in dataclasses.fields(MtdpoConfig)):
-            lines.append(measure_accumulation(cache, tmp, nll_normalization="micro_batch"))
+        if any(f.name == "loss_scope" for f in dataclasses.fields(MtdpoConfig)):
+            lines.append(measure_accumulation(cache, tmp, loss_scope="micro_batch"))
         print("\n".join(lines))
 
 

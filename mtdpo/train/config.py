@@ -19,12 +19,12 @@ class MtdpoConfig(TrainingArguments):
         default=None, metadata={"help": "Policy model name or path. Default: a tiny random Gemma-architecture model (offline demo)."}
     )
     ref_model: str | None = field(
-        default=None, metadata={"help": "Frozen reference model. Default: a copy of --model as loaded (before training)."}
+        default=None, metadata={"help": "Frozen reference model. Default: a copy of --model as loaded."}
     )
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: larger keeps the policy closer to the reference."})
     nll_coef: float = field(
         default=1.0,
-        metadata={"help": "Weight of the NLL term on chosen tokens (1.0 as in the multi-turn math-agent recipe; 0 = plain DPO)."},
+        metadata={"help": "Weight of the NLL term on chosen tokens (1.0: the math-agent recipe; 0: plain DPO)."},
     )
     loss_type: str = field(
         default="sigmoid",
@@ -41,6 +41,11 @@ class MtdpoConfig(TrainingArguments):
     nll_norm: str = field(
         default="token",
         metadata={"help": "token: NLL over all trained chosen tokens; sequence: mean of each chosen sequence's NLL per token."},
+    )
+    loss_scope: str = field(
+        # step: DPO = mean over the step's pairs, NLL over its trained chosen tokens, all micro-batches and ranks
+        # together, so batch x accumulation x ranks never changes the update (docs/FAQ.md).
+        default="step", metadata={"help": "step: means over the whole optimizer step; micro_batch: per micro-batch (the original recipe)."}
     )
     eval_data: str | None = field(default=None, metadata={"help": "A second cache to evaluate on."})
     allow_mismatch: bool = field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from trl.trainer.utils import pad
 
@@ -31,6 +32,9 @@ class PairCollator:
         batch["rows"] = torch.tensor([r["row"] for r in rows])
         if all(column in rows[0] for column in REF_COLUMNS):
             batch["ref_logps"] = torch.tensor([r[c] for c in REF_COLUMNS for r in rows], dtype=torch.float32)
+        # Trained chosen tokens (a label predicts from the token before it: never the first), in
+        # every layout: Trainer sums them over an optimizer step to normalise the NLL.
+        batch["chosen_tokens"] = torch.tensor(sum(int(np.count_nonzero(np.asarray(r["chosen_labels"][1:]) != IGNORE_INDEX)) for r in rows))
         return batch
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 # the TrainingArguments a DPO run most often sets.
 OPTION_GROUPS = {
     "Data": ("data", "eval_data", "allow_mismatch", "verify_cache", "train_sampling_strategy"),
-    "Objective": ("beta", "nll_coef", "nll_norm", "loss_type", "label_smoothing", "simpo_gamma"),
+    "Objective": ("beta", "nll_coef", "nll_norm", "loss_scope", "loss_type", "label_smoothing", "simpo_gamma"),
     "Reference": ("ref_model",),
     "Model": ("model", "attn_implementation", "padding_free", "trust_remote_code"),
     "Run": (

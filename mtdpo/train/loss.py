@@ -2,7 +2,8 @@
 
     loss = mean(dpo_loss(policy, reference, beta)) + nll_coef * NLL(chosen)
 
-NLL is the mean cross-entropy over every trained chosen token of the batch, as in the
+NLL is the mean cross-entropy over every trained chosen token of the optimizer step (the trainer
+passes the count of all its micro-batches and ranks), as in the
 original multi-turn recipe (and TRL's "sft" loss term), or with `--nll-norm sequence` the
 mean over chosen sequences of each one's per-token NLL. Log-probs are summed over the
 tokens whose label is not -100, so user turns, tool output and headers never count.
@@ -121,9 +122,11 @@ def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_toke
     return -chosen_logps.sum() / total
 
 
-def sequence_nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+def sequence_nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_pairs: torch.Tensor | int | None = None) -> torch.Tensor:
     """Mean over chosen sequences of each one's per-token NLL (`--nll-norm sequence`): every
-    conversation weighs the same, however many tokens it trains."""
+    conversation weighs the same, however many tokens it trains. `total_pairs` is the count to
+    divide by when it differs from this batch's (all micro-batches and ranks of a step)."""
     if int((chosen_tokens > 0).sum()) == 0:
         raise ValueError("no trained chosen token in the batch: NLL is undefined (check the cache's labels)")
-    return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
+    total = len(chosen_logps) if total_pairs is None else total_pairs
+    return -(chosen_logps / chosen_tokens.clamp(min=1)).sum() / total

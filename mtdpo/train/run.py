@@ -94,6 +94,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     if config.nll_norm not in NLL_NORMS:
         raise UsageError(f"unknown --nll-norm {config.nll_norm!r}; use one of {', '.join(NLL_NORMS)}")
+    if config.loss_scope not in ("step", "micro_batch"):
+        raise UsageError(f"unknown --loss-scope {config.loss_scope!r}; use step or micro_batch")
     if config.loss_type in REFERENCE_FREE and config.ref_model:
         raise UsageError(f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them")
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match

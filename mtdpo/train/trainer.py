@@ -26,7 +26,9 @@ class MultiTurnDPOTrainer(Trainer):
         # materialising the [batch, seq, vocab] logits (nor their log-softmax).
         add_fused_lm_head(model)
         super().__init__(model=model, args=args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # our loss is already a mean: Trainer scales it for accumulation
+        self.model_accepts_loss_kwargs = False  # the model computes no loss: objective() does
+        # --loss-scope step: each micro-batch's loss is already its share of the step's (see objective).
+        self.loss_is_scaled_for_ga = args.loss_scope == "step"
         if ref_model is not None:
             add_fused_lm_head(ref_model)
             ref_model = self._prepare_reference(ref_model)
@@ -79,7 +81,7 @@ class MultiTurnDPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        loss, metrics = self.pair_loss(model, inputs)
+        loss, metrics = self.pair_loss(model, inputs, step_counts=num_items_in_batch if mode == "train" else None)
         if mode == "train" and not self.nonfinite.finite(loss, inputs.get("rows"), self.state.global_step + 1, self.accelerator):
             loss, metrics = zero_gradient(model, loss), {}  # --skip-nonfinite: the batch moves no weight
         for name, value in metrics.items():
@@ -88,7 +90,16 @@ class MultiTurnDPOTrainer(Trainer):
             self._tokens_since_log += int(self.accelerator.gather(real_tokens(inputs)).sum())
         return (loss, {}) if return_outputs else loss
 
-    def pair_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
+        """[pairs, trained chosen tokens] of the optimizer step, over every micro-batch and rank:
+        what `objective` divides by (Trainer's own count would be all labels, rejected ones too).
+        Trainer passes it to compute_loss as `num_items_in_batch`."""
+        if self.args.loss_scope != "step" or not batch_samples:
+            return None
+        counts = torch.tensor([[len(b["rows"]), int(b["chosen_tokens"])] for b in batch_samples]).sum(0)
+        return self.accelerator.reduce(counts.to(device), reduction="sum")
+
+    def pair_loss(self, model, inputs, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
         """One concatenated forward of chosen + rejected; DPO on summed log-probs + NLL."""
         logps, tokens = fused_sequence_logps(model, inputs)
         if self.args.loss_type in REFERENCE_FREE:
@@ -98,10 +109,17 @@ class MultiTurnDPOTrainer(Trainer):
         else:
             with torch.no_grad():
                 ref_logps, _ = fused_sequence_logps(self.ref_model, inputs)
-        return self.objective(logps, ref_logps, tokens)
+        return self.objective(logps, ref_logps, tokens, step_counts)
 
-    def objective(self, logps, ref_logps, tokens) -> tuple[torch.Tensor, dict[str, float]]:
-        """[2B] summed log-probs (chosen rows, then rejected) -> loss and logged metrics."""
+    def objective(self, logps, ref_logps, tokens, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """[2B] summed log-probs (chosen rows, then rejected) -> loss and logged metrics.
+
+        `step_counts` = [pairs, trained chosen tokens] of the whole optimizer step (all
+        micro-batches, all ranks): the loss is then this micro-batch's share of the step's DPO
+        mean over pairs and NLL over tokens, the shares summing to the step's loss. None (eval,
+        `--loss-scope micro_batch`): means over this micro-batch of all ranks, which Trainer
+        averages over the accumulation steps.
+        """
         args: MtdpoConfig = self.args
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = (None, None) if ref_logps is None else ref_logps.chunk(2)
@@ -110,21 +128,25 @@ class MultiTurnDPOTrainer(Trainer):
             chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing, chosen_tokens, rejected_tokens,
             args.simpo_gamma,
         )  # fmt: skip
-        # NLL over the chosen tokens of all ranks: each rank divides by the global count and
-        # DDP's gradient mean over ranks (x world size) gives the global token mean.
-        world = self.accelerator.num_processes
-        global_tokens = self.accelerator.reduce(chosen_tokens.sum().detach(), reduction="sum")
-        nll = nll_loss(chosen, chosen_tokens, global_tokens) * world
+        micro_batches = self.current_gradient_accumulation_steps if step_counts is not None else 1
+        if step_counts is None:
+            step_counts = self.accelerator.reduce(torch.stack([torch.tensor(len(chosen), device=tokens.device), chosen_tokens.sum()]).detach(), reduction="sum")
+        pairs, total_tokens = step_counts
         if args.nll_norm == "sequence":  # a mean over pairs, like the DPO term
-            nll = sequence_nll_loss(chosen, chosen_tokens)
-        dpo = losses.mean()
-        loss = dpo + args.nll_coef * nll
+            nll = sequence_nll_loss(chosen, chosen_tokens, pairs)
+        else:
+            nll = nll_loss(chosen, chosen_tokens, total_tokens)
+        dpo = losses.sum() / pairs
+        # DDP (and ZeRO, FSDP) average the gradient over ranks: x world size makes it their sum.
+        loss = (dpo + args.nll_coef * nll) * self.accelerator.num_processes
+        # Logged: the step's values (shares summed over ranks, x the micro-batches Trainer averages over).
+        dpo, nll = dpo.detach() * micro_batches, nll.detach() * micro_batches
 
         gather = self.accelerator.gather_for_metrics
         margins = chosen_rewards - rejected_rewards
         metrics = {
-            "dpo_loss": gather(dpo.detach()).mean().item(),
-            "nll": gather(nll.detach()).mean().item(),
+            "dpo_loss": gather(dpo).sum().item(),
+            "nll": gather(nll).sum().item(),
             "rewards/chosen": gather(chosen_rewards).mean().item(),
             "rewards/rejected": gather(rejected_rewards).mean().item(),
             "rewards/margins": gather(margins).mean().item(),
