@@ -100,7 +100,10 @@ def build_side(pair: dict, tokenizer, side: str, family: Family | None) -> Side:
     if not heads:  # unknown family: each run of trained or masked tokens is a "turn"
         heads = [(t.position, "trained" if t.trained else "masked") for k, t in enumerate(tokens) if k == 0 or t.trained != tokens[k - 1].trained]
     bounds = [first for first, _ in heads[1:]] + [len(tokens)]
-    return Side(side, [Turn(role, tokens[first:end]) for (first, role), end in zip(heads, bounds)])
+    turns = [Turn(role, tokens[first:end]) for (first, role), end in zip(heads, bounds)]
+    if family:  # name tool calls and tool results from the turn's text
+        turns = [Turn(family.turn_role(turn.role, "".join(t.text for t in turn.tokens)), turn.tokens) for turn in turns]
+    return Side(side, turns)
 
 
 def build_view(pair: dict, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:

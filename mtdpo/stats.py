@@ -1,7 +1,8 @@
 """`mtdpo stats`: what is in a cache, before renting GPUs for it.
 
-Lengths, turns and trained-token counts are read column-wise from the memory-mapped Arrow
-shards with numpy (no Python loop over rows); counts and reject reasons come from
+Lengths, turns, trained-token and trained tool-call counts (by the family's call token, e.g.
+Qwen's `<tool_call>`) are read column-wise from the memory-mapped Arrow shards with numpy (no
+Python loop over rows); counts and reject reasons come from
 stats.json, manifest.json and rejects.jsonl.
 """
 
@@ -70,15 +71,25 @@ def tokens_among(ids: list[int]):
 def turn_token_ids(cache: Path) -> list[int] | None:
     """Ids of the special tokens that open a turn in this cache's template, or None when the
     family is unknown or its markers are not single tokens (Mistral's [INST])."""
+    return _family_token_ids(cache, "start_tokens")
+
+
+def tool_call_token_ids(cache: Path) -> list[int] | None:
+    """Ids of the tokens that open one tool call (Qwen's <tool_call>), or None when the family
+    writes calls without one (Llama 3's JSON) or the vocabulary does not hold it as a token."""
+    return _family_token_ids(cache, "call_tokens")
+
+
+def _family_token_ids(cache: Path, which: str) -> list[int] | None:
     from tokenizers import Tokenizer
 
     folder = Path(cache) / "tokenizer"
-    template = _chat_template(folder)
-    family = detect_family(template)
-    if family is None or not family.start_tokens or not (folder / "tokenizer.json").is_file():
+    family = detect_family(_chat_template(folder))
+    tokens = getattr(family, which, ()) if family else ()
+    if not tokens or not (folder / "tokenizer.json").is_file():
         return None
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids = [tokenizer.token_to_id(token) for token in family.start_tokens]
+    ids = [tokenizer.token_to_id(token) for token in tokens]
     return None if None in ids else ids
 
 
@@ -112,7 +123,7 @@ def per_row_arrays(cache: Path) -> dict[str, np.ndarray]:
     """Every per-pair number, one numpy array each (what --plot draws)."""
     ds = load_cache(cache)
     arrays = {"prompt_len": column(ds, "prompt_len"), "row": column(ds, "row")}
-    start_ids = turn_token_ids(cache)
+    start_ids, call_ids = turn_token_ids(cache), tool_call_token_ids(cache)
     for side in SIDES:
         labels, ids = ds.data.column(f"{side}_labels"), ds.data.column(f"{side}_input_ids")
         arrays[f"{side}_len"] = column(ds, f"{side}_len")
@@ -120,6 +131,8 @@ def per_row_arrays(cache: Path) -> dict[str, np.ndarray]:
         arrays[f"{side}_trained_turns"] = per_row(labels, trained_run_starts)
         if start_ids is not None:
             arrays[f"{side}_turns"] = per_row(ids, tokens_among(start_ids))
+        if call_ids is not None:  # calls the model makes: trained call tokens (a label is its id)
+            arrays[f"{side}_tool_calls"] = per_row(labels, tokens_among(call_ids))
     return arrays
 
 
@@ -141,10 +154,13 @@ def cache_stats(cache: Path) -> dict:
         "lengths": {side: summary(arrays[f"{side}_len"], 0) for side in SIDES} | {"prompt": summary(arrays["prompt_len"], 0)},
         "turns": {side: summary(arrays[f"{side}_turns"], 0) for side in SIDES} if "chosen_turns" in arrays else None,
         "trained_turns": {side: summary(arrays[f"{side}_trained_turns"], 0) for side in SIDES},
+        "tool_calls": {side: summary(arrays[f"{side}_tool_calls"], 0) for side in SIDES} if "chosen_tool_calls" in arrays else None,
         "tokens": {},
         "trained_fraction": {},
         "trained_fraction_per_pair": {},
     }
+    if out["tool_calls"] is not None:
+        out["tokens"]["tool_calls"] = {side: int(arrays[f"{side}_tool_calls"].sum()) for side in SIDES}
     for side in SIDES:
         total, trained = int(arrays[f"{side}_len"].sum()), int(arrays[f"{side}_trained"].sum())
         out["tokens"][side] = total
@@ -211,6 +227,8 @@ def stats_tables(stats: dict) -> list:
     if stats["turns"]:
         rows += [(f"turns ({side})", stats["turns"][side], False) for side in SIDES]
     rows += [(f"trained turns ({side})", stats["trained_turns"][side], False) for side in SIDES]
+    if stats.get("tool_calls"):
+        rows += [(f"tool calls ({side})", stats["tool_calls"][side], False) for side in SIDES]
     rows += [(f"trained fraction ({side})", stats["trained_fraction_per_pair"][side], True) for side in SIDES]
     for name, values, is_fraction in rows:
         dist.add_row(name, *_cells(values, is_fraction))
@@ -232,6 +250,8 @@ def stats_tables(stats: dict) -> list:
     totals.add_row(f"kept pairs cut to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
     totals.add_row("tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}")
     totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
+    if "tool_calls" in tokens:
+        totals.add_row("tool calls trained chosen / rejected", f"{tokens['tool_calls']['chosen']:,} / {tokens['tool_calls']['rejected']:,}")
     fraction = stats["trained_fraction"]
     totals.add_row(
         "trained chosen / rejected",

@@ -283,3 +283,60 @@ def write_jsonl(path, n: int, seed: int = 0) -> int:
         for row in make_pairs(n, seed):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return n
+
+
+# ── tool-use pairs (OpenAI / transformers chat format) ───────────────────────
+
+PYTHON_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run Python code and return what it prints.",
+        "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "the program"}}, "required": ["code"]},
+    },
+}
+# The shapes agent data comes in; make_tool_pairs cycles through them.
+TOOL_SHAPES = ("call-only turn", "content + call", "two calls in one turn", "two rounds", "reasoning", "second user turn", "text parts")
+
+
+def make_tool_pairs(n: int, seed: int = 0) -> Iterator[dict]:
+    """Yield ``n`` tool-use preference pairs with a row-level ``tools`` list and a ``shape`` key.
+
+    Calls are ``{"type": "function", "id", "function": {"name": "python", "arguments": {"code"}}}``
+    (arguments as an object, call-only turns with ``content: ""``), results are ``tool`` messages
+    with ``tool_call_id`` and ``name``. Both sides share the question; the rejected side runs the
+    buggy code and boxes the wrong answer.
+    """
+    r = random.Random(seed)
+    for k in range(n):
+        shape, p = TOOL_SHAPES[k % len(TOOL_SHAPES)], _problem(r)
+        ids = iter(f"call{k:03d}{j:02d}" for j in range(10))  # 9 characters, as Mistral requires
+        chosen = _tool_side(r, shape, p["code"], p["out"], p["ans"], ids)
+        rejected = _tool_side(r, shape, p["bad_code"], p["bad_out"], p["bad_ans"], ids)
+        question = {"role": "user", "content": [{"type": "text", "text": p["q"]}] if shape == "text parts" else p["q"]}
+        yield {"shape": shape, "tools": [PYTHON_TOOL], "chosen": [question, *chosen], "rejected": [question, *rejected]}
+
+
+def _tool_side(r: random.Random, shape: str, code: str, out: str, ans: str, ids: Iterator[str]) -> list[dict]:
+    def calls(*codes: str, content: str = "", **extra) -> list[dict]:
+        made = [(next(ids), c) for c in codes]
+        turn = {"role": "assistant", "content": content, **extra,
+                "tool_calls": [{"type": "function", "id": i, "function": {"name": "python", "arguments": {"code": c}}} for i, c in made]}
+        return [turn] + [{"role": "tool", "tool_call_id": i, "name": "python", "content": o} for (i, _), o in zip(made, outs(codes))]
+
+    def outs(codes) -> list[str]:
+        return [out if c == code else "True" for c in codes]
+
+    check = f"print({ans!r} == {ans!r})"
+    answer = {"role": "assistant", "content": _final(r, ans)}
+    if shape == "content + call":
+        return calls(code, content="Let me compute it with Python.") + [answer]
+    if shape == "two calls in one turn":
+        return calls(code, check) + [answer]
+    if shape == "two rounds":
+        return calls(code) + calls(check) + [answer]
+    if shape == "reasoning":
+        return calls(code, reasoning_content="Write the program and run it.") + [dict(answer, reasoning_content=f"The tool printed {out}.")]
+    if shape == "second user turn":
+        return calls(code) + [answer, {"role": "user", "content": "Explain in one sentence."}, {"role": "assistant", "content": f"The program printed {out}."}]
+    return calls(code) + [answer]

@@ -14,6 +14,9 @@ from mtdpo.errors import UsageError
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_TOKENIZER = ASSETS / "tokenizer"
 SAMPLE_DATA = ASSETS / "sample.jsonl"
+# Real chat templates shipped for checkpoints that often come without one (a GGUF file has
+# none): `--chat-template gemma3` picks assets/templates/gemma3.jinja.
+TEMPLATES = ASSETS / "templates"
 
 
 def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None = None, trust_remote_code: bool = False):
@@ -27,13 +30,25 @@ def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None =
     if not tokenizer.is_fast:
         raise UsageError(f"{source} has no fast tokenizer; mtdpo needs character offsets to find assistant spans")
     if chat_template is not None:
-        if not Path(chat_template).is_file():
-            raise UsageError(f"chat template file not found: {chat_template}")
-        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        tokenizer.chat_template = chat_template_file(chat_template).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
-        raise UsageError(f"{source} has no chat template; pass one with --chat-template FILE")
+        raise UsageError(f"{source} has no chat template; pass one with --chat-template FILE or NAME ({', '.join(packaged_templates())})")
     check_template_compiles(tokenizer, chat_template or source)
     return tokenizer
+
+
+def packaged_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+
+
+def chat_template_file(value: str | Path) -> Path:
+    """A template file, or the packaged template of that name (a file of the name wins)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.name == str(value) and (TEMPLATES / f"{value}.jinja").is_file():
+        return TEMPLATES / f"{value}.jinja"
+    raise UsageError(f"chat template not found: {value} is neither a file nor a packaged template ({', '.join(packaged_templates())})")
 
 
 def check_template_compiles(tokenizer, where) -> None:

@@ -6,6 +6,8 @@ Each family's tokenizer is the one the tests use (tests/conftest.py: the embedde
 with the family's special tokens and real chat template from tests/templates/). The text is
 `mtdpo show-sample`'s plain view of the chosen side: trained text [[bracketed]], a `▸ role`
 line before each turn. tests/test_docs.py checks that docs/MASKING.md quotes these blocks.
+The templates with tool calls also show an agent pair: a call-only turn, the tool's result
+and the answer, with the row's `tools` schema in the prompt.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from conftest import family_tokenizer, for_family, msg  # noqa: E402
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder  # noqa: E402
 from mtdpo.show import build_view, plain_text  # noqa: E402
+from mtdpo.synthetic import PYTHON_TOOL  # noqa: E402
 
-FAMILIES = ["gemma", "llama3", "qwen2", "mistral", "phi3"]
+AGENT_FAMILIES = ["qwen2", "qwen3", "llama3", "mistral3", "deepseek3"]
+FAMILIES = ["gemma", "llama3", "qwen2", "mistral", "phi3"] + [f"{family} with a tool call" for family in AGENT_FAMILIES]
 QUESTION = msg("user", "What is 17 * 23 + 5?")
 PAIR = {
     "chosen": [
@@ -34,9 +38,24 @@ PAIR = {
 }
 
 
-def example(family: str) -> str:
+
+
+def agent_pair(family: str) -> dict:
+    """PAIR with a tool call instead of a code block; DeepSeek-V3 takes null content and a JSON string."""
+    arguments = {"code": "print(17 * 23 + 5)"}
+    call = {"type": "function", "id": "call00001", "function": {"name": "python", "arguments": arguments}}
+    if family == "deepseek3":
+        call["function"]["arguments"] = '{"code": "print(17 * 23 + 5)"}'
+    calling = {"role": "assistant", "content": None if family == "deepseek3" else "", "tool_calls": [call]}
+    result = {"role": "tool", "content": "396", "tool_call_id": "call00001"}
+    chosen = [QUESTION, calling, result, PAIR["chosen"][-1]]
+    return {"chosen": chosen, "rejected": PAIR["rejected"], "tools": [PYTHON_TOOL]}
+
+
+def example(key: str) -> str:
+    family, agent = key.removesuffix(" with a tool call"), key.endswith(" with a tool call")
     tok = family_tokenizer(family)
-    record, _ = PairEncoder(tok, MaskOptions())(for_family(PAIR, family))
+    record, _ = PairEncoder(tok, MaskOptions())(agent_pair(family) if agent else for_family(PAIR, family))
     text = plain_text(build_view({**record, "row": 0}, tok, 0, ["chosen"]))
     return text.split("\n", 1)[1].rstrip("\n")  # without the "pair 0 (source row 0) …" title
 

@@ -84,8 +84,8 @@ def test_show_sample_json_matches_the_cache(cli_cache):
 # Llama-3.1 and Qwen2.5 add a system turn of their own), and the family each is read as.
 FAMILY_TURNS = {
     "gemma": ("gemma", ["user", "model", "user", "model", "user", "model"]),
-    "llama3": ("llama3", ["system", "user", "assistant", "ipython", "assistant", "ipython", "assistant"]),
-    "qwen2": ("chatml", ["system", "user", "assistant", "user", "assistant", "user", "assistant"]),
+    "llama3": ("llama3", ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]),  # ipython turns
+    "qwen2": ("chatml", ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]),  # user + <tool_response>
     "mistral": ("mistral", ["user", "assistant", "user", "assistant", "user", "assistant"]),
     "phi3": ("phi3", ["user", "assistant", "user", "assistant", "user", "assistant"]),
 }
@@ -97,6 +97,7 @@ TURN_HEADER = {  # what each turn's text starts with, after BOS (and Mistral's l
     "phi3": "<|{}|>",
 }
 MISTRAL_MARKER = {"user": "[INST]", "assistant": "[/INST]"}
+TOOL_HEADER = {"llama3": "ipython", "qwen2": "user"}  # the header of a turn shown as "tool"
 
 
 def cached_record(tok, row: dict) -> dict:
@@ -123,7 +124,7 @@ def test_turns_and_roles_come_from_the_template_markers(family):
     for k, turn in enumerate(chosen.turns):
         text = "".join(t.text for t in turn.tokens)
         text = text.removeprefix(bos) if k == 0 else text
-        header = MISTRAL_MARKER[turn.role] if family == "mistral" else turn.role
+        header = MISTRAL_MARKER[turn.role] if family == "mistral" else TOOL_HEADER[family] if turn.role == "tool" else turn.role
         assert text.lstrip(" ").startswith(TURN_HEADER[family].format(header)), (k, text)
     # Exactly the assistant turns after the shared prompt hold trained tokens: the message and its
     # end-of-turn marker (Mistral: with the space after [/INST]).

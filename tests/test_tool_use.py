@@ -7,7 +7,9 @@ trained text written out by hand from the real template's output.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import IGNORE, decoded_runs, family_tokenizer, msg
@@ -16,6 +18,7 @@ from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import ChatTemplate, assistant_spans, check_spans
 from mtdpo.preprocess.rows import RowError, to_pair
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # tool_use_table, the generated set's table
 QUESTION = msg("user", "What is 17 * 23?")
 PYTHON_TOOL = {
     "type": "function",
@@ -216,3 +219,271 @@ def test_span_functions_on_one_conversation():
         check_spans(text, offsets, messages, [inside_a_token])
     with pytest.raises(RowError, match="renders text before its content that the mask would skip"):
         check_spans(text, offsets, messages, [replace(spans[0], start=spans[0].start + 1)])
+
+
+# ── real templates with tool calls (tests/templates, families.json) ──────────
+
+
+def qwen3_trajectory(reasoning: bool) -> dict:
+    think = {"reasoning_content": "Multiply."} if reasoning else {}
+    answer = {"reasoning_content": "The tool says 391."} if reasoning else {}
+    chosen = [QUESTION, {**calling("", call("python", {"code": "print(17 * 23)"})), **think}, tool_result("391"),
+              {**msg("assistant", "It is $\\boxed{391}$."), **answer}]  # fmt: skip
+    return {"chosen": chosen, "rejected": [QUESTION, msg("assistant", "It is $\\boxed{401}$.")], "tools": [PYTHON_TOOL]}
+
+
+QWEN3_CALL = '<tool_call>\n{"name": "python", "arguments": {"code": "print(17 * 23)"}}\n</tool_call><|im_end|>'
+
+
+def test_qwen3_reasoning_and_calls_after_the_last_user_turn():
+    tok = family_tokenizer("qwen3")
+    assert chosen_runs(tok, qwen3_trajectory(reasoning=True)) == [
+        "<think>\nMultiply.\n</think>\n\n" + QWEN3_CALL,
+        "<think>\nThe tool says 391.\n</think>\n\nIt is $\\boxed{391}$.<|im_end|>",
+    ]
+
+
+def test_qwen3_without_reasoning_trains_what_the_conversation_renders():
+    """Qwen3 gives the last message an empty <think> block, so a render that ends at the
+    first call differs from the conversation (which has none there): the end comes from
+    one message further. The final answer is last in both and keeps its empty block."""
+    tok = family_tokenizer("qwen3")
+    row = qwen3_trajectory(reasoning=False)
+    assert "assistant\n<tool_call>" in tok.apply_chat_template(row["chosen"], tools=row["tools"], tokenize=False)
+    assert chosen_runs(tok, row) == [QWEN3_CALL, "<think>\n\n</think>\n\nIt is $\\boxed{391}$.<|im_end|>"]
+
+
+def test_qwen3_enable_thinking_false_puts_the_empty_block_in_the_prompt():
+    tok = family_tokenizer("qwen3")
+    row = qwen3_trajectory(reasoning=False) | {"chat_template_kwargs": {"enable_thinking": False}}
+    record = encode(tok, row)
+    ids, labels = record["rejected_input_ids"], record["rejected_labels"]
+    first = next(k for k, label in enumerate(labels) if label != IGNORE)
+    assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # the generation prompt
+    assert decoded_runs(tok, ids, labels) == ["It is $\\boxed{401}$.<|im_end|>"]
+    assert decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"]) == [QWEN3_CALL, "It is $\\boxed{391}$.<|im_end|>"]
+
+
+def test_qwen3_dropping_reasoning_across_user_turns_is_rejected():
+    tok = family_tokenizer("qwen3")
+    row = qwen3_trajectory(reasoning=True)
+    follow = [msg("user", "And 17 * 24?"), msg("assistant", "408")]
+    row = row | {side: row[side] + follow for side in ("chosen", "rejected")}
+    assert "Multiply." not in tok.apply_chat_template(row["chosen"], tools=row["tools"], tokenize=False)  # it drops it
+    with pytest.raises(RowError, match="not prefix-stable"):
+        encode(tok, row)
+
+
+def test_qwen3_null_content_is_a_template_error():
+    """Qwen3's template tests `'</think>' in content`: call-only turns need content ""."""
+    tok = family_tokenizer("qwen3")
+    row = agent_pair(calling(None, call("python", {"code": "print(17 * 23)"})))
+    with pytest.raises(RowError, match="^chat template error: argument of type 'NoneType' is not iterable$"):
+        encode(tok, row)
+
+
+LLAMA_CALL = '{"name": "python", "parameters": {"code": "print(17 * 23)"}}'
+
+
+def test_llama31_json_call_ipython_result_and_eot():
+    tok = family_tokenizer("llama3")
+    row = agent_pair(calling("", call("python", {"code": "print(17 * 23)"})), tools=[PYTHON_TOOL])
+    record = encode(tok, row)
+    ids, labels = record["chosen_input_ids"], record["chosen_labels"]
+    assert decoded_runs(tok, ids, labels) == [LLAMA_CALL + "<|eot_id|>", "It is $\\boxed{391}$.<|eot_id|>"]
+    text = tok.decode(ids)
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"391"<|eot_id|>' in text  # JSON-encoded, masked
+    assert "Given the following functions" in text and '"name": "python"' in text.split("<|eot_id|>")[1]  # tools in the first user turn
+
+
+def test_llama31_builtin_tool_call_ends_with_eom():
+    """With builtin_tools the call is `<|python_tag|>…` and the turn ends with <|eom_id|>."""
+    tok = family_tokenizer("llama3")
+    kwargs = {"builtin_tools": ["brave_search"]}
+    row = agent_pair(calling("", call("brave_search", {"query": "17 * 23"})), chat_template_kwargs=kwargs)
+    assert chosen_runs(tok, row) == ['<|python_tag|>brave_search.call(query="17 * 23")<|eom_id|>', "It is $\\boxed{391}$.<|eot_id|>"]
+
+
+def test_llama31_drops_the_content_of_a_calling_turn_so_the_row_is_rejected():
+    tok = family_tokenizer("llama3")
+    row = agent_pair(calling("Let me compute it.", call("python", {"code": "print(17 * 23)"})))
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its text is not in the rendered turn"):
+        encode(tok, row)
+
+
+def test_mistral_v03_tool_calls_and_results():
+    tok = family_tokenizer("mistral3")
+    row = agent_pair(calling("", call("python", {"code": "print(17 * 23)"}, "abc123xyz")), tools=[PYTHON_TOOL])
+    row["chosen"][2] = tool_result("391", "abc123xyz")
+    record = encode(tok, row)
+    ids, labels = record["chosen_input_ids"], record["chosen_labels"]
+    assert decoded_runs(tok, ids, labels) == [
+        '[TOOL_CALLS] [{"name": "python", "arguments": {"code": "print(17 * 23)"}, "id": "abc123xyz"}]</s>',
+        " It is $\\boxed{391}$.</s>",
+    ]
+    assert '[TOOL_RESULTS] {"content": 391, "call_id": "abc123xyz"}[/TOOL_RESULTS]' in tok.decode(ids)
+    assert tok.decode(ids).startswith("<s>[AVAILABLE_TOOLS] [")
+
+
+def test_deepseek_v3_call_only_turn_needs_null_content():
+    """DeepSeek-V3's template renders calls only for `content is none` and takes the arguments
+    as a JSON string; its single call ends with <｜tool▁call▁end｜> (no calls-end, no EOS)."""
+    tok = family_tokenizer("deepseek3")
+    row = agent_pair(calling(None, call("python", '{"code": "print(17 * 23)"}')))
+    assert chosen_runs(tok, row) == [
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>python\n```json\n{"code": "print(17 * 23)"}\n```<｜tool▁call▁end｜>',
+        "It is $\\boxed{391}$.<｜end▁of▁sentence｜>",
+    ]
+    empty = agent_pair(calling("", call("python", '{"code": "print(17 * 23)"}')))  # renders as an empty answer
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its tool call 0 name is not in the rendered turn"):
+        encode(tok, empty)
+
+
+# ── show-sample and stats know tool calls ─────────────────────────────────────
+
+
+def test_turn_view_labels_tool_calls_and_tool_results():
+    from mtdpo import show
+
+    expected = {
+        "qwen2": ["system", "user", "assistant (tool call)", "tool", "assistant"],
+        "qwen3": ["system", "user", "assistant (tool call)", "tool", "assistant"],
+        "llama3": ["system", "user", "assistant (tool call)", "tool", "assistant"],
+        "mistral3": ["user", "assistant (tool call)", "tool", "assistant"],
+        "deepseek3": ["user", "assistant (tool call)", "tool", "assistant"],
+    }
+    for family, roles in expected.items():
+        tok = family_tokenizer(family)
+        arguments = '{"code": "print(17 * 23)"}' if family == "deepseek3" else {"code": "print(17 * 23)"}
+        row = agent_pair(calling(None if family == "deepseek3" else "", call("python", arguments, "abc123xyz")), tools=[PYTHON_TOOL])
+        row["chosen"][2] = tool_result("391", "abc123xyz")
+        record = {**encode(tok, row), "row": 0}
+        view = show.build_view(record, tok, 0, ["chosen"])
+        assert [turn.role for turn in view.sides[0].turns] == roles, family
+
+
+def test_stats_counts_trained_tool_calls_per_side(tmp_path):
+    from conftest import run_preprocess, write_jsonl
+
+    from mtdpo.stats import cache_stats
+    from mtdpo.synthetic import make_tool_pairs
+
+    family_tokenizer("qwen2").save_pretrained(str(tmp_path / "qwen2"))
+    rows = [row for row in make_tool_pairs(14) if row["shape"] != "reasoning"]  # Qwen2.5 does not render reasoning
+    run_preprocess(write_jsonl(tmp_path / "tools.jsonl", rows), tmp_path / "cache", tokenizer=str(tmp_path / "qwen2"))
+    stats = cache_stats(tmp_path / "cache")
+    assert stats["counts"]["kept"] == len(rows) == 12
+    for side in ("chosen", "rejected"):  # every call is after the shared question, so all are trained
+        calls = [sum(len(m.get("tool_calls", [])) for m in row[side]) for row in rows]
+        assert stats["tokens"]["tool_calls"][side] == sum(calls)
+        assert stats["tool_calls"][side]["max"] == max(calls) == 2 and stats["tool_calls"][side]["min"] == 1
+
+
+# ── packaged templates: --chat-template NAME ──────────────────────────────────
+
+PACKAGED = {"gemma2": "gemma", "gemma3": "gemma3", "llama3.1": "llama3", "qwen2.5": "qwen2", "qwen3": "qwen3",
+            "mistral-v0.3": "mistral3", "deepseek-v3": "deepseek3", "phi3.5": "phi3"}  # fmt: skip
+
+
+def test_packaged_templates_are_the_tested_real_ones():
+    from conftest import TEMPLATES
+
+    from mtdpo.tokenizer import TEMPLATES as PACKAGED_DIR
+    from mtdpo.tokenizer import packaged_templates
+
+    assert packaged_templates() == sorted(PACKAGED)
+    for name, family in PACKAGED.items():
+        assert (PACKAGED_DIR / f"{name}.jinja").read_text() == (TEMPLATES / f"{family}.jinja").read_text(), name
+
+
+def test_chat_template_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    from mtdpo.errors import UsageError
+    from mtdpo.tokenizer import TEMPLATES as PACKAGED_DIR
+    from mtdpo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None, "gemma3")
+    assert tok.chat_template == (PACKAGED_DIR / "gemma3.jinja").read_text()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma3").write_text("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert load_tokenizer(None, "gemma3").chat_template.startswith("{{ bos_token }}{% for m")
+    with pytest.raises(UsageError, match=r"^chat template not found: gemma4 is neither a file nor a packaged template \(deepseek-v3, gemma2"):
+        load_tokenizer(None, "gemma4")
+
+
+def test_gemma3_template_masks_like_gemma2():
+    """Gemma 3: a system message folded into the first user turn, trimmed contents, no tool role."""
+    tok = family_tokenizer("gemma3")
+    row = {"chosen": [msg("system", "Be brief."), QUESTION, msg("assistant", "\n391\n")], "rejected": [msg("system", "Be brief."), QUESTION, msg("assistant", "401")]}
+    record = encode(tok, row)
+    assert tok.decode(record["chosen_input_ids"]).startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat is 17 * 23?<end_of_turn>\n<start_of_turn>model\n")
+    assert decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"]) == ["391<end_of_turn>"]
+    with pytest.raises(RowError, match="^chat template error: Conversation roles must alternate"):
+        encode(tok, agent_pair(calling("", call("python", {"code": "1"}))))
+
+
+# ── every family on the generated tool-use set (scripts/tool_use_table.py) ───
+
+
+def reference_runs(tok, row: dict, side: str, n_prompt: int) -> list[str] | None:
+    """The rule restated with apply_chat_template, for rows where both renders it needs are
+    prefixes of the conversation (None otherwise): per post-prompt assistant message, the
+    render through it after the render before it with the generation prompt, less trailing
+    whitespace."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(messages, add_generation_prompt=False):  # transformers' renderer, keeping a null content
+        variables = {**tok.special_tokens_map, **row.get("chat_template_kwargs", {})}
+        return render_jinja_template([messages], tools=row.get("tools"), chat_template=tok.chat_template, add_generation_prompt=add_generation_prompt, **variables)[0][0]
+
+    messages = to_pair(row).chosen if side == "chosen" else to_pair(row).rejected
+    text = render(messages)
+    runs = []
+    for i in range(n_prompt, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            return None
+        runs.append(through[len(before) :].rstrip())
+    return runs
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral3", "deepseek3"])
+def test_generated_tool_use_rows_train_what_the_template_renders(family):
+    import tool_use_table
+
+    from mtdpo.synthetic import make_tool_pairs
+
+    tok, encoder = family_tokenizer(family), PairEncoder(family_tokenizer(family), MaskOptions(max_length=1 << 20))
+    checked = 0
+    for row in make_tool_pairs(35):
+        row = tool_use_table.restyle(row, family, "native")
+        try:
+            record, _ = encoder(row)
+        except RowError:
+            continue
+        n_prompt = to_pair(row).n_prompt
+        for side in ("chosen", "rejected"):
+            runs = decoded_runs(tok, record[f"{side}_input_ids"], record[f"{side}_labels"])
+            schema = PYTHON_TOOL["function"]["description"]
+            assert not any(schema in run or "tool_response" in run or "TOOL_RESULTS" in run or "tool▁output" in run for run in runs)
+            expected = reference_runs(tok, row, side, n_prompt)
+            if expected is not None:
+                assert runs == expected, (family, row["shape"], side)
+                checked += 1
+    assert checked >= 10, checked  # Qwen3's trajectories mostly need the fallback, which this reference cannot restate
+
+
+def test_masking_doc_quotes_the_tool_use_table():
+    import tool_use_table
+
+    doc = (Path(__file__).parents[1] / "docs" / "MASKING.md").read_text(encoding="utf-8")
+    assert tool_use_table.markdown(70, "native") in doc
+
+
+@pytest.mark.slow
+def test_masking_doc_quotes_the_openai_style_tool_use_table():
+    import tool_use_table
+
+    doc = (Path(__file__).parents[1] / "docs" / "MASKING.md").read_text(encoding="utf-8")
+    assert tool_use_table.markdown(70, "openai") in doc

@@ -42,6 +42,8 @@ SEED_MARKERS = {
     "<|user|>": ("<|user|>\n", "<|end|>\n"),
     "[INST]": ("[INST]", "[/INST]"),
 }
+# Replaces a message's content to see where its render starts to depend on it.
+STAND_IN = "\x00mtdpo stand-in\x00"
 # A render of the conversation so far: (messages, add_generation_prompt) -> text.
 Render = Callable[[list, bool], str]
 
@@ -76,6 +78,7 @@ class ChatTemplate:
         self._template = _compile_jinja_template(tokenizer.chat_template)
         self._variables = dict(tokenizer.special_tokens_map)
         self.closing = self._closing()
+        self.end_of_turn = self._end_of_turn()
 
     def render(self, messages: list[dict], generation_prompt: bool = False, tools=None, template_kwargs=None) -> str:
         variables = {**self._variables, **template_kwargs} if template_kwargs else self._variables
@@ -107,6 +110,17 @@ class ChatTemplate:
         return next((m for m in self.markers if short.endswith(m) and long.endswith(m) and not long.startswith(short)), "")
 
 
+    def _end_of_turn(self) -> str:
+        """The marker that closes an assistant turn (`<|im_end|>`, `<end_of_turn>` …), from a probe."""
+        two = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        try:
+            rendered = self.render(two)
+        except RowError:
+            return ""
+        body = (rendered[: -len(self.closing)] if self.closing and rendered.endswith(self.closing) else rendered).rstrip()
+        return next((m for m in self.markers if body.endswith(m)), "")
+
+
 def end_markers(tokenizer) -> list[str]:
     """Added-token strings (special or not), longest first: the candidates for an end-of-turn marker."""
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
@@ -117,7 +131,7 @@ def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, too
     """Assistant mode: train what the model generates for each post-prompt assistant message."""
     render = chat.renderer(tools, template_kwargs)
     text = render(messages)
-    spans = assistant_spans(render, messages, n_prompt, text, chat.markers, chat.closing)
+    spans = assistant_spans(render, messages, n_prompt, text, chat.markers, chat.closing, chat.end_of_turn)
     ids, offsets = chat.tokenize(text)
     check_spans(text, offsets, messages, spans)
     labels = np.where(trained_mask(offsets, spans), ids, IGNORE_INDEX)
@@ -127,7 +141,9 @@ def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, too
 # ── the rule: render → character spans ───────────────────────────────────────
 
 
-def assistant_spans(render: Render, messages: list[dict], n_prompt: int, text: str, markers: list[str], closing: str = "") -> list[TurnSpan]:
+def assistant_spans(
+    render: Render, messages: list[dict], n_prompt: int, text: str, markers: list[str], closing: str = "", end_of_turn_marker: str = ""
+) -> list[TurnSpan]:
     """One span per assistant message after the shared prompt, from renders of prefixes."""
     spans = []
     for i in range(n_prompt, len(messages)):
@@ -135,13 +151,37 @@ def assistant_spans(render: Render, messages: list[dict], n_prompt: int, text: s
             continue
         if not (message_text(messages[i]).strip() or messages[i].get("tool_calls") or reasoning(messages[i])):
             raise RowError(f"message {i} (assistant) is empty: no content, reasoning or tool calls")
-        whole = text if i + 1 == len(messages) else render(messages[: i + 1])
-        turn_end = prefix_end(whole, text, closing, i + 1)
-        header_end, start = generation_start(render, messages, i, text, closing, turn_end)
+        turn_end = message_end(render, messages, i, text, closing, end_of_turn_marker)
+        header_end, start = generation_start(render, messages, i, text, closing, turn_end, markers)
         if start > turn_end:
             raise RowError(f"message {i} (assistant): the template renders it inside its generation prompt")
         spans.append(TurnSpan(i, header_end, start, end_of_turn(text, start, turn_end, markers, i), turn_end))
     return spans
+
+
+def message_end(render: Render, messages: list[dict], i: int, text: str, closing: str, end_of_turn_marker: str) -> int:
+    """Where message i's render ends in the conversation's text: the end of `render(messages[:i+1])`.
+
+    Some templates render the last message differently (Qwen3 gives it an empty `<think>`
+    block): when that render is not a prefix, the end is the last end-of-turn marker before
+    the next message's content, found by rendering one message further twice, with that
+    content and with a stand-in, and seeing where the two part.
+    """
+    if i + 1 == len(messages):
+        return prefix_end(text, text, closing, i + 1)
+    try:
+        return prefix_end(render(messages[: i + 1]), text, closing, i + 1)
+    except RowError as err:
+        if not end_of_turn_marker:
+            raise
+        unstable = err
+    further = render(messages[: i + 2])
+    stand_in = render([*messages[: i + 1], dict(messages[i + 1], content=STAND_IN)])
+    parting = common_prefix_length(further, stand_in)  # inside the next message's content
+    end = text.rfind(end_of_turn_marker, 0, parting)
+    if parting == len(further) or end == -1 or not text.startswith(further[:parting]):
+        raise unstable
+    return end + len(end_of_turn_marker)
 
 
 def prefix_end(rendered: str, text: str, closing: str, n: int) -> int:
@@ -156,7 +196,7 @@ def prefix_end(rendered: str, text: str, closing: str, n: int) -> int:
     )
 
 
-def generation_start(render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int) -> tuple[int, int]:
+def generation_start(render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int, markers: list[str]) -> tuple[int, int]:
     """(end of the generation prompt, first trained character) for assistant message i."""
     try:
         prompted = render(messages[:i], True)
@@ -169,7 +209,10 @@ def generation_start(render: Render, messages: list[dict], i: int, text: str, cl
     turn_start = prefix_end(render(messages[:i]), text, closing, i) if i else 0
     header_end = turn_start
     if prompted is not None and prompted.startswith(text[:turn_start]):
-        header_end += common_prefix_length(text[turn_start:], prompted[turn_start:])
+        header_end += common_prefix_length(text[turn_start:turn_end], prompted[turn_start:])
+        # Back to a clean break: `<think>` and `<tool_call>` share "<t", which is no header.
+        while header_end > turn_start and not (text[header_end - 1].isspace() or any(text.endswith(m, 0, header_end) for m in markers)):
+            header_end -= 1
     content = message_text(messages[i])
     for needle in (content, content.strip()):
         if needle and (found := text.find(needle, header_end, turn_end)) != -1:
