@@ -69,6 +69,23 @@ class MtdpoConfig(TrainingArguments):
         default=False,
         metadata={"help": "Skip (zero gradient, counted as nonfinite_skipped) a batch whose loss is NaN or infinite, instead of stopping."},
     )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank: > 0 trains peft LoRA adapters only; the reference is the model with its adapters off (no second copy). 0: full fine-tune."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: adapter updates are scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Layers that get adapters: all-linear (every linear layer of attention and MLP) or names, e.g. q_proj,v_proj."},
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata={"help": "Also write the adapters merged into the weights (output dir, loads with AutoModelForCausalLM); the adapters go to <output dir>/adapter."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load --model in 4-bit NF4 (CUDA GPU and the qlora extra only); needs --lora-r."}
+    )
     # TrainingArguments whose defaults differ for DPO
     output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."})

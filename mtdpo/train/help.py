@@ -26,6 +26,7 @@ OPTION_GROUPS = {
         "gradient_accumulation_steps", "bf16", "activation_checkpointing", "seed", "skip_nonfinite",
         "resume_from_checkpoint",
     ),
+    "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapters", "load_in_4bit"),
     "Output": ("output_dir", "logging_steps", "eval_strategy", "eval_steps", "save_steps", "report_to"),
 }  # fmt: skip
 # TrainingArguments' own help runs to several lines each: one line here (`--help-all` has theirs).

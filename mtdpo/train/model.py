@@ -1,4 +1,4 @@
-"""Load the policy and its frozen reference. Never loads a tokenizer."""
+"""Load the policy and its frozen reference. Never loads a tokenizer. (LoRA: train/lora.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mtdpo.errors import UsageError
 from mtdpo.tokenizer import ASSETS
+from mtdpo.train.lora import qlora_config
 
 TINY_MODEL = ASSETS / "tiny-gemma"  # config.json of a 0.5M-parameter Gemma sized to the embedded tokenizer
 
@@ -22,16 +23,19 @@ def attention_kernel(requested: str) -> str:
     return requested
 
 
-def load_policy(name_or_path: str | None, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool):
+def load_policy(name_or_path: str | None, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool, load_in_4bit: bool = False):
     attn = attention_kernel(attn_implementation)
     if name_or_path is None:  # random init: the seed (set by the caller) makes it reproducible
+        if load_in_4bit:
+            raise UsageError("--load-in-4bit quantizes a pretrained model: pass --model")
         config = AutoConfig.from_pretrained(str(TINY_MODEL))
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     if looks_local(name_or_path) and not Path(name_or_path).exists():  # HF would answer about repo-id syntax
         raise UsageError(f"model not found: {name_or_path} (no such directory)")
+    quantized = qlora_config() if load_in_4bit else {}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            name_or_path, attn_implementation=attn, dtype=dtype, trust_remote_code=trust_remote_code
+            name_or_path, attn_implementation=attn, dtype=dtype, trust_remote_code=trust_remote_code, **quantized
         )
     except OSError as err:
         raise UsageError(f"model not found or not loadable: {name_or_path} ({str(err).splitlines()[0]})") from None

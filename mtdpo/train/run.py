@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as transformers_logging
 
@@ -19,6 +20,7 @@ from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
+from mtdpo.train.lora import add_lora, finish_adapters
 from mtdpo.train.model import load_policy, load_reference
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
@@ -89,6 +91,24 @@ def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int,
         )
 
 
+def check_lora_options(config: MtdpoConfig) -> None:
+    if config.lora_r < 0:
+        raise UsageError(f"--lora-r {config.lora_r}: the LoRA rank is a positive number (0 = full fine-tune)")
+    if config.lora_r == 0:
+        for flag, value in (("--merge-adapters", config.merge_adapters), ("--load-in-4bit", config.load_in_4bit)):
+            if value:
+                raise UsageError(f"{flag} needs LoRA adapters: pass --lora-r (e.g. 16)")
+    if config.lora_r > 0 and config.model is None and is_deepspeed_zero3_enabled():
+        raise UsageError("LoRA with ZeRO-3 needs a saved --model: ZeRO-3 builds the random default model shard by shard")
+
+
+def save_random_base(policy, path: Path, config: MtdpoConfig) -> str:
+    """The tiny random default model has no files for the adapters to load onto: save it."""
+    if config.process_index == 0:
+        policy.save_pretrained(str(path))
+    return str(path)
+
+
 def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
     if config.loss_type not in LOSS_TYPES:
         raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
@@ -98,6 +118,7 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         raise UsageError(f"unknown --loss-scope {config.loss_scope!r}; use step or micro_batch")
     if config.loss_type in REFERENCE_FREE and config.ref_model:
         raise UsageError(f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them")
+    check_lora_options(config)
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
     train_data, manifest = open_caches(config.data, config.verify_cache)
     eval_data = open_caches([config.eval_data], config.verify_cache)[0] if config.eval_data else None
@@ -105,10 +126,15 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint; ProgressLine reports the run
     dtype = torch.float32  # master weights; --bf16 trains in mixed precision
-    policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code)
+    policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code, config.load_in_4bit)
     check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch, Path(config.data[0]))
+    lora = config.lora_r > 0
+    if lora:
+        base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
+        policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, config.activation_checkpointing)
     precomputed = all(c in train_data.column_names for c in ("ref_chosen_logp", "ref_rejected_logp"))
-    ref = None if precomputed or config.loss_type in REFERENCE_FREE else load_reference(
+    no_reference_model = precomputed or config.loss_type in REFERENCE_FREE or (lora and not config.ref_model)  # LoRA: adapters off
+    ref = None if no_reference_model else load_reference(
         policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
     )
 
@@ -140,6 +166,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     if trainer.is_world_process_zero():
         # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.
         shutil.copytree(Path(config.data[0]) / "tokenizer", output_dir, dirs_exist_ok=True)
+        if lora:
+            finish_adapters(output_dir, base, config.merge_adapters, torch.bfloat16 if config.load_in_4bit else dtype)
     close_process_group()
     return trainer
 

@@ -6,6 +6,7 @@ resume and loggers; this class only says how a batch becomes a loss and what to 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 
@@ -17,6 +18,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.loss import IGNORE_INDEX, REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
+from mtdpo.train.lora import adapters_disabled, is_lora
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
 
 
@@ -24,7 +26,7 @@ class MultiTurnDPOTrainer(Trainer):
     def __init__(self, model, ref_model, args: MtdpoConfig, **kwargs):
         # TRL's fused LM head: log-probs of the trained positions only, in chunks, without
         # materialising the [batch, seq, vocab] logits (nor their log-softmax).
-        add_fused_lm_head(model)
+        add_fused_lm_head(model.get_base_model() if is_lora(model) else model)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the model computes no loss: objective() does
         # --loss-scope step: each micro-batch's loss is already its share of the step's (see objective).
@@ -107,9 +109,18 @@ class MultiTurnDPOTrainer(Trainer):
         elif "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"]
         else:
-            with torch.no_grad():
-                ref_logps, _ = fused_sequence_logps(self.ref_model, inputs)
+            with torch.no_grad(), self.reference(model) as reference:
+                ref_logps, _ = fused_sequence_logps(reference, inputs)
         return self.objective(logps, ref_logps, tokens, step_counts)
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """The frozen reference model; for a LoRA policy without one, the policy with its adapters off."""
+        if self.ref_model is None and is_lora(self.accelerator.unwrap_model(model)):
+            with adapters_disabled(self.accelerator.unwrap_model(model)):
+                yield model
+        else:
+            yield self.ref_model
 
     def objective(self, logps, ref_logps, tokens, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
         """[2B] summed log-probs (chosen rows, then rejected) -> loss and logged metrics.
