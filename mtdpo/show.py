@@ -26,7 +26,8 @@ from rich.text import Text
 from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.mask import IGNORE_INDEX
-from mtdpo.turns import Family, detect_family, token_starts, turn_starts
+from mtdpo.families import Family, detect_family
+from mtdpo.turns import token_starts, turn_starts
 
 # One palette for the terminal and the HTML page.
 COLORS = {"trained": "#22c55e", "masked": "#8b8b8b", "diverge": "#facc15", "role": "#60a5fa"}

@@ -193,7 +193,7 @@ def _error(r: random.Random, code: str) -> tuple[str, str]:
         tb = f'  File "<stdin>", line {n}\n    print(result\n         ^\nSyntaxError: \'(\' was never closed'
     else:  # forgot the import
         lines = lines[1:]
-        tb = (f'Traceback (most recent call last):\n  File "<stdin>", line 1, in <module>\n'
+        tb = ('Traceback (most recent call last):\n  File "<stdin>", line 1, in <module>\n'
               "NameError: name 'math' is not defined")
     return "\n".join(lines), tb
 

@@ -114,14 +114,30 @@ def test_seed_mode_finds_markers_that_merge_into_tokens():
     matched in the text, so the user (tool-output) turns are still masked."""
     from conftest import family_tokenizer, for_family
 
-    from mtdpo.preprocess.mask import seed_markers
+    from mtdpo.families import detect_family
 
     tok = family_tokenizer("mistral")
     row = for_family(math_agent_pairs()["shared_code_and_tool_exchange"], "mistral")
-    record, _ = PairEncoder(tok, MaskOptions("seed", 4096, *seed_markers(tok.chat_template)))(row)
+    record, _ = PairEncoder(tok, MaskOptions("seed", 4096, *detect_family(tok.chat_template).seed_markers))(row)
     runs = decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"])
     assert runs and all(run.endswith("</s>") for run in runs)  # the " [" token of " [INST]" is masked too
     trained = "".join(runs)
     user_turns = [m["content"] for m in to_pair(row).chosen[n_prompt_messages(row) :] if m["role"] == "user"]
     assert user_turns and all(content not in trained for content in user_turns)
     assert "[INST" not in trained and "/INST]" not in trained
+
+
+def test_one_family_registry_gives_each_template_its_turns_and_seed_markers():
+    """Every shipped family template is recognised as one family, the one show-sample reads its
+    turns with and the one whose seed markers preprocess uses (they used to be two tables)."""
+    from conftest import family_tokenizer
+
+    from mtdpo.families import detect_family
+
+    expected = {"gemma": "gemma", "llama3": "llama3", "qwen2": "chatml", "mistral": "mistral", "phi3": "phi3"}
+    for name, family in expected.items():
+        found = detect_family(family_tokenizer(name).chat_template)
+        assert found is not None and found.name == family, name
+        user, end = found.seed_markers
+        assert user in family_tokenizer(name).apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert detect_family(family_tokenizer("phi3").chat_template).seed_markers == ("<|user|>\n", "<|end|>\n")

@@ -33,15 +33,6 @@ from mtdpo.preprocess.rows import RowError
 
 IGNORE_INDEX = -100
 
-# Seed mode: (user-turn start, end-of-turn) markers per template family, keyed by a token
-# that identifies the family in the template. Gemma's are the original research code's.
-SEED_MARKERS = {
-    "<start_of_turn>": ("<start_of_turn>user\n", "<end_of_turn>\n"),
-    "<|start_header_id|>": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
-    "<|im_start|>": ("<|im_start|>user\n", "<|im_end|>\n"),
-    "<|user|>": ("<|user|>\n", "<|end|>\n"),
-    "[INST]": ("[INST]", "[/INST]"),
-}
 # Replaces a message's content to see where its render starts to depend on it.
 STAND_IN = "\x00mtdpo stand-in\x00"
 # A render of the conversation so far: (messages, add_generation_prompt) -> text.
@@ -365,7 +356,3 @@ def marker_spans(text: str, open_marker: str, close_marker: str) -> list[tuple[i
         spans.append((start, stop))
         i = stop
     return spans
-
-
-def seed_markers(chat_template: str) -> tuple[str, str] | None:
-    return next((m for key, m in SEED_MARKERS.items() if key in chat_template), None)

@@ -31,7 +31,8 @@ from mtdpo import __version__
 from mtdpo.cache import SCHEMA_VERSION, remove_stale_runs, replace_dir, write_checksums
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
-from mtdpo.preprocess.mask import IGNORE_INDEX, seed_markers
+from mtdpo.families import detect_family
+from mtdpo.preprocess.mask import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.sources import open_source
 from mtdpo.tokenizer import (
@@ -304,10 +305,10 @@ def _resolve_seed_markers(options: MaskOptions, template: str) -> MaskOptions:
         raise UsageError(f"unknown --mask-mode {options.mode!r}; use assistant or seed")
     if options.mode != "seed" or (options.user_marker and options.end_marker):
         return options
-    family = seed_markers(template)
-    if family is None:
+    family = detect_family(template)
+    if family is None or family.seed_markers is None:
         raise UsageError("--mask-mode seed: unknown template family; pass --user-marker and --end-marker")
-    user, end = family
+    user, end = family.seed_markers
     return MaskOptions(options.mode, options.max_length, options.user_marker or user, options.end_marker or end)
 
 
