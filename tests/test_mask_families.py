@@ -1,4 +1,4 @@
-"""The masking rule on five real chat-template families (DESIGN.md, "The masking rule").
+"""The masking rule on five real chat-template families (docs/DESIGN.md, "The masking rule").
 
 A token is trained iff an assistant message after the shared prompt emitted it: its content
 and its end-of-turn marker. Each family's tokenizer is the embedded byte-level BPE plus the

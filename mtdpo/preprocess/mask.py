@@ -1,6 +1,6 @@
 """Render a conversation with its chat template and label the tokens to train.
 
-The masking rule (DESIGN.md): for each assistant message i after the shared prompt, the
+The masking rule (docs/DESIGN.md): for each assistant message i after the shared prompt, the
 trained characters are exactly what the model generates for that turn: from the end of
 the generation prompt, `render(messages[:i], add_generation_prompt=True)`, through the
 turn's end-of-turn marker inclusive (content, reasoning, tool-call text and the marker),

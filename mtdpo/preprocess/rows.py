@@ -1,6 +1,6 @@
 """Turn one raw input row into a validated preference pair of full conversations.
 
-Two row shapes are accepted (DESIGN.md, "Input"):
+Two row shapes are accepted (docs/DESIGN.md, "Input"):
   {"chosen": [msgs], "rejected": [msgs]}                 full conversations (RLHFlow style)
   {"prompt": [msgs] | str, "chosen": [msgs] | str, "rejected": [msgs] | str}   TRL style
 Either way the shared prompt is the longest common prefix of whole messages of the two
