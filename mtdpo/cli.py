@@ -71,7 +71,7 @@ def preprocess(
     chat_template: Optional[Path] = typer.Option(
         None,
         help="Jinja chat template to use instead of the tokenizer's: a FILE, or the NAME of a packaged real template "
-        "(gemma2, gemma3, llama3.1, qwen2.5, qwen3, mistral-v0.3, deepseek-v3, phi3.5). \\[default: the tokenizer's own]",
+        "(gemma2, gemma3, llama3.1, llama3.2, qwen2.5, qwen3, mistral-v0.3, deepseek-v3, phi3.5). \\[default: the tokenizer's own]",
     ),
     max_length: int = typer.Option(2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."),
     mask_mode: str = typer.Option(

@@ -254,9 +254,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch):
         (sample, "--out", "exists"): "output exists already exists; pass --overwrite to replace it",
         (sample, "--tokenizer", "no/such-tokenizer"): "tokenizer not found or not loadable: no/such-tokenizer (OSError: "
         "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.",
-        (sample, "--chat-template", "nope.jinja"): "chat template not found: nope.jinja is neither a file nor a packaged template (deepseek-v3, gemma2, gemma3, llama3.1, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
+        (sample, "--chat-template", "nope.jinja"): "chat template not found: nope.jinja is neither a file nor a packaged template (deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
         (sample, "--tokenizer", no_template): "TMP/no-template has no chat template; pass one with --chat-template FILE or NAME "
-        "(deepseek-v3, gemma2, gemma3, llama3.1, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
+        "(deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
         (sample, "--chat-template", "syntax.jinja"): "the chat template of syntax.jinja does not compile: unexpected '}' (line 1)",
         (sample, "--max-length", "0"): "--max-length must be at least 1",
         (sample, "--num-proc", "0"): "--num-proc must be at least 1",

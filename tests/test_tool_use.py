@@ -381,7 +381,7 @@ def test_stats_counts_trained_tool_calls_per_side(tmp_path):
 
 # ── packaged templates: --chat-template NAME ──────────────────────────────────
 
-PACKAGED = {"gemma2": "gemma", "gemma3": "gemma3", "llama3.1": "llama3", "qwen2.5": "qwen2", "qwen3": "qwen3",
+PACKAGED = {"gemma2": "gemma", "gemma3": "gemma3", "llama3.1": "llama3", "llama3.2": "llama3.2", "qwen2.5": "qwen2", "qwen3": "qwen3",
             "mistral-v0.3": "mistral3", "deepseek-v3": "deepseek3", "phi3.5": "phi3"}  # fmt: skip
 
 
@@ -487,3 +487,35 @@ def test_masking_doc_quotes_the_openai_style_tool_use_table():
 
     doc = (Path(__file__).parents[1] / "docs" / "MASKING.md").read_text(encoding="utf-8")
     assert tool_use_table.markdown(70, "openai") in doc
+
+
+def test_llama32_tool_call_with_todays_date_in_the_system_block():
+    """Llama 3.2 writes today's date (strftime_now) into every render: the same in each prefix."""
+    tok = family_tokenizer("llama3.2")
+    row = agent_pair(calling("", call("python", {"code": "print(17 * 23)"})), tools=[PYTHON_TOOL])
+    record = encode(tok, row)
+    ids, labels = record["chosen_input_ids"], record["chosen_labels"]
+    assert "Today Date: " in tok.decode(ids) and "26 Jul 2024" not in tok.decode(ids)
+    assert decoded_runs(tok, ids, labels) == [LLAMA_CALL + "<|eot_id|>", "It is $\\boxed{391}$.<|eot_id|>"]
+
+
+# A DeepSeek-R1-style template: the generation prompt opens <think>, the conversation drops the
+# reasoning of a rendered answer, so the generation prompt is not a prefix of the conversation.
+OPENS_THINK = """
+{%- for m in messages -%}
+    {%- if m.role == 'user' -%}{{- '<|im_start|>user\\n' + m.content + '<|im_end|>\\n' -}}
+    {%- else -%}{{- '<|im_start|>assistant\\n' + m.content.split('</think>')[-1] + '<|im_end|>\\n' -}}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}
+"""
+
+
+def test_generation_prompt_that_is_not_a_prefix_falls_back_to_locating_the_content():
+    from conftest import with_template
+
+    tok = with_template("qwen2", OPENS_THINK)
+    row = {"chosen": [QUESTION, msg("assistant", "391")], "rejected": [QUESTION, msg("assistant", "401")]}
+    assert decoded_runs(tok, encode(tok, row)["chosen_input_ids"], encode(tok, row)["chosen_labels"]) == ["391<|im_end|>"]
+    thinking = {"chosen": [QUESTION, msg("assistant", "<think>Multiply.</think>391")], "rejected": row["rejected"]}
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its text is not in the rendered turn"):
+        encode(tok, thinking)  # the template drops the reasoning: the row is rejected, not trained without it

@@ -13,8 +13,9 @@ Three small pure steps, all on the rendered text, never on token ids:
     trained_mask(offsets, spans)                            -> which tokens are trained
     check_spans(text, offsets, messages, spans)             -> RowError unless the mask is right
 
-A span's end comes from rendering the conversation up to and including the message; a
-token follows the character that starts it. Only where a template's generation prompt is
+A span's end comes from rendering the conversation up to and including the message (for a
+template that renders the last message differently, Qwen3's empty `<think>` block, from one
+message further); a token follows the character that starts it. Only where a template's generation prompt is
 not a prefix of the conversation (it appends text the conversation never renders) is the
 start found by locating the content string instead. The self-check rejects a row whose
 span does not hold the message's content, reasoning and every tool call's name and
@@ -209,7 +210,7 @@ def generation_start(render: Render, messages: list[dict], i: int, text: str, cl
         if needle and (found := text.find(needle, header_end, turn_end)) != -1:
             return header_end, found
     if content.strip():
-        raise RowError(f"message {i} (assistant): its text is not in the rendered template output (the template alters it)")
+        raise RowError(f"message {i} (assistant): its text is not in the rendered turn (the template drops or alters it)")
     return header_end, header_end
 
 
