@@ -96,7 +96,7 @@ def test_batch_4_equals_batch_2_with_accumulation_2(setup, nll_norm):
 
 def test_an_uneven_last_micro_batch_weighs_by_its_pairs_and_tokens(setup, tmp_path):
     """6 pairs as micro-batches of 4 and 2 (batch 4 x accumulation 2) = one batch of 6."""
-    tmp, full, init = setup
+    _, full, init = setup
     six = make_cache(tmp_path, rows=[json.loads(line) for line in (full.parent / "cache.jsonl").read_text().splitlines()[:6]])
     runs = {}
     for batch_size, accumulation in ((6, 1), (4, 2)):

@@ -183,10 +183,9 @@ def test_a_template_cannot_leave_the_sandbox(tmp_path):
     injection (reach `os` through a function's __globals__) is a template error, not a shell."""
     marker = Path("/tmp/mtdpo-sandbox-escaped")
     marker.unlink(missing_ok=True)
-    stats = run_preprocess(write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)), tmp_path / "out", chat_template=DATA / "templates" / "escape.jinja")
-    assert (stats["kept"], stats["rejected"]) == (0, 3)
     reason = "chat template error: access to attribute '__init__' of 'type' object is unsafe."
-    assert rejects(tmp_path / "out") == [{"row": n, "reason": reason} for n in range(3)]
+    with pytest.raises(UsageError, match=re.escape(f"row 0: {reason} (--strict stops at the first bad row)")):
+        run_preprocess(write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)), tmp_path / "out", chat_template=DATA / "templates" / "escape.jinja", strict=True)
     assert not marker.exists()
 
 

@@ -29,6 +29,7 @@ from mtdpo.cli import app
 from mtdpo.errors import Interrupted, NonFiniteLoss, UsageError
 from mtdpo.synthetic import make_pairs
 from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.provenance import reference_identity
 from mtdpo.train.run import train
 from mtdpo.train.safety import StopOnSignal
 
@@ -311,7 +312,10 @@ def with_reference(cache: Path, out: Path, bad_row: int, value: float) -> Path:
     ds = ds.add_column("ref_chosen_logp", chosen, feature=Value("float32"))
     ds = ds.add_column("ref_rejected_logp", [-300.0] * len(ds), feature=Value("float32"))
     ds.save_to_disk(str(out))
-    shutil.copy(cache / "manifest.json", out)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    # Columns train may use: recorded as made by the run's reference (the tiny model of seed 42).
+    manifest["reference"] = {**reference_identity(None, 42), "columns": ["ref_chosen_logp", "ref_rejected_logp"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     shutil.copytree(cache / "tokenizer", out / "tokenizer")
     return out
 

@@ -4,6 +4,7 @@ the schema-1 shards, truncation and drops, rejects, --strict, num_proc and atomi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -174,8 +175,8 @@ def expected_after_truncation(full: datasets.Dataset, max_length: int) -> tuple[
 
 @pytest.mark.parametrize(
     "max_length, kept, dropped, truncated",
-    [(200, 240, 0, 127), (128, 191, 49, 173), (16, 0, 240, 0)],
-    ids=["truncate", "truncate-and-drop", "drop-everything"],
+    [(200, 240, 0, 127), (128, 191, 49, 173)],
+    ids=["truncate", "truncate-and-drop"],
 )
 def test_truncation_keeps_the_start_and_drops_untrainable_pairs(tmp_path, sample_cache, max_length, kept, dropped, truncated):
     out = tmp_path / "cut"
@@ -185,7 +186,7 @@ def test_truncation_keeps_the_start_and_drops_untrainable_pairs(tmp_path, sample
     assert (len(want_records), len(want_dropped), want_truncated) == (kept, dropped, truncated)
 
     ds = load(out)
-    assert {f.name: f.type for f in ds.data.schema} == SCHEMA_1  # even when nothing is kept
+    assert {f.name: f.type for f in ds.data.schema} == SCHEMA_1
     assert ds.to_list() == want_records
     assert all(n <= max_length for n in [*ds["chosen_len"], *ds["rejected_len"]])
     rejects = read_rejects(out)
@@ -194,6 +195,14 @@ def test_truncation_keeps_the_start_and_drops_untrainable_pairs(tmp_path, sample
     assert reasons <= {f"{side} has no trained token left after truncation to --max-length {max_length}" for side in SIDES}
     assert sum(stats["reasons"].values()) == dropped
     assert read_json(out / "manifest.json")["max_length"] == max_length
+
+
+def test_truncation_that_drops_everything_writes_no_cache(tmp_path):
+    out = tmp_path / "cut"
+    reason = "240 chosen has no trained token left after truncation to --max-length 16"
+    with pytest.raises(UsageError, match=re.escape(f"{SAMPLE_DATA}: kept 0 of 240 rows ({reason}); no cache written")):
+        run_preprocess(SAMPLE_DATA, out, options=MaskOptions(max_length=16))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 # ── rejects and --strict ──────────────────────────────────────────────────────

@@ -137,8 +137,9 @@ def test_bad_shard_values(tmp_path):
     for bad in ("3/3", "1", "-1/2", "a/b", "1/0"):
         with pytest.raises(UsageError, match=r"^--shard takes I/N with 0 <= I < N"):
             run_preprocess(data, tmp_path / "out", shard=bad)
-    run_preprocess(data, tmp_path / "empty-slice", shard="0/3")  # 2 rows in 3 slices: the first is empty
-    assert len(load_cache(tmp_path / "empty-slice")) == 0
+    with pytest.raises(UsageError, match=r"--shard 0/3 holds no rows; no cache written$"):  # 2 rows in 3 slices: the first is empty
+        run_preprocess(data, tmp_path / "empty-slice", shard="0/3")
+    assert not (tmp_path / "empty-slice").exists()
 
 
 def test_directory_of_files_reads_as_their_concatenation(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -50,12 +51,12 @@ def test_small_shards_hold_the_same_pairs_for_any_num_proc(tmp_path, monkeypatch
         assert (tmp_path / "small" / name).read_bytes() == (tmp_path / "small2" / name).read_bytes(), name
 
 
-def test_a_run_that_keeps_nothing_leaves_one_empty_shard(tmp_path):
+def test_a_run_that_keeps_nothing_writes_no_cache(tmp_path):
+    """Train would refuse an empty cache: preprocess says why there is none (the top reasons)."""
     source = write_jsonl(tmp_path / "bad.jsonl", ["{broken", "[]"])
-    stats = run_preprocess(source, tmp_path / "out")
-    assert (stats["rows"], stats["kept"]) == (2, 0)
-    assert sorted(p.name for p in (tmp_path / "out").glob("data-*")) == [SHARD]
-    assert len(load_cache(tmp_path / "out", verify=True)) == 0
+    with pytest.raises(UsageError, match=re.escape(f"{source}: kept 0 of 2 rows (1 invalid JSON, 1 row is a list, expected a JSON object); no cache written")):
+        run_preprocess(source, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
 def test_a_bad_shard_size_is_a_usage_error(tmp_path):

@@ -177,6 +177,10 @@ def preprocess(
                 for reject in result.rejects:
                     rejects.write(json.dumps({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}) + "\n")
                 tally.merge(result.tally)
+        if tally.kept == 0:  # a cache of no pairs would only fail later, in train
+            top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
+            why = f"kept 0 of {tally.rows} rows ({top})" if tally.rows else f"--shard {shard} holds no rows"
+            raise UsageError(f"{input_path}: {why}; no cache written")
         write_dataset_files(tmp, shards.names)
         seconds = time.perf_counter() - started
         stats = _stats(tally, seconds)

@@ -18,6 +18,7 @@ from trl.trainer.utils import add_fused_lm_head
 from mtdpo.cache import load_cache, read_manifest, replace_dir, write_checksums
 from mtdpo.train.data import REF_COLUMNS, PairCollator
 from mtdpo.train.model import load_policy
+from mtdpo.train.provenance import reference_identity
 from mtdpo.train.run import check_model_matches
 from mtdpo.train.trainer import fused_sequence_logps
 
@@ -63,6 +64,7 @@ def precompute_reference(
     check_model_matches(manifest, model_name, model.config.vocab_size, allow_mismatch, cache)
     add_fused_lm_head(model)
     model.eval()
+    identity = reference_identity(model_name, seed)
     chosen, rejected = reference_logps(model, dataset, manifest["tokenizer"]["pad_token_id"] or 0, batch_size, progress)
 
     base = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
@@ -78,7 +80,8 @@ def precompute_reference(
                 shutil.copytree(source, tmp / extra)
             elif source.exists():
                 shutil.copy2(source, tmp / extra)
-        manifest["reference"] = {"model": model_name or "tiny random Gemma (seeded)", "columns": list(REF_COLUMNS)}
+        # Which model made the columns: train uses them only with the same reference (provenance.py).
+        manifest["reference"] = {"model": model_name or "tiny random Gemma (seeded)", **identity, "columns": list(REF_COLUMNS)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         write_checksums(tmp)  # the new shards' sizes and SHA-256, checked when the cache is opened
         del dataset, base, with_ref  # release the memory maps of the old shards before replacing them

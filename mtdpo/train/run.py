@@ -22,6 +22,7 @@ from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 from mtdpo.train.lora import add_lora, finish_adapters
 from mtdpo.train.model import load_policy, load_reference
+from mtdpo.train.provenance import check_provenance, check_reference_columns, has_reference_columns
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
@@ -67,6 +68,11 @@ def open_caches(paths: list[str], verify_all: bool = False):
                 raise UsageError(f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) of one input; pass each once")
             slices[key] = path
     datasets = [load_cache(Path(p), verify=True, full=verify_all) for p in paths]
+    for path, manifest, dataset in zip(paths, manifests, datasets):
+        if len(dataset) == 0:
+            counts = manifest.get("counts", {})
+            raise UsageError(f"cache {path} holds no pairs (kept {counts.get('kept', 0)} of {counts.get('rows', '?')} rows; see {Path(path) / 'rejects.jsonl'})")
+    check_reference_columns(paths, datasets)  # the collator cannot mix batches with and without them
     return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
 
 
@@ -132,8 +138,15 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     if lora:
         base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
         policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, config.activation_checkpointing)
-    precomputed = all(c in train_data.column_names for c in ("ref_chosen_logp", "ref_rejected_logp"))
-    no_reference_model = precomputed or config.loss_type in REFERENCE_FREE or (lora and not config.ref_model)  # LoRA: adapters off
+    precomputed = has_reference_columns(train_data)
+    if config.loss_type not in REFERENCE_FREE:  # use reference columns only if they come from this run's reference
+        used = list(config.data) if precomputed else []
+        if eval_data is not None and has_reference_columns(eval_data):
+            used.append(config.eval_data)
+        check_provenance([(p, read_manifest(Path(p))) for p in used], config.ref_model, config.model, config.seed)
+    # An eval cache without reference columns needs the reference even if the train cache has them.
+    needs_reference = not precomputed or (eval_data is not None and not has_reference_columns(eval_data))
+    no_reference_model = not needs_reference or config.loss_type in REFERENCE_FREE or (lora and not config.ref_model)  # LoRA: adapters off
     ref = None if no_reference_model else load_reference(
         policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
     )

@@ -1,0 +1,111 @@
+"""Where precomputed reference log-probs came from, and whether a run may use them.
+
+`mtdpo precompute-ref` records the reference's identity in the manifest: its path and a SHA-256
+of its weights. `mtdpo train` uses the columns only if they come from the run's reference
+(`--ref-model`, by default `--model`), and never mixes caches that disagree; each refusal is one
+line naming the caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from mtdpo.errors import UsageError
+from mtdpo.train.data import REF_COLUMNS
+from mtdpo.train.model import load_policy
+
+CHUNK = 1 << 24  # bytes read at a time while hashing weight files
+
+
+def has_reference_columns(dataset) -> bool:
+    return set(REF_COLUMNS) <= set(dataset.column_names)
+
+
+def reference_identity(name_or_path: str | None, seed: int) -> dict:
+    """{"path", "seed", "weights_sha256"} of a model: a saved one (a directory, or a hub id in the
+    local cache), or the tiny random default model built with `seed` (path None)."""
+    if name_or_path is None:
+        return {"path": None, "seed": seed, "weights_sha256": tiny_model_sha256(seed)}
+    local = Path(name_or_path).expanduser()
+    directory = local if local.is_dir() else hub_snapshot(name_or_path)
+    return {"path": str(local.resolve()) if local.is_dir() else name_or_path, "seed": None, "weights_sha256": files_sha256(directory)}
+
+
+def files_sha256(directory: Path) -> str:
+    """SHA-256 over the weight files transformers loads (safetensors, else .bin), names and bytes."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        raise UsageError(f"no weight files (*.safetensors, *.bin) in {directory}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tiny_model_sha256(seed: int) -> str:
+    """The tiny default model is random: hash its tensors as `seed` initialises them."""
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        state = load_policy(None, "eager", torch.float32, False).state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode() + b"\0" + state[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hub_snapshot(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError) as err:  # not downloaded (LocalEntryNotFoundError), or not a repository id
+        raise UsageError(f"cannot find the weights of {name} to check the cache's reference ({type(err).__name__})") from None
+
+
+def describe(identity: dict) -> str:
+    who = identity["path"] if identity.get("path") else f"the tiny random model (seed {identity.get('seed')})"
+    return f"{who} (weights {identity['weights_sha256'][:12]})"
+
+
+def check_reference_columns(paths: list[str], datasets: list) -> None:
+    """The caches of one dataset either all hold reference log-probs or none does."""
+    with_columns = [p for p, ds in zip(paths, datasets) if has_reference_columns(ds)]
+    without = [p for p, ds in zip(paths, datasets) if not has_reference_columns(ds)]
+    if with_columns and without:
+        raise UsageError(
+            f"caches {with_columns[0]} and {without[0]}: the first holds precomputed reference log-probs, the second none; "
+            f"run `mtdpo precompute-ref {without[0]}` with the same reference, or pass caches of one kind"
+        )
+
+
+def check_provenance(caches: list[tuple[str, dict]], ref_model: str | None, model: str | None, seed: int) -> None:
+    """Every cache whose reference columns the run would use (path, manifest) must come from one
+    reference, the run's own: `--ref-model`, by default `--model` (the tiny model: `--seed`)."""
+    if not caches:
+        return
+    for path, manifest in caches:
+        if not manifest.get("reference", {}).get("weights_sha256"):
+            raise UsageError(
+                f"cache {path} holds reference log-probs with no record of the model that made them (an older mtdpo); "
+                f"re-run `mtdpo precompute-ref {path} --model REF`"
+            )
+    (first, recorded), *others = [(path, manifest["reference"]) for path, manifest in caches]
+    for path, other in others:
+        if other["weights_sha256"] != recorded["weights_sha256"]:
+            raise UsageError(f"caches {first} and {path} hold reference log-probs of different models: {describe(recorded)} and {describe(other)}; precompute both with one")
+    name = ref_model or model
+    identity = reference_identity(name, seed)
+    if identity["weights_sha256"] != recorded["weights_sha256"]:
+        run_reference = f"--ref-model {ref_model}" if ref_model else f"--model {model} (the default reference)" if model else f"the tiny random model of --seed {seed}"
+        use_them = f"--ref-model {recorded['path']}" if recorded.get("path") else f"--seed {recorded.get('seed')}"
+        raise UsageError(
+            f"cache {first} holds reference log-probs of {describe(recorded)}, not of {run_reference} (weights "
+            f"{identity['weights_sha256'][:12]}): pass {use_them} to train with them, or re-run `mtdpo precompute-ref {first}"
+            f"{f' --model {name}' if name else ''}`"
+        )
