@@ -69,7 +69,7 @@ def train_recording(cfg: MtdpoConfig) -> dict[int, list[int]]:
     return dict(trained)
 
 
-def measure_resume(cache: Path, tmp: Path, strategy: str) -> list[str]:
+def measure_resume(cache: Path, tmp: Path, strategy: str, show_losses: bool = False) -> list[str]:
     straight = tmp / f"{strategy}-straight"
     rows = train_recording(config(cache, straight, train_sampling_strategy=strategy, save_strategy="steps", save_steps=2))
     epoch2 = [row for step in range(9, 17) for row in rows[step]]
@@ -90,6 +90,9 @@ def measure_resume(cache: Path, tmp: Path, strategy: str) -> list[str]:
             f"resume {strategy:<16} from step {checkpoint:>2}: max |loss diff| {worst:.2e}  same rows {same}  "
             f"epoch-2 pairs trained twice {twice or '-'}  never {never or '-'}"
         )
+        if show_losses:
+            for name, run in (("uninterrupted", before), ("resumed", after)):
+                lines.append(f"    {name:>13} losses, steps {checkpoint + 1}-16: " + " ".join(f"{run[step]:.4f}" for step in range(checkpoint + 1, 17)))
     return lines
 
 
@@ -118,6 +121,7 @@ def measure_accumulation(cache: Path, tmp: Path, **extra) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=16, help="pairs taken from the bundled sample (default 16)")
+    parser.add_argument("--losses", action="store_true", help="also print each step's loss after the resumes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -127,7 +131,7 @@ def main() -> None:
         preprocess(tmp / "sample.jsonl", cache, progress=False)
         lines = []
         for strategy in ("group_by_length", "random", "sequential"):
-            lines += measure_resume(cache, tmp, strategy)
+            lines += measure_resume(cache, tmp, strategy, args.losses)
         lines.append(measure_accumulation(cache, tmp))
         if any(f.name == "loss_scope" for f in dataclasses.fields(MtdpoConfig)):
             lines.append(measure_accumulation(cache, tmp, loss_scope="micro_batch"))
