@@ -90,7 +90,8 @@ def test_a_ref_model_that_differs_from_the_recorded_one_is_refused(setup):
     assert f"not of --model {models['B']} (the default reference)" in line
     # The tiny default model of another seed is another reference too.
     line = one_line_error(train_cli(tmp, "--data", precomputed["default"], "--seed", "7"))
-    assert "the tiny random model (seed 42)" in line and "--seed 42" in line
+    assert "the tiny random model (seed 42)" in line and "pass --seed 42" in line
+    assert line.endswith(f"re-run `mtdpo precompute-ref {precomputed['default']} --seed 7`")
 
 
 def test_caches_with_and_without_reference_columns_are_not_mixed(setup):

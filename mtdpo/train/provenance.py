@@ -107,5 +107,5 @@ def check_provenance(caches: list[tuple[str, dict]], ref_model: str | None, mode
         raise UsageError(
             f"cache {first} holds reference log-probs of {describe(recorded)}, not of {run_reference} (weights "
             f"{identity['weights_sha256'][:12]}): pass {use_them} to train with them, or re-run `mtdpo precompute-ref {first}"
-            f"{f' --model {name}' if name else ''}`"
+            f"{f' --model {name}' if name else f' --seed {seed}'}`"
         )

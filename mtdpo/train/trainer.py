@@ -139,9 +139,12 @@ class MultiTurnDPOTrainer(Trainer):
             chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing, chosen_tokens, rejected_tokens,
             args.simpo_gamma,
         )  # fmt: skip
-        micro_batches = self.current_gradient_accumulation_steps if step_counts is not None else 1
-        if step_counts is None:
-            step_counts = self.accelerator.reduce(torch.stack([torch.tensor(len(chosen), device=tokens.device), chosen_tokens.sum()]).detach(), reduction="sum")
+        if step_counts is None:  # this micro-batch alone, of every rank
+            micro_batches = 1
+            counts = torch.tensor([len(chosen_tokens), int(chosen_tokens.sum())], device=tokens.device)
+            step_counts = self.accelerator.reduce(counts, reduction="sum")
+        else:
+            micro_batches = self.current_gradient_accumulation_steps
         pairs, total_tokens = step_counts
         if args.nll_norm == "sequence":  # a mean over pairs, like the DPO term
             nll = sequence_nll_loss(chosen, chosen_tokens, pairs)
