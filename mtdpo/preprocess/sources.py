@@ -43,16 +43,17 @@ MAX_INT_DIGITS = 4300  # sys.int_info.default_max_str_digits
 # ── one reader per format, each for rows [start, stop) numbered within the file ──────────────
 
 
-def read_jsonl(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, object]]:
+def read_jsonl(path: Path, start: int = 0, stop: int | None = None, parse: bool = True) -> Iterator[tuple[int, object]]:
     """Lines before the slice are skipped unparsed (the last of 100 machines would otherwise
-    parse 99% of the input for nothing)."""
+    parse 99% of the input for nothing). With parse=False the lines come out as bytes, for
+    worker processes to parse (see `parse_line`): the main process then only reads."""
     with open(path, "rb") as f:
         for n, raw in islice(enumerate(f), start, stop):
             # A UTF-8 byte-order mark is not part of the row; files joined with `cat` carry one
             # at the start of a later line too. CRLF line ends are JSON whitespace.
             raw = raw.removeprefix(BOM)
             if raw.strip():
-                yield n, parse_line(raw)
+                yield n, parse_line(raw) if parse else raw
 
 
 def read_parquet(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, object]]:
@@ -217,8 +218,9 @@ class Source:
     def rows(self) -> int | None:
         return None if self.row_range is None else len(self.row_range)
 
-    def read(self) -> Iterator[tuple[int, object]]:
-        """(global row number, row) for the rows of the slice, in input order."""
+    def read(self, parse: bool = True) -> Iterator[tuple[int, object]]:
+        """(global row number, row) for the rows of the slice, in input order; with parse=False,
+        jsonl rows are the line's bytes (to be parsed by `parse_line`)."""
         wanted = self.row_range
         if self.hub is not None:
             yield from islice(enumerate(self.hub), wanted.start if wanted else 0, wanted.stop if wanted else None)
@@ -230,7 +232,8 @@ class Source:
             stop = min(wanted.stop - file.first_row, file.rows)
             if start >= stop:
                 continue  # the slice holds none of this file: not opened
-            for n, row in READERS[file.fmt](file.path, start, stop):
+            rows = read_jsonl(file.path, start, stop, parse) if file.fmt == "jsonl" else READERS[file.fmt](file.path, start, stop)
+            for n, row in rows:
                 yield file.first_row + n, row
 
     def where(self, row: int) -> dict:
