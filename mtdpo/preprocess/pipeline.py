@@ -200,8 +200,7 @@ class ShardWriter:
     (as `datasets.save_to_disk` writes them, so the bytes depend on neither chunking nor
     --num-proc). A new file starts when the next batch would take the current one past
     `max_bytes`. Files are named data-NNNNN-of-MMMMM.arrow, as save_to_disk names them, once the
-    count is known (at close). A run that keeps no pair still writes one shard, with the schema
-    and no rows, so the cache opens."""
+    count is known (at close). With no pair written it leaves one shard: the schema, no rows."""
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = Path(directory), max_bytes
