@@ -4,6 +4,7 @@ in its own process, results as JSON and a markdown table.
     python bench/run.py                 # the full benchmark (about 40 minutes on 2 cores)
     python bench/run.py --quick         # small sizes, a few minutes: checks the harness
     python bench/run.py --prep          # preparation only: mtdpo vs TRL vs the floor, 2 tokenizers
+    python bench/run.py --startup SMALL_CACHE BIG_CACHE   # mtdpo train start-up, two cache sizes
 
 Same data, tokenizer, tiny model, batch shape and precision (fp32: TRL's DPOConfig turns bf16
 on by default, so it is set off explicitly) for both systems. Ratios, not absolute times, are
@@ -90,9 +91,15 @@ def current_rss_mb() -> float:
 # and the floor, not for TRL (its `Dataset.from_json` runs before the clock starts).
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_seconds(children: bool = True) -> float:
+    """CPU time of this process (and of its finished worker processes): on a shared machine,
+    wall time depends on the others' load, CPU time much less."""
+    usages = [resource.getrusage(resource.RUSAGE_SELF)] + ([resource.getrusage(resource.RUSAGE_CHILDREN)] if children else [])
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+def _timed(rows: int, seconds: float, cpu: float, **extra) -> dict:
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "cpu_seconds": cpu, "rows_per_cpu_s": rows / cpu, **extra}
 
 
 def worker_prep_mtdpo(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
@@ -101,11 +108,10 @@ def worker_prep_mtdpo(rows: str, num_proc: int, tokenizer: str | None = None) ->
     from mtdpo.preprocess.pipeline import preprocess
 
     out = Path(tempfile.mkdtemp()) / "cache"
-    started, cpu = time.perf_counter(), _cpu_seconds()
+    started, cpu, main = time.perf_counter(), _cpu_seconds(), _cpu_seconds(children=False)
     stats = preprocess(Path(rows), out, tokenizer=tokenizer, num_proc=num_proc, progress=False)
-    seconds, main_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
-    return {"rows": stats["rows"], "kept": stats["kept"], "seconds": seconds, "rows_per_s": stats["rows"] / seconds,
-            "main_cpu_ms_per_row": 1000 * main_cpu / stats["rows"]}  # fmt: skip
+    seconds, main_cpu = time.perf_counter() - started, _cpu_seconds(children=False) - main
+    return _timed(stats["rows"], seconds, _cpu_seconds() - cpu, kept=stats["kept"], main_cpu_ms_per_row=1000 * main_cpu / stats["rows"])
 
 
 def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
@@ -115,11 +121,11 @@ def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> d
     datasets.disable_progress_bars()
     trainer, _, args = _trl_trainer(_tiny(), rows=None, num_proc=num_proc, tokenizer=tokenizer, first_row_of=rows)
     dataset = datasets.Dataset.from_json(rows, cache_dir=tempfile.mkdtemp())  # not timed: both read the rows
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))  # timed, as in mtdpo's preprocess()
     prepared = trainer._prepare_dataset(dataset, tok, args, "train")  # TRL's tokenization map
     seconds = time.perf_counter() - started
-    return {"rows": len(prepared), "seconds": seconds, "rows_per_s": len(dataset) / seconds}
+    return _timed(len(prepared), seconds, _cpu_seconds() - cpu)
 
 
 def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
@@ -129,7 +135,7 @@ def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
 
     from mtdpo.preprocess.mask import ChatTemplate
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     chat = ChatTemplate(AutoTokenizer.from_pretrained(str(tokenizer or _embedded())))
     n = 0
     with open(rows) as f:
@@ -138,8 +144,7 @@ def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
             for side in ("chosen", "rejected"):
                 chat.tokenize(chat.render(row[side]))
             n += 1
-    seconds = time.perf_counter() - started
-    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds}
+    return _timed(n, time.perf_counter() - started, _cpu_seconds() - cpu)
 
 
 def _embedded() -> Path:
@@ -395,34 +400,39 @@ def preparation(n_rows: int, repeats: int) -> dict:
                 runs.setdefault(f"{name} {key}", []).append(result)
     summary = {}
     for config, results in runs.items():
-        speeds = sorted(r["rows_per_s"] for r in results)
-        summary[config] = {"runs": results, "min_rows_per_s": speeds[0], "median_rows_per_s": speeds[len(speeds) // 2]}
+        summary[config] = {"runs": results}
+        for measure in ("rows_per_s", "rows_per_cpu_s"):
+            speeds = sorted(r[measure] for r in results)
+            summary[config] |= {f"min_{measure}": speeds[0], f"median_{measure}": speeds[len(speeds) // 2]}
     return {"rows": n_rows, "repeats": repeats, "tokenizers": list(tokenizers), "results": summary}
 
 
 def prep_table(prep: dict) -> str:
-    r = prep["results"]
+    """Rows per CPU second (robust to other jobs on the machine) and rows per wall second."""
+    r, toks = prep["results"], prep["tokenizers"]
 
-    def speed(tok, key, stat="median"):
-        return r[f"{tok} {key}"][f"{stat}_rows_per_s"]
+    def speed(tok, key, measure="rows_per_cpu_s", stat="median"):
+        return r[f"{tok} {key}"][f"{stat}_{measure}"]
 
+    head = " | ".join(f"{t}: rows/CPU-s | {t}: rows/s" for t in toks)
     lines = [
-        f"{prep['rows']:,} pairs, {prep['repeats']} interleaved runs per cell: median rows/s (min in brackets), ratios of medians.",
+        f"{prep['rows']:,} pairs, {prep['repeats']} interleaved runs per cell: median (min in brackets); ratios of medians.",
         "",
-        "| rows/s | " + " | ".join(prep["tokenizers"]) + " |",
-        "|---|" + "---:|" * len(prep["tokenizers"]),
+        f"| | {head} |",
+        "|---|" + "---:|---:|" * len(toks),
     ]
     for key, label in (("mtdpo_np1", "mtdpo, 1 process"), ("trl_np1", "TRL, 1 process"), ("floor", "floor (a), 1 process"),
                        ("mtdpo_np2", "mtdpo, 2 processes"), ("trl_np2", "TRL, 2 processes")):  # fmt: skip
-        cells = [f"{speed(t, key):,.0f} ({speed(t, key, 'min'):,.0f})" for t in prep["tokenizers"]]
+        cells = [f"{speed(t, key, m):,.0f} ({speed(t, key, m, 'min'):,.0f})" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ratios = (("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"), ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
               ("TRL / floor (a)", "trl_np1", "floor"), ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
               ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"))  # fmt: skip
     for label, a, b in ratios:
-        lines.append(f"| {label} | " + " | ".join(f"{speed(t, a) / speed(t, b):.2f}×" for t in prep["tokenizers"]) + " |")
-    main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in prep["tokenizers"]]
-    lines.append("| mtdpo main-process CPU ms per row, 2 processes (min) | " + " | ".join(f"{m:.2f}" for m in main_cpu) + " |")
+        cells = [f"{speed(t, a, m) / speed(t, b, m):.2f}×" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in toks]
+    lines.append("| mtdpo main-process CPU ms per row, 2 processes (min) | " + " | ".join(f"{m:.3f} | –" for m in main_cpu) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -512,10 +522,23 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="forget measurements kept from an interrupted run")
     parser.add_argument("--prep", action="store_true", help="only preparation: mtdpo vs TRL vs floor (a), 2 tokenizers")
     parser.add_argument("--prep-rows", type=int, default=2000, help="pairs per preparation run (with --prep)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per preparation cell (with --prep)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (with --prep or --startup)")
+    parser.add_argument("--startup", nargs=2, metavar=("SMALL", "BIG"), help="only mtdpo train start-up: two caches, interleaved")
     args = parser.parse_args()
     if args.fresh:
         MEASURED.unlink(missing_ok=True)
+    if args.startup:
+        small, big = args.startup
+        runs = {cache: [] for cache in (small, big)}
+        for repeat in range(args.repeats):  # interleaved: small, big, small, big …
+            for cache in (small, big):
+                runs[cache].append(run_worker("startup_mtdpo", cache=str(Path(cache).resolve()), repeat=repeat)["seconds_to_first_step"])
+        pairs = {cache: json.loads((Path(cache) / "manifest.json").read_text())["counts"]["kept"] for cache in runs}
+        median = {cache: sorted(times)[len(times) // 2] for cache, times in runs.items()}
+        for cache, times in runs.items():
+            print(f"{cache}: {pairs[cache]:,} pairs, seconds to the first step: min {min(times):.2f}, median {median[cache]:.2f} ({times})")
+        print(f"start-up {pairs[big]:,} / {pairs[small]:,} pairs: {median[big] / median[small]:.2f} (medians), {min(runs[big]) / min(runs[small]):.2f} (minima)")
+        return
     if args.prep:
         prep = {"machine": _machine(), "load_before": os.getloadavg(), **preparation(args.prep_rows, args.repeats)}
         prep["load_after"] = os.getloadavg()
