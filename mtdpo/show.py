@@ -25,7 +25,7 @@ from rich.text import Text
 
 from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.mask import IGNORE_INDEX
+from mtdpo.cache import IGNORE_INDEX
 from mtdpo.families import Family, detect_family
 from mtdpo.turns import token_starts, turn_starts
 

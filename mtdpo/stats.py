@@ -18,7 +18,7 @@ from rich.text import Text
 
 from mtdpo.cache import load_cache, read_manifest
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.mask import IGNORE_INDEX
+from mtdpo.cache import IGNORE_INDEX
 from mtdpo.families import detect_family
 
 SIDES = ("chosen", "rejected")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mtdpo.preprocess.mask import IGNORE_INDEX
+from mtdpo.cache import IGNORE_INDEX
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA
 
 TESTS = Path(__file__).parent

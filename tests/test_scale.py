@@ -16,7 +16,8 @@ from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.sources import Source, _load_hub, open_source
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.run import expand_cache_paths, open_caches, train
+from mtdpo.cache import expand_cache_paths, open_caches
+from mtdpo.train.run import train
 
 COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "prompt_len", "chosen_len", "rejected_len", "row"]
 

@@ -18,7 +18,7 @@ from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
 from mtdpo.synthetic import make_pairs
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint_dir, same_tokenizer, vocabulary_hash_dir
-from mtdpo.train.run import check_model_matches, open_caches
+from mtdpo.cache import check_model_matches, open_caches
 
 SHARD = "data-00000-of-00001.arrow"
 

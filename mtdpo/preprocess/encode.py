@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtdpo.preprocess.mask import IGNORE_INDEX, ChatTemplate, Encoded, render_and_mask, seed_mask
+from mtdpo.cache import IGNORE_INDEX
+from mtdpo.preprocess.mask import ChatTemplate, Encoded, render_and_mask, seed_mask
 from mtdpo.preprocess.rows import Pair, RowError, shared_prefix_length, to_pair
 
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtdpo.cache import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
 
-IGNORE_INDEX = -100
 
 # Replaces a message's content to see where its render starts to depend on it.
 STAND_IN = "\x00mtdpo stand-in\x00"

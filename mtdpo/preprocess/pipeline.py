@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,41 +21,23 @@ from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
-from datasets import DatasetInfo, Features, List, Value
+from datasets import DatasetInfo
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils.py_utils import asdict as info_dict
 from datasets.utils.py_utils import convert_file_size_to_int
 
 from mtdpo import __version__
-from mtdpo.cache import SCHEMA_VERSION, remove_stale_runs, replace_dir, write_checksums
+from mtdpo.cache import IGNORE_INDEX, build_manifest, features, write_checksums, write_json, writing
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.families import detect_family
-from mtdpo.preprocess.mask import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.sources import open_source, parse_line
-from mtdpo.tokenizer import (
-    fingerprint_dir,
-    load_tokenizer,
-    sha256_text,
-    vocabulary_hash,
-)
+from mtdpo.tokenizer import load_tokenizer, sha256_text
 
 CHUNK_ROWS = 256  # rows per task sent to a worker
 BATCH_ROWS = 1000  # pairs per Arrow record batch in a shard (datasets' default writer batch)
-TOKEN_LIST = List(Value("int32"))
-FEATURES = Features(
-    {
-        "chosen_input_ids": TOKEN_LIST,
-        "chosen_labels": TOKEN_LIST,
-        "rejected_input_ids": TOKEN_LIST,
-        "rejected_labels": TOKEN_LIST,
-        "prompt_len": Value("int32"),
-        "chosen_len": Value("int32"),
-        "rejected_len": Value("int32"),
-        "row": Value("int64"),
-    }
-)
+FEATURES = features()  # the schema of docs/DESIGN.md, "The cache contract" (mtdpo/cache.py)
 SCHEMA = FEATURES.arrow_schema
 
 
@@ -161,38 +142,33 @@ def preprocess(
 
     global _encoder
     _encoder = PairEncoder(tok, options)
-    tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
-    remove_stale_runs(out)  # temporary dirs of killed runs: their PID is gone
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        tok.save_pretrained(str(tmp / "tokenizer"))
-        tally = Tally()
-        with ShardWriter(tmp, shard_bytes) as shards, open(tmp / "rejects.jsonl", "w") as rejects:
-            results = ordered_map(encode_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), num_proc)
-            for result in _with_progress(results, source.rows, progress):
-                if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
-                    where = source.where(bad["row"])  # the file and its row, for a directory input
-                    at = f" ({where['file']} row {where['file_row']})" if where else ""
-                    raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
-                shards.write(result.table)
-                for reject in result.rejects:
-                    rejects.write(json.dumps({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}) + "\n")
-                tally.merge(result.tally)
-        if tally.kept == 0:  # a cache of no pairs would only fail later, in train
-            top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
-            why = f"kept 0 of {tally.rows} rows ({top})" if tally.rows else f"--shard {shard} holds no rows"
-            raise UsageError(f"{input_path}: {why}; no cache written")
-        write_dataset_files(tmp, shards.names)
-        seconds = time.perf_counter() - started
-        stats = _stats(tally, seconds)
-        _write_json(tmp / "stats.json", stats)
-        _write_json(tmp / "manifest.json", _manifest(tok, tmp / "tokenizer", options, source, tally, chat_template))
-        replace_dir(tmp, out)
-        return stats
+        with writing(out) as tmp:  # renamed to `out` only when complete
+            tok.save_pretrained(str(tmp / "tokenizer"))
+            tally = Tally()
+            with ShardWriter(tmp, shard_bytes) as shards, open(tmp / "rejects.jsonl", "w") as rejects:
+                results = ordered_map(encode_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), num_proc)
+                for result in _with_progress(results, source.rows, progress):
+                    if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
+                        where = source.where(bad["row"])  # the file and its row, for a directory input
+                        at = f" ({where['file']} row {where['file_row']})" if where else ""
+                        raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
+                    shards.write(result.table)
+                    for reject in result.rejects:
+                        rejects.write(json.dumps({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}) + "\n")
+                    tally.merge(result.tally)
+            if tally.kept == 0:  # a cache of no pairs would only fail later, in train
+                top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
+                why = f"kept 0 of {tally.rows} rows ({top})" if tally.rows else f"--shard {shard} holds no rows"
+                raise UsageError(f"{input_path}: {why}; no cache written")
+            write_dataset_files(tmp, shards.names)
+            seconds = time.perf_counter() - started
+            stats = _stats(tally, seconds)
+            write_json(tmp / "stats.json", stats)
+            write_json(tmp / "manifest.json", build_manifest(tok, tmp / "tokenizer", options, source, tally, chat_template, __version__))
+            return stats
     finally:
         _encoder = None
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class ShardWriter:
@@ -323,36 +299,3 @@ def _stats(tally: Tally, seconds: float) -> dict:
     stats["seconds"] = round(seconds, 3)
     stats["rows_per_second"] = round(tally.rows / seconds, 1) if seconds else None
     return stats
-
-
-def _manifest(tok, saved_tokenizer: Path, options: MaskOptions, source, tally: Tally, chat_template) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "mtdpo_version": __version__,
-        "tokenizer": {
-            "name_or_path": str(tok.name_or_path),
-            # The saved copy's bytes (what train compares first); a vocabulary hash if none was written.
-            "fingerprint": fingerprint_dir(saved_tokenizer) or vocabulary_hash(tok),
-            "vocab_size": len(tok),
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
-        "chat_template_sha256": sha256_text(tok.chat_template),
-        "chat_template_file": str(chat_template) if chat_template else None,
-        "mask_mode": options.mode,
-        "seed_markers": [options.user_marker, options.end_marker] if options.mode == "seed" else None,
-        "max_length": options.max_length,
-        "truncation": "keep_start",
-        "input": source.describe(),
-        "shard": source.shard_info(),  # None, or the slice of the input (--shard I/N)
-        "counts": {k: getattr(tally, k) for k in ("rows", "kept", "rejected", "dropped", "truncated")},
-        "tokens": {
-            k: getattr(tally, k)
-            for k in ("chosen_tokens", "rejected_tokens", "chosen_trained_tokens", "rejected_trained_tokens")
-        },
-    }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -8,10 +8,7 @@ import numpy as np
 import torch
 from trl.trainer.utils import pad
 
-from mtdpo.train.loss import IGNORE_INDEX
-
-REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
-
+from mtdpo.cache import IGNORE_INDEX, REF_COLUMNS
 
 @dataclass
 class PairCollator:

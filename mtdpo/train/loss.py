@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.utils import selective_log_softmax
 
-IGNORE_INDEX = -100
+from mtdpo.cache import IGNORE_INDEX
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "apo_zero", "bco_pair")
 REFERENCE_FREE = ("simpo",)  # these never look at a reference model: none is loaded, no reference forward runs
 PER_TOKEN = ("ipo", "sigmoid_norm", "simpo")  # these need the trained token count of each sequence

@@ -14,14 +14,9 @@ from pathlib import Path
 import torch
 
 from mtdpo.errors import UsageError
-from mtdpo.train.data import REF_COLUMNS
 from mtdpo.train.model import load_policy
 
 CHUNK = 1 << 24  # bytes read at a time while hashing weight files
-
-
-def has_reference_columns(dataset) -> bool:
-    return set(REF_COLUMNS) <= set(dataset.column_names)
 
 
 def reference_identity(name_or_path: str | None, seed: int) -> dict:
@@ -71,17 +66,6 @@ def hub_snapshot(name: str) -> Path:
 def describe(identity: dict) -> str:
     who = identity["path"] if identity.get("path") else f"the tiny random model (seed {identity.get('seed')})"
     return f"{who} (weights {identity['weights_sha256'][:12]})"
-
-
-def check_reference_columns(paths: list[str], datasets: list) -> None:
-    """The caches of one dataset either all hold reference log-probs or none does."""
-    with_columns = [p for p, ds in zip(paths, datasets) if has_reference_columns(ds)]
-    without = [p for p, ds in zip(paths, datasets) if not has_reference_columns(ds)]
-    if with_columns and without:
-        raise UsageError(
-            f"caches {with_columns[0]} and {without[0]}: the first holds precomputed reference log-probs, the second none; "
-            f"run `mtdpo precompute-ref {without[0]}` with the same reference, or pass caches of one kind"
-        )
 
 
 def check_provenance(caches: list[tuple[str, dict]], ref_model: str | None, model: str | None, seed: int) -> None:

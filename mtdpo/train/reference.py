@@ -6,8 +6,6 @@ reference model: half the forward passes and one model's memory less per step.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,11 +13,10 @@ import torch
 from transformers import set_seed
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import load_cache, read_manifest, replace_dir, write_checksums
-from mtdpo.train.data import REF_COLUMNS, PairCollator
+from mtdpo.cache import REF_COLUMNS, check_model_matches, load_cache, read_manifest, write_checksums, write_json, writing
+from mtdpo.train.data import PairCollator
 from mtdpo.train.model import load_policy
 from mtdpo.train.provenance import reference_identity
-from mtdpo.train.run import check_model_matches
 from mtdpo.train.trainer import fused_sequence_logps
 
 
@@ -70,9 +67,7 @@ def precompute_reference(
     base = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
     float32 = Value("float32")
     with_ref = base.add_column(REF_COLUMNS[0], chosen, feature=float32).add_column(REF_COLUMNS[1], rejected, feature=float32)
-    tmp = cache.with_name(f".{cache.name}.ref-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with writing(cache, kind="ref") as tmp:
         with_ref.save_to_disk(str(tmp))
         for extra in ("stats.json", "rejects.jsonl", "tokenizer"):  # checksums.json is rewritten below
             source = cache / extra
@@ -82,10 +77,7 @@ def precompute_reference(
                 shutil.copy2(source, tmp / extra)
         # Which model made the columns: train uses them only with the same reference (provenance.py).
         manifest["reference"] = {"model": model_name or "tiny random Gemma (seeded)", **identity, "columns": list(REF_COLUMNS)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        write_json(tmp / "manifest.json", manifest)
         write_checksums(tmp)  # the new shards' sizes and SHA-256, checked when the cache is opened
         del dataset, base, with_ref  # release the memory maps of the old shards before replacing them
-        replace_dir(tmp, cache)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import shutil
 import signal
 from pathlib import Path
@@ -13,89 +12,17 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as transformers_logging
 
-from mtdpo.cache import load_cache, read_manifest
+from mtdpo.cache import check_model_matches, expand_cache_paths, has_reference_columns, open_caches, read_manifest
 from mtdpo.errors import Interrupted, UsageError
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, same_tokenizer
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 from mtdpo.train.lora import add_lora, finish_adapters
 from mtdpo.train.model import load_policy, load_reference
-from mtdpo.train.provenance import check_provenance, check_reference_columns, has_reference_columns
+from mtdpo.train.provenance import check_provenance
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
-
-# Manifest fields that must agree for several caches to be one dataset.
-COMPATIBLE_FIELDS = (("chat_template_sha256",), ("mask_mode",), ("seed_markers",), ("max_length",))
-
-
-def expand_cache_paths(paths: list[str]) -> list[str]:
-    """--data entries are cache directories or quoted glob patterns (`'data_cache/big-shard-*'`),
-    a pattern standing for its matches sorted by name."""
-    expanded = []
-    for path in paths:
-        if Path(path).exists() or not any(c in path for c in "*?["):
-            expanded.append(path)
-        elif matches := sorted(glob.glob(path)):
-            expanded.extend(matches)
-        else:
-            raise UsageError(f"--data {path}: no cache matches this pattern")
-    return expanded
-
-
-def open_caches(paths: list[str], verify_all: bool = False):
-    """One memory-mapped dataset from one or more caches whose manifests agree.
-
-    Shards are re-hashed only if they changed since their last verification, or all of them
-    with `verify_all` (`--verify-cache`), so start-up does not grow with the data."""
-    from datasets import concatenate_datasets
-
-    manifests = [read_manifest(Path(p)) for p in paths]
-    fingerprint = manifests[0]["tokenizer"]["fingerprint"]
-    for path, manifest in zip(paths[1:], manifests[1:]):
-        if manifest["tokenizer"]["fingerprint"] != fingerprint and not same_tokenizer(fingerprint, Path(paths[0]) / "tokenizer", Path(path) / "tokenizer"):
-            raise UsageError(f"caches {paths[0]} and {path} disagree on tokenizer.fingerprint; preprocess them alike")
-        for keys in COMPATIBLE_FIELDS:
-            if _get(manifest, keys) != _get(manifests[0], keys):
-                raise UsageError(f"caches {paths[0]} and {path} disagree on {'.'.join(keys)}; preprocess them alike")
-    slices = {}  # (input hash, shard) -> the first cache holding that slice of that input
-    for path, manifest in zip(paths, manifests):
-        if shard := manifest.get("shard"):
-            source = manifest["input"].get("sha256") or manifest["input"].get("path")  # a hub dataset has no hash
-            key = (source, shard["index"], shard["count"])
-            if key in slices:
-                raise UsageError(f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) of one input; pass each once")
-            slices[key] = path
-    datasets = [load_cache(Path(p), verify=True, full=verify_all) for p in paths]
-    for path, manifest, dataset in zip(paths, manifests, datasets):
-        if len(dataset) == 0:
-            counts = manifest.get("counts", {})
-            raise UsageError(f"cache {path} holds no pairs (kept {counts.get('kept', 0)} of {counts.get('rows', '?')} rows; see {Path(path) / 'rejects.jsonl'})")
-    check_reference_columns(paths, datasets)  # the collator cannot mix batches with and without them
-    return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
-
-
-def _get(d: dict, keys: tuple[str, ...]):
-    for key in keys:
-        d = d.get(key, {}) if isinstance(d, dict) else None
-    return d
-
-
-def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int, allow_mismatch: bool, cache: Path) -> None:
-    """Refuse a model whose tokenizer is not the one the cache was tokenized with."""
-    cache_vocab = manifest["tokenizer"]["vocab_size"]
-    if cache_vocab > vocab_size:
-        hint = " (the tiny default model fits only the embedded tokenizer; pass --model)" if model_path is None else ""
-        raise UsageError(f"the cache uses token ids up to {cache_vocab - 1} but the model's vocabulary has {vocab_size}{hint}")
-    tokenizer_dir = EMBEDDED_TOKENIZER if model_path is None else Path(model_path)
-    fingerprint = manifest["tokenizer"]["fingerprint"]
-    if (tokenizer_dir / "tokenizer.json").is_file() and not allow_mismatch and not same_tokenizer(fingerprint, Path(cache) / "tokenizer", tokenizer_dir):
-        raise UsageError(
-            f"the model's tokenizer ({tokenizer_dir}) differs from the cache's ({manifest['tokenizer']['name_or_path']}): "
-            "re-run `mtdpo preprocess --tokenizer` with the model's tokenizer, or pass --allow-mismatch"
-        )
-
 
 def check_lora_options(config: MtdpoConfig) -> None:
     if config.lora_r < 0:

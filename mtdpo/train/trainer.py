@@ -17,7 +17,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.loss import IGNORE_INDEX, REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
+from mtdpo.cache import IGNORE_INDEX
+from mtdpo.train.loss import REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
 from mtdpo.train.lora import adapters_disabled, is_lora
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
 
