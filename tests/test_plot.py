@@ -99,7 +99,10 @@ def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
     assert [e["step"] for e in steps] == [1, 2, 3]
     first, last = steps[0], steps[-1]
     done = capsys.readouterr().out.splitlines()[-1]
-    trend = f"margin {first['rewards/margins']:+.3f} → {last['rewards/margins']:+.3f}, acc {first['rewards/accuracies']:.2f} → {last['rewards/accuracies']:.2f}"
+    from mtdpo.train.callbacks import accuracy
+
+    assert first["rewards/ties"] == 1.0 and accuracy(first) == "tie"  # step 1: the policy is still its reference
+    trend = f"margin {first['rewards/margins']:+.3f} → {last['rewards/margins']:+.3f}, acc {accuracy(first)} → {accuracy(last)}"
     expected = rf"done: 3 steps in 0:00:\d\d, mean loss \d+\.\d{{4}}, {re.escape(trend)}, [\d,]+ tok/s"
     assert re.fullmatch(expected, done), done
     result = invoke("plot", tmp_path / "run")
