@@ -3,7 +3,7 @@
 The DPO term is the mean over the optimizer step's pairs and the NLL the mean over its trained
 chosen tokens, every micro-batch and rank together. Before, the NLL was a mean per micro-batch:
 batch 4 x 1 and batch 2 x 2 moved the tiny model's weights 4.6e-3 apart (largest update 0.48,
-SGD lr 1); `--loss-scope micro_batch` keeps that behaviour (scripts/measure_exactness.py).
+SGD lr 1); `--loss-scope micro_batch` keeps that behaviour (bench/measure_exactness.py).
 """
 
 import json

@@ -8,7 +8,7 @@
    batch 2 x accumulation 2 (the same 4 pairs). Printed: the largest difference between the two
    updates, and the largest update.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python scripts/measure_exactness.py
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python bench/measure_exactness.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run a command and report its wall time and the peak RSS of its whole process tree.
 
-    python scripts/measure_tree.py --out peak.json -- mtdpo preprocess big.jsonl --out data_cache/big --num-proc 2
+    python bench/measure_tree.py --out peak.json -- mtdpo preprocess big.jsonl --out data_cache/big --num-proc 2
 
 Every --interval seconds it sums VmRSS, RssAnon and PSS over the command and all its
 descendants (read from /proc, Linux only); the peaks of those sums are what the machine had to
