@@ -46,7 +46,7 @@ def common_args(tiny: bool, steps: int, batch: int) -> dict:
                 logging_steps=steps, disable_tqdm=True, beta=0.1)  # fmt: skip
 
 
-def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: str, sampling: str) -> dict:
+def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: str, sampling: str, layout: str = "padded") -> dict:
     import copy
 
     import torch
@@ -56,11 +56,16 @@ def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: st
     clock = StepClock(time.time())
     if system == "mtdpo":
         from mtdpo.cache import load_cache
+        from mtdpo.train.attention import SEGMENT_ATTENTION
         from mtdpo.train.config import MtdpoConfig
         from mtdpo.train.data import PairCollator
         from mtdpo.train.trainer import MultiTurnDPOTrainer
 
-        counter = TokenCounter(PairCollator(0))
+        if layout != "padded-sdpa":  # segment attention: padding never computed, packed/shared rows without a [T, T] mask
+            model.set_attn_implementation(SEGMENT_ATTENTION)
+            ref.set_attn_implementation(SEGMENT_ATTENTION)
+        options = {"padding-free": {"padding_free": True}, "prefix-sharing": {"prefix_sharing": True}}.get(layout, {})
+        counter = TokenCounter(PairCollator(0, segments=layout != "padded-sdpa", **options))
         trainer = MultiTurnDPOTrainer(model, ref, MtdpoConfig(data=[cache], nll_coef=1.0, train_sampling_strategy=sampling, **common_args(tiny, steps, batch)),
                                       train_dataset=load_cache(Path(cache)), data_collator=counter, callbacks=[clock.callback])  # fmt: skip
     else:
@@ -103,6 +108,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--seq", type=int, default=2048, help="longest conversation, tokens")
     parser.add_argument("--sampling", default="group_by_length", help="mtdpo's sampler (random: no length grouping)")
+    parser.add_argument("--layout", default="prefix-sharing", choices=["prefix-sharing", "padding-free", "padded", "padded-sdpa"],
+                        help="mtdpo's batches (padded-sdpa: transformers' sdpa with a padding mask, the layout before segment attention)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     seq = 256 if args.tiny else args.seq
@@ -111,7 +118,7 @@ def main() -> None:
     results = {}
     for system in ("mtdpo", "trl"):
         kwargs = dict(system=system, tiny=args.tiny, steps=args.steps, batch=args.batch, rows=str(rows), cache=str(cache),
-                      sampling=args.sampling)  # fmt: skip
+                      sampling=args.sampling, layout=args.layout)  # fmt: skip
         started = time.time()
         proc = subprocess.run([sys.executable, __file__, "worker", json.dumps(kwargs)], capture_output=True, text=True)
         if proc.returncode:
@@ -121,8 +128,8 @@ def main() -> None:
         print(system, results[system], flush=True)
     ratio = results["mtdpo"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = f"gpu{'-tiny' if args.tiny else ''}{'' if args.sampling == 'group_by_length' else '-' + args.sampling}.json"
-    summary = {"ratio": ratio, "seq": seq, "batch": args.batch, "mtdpo_sampling": args.sampling}
+    name = f"gpu{'-tiny' if args.tiny else ''}{'' if args.sampling == 'group_by_length' else '-' + args.sampling}-{args.layout}.json"
+    summary = {"ratio": ratio, "seq": seq, "batch": args.batch, "mtdpo_sampling": args.sampling, "mtdpo_layout": args.layout}
     (Path(args.out) / name).write_text(json.dumps(results | summary, indent=2) + "\n")
     print(f"mtdpo / TRL tokens/s = {ratio:.2f}")
 

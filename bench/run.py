@@ -179,7 +179,7 @@ class TokenCounter:
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.tokens.append(int(batch["pair_tokens"] if "pair_tokens" in batch else batch["attention_mask"].sum()))
         return batch
 
 

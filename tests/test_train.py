@@ -69,7 +69,7 @@ def test_trainer_log_probs_equal_the_definition(cache, tmp_path):
 def run_config(cache, tmp_path, **overrides):
     values = dict(
         data=[str(cache)], output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=4, logging_steps=1,
-        per_device_train_batch_size=2, save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3,
+        per_device_train_batch_size=2, save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3, bf16=False,
     )  # fmt: skip
     return MtdpoConfig(**{**values, **overrides})
 

@@ -31,16 +31,22 @@ class MetricsFile(TrainerCallback):
 
 
 class ProgressLine(TrainerCallback):
-    """One compact line per logging step (loss, margins, accuracy, tokens/s, ETA) and a summary.
+    """A line on precision and layout, one compact line per logging step (loss, margins,
+    accuracy, tokens/s, MFU, ETA) and a summary.
 
     Evaluation gets a progress bar of its own, and its time is left out of the ETA and of the
     tokens/s (both are about training: an eval of 20 pairs on CPU takes minutes)."""
 
+    def __init__(self, header: str = ""):
+        self.header = header
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.started, self.first_step = time.perf_counter(), state.global_step
-        # For the summary: the first and last logged steps, and tokens ≈ Σ tokens/s × interval.
+        # For the summary: the first and last logged steps, tokens ≈ Σ tokens/s × interval, and the same for MFU.
         self.first_log = self.last_log = None
-        self.tokens, self.last_time = 0.0, self.started
+        self.tokens, self.mfu_seconds, self.last_time = 0.0, 0.0, self.started
+        if state.is_world_process_zero and self.header:
+            print(self.header, flush=True)
         self.eval_seconds, self._eval = 0.0, None  # (progress bar, task, start time) while evaluating
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
@@ -78,12 +84,14 @@ class ProgressLine(TrainerCallback):
             eta = elapsed * (1 - done) / done if done else 0.0
             now = time.perf_counter()
             self.tokens += logs.get("tokens_per_second", 0) * (now - self.last_time)
+            self.mfu_seconds += logs.get("mfu", 0) * (now - self.last_time)
             self.first_log, self.last_log, self.last_time = self.first_log or logs, logs, now
+            mfu = f"  MFU {logs['mfu']:.1f}%" if "mfu" in logs else ""
             print(
                 f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
                 f"  loss {logs['loss']:.4f}  dpo {logs.get('dpo_loss', NAN):.4f}  nll {logs.get('nll', NAN):.4f}"
                 f"  margin {logs.get('rewards/margins', NAN):+.3f}  acc {accuracy(logs)}"
-                f"  {logs.get('tokens_per_second', 0):,.0f} tok/s  eta {clock(eta)}",
+                f"  {logs.get('tokens_per_second', 0):,.0f} tok/s{mfu}  eta {clock(eta)}",
                 flush=True,
             )
         elif "eval_loss" in logs:
@@ -105,6 +113,7 @@ class ProgressLine(TrainerCallback):
             f", margin {first.get('rewards/margins', NAN):+.3f} → {last.get('rewards/margins', NAN):+.3f}"
             f", acc {accuracy(first)} → {accuracy(last)}"
             f", {self.tokens / seconds if seconds > 0 else 0:,.0f} tok/s"
+            + (f", MFU {self.mfu_seconds / seconds:.1f}%" if "mfu" in last and seconds > 0 else "")
         )
 
 

@@ -56,11 +56,15 @@ class MtdpoConfig(TrainingArguments):
         metadata={"help": "SHA-256 every shard first, not only changed ones (~1 s/GB)."},
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, or flash_attention_2 (needs the gpu extra)."}
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2 (gpu extra)."}
     )
     padding_free: bool = field(
         default=False,
-        metadata={"help": "Pack each batch's sequences into one row (no padding); fastest with flash_attention_2."},
+        metadata={"help": "Pack a batch in one row, no padding (sdpa, flash_attention_2; else padded, said at start)."},
+    )
+    prefix_sharing: bool | None = field(
+        default=None,
+        metadata={"help": "A pair as one sequence: the shared prompt is computed once, same losses. [default: on where sdpa fits]"},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model's repository to run (off: only transformers' own)."}
@@ -87,6 +91,13 @@ class MtdpoConfig(TrainingArguments):
         default=False, metadata={"help": "QLoRA: load --model in 4-bit NF4 (CUDA GPU and the qlora extra only); needs --lora-r."}
     )
     # TrainingArguments whose defaults differ for DPO
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16 mixed precision (losses summed in fp32). --no-bf16: fp32. "
+            "[default: on for GPUs and for CPUs with bf16 matmul (AMX, avx512_bf16), fp32 elsewhere]"
+        },
+    )
     output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -98,6 +109,12 @@ class MtdpoConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cache's columns (the collator needs them)."})
 
     def __post_init__(self):
+        if self.bf16 is None:  # decided here, before TrainingArguments checks it against the device
+            self.bf16, self.precision_note = auto_bf16(self.use_cpu)
+            if self.bf16 and not self.use_cpu and not _has_accelerator():
+                self.use_cpu = True  # where training runs anyway; TrainingArguments wants it said for CPU bf16
+        else:
+            self.precision_note = "set by --bf16" if self.bf16 else "set by --no-bf16"
         super().__post_init__()
         if isinstance(self.data, str):
             self.data = [self.data]
@@ -105,6 +122,52 @@ class MtdpoConfig(TrainingArguments):
             raise ValueError("--data is required: a cache directory written by `mtdpo preprocess`")
         if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
             self.dataloader_pin_memory = False  # pinning needs an accelerator: torch warns on every run otherwise
+
+
+def cpu_has_bf16_matmul() -> str | None:
+    """The CPU flag that makes bf16 matmuls fast (AMX tiles, or AVX-512 BF16), if any."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:  # not Linux
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def auto_bf16(use_cpu: bool) -> tuple[bool, str]:
+    """bf16 where the hardware computes it fast, fp32 elsewhere, and why (printed at start)."""
+    import torch
+
+    if not use_cpu and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return True, f"auto: {torch.cuda.get_device_name()} has bf16"
+        return False, f"auto: {torch.cuda.get_device_name()} has no bf16"
+    if not use_cpu and _has_accelerator():
+        return False, "auto: no bf16 rule for this accelerator, --bf16 turns it on"
+    flag = cpu_has_bf16_matmul()
+    return (True, f"auto: this CPU has bf16 matmul ({flag})") if flag else (False, "auto: this CPU has no bf16 matmul (AMX, avx512_bf16)")
+
+
+# Options that default to "auto" (None): a bare flag turns them on, --no-X off.
+TRISTATE_FLAGS = ("--bf16", "--prefix-sharing", "--prefix_sharing")
+
+
+def _tristate(argv: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(argv):
+        negated = arg.replace("--no-", "--", 1).replace("--no_", "--", 1)
+        if arg.startswith("--no") and negated in TRISTATE_FLAGS:
+            out += [negated, "false"]
+        elif arg in TRISTATE_FLAGS and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out += [arg, "true"]
+        else:
+            out.append(arg)
+    return out
 
 
 def parse_train_args(argv: list[str]) -> MtdpoConfig:
@@ -115,6 +178,7 @@ def parse_train_args(argv: list[str]) -> MtdpoConfig:
         "Train with multi-turn DPO + NLL on mtdpo caches. --config FILE.yaml sets any option below "
         "(YAML keys are the option names with underscores); flags on the command line override it."
     )
+    argv = _tristate(argv)
     parser = TrlParser([MtdpoConfig], prog="mtdpo train", description=description, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     (config,) = parser.parse_args_and_config(argv)
     return config

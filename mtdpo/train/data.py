@@ -1,4 +1,15 @@
-"""Batches from the memory-mapped cache: pad to the longest sequence, chosen then rejected."""
+"""Batches from the memory-mapped cache, in one of three layouts (the same log-probs in each, tested):
+
+- padded: [2B, T], B chosen rows then B rejected, right-padded to the longest;
+- packed (padding-free): the 2B sequences end to end in one row;
+- shared (prefix sharing): one stretch per pair, prompt + chosen + rejected, in one row, so
+  the prompt the two sides share goes through the model once.
+
+Packed and shared rows carry `segments` (which queries see which keys, for
+`attention.segment_attention`) and `logp_index` (which predicted position counts for which
+sequence); `pair_tokens` counts the tokens of both sequences of every pair, the same number in
+every layout, for tokens/s.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +23,22 @@ from mtdpo.cache import IGNORE_INDEX, REF_COLUMNS
 
 @dataclass
 class PairCollator:
-    """rows -> input_ids/labels/attention_mask of shape [2B, T]: B chosen rows, then B rejected."""
+    """rows -> a batch whose sequences are B chosen, then B rejected (indices 0..2B-1)."""
 
     pad_token_id: int
     padding_free: bool = False  # one row of all 2B sequences instead of a padded [2B, T]
+    prefix_sharing: bool = False  # one row of B prompt + chosen + rejected stretches (implies no padding)
+    segments: bool = False  # padded batches: also describe each row's real tokens for segment attention
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        sides = [f"{side}_{{}}" for side in ("chosen", "rejected")]
-        ids = [torch.tensor(r[side.format("input_ids")]) for side in sides for r in rows]
-        labels = [torch.tensor(r[side.format("labels")]) for side in sides for r in rows]
-        batch = packed(ids, labels) if self.padding_free else {
-            "input_ids": pad(ids, padding_value=self.pad_token_id),
-            "labels": pad(labels, padding_value=IGNORE_INDEX),
-            "attention_mask": pad([torch.ones_like(t) for t in ids], padding_value=0),
-        }  # fmt: skip
+        if self.prefix_sharing:
+            batch = shared(rows)
+        else:
+            sides = [f"{side}_{{}}" for side in ("chosen", "rejected")]
+            ids = [torch.tensor(r[side.format("input_ids")]) for side in sides for r in rows]
+            labels = [torch.tensor(r[side.format("labels")]) for side in sides for r in rows]
+            batch = packed(ids, labels) if self.padding_free else padded(ids, labels, self.pad_token_id, self.segments)
+        batch["pair_tokens"] = torch.tensor(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows))
         batch["rows"] = torch.tensor([r["row"] for r in rows])
         if all(column in rows[0] for column in REF_COLUMNS):
             batch["ref_logps"] = torch.tensor([r[c] for c in REF_COLUMNS for r in rows], dtype=torch.float32)
@@ -35,15 +48,96 @@ class PairCollator:
         return batch
 
 
+def padded(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int, segments: bool = False) -> dict[str, torch.Tensor]:
+    batch = {
+        "input_ids": pad(ids, padding_value=pad_token_id),
+        "labels": pad(labels, padding_value=IGNORE_INDEX),
+        "attention_mask": pad([torch.ones_like(t) for t in ids], padding_value=0),
+    }
+    if segments:  # one causal segment per row, over its real tokens: padding is never attended to
+        batch["segments"] = torch.tensor([[row, 0, len(t), 0, 0] for row, t in enumerate(ids)])
+    return batch
+
+
 def packed(ids: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sequences end to end in one row, positions restarting at each (no attention mask):
-    transformers then keeps each sequence's attention to itself (flash-attn varlen on GPU,
-    a block-causal mask for sdpa/eager). `sequence_index` says which sequence a token is in."""
+    """Sequences end to end in one row, positions restarting at each (no attention mask).
+    With segment attention each sequence attends to itself; flash-attn's varlen kernel (GPU)
+    reads the same boundaries from the positions."""
+    starts = torch.tensor([0, *(len(t) for t in ids)]).cumsum(0).tolist()
     # A sequence's first token is never predicted from the previous sequence's last one.
     labels = [torch.cat([torch.tensor([IGNORE_INDEX]), t[1:]]) for t in labels]
+    index = [(start + t, seq) for seq, (start, lab) in enumerate(zip(starts, labels)) for t in (lab != IGNORE_INDEX).nonzero()[:, 0].tolist()]
     return {
         "input_ids": torch.cat(ids)[None],
         "labels": torch.cat(labels)[None],
         "position_ids": torch.cat([torch.arange(len(t)) for t in ids])[None],
-        "sequence_index": torch.cat([torch.full((len(t),), i) for i, t in enumerate(ids)])[None],
+        "segments": torch.tensor([[0, s, e, 0, 0] for s, e in zip(starts, starts[1:])]),
+        "logp_index": _logp_index(index),
     }
+
+
+def shared_pair(row: dict) -> dict[str, torch.Tensor | list]:
+    """One pair as one stretch: prompt + chosen suffix, then the rejected branch.
+
+    With p = prompt_len shared tokens, the rejected branch is rejected_ids[p-1:]: it starts with
+    a second copy of the prompt's last token, at that token's position p-1, attending to the
+    first p-1 prompt tokens. That copy computes exactly the hidden state of the original (same
+    token, position and context), so it predicts rejected's first own token; the original
+    predicts chosen's. Positions then continue p, p+1, ... as in the rejected sequence alone.
+
+    Trained tokens inside the prompt (a common token prefix past the prompt messages) are scored
+    once, in the trunk, and count for each side whose label trains them. Returns the stretch's
+    ids, labels, positions, its two segments and its (position, side) scoring pairs, with side
+    0 = chosen, 1 = rejected; positions are relative to the stretch.
+    """
+    c_ids, c_lab = row["chosen_input_ids"], row["chosen_labels"]
+    r_ids, r_lab = row["rejected_input_ids"], row["rejected_labels"]
+    p = row["prompt_len"]
+    s = max(p - 1, 0)  # where the rejected branch starts; its context is trunk[:s]
+    if list(c_ids[:p]) != list(r_ids[:p]):
+        raise ValueError(f"row {row.get('row')}: prompt_len {p} is not a common prefix of chosen and rejected")
+    n = len(c_ids)
+    trunk_labels = [IGNORE_INDEX] * n
+    score = []  # (label position in the stretch, side)
+    for t in range(1, n):
+        sides = [0] if c_lab[t] != IGNORE_INDEX else []
+        if t < p and r_lab[t] != IGNORE_INDEX:
+            sides.append(1)  # the same token in the same context: its log-prob counts for rejected too
+        if sides:
+            trunk_labels[t] = c_ids[t]
+            score += [(t, side) for side in sides]
+    branch_ids = list(r_ids[s:])
+    branch_labels = [IGNORE_INDEX, *r_lab[s + 1 :]]  # the copy itself is not predicted from chosen's last token
+    score += [(n + k, 1) for k, label in enumerate(branch_labels) if label != IGNORE_INDEX]
+    return {
+        "input_ids": [*c_ids, *branch_ids],
+        "labels": [*trunk_labels, *branch_labels],
+        "position_ids": [*range(n), *range(s, s + len(branch_ids))],
+        "segments": [(0, n, 0, 0), (n, n + len(branch_ids), 0, s)],
+        "score": score,
+    }
+
+
+def shared(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """B pairs, each a `shared_pair` stretch, end to end in one row."""
+    ids, labels, positions, segments, index = [], [], [], [], []
+    b = len(rows)
+    for i, row in enumerate(rows):
+        pair, offset = shared_pair(row), len(ids)
+        ids += pair["input_ids"]
+        labels += pair["labels"]
+        positions += pair["position_ids"]
+        segments += [[0, start + offset, end + offset, cs + offset, ce + offset] for start, end, cs, ce in pair["segments"]]
+        index += [(t + offset, i + side * b) for t, side in pair["score"]]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+        "segments": torch.tensor(segments),
+        "logp_index": _logp_index(index),
+    }
+
+
+def _logp_index(index: list[tuple[int, int]]) -> torch.Tensor:
+    """[2, M]: the shifted log-prob position (label position - 1) and the sequence it counts for."""
+    return torch.tensor([[t - 1 for t, _ in index], [seq for _, seq in index]], dtype=torch.long).reshape(2, -1)

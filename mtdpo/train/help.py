@@ -20,7 +20,7 @@ OPTION_GROUPS = {
     "Data": ("data", "eval_data", "allow_mismatch", "verify_cache", "train_sampling_strategy"),
     "Objective": ("beta", "nll_coef", "nll_norm", "loss_scope", "loss_type", "label_smoothing", "simpo_gamma"),
     "Reference": ("ref_model",),
-    "Model": ("model", "attn_implementation", "padding_free", "trust_remote_code"),
+    "Model": ("model", "attn_implementation", "prefix_sharing", "padding_free", "trust_remote_code"),
     "Run": (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
         "gradient_accumulation_steps", "bf16", "activation_checkpointing", "seed", "skip_nonfinite",
@@ -35,7 +35,7 @@ SHORT_HELP = {
     "max_steps": "Optimizer steps to run; overrides --num-train-epochs when > 0.",
     "per_device_train_batch_size": "Pairs per batch on each device.",
     "gradient_accumulation_steps": "Batches per optimizer step (the update equals one batch this many times larger).",
-    "bf16": "bfloat16 mixed precision.",
+    "bf16": "bfloat16 mixed precision; --no-bf16: fp32. [default: where the hardware has it: GPU, CPU with AMX or avx512_bf16]",
     "activation_checkpointing": "Recompute activations in the backward pass: less memory, ~20% slower. Alias: --gradient-checkpointing.",
     "seed": "Seed for the data order and the tiny default model.",
     "resume_from_checkpoint": "A checkpoint directory, or `auto` for the latest one in --output-dir.",

@@ -19,7 +19,7 @@ from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 from mtdpo.train.lora import add_lora, finish_adapters
-from mtdpo.train.model import load_policy, load_reference
+from mtdpo.train.model import choose_layout, load_policy, load_reference
 from mtdpo.train.provenance import check_provenance
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
@@ -61,6 +61,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     dtype = torch.float32  # master weights; --bf16 trains in mixed precision
     policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code, config.load_in_4bit)
     check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch, Path(config.data[0]))
+    layout = choose_layout(config.attn_implementation, config.prefix_sharing, config.padding_free, policy.config)
+    policy.set_attn_implementation(layout.attention)
     lora = config.lora_r > 0
     if lora:
         base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
@@ -77,6 +79,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     ref = None if no_reference_model else load_reference(
         policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
     )
+    if ref is not None:
+        ref.set_attn_implementation(layout.attention)
 
     output_dir = Path(config.output_dir)
     stop = StopOnSignal()  # SIGTERM: checkpoint, then stop (mtdpo/train/safety.py)
@@ -87,9 +91,10 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         config,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=PairCollator(manifest["tokenizer"]["pad_token_id"] or 0, config.padding_free),
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), ProgressLine(), *callbacks],
+        data_collator=PairCollator(manifest["tokenizer"]["pad_token_id"] or 0, **layout.collator_options()),
+        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
     )
+    progress.header = f"precision: {'bf16' if config.bf16 else 'fp32'} ({config.precision_note}); {layout.note}; {trainer.mfu_note}"
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
     if resume == "auto":

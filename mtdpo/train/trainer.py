@@ -20,6 +20,7 @@ from mtdpo.train.config import MtdpoConfig
 from mtdpo.cache import IGNORE_INDEX
 from mtdpo.train.loss import REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
 from mtdpo.train.lora import adapters_disabled, is_lora
+from mtdpo.train.throughput import mfu_percent, peak_flops
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
 
 
@@ -38,7 +39,8 @@ class MultiTurnDPOTrainer(Trainer):
         self.ref_model = ref_model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite = NonFiniteGuard(args.skip_nonfinite)
-        self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+        self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, time.perf_counter()
+        self.peak_flops, self.mfu_note = peak_flops(self.args.device, bool(self.args.bf16))
 
     def _prepare_reference(self, ref_model):
         if self.is_deepspeed_enabled:  # ZeRO-3 must shard the reference too
@@ -91,6 +93,7 @@ class MultiTurnDPOTrainer(Trainer):
             self._metrics[mode][name].append(value)
         if mode == "train":
             self._tokens_since_log += int(self.accelerator.gather(real_tokens(inputs)).sum())
+            self._sequences_since_log += 2 * len(inputs["rows"]) * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
 
     def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
@@ -194,33 +197,44 @@ class MultiTurnDPOTrainer(Trainer):
             if self.nonfinite.skipped:
                 logs["nonfinite_skipped"] = self.nonfinite.skipped  # batches skipped so far
             now = time.perf_counter()
-            logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
-            self._tokens_since_log, self._last_log_time = 0, now
+            tokens_per_second = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
+            logs["tokens_per_second"] = round(tokens_per_second, 1)
+            if self.peak_flops and self._sequences_since_log:
+                mean_length = self._tokens_since_log / self._sequences_since_log
+                logs["mfu"] = round(mfu_percent(self.model.config, tokens_per_second, mean_length, self.peak_flops, self.accelerator.num_processes), 2)
+            self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, now
         super().log(logs, start_time)
 
 
 def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss.sequence_logps` computed through the fused head: the same numbers (tested),
-    without the logits. Works on padded [2B, T] batches and on packed (padding-free) rows."""
+    without the logits, summed in fp32. Works on every layout of `data.PairCollator`:
+    padded [2B, T] rows, and packed or prefix-shared rows, whose `logp_index` says which
+    predicted position counts for which sequence."""
+    segments = inputs.get("segments")
     out = model(
         input_ids=inputs["input_ids"],
-        attention_mask=inputs.get("attention_mask"),
+        attention_mask=None if segments is not None else inputs.get("attention_mask"),  # the segments say it all
         position_ids=inputs.get("position_ids"),
         labels=inputs["labels"],
         fused_lm_head=True,
         use_cache=False,
+        **({} if segments is None else {"segments": segments.tolist()}),  # read by attention.segment_attention
     )
-    trained = inputs["labels"][:, 1:] != IGNORE_INDEX
-    if "sequence_index" not in inputs:
-        return out.log_probs.sum(-1), trained.sum(-1)
-    owner = inputs["sequence_index"][0, 1:]  # the sequence each predicted token belongs to
-    n = int(inputs["sequence_index"][0, -1]) + 1
-    logps = out.log_probs.new_zeros(n).index_add(0, owner, out.log_probs[0])
-    return logps, trained.new_zeros(n, dtype=torch.long).index_add(0, owner, trained[0].long())
+    log_probs = out.log_probs.float()
+    if "logp_index" not in inputs:
+        return log_probs.sum(-1), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    position, sequence = inputs["logp_index"]
+    n = 2 * len(inputs["rows"])
+    logps = log_probs.new_zeros(n).index_add(0, sequence, log_probs[0, position])
+    return logps, torch.bincount(sequence, minlength=n)
 
 
 def real_tokens(inputs: dict) -> torch.Tensor:
-    """Tokens that are not padding (a packed row has none)."""
+    """Tokens of both sequences of every pair, padding not counted: the same in every layout
+    (a prefix-shared batch processes fewer, as the prompt goes through the model once)."""
+    if "pair_tokens" in inputs:
+        return inputs["pair_tokens"]
     mask = inputs.get("attention_mask")
     return mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
 

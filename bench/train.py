@@ -1,0 +1,311 @@
+"""Training tokens/s, like with like: mtdpo padded, mtdpo padding-free, mtdpo prefix-sharing and
+TRL's DPOTrainer, side by side on this machine.
+
+    python bench/train.py            # ~1k and ~2k tokens, 2 repeats (about 20 minutes on 2 cores)
+    python bench/train.py --quick    # tiny model and lengths: checks the harness in a few minutes
+
+Both systems: the same rows (multi-turn pairs whose shared prompt spans earlier assistant and
+tool turns), tokenizer (the embedded one), model (a 25M-parameter Gemma-architecture model,
+random, the same weights from disk), batch (4 pairs), precision (--bf16/--no-bf16, default: what
+mtdpo picks on this machine), objective (DPO sigmoid + NLL, TRL: loss_type ["sigmoid", "sft"]) and
+reference handling (a live frozen copy). Each measurement runs in its own process; the systems
+are interleaved and the order rotates at every repeat; min and median over repeats are reported.
+Tokens/s counts the real tokens of both sequences of every pair (what TRL's attention mask
+counts), the same number in every mtdpo layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from run import REPO, WORK, StepClock, TokenCounter, cache_for, peak_rss_mb  # bench/run.py
+
+RESULTS = REPO / "bench" / "results"
+# Gemma's architecture (MQA, GeGLU, RMSNorm, tied embeddings) at 25M parameters, on the embedded 2,048-token vocabulary.
+GEMMA_25M = dict(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_hidden_layers=7, num_attention_heads=8,
+                 num_key_value_heads=1, head_dim=64)  # fmt: skip
+GEMMA_TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=32)  # fmt: skip
+MTDPO_MODES = {
+    "mtdpo padded": {"prefix_sharing": False, "padding_free": False},
+    "mtdpo padding-free": {"prefix_sharing": False, "padding_free": True},
+    "mtdpo prefix-sharing": {"prefix_sharing": True, "padding_free": False},
+}
+SYSTEMS = [*MTDPO_MODES, "TRL"]
+
+
+# ── data and model ────────────────────────────────────────────────────────────
+
+
+def write_multiturn_rows(path: Path, n: int, approx_tokens: int, shared_fraction: float = 0.5, seed: int = 7) -> Path:
+    """n pairs from `mtdpo.synthetic.make_pairs` whose shared prompt holds an earlier assistant
+    turn and its tool output: that shared tool output is lengthened identically on both sides to
+    about `shared_fraction` of `approx_tokens`, and each side's own tool outputs to the rest
+    (so each conversation has roughly 0.8-1.0 x approx_tokens tokens, at ~4 characters a token)."""
+    import random
+
+    from mtdpo.synthetic import make_pairs
+
+    if path.exists():
+        return path
+    rng, rows = random.Random(seed), []
+    for row in make_pairs(8 * n, seed=seed):
+        shared = next(i for i, (a, b) in enumerate(zip(row["chosen"], row["rejected"])) if a != b)
+        prompt = row["chosen"][:shared]
+        if not any(m["role"] == "tool" for m in prompt):
+            continue
+        size = 4 * approx_tokens * rng.uniform(0.8, 1.0)
+        tool = max(i for i, m in enumerate(prompt) if m["role"] == "tool")
+        text = _filler(int(size * shared_fraction), rng.randrange(1000))
+        for side in ("chosen", "rejected"):
+            row[side][tool] = {**row[side][tool], "content": row[side][tool]["content"] + "\n" + text}
+            own = [m for m in row[side][shared:] if m["role"] == "tool"] or [row[side][-1]]
+            for message in own:
+                message["content"] += "\n" + _filler(int(size * (1 - shared_fraction)) // len(own), rng.randrange(1000))
+        rows.append(row)
+        if len(rows) == n:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _filler(chars: int, start: int) -> str:
+    lines = [f"step {k}: value {k * 37 % 101} ok" for k in range(start, start + chars // 16 + 2)]
+    return "\n".join(lines)[:chars]
+
+
+def model_dir(tiny: bool) -> Path:
+    """The random model both systems load (same weights), written once."""
+    import torch
+    from transformers import AutoModelForCausalLM, GemmaConfig, set_seed
+
+    out = WORK / ("gemma-tiny" if tiny else "gemma-25m")
+    if not (out / "config.json").exists():
+        set_seed(0)
+        config = GemmaConfig(**(GEMMA_TINY if tiny else GEMMA_25M), pad_token_id=0, bos_token_id=2, eos_token_id=1)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    return out
+
+
+# ── workers (each in a fresh process) ─────────────────────────────────────────
+
+
+def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: int, bf16: bool, warm: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    clock = StepClock(time.time())
+    losses: list[float] = []
+    if system == "TRL":
+        counter = _train_trl(model, rows, steps, batch, bf16, clock, losses)
+    else:
+        counter = _train_mtdpo(MTDPO_MODES[system], model, cache, steps, batch, bf16, clock, losses)
+    times, tokens = clock.times, counter.tokens
+    seconds = times[steps - 1] - times[warm - 1]
+    timed = tokens[warm:steps]
+    return {"tokens_per_s": sum(timed) / seconds, "steps_timed": steps - warm, "mean_seq_len": sum(timed) / (2 * batch * len(timed)),
+            "step_seconds": [b - a for a, b in zip(times[warm - 1 : steps - 1], times[warm:steps])], "losses": losses,
+            "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+
+
+class _LossLog:
+    def __init__(self, losses):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    losses.append(logs["loss"])
+
+        self.callback = Callback()
+
+
+def _train_mtdpo(mode: dict, model: str, cache: str, steps: int, batch: int, bf16: bool, clock, losses) -> TokenCounter:
+    import mtdpo.train.run as run
+    from mtdpo.train.config import MtdpoConfig
+
+    counters = []
+    original = run.PairCollator
+
+    def counting_collator(*args, **kwargs):
+        counters.append(TokenCounter(original(*args, **kwargs)))
+        return counters[-1]
+
+    run.PairCollator = counting_collator
+    config = MtdpoConfig(data=[cache], model=model, output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=bf16,
+                         per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=1,
+                         learning_rate=1e-6, beta=0.1, nll_coef=1.0, **mode)  # fmt: skip
+    run.train(config, callbacks=[clock.callback, _LossLog(losses).callback])
+    return counters[0]
+
+
+def _train_trl(model: str, rows: str, steps: int, batch: int, bf16: bool, clock, losses) -> TokenCounter:
+    import copy
+
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+
+    datasets.disable_progress_bars()
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # live reference, as mtdpo's
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=bf16, report_to="none", max_length=None, save_strategy="no",
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1, learning_rate=1e-6,
+                     per_device_train_batch_size=batch, max_steps=steps, logging_steps=1, dataset_num_proc=None,
+                     disable_tqdm=True)  # fmt: skip
+    dataset = datasets.load_dataset("json", data_files=rows, split="train", cache_dir=tempfile.mkdtemp())
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
+                         callbacks=[clock.callback, _LossLog(losses).callback])  # fmt: skip
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    trainer.train()
+    return counter
+
+
+def run_worker(**kwargs) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    proc = subprocess.run([sys.executable, __file__, "worker", json.dumps(kwargs)], env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kwargs['system']} failed:\n{proc.stderr[-4000:]}")
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    result["start_line"] = next((line for line in lines if line.startswith("precision:")), None)
+    return result
+
+
+# ── the benchmark ─────────────────────────────────────────────────────────────
+
+
+def cache_stats(cache: Path) -> dict:
+    """Token counts of the cache: what a padded batch computes vs a prefix-shared one."""
+    from mtdpo.cache import load_cache
+
+    columns = load_cache(cache).with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
+    both = int(columns["chosen_len"].sum() + columns["rejected_len"].sum())
+    prompt = int(columns["prompt_len"].sum())
+    return {"pairs": len(columns["prompt_len"]), "mean_seq_len": both / (2 * len(columns["prompt_len"])),
+            "prompt_share": 2 * prompt / both, "shared_tokens_saved": (prompt - len(columns["prompt_len"])) / both}  # fmt: skip
+
+
+def benchmark(quick: bool, bf16: bool, repeats: int) -> dict:
+    import torch
+
+    lengths = (256, 512) if quick else (1024, 2048)
+    steps, warm, batch = (4, 1, 4) if quick else (3, 1, 4)
+    model = model_dir(quick)
+    results = {"machine": _machine(), "quick": quick, "bf16": bf16, "batch": batch, "steps": steps, "warm": warm, "repeats": repeats,
+               "model": {**(GEMMA_TINY if quick else GEMMA_25M), "parameters": _parameters(model)}, "lengths": {}}  # fmt: skip
+    for length in lengths:
+        rows = write_multiturn_rows(WORK / f"train-mt-{length}.jsonl", 4 * batch * steps, approx_tokens=length)
+        cache = cache_for(rows, f"train-mt-{length}")
+        runs = {system: [] for system in SYSTEMS}
+        entry = results["lengths"][str(length)] = {"data": cache_stats(cache), "runs": runs}
+        print(f"~{length} tokens: {entry['data']}", flush=True)
+        for repeat in range(repeats):
+            order = SYSTEMS[repeat % len(SYSTEMS) :] + SYSTEMS[: repeat % len(SYSTEMS)]  # rotate who goes first
+            for system in order:
+                started = time.time()
+                result = run_worker(system=system, model=str(model), rows=str(rows), cache=str(cache), steps=steps, batch=batch,
+                                    bf16=bf16, warm=warm)  # fmt: skip
+                result["wall_s"] = time.time() - started
+                runs[system].append(result)
+                print(f"  {system:22s} repeat {repeat}: {result['tokens_per_s']:8.1f} tok/s  ({result['wall_s']:.0f} s)", flush=True)
+        entry["summary"] = {
+            system: {"min": min(r["tokens_per_s"] for r in rs), "median": statistics.median(r["tokens_per_s"] for r in rs)}
+            for system, rs in runs.items()
+        }
+        # the same batches in the three mtdpo layouts: their losses must agree (bf16: to rounding)
+        first = runs["mtdpo padded"][0]["losses"]
+        entry["max_loss_diff_vs_padded"] = {
+            system: max(abs(a - b) for a, b in zip(first, runs[system][0]["losses"])) for system in MTDPO_MODES if system != "mtdpo padded"
+        }
+    results["torch_threads"] = torch.get_num_threads()
+    return results
+
+
+def _parameters(model: Path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    from mtdpo.train.config import cpu_has_bf16_matmul
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "bf16_flag": cpu_has_bf16_matmul(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}  # fmt: skip
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per length, tokens/s (median, min) of each system and the ratios."""
+    precision = "bf16" if results["bf16"] else "fp32"
+    lines = [
+        f"| ~tokens per sequence (mean) | prompt share | {' | '.join(SYSTEMS)} | prefix-sharing / TRL | prefix-sharing / padded | padding-free / padded |",
+        "|---|---:|" + "---:|" * (len(SYSTEMS) + 3),
+    ]
+    for length, entry in results["lengths"].items():
+        summary = entry["summary"]
+
+        def ratio(a, b, summary=summary):
+            return f"{summary[a]['median'] / summary[b]['median']:.2f}× (min {summary[a]['min'] / summary[b]['min']:.2f}×)"
+
+        cells = [f"{summary[s]['median']:,.0f} ({summary[s]['min']:,.0f})" for s in SYSTEMS]
+        lines.append(
+            f"| {length} ({entry['data']['mean_seq_len']:,.0f}) | {entry['data']['prompt_share']:.0%} | {' | '.join(cells)} | "
+            f"{ratio('mtdpo prefix-sharing', 'TRL')} | {ratio('mtdpo prefix-sharing', 'mtdpo padded')} | {ratio('mtdpo padding-free', 'mtdpo padded')} |"
+        )
+    lines.append("")
+    lines.append(f"Tokens/s, median (min) of {results['repeats']} runs each, {precision}, batch {results['batch']} pairs, "
+                 f"{results['steps'] - results['warm']} timed steps after {results['warm']} warm-up step(s); "
+                 f"{results['model']['parameters'] / 1e6:.1f}M parameters.")  # fmt: skip
+    diffs = {length: entry["max_loss_diff_vs_padded"] for length, entry in results["lengths"].items()}
+    lines.append(f"Largest |loss difference| vs padded over the logged steps: {json.dumps(diffs)}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["worker"]:
+        print(json.dumps(worker(**json.loads(sys.argv[2]))))
+        return
+    from mtdpo.train.config import auto_bf16
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, short rows, one repeat: checks the harness")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="precision of both systems (default: mtdpo's choice for this machine)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=None, help="runs per system and length (default 2; --quick: 1)")
+    args = parser.parse_args()
+    bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
+    results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2))
+    results["machine"]["load_after"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "train-quick" if args.quick else "train"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = table(results)
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
