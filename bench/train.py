@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO, WORK, StepClock, TokenCounter, cache_for, peak_rss_mb  # bench/run.py
+from run import REPO, WORK, TokenCounter, cache_for, peak_rss_mb  # bench/run.py
 
 RESULTS = REPO / "bench" / "results"
 # Gemma's architecture (MQA, GeGLU, RMSNorm, tied embeddings) at 25M parameters, on the embedded 2,048-token vocabulary.
@@ -49,7 +49,8 @@ def write_multiturn_rows(path: Path, n: int, approx_tokens: int, shared_fraction
     """n pairs from `mtdpo.synthetic.make_pairs` whose shared prompt holds an earlier assistant
     turn and its tool output: that shared tool output is lengthened identically on both sides to
     about `shared_fraction` of `approx_tokens`, and each side's own tool outputs to the rest
-    (so each conversation has roughly 0.8-1.0 x approx_tokens tokens, at ~4 characters a token)."""
+    (so each conversation has roughly 0.8-1.0 x approx_tokens tokens: the embedded tokenizer
+    splits the filler's numbers finely, about 2 characters a token)."""
     import random
 
     from mtdpo.synthetic import make_pairs
@@ -62,7 +63,7 @@ def write_multiturn_rows(path: Path, n: int, approx_tokens: int, shared_fraction
         prompt = row["chosen"][:shared]
         if not any(m["role"] == "tool" for m in prompt):
             continue
-        size = 4 * approx_tokens * rng.uniform(0.8, 1.0)
+        size = 2 * approx_tokens * rng.uniform(0.8, 1.0)  # characters
         tool = max(i for i, m in enumerate(prompt) if m["role"] == "tool")
         text = _filler(int(size * shared_fraction), rng.randrange(1000))
         for side in ("chosen", "rejected"):
@@ -99,22 +100,40 @@ def model_dir(tiny: bool) -> Path:
 # ── workers (each in a fresh process) ─────────────────────────────────────────
 
 
+class StepClock:
+    """Trainer callback: wall and process CPU time at each optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.wall.append(time.perf_counter())
+                clock.cpu.append(time.process_time())
+
+        self.callback = Callback()
+
+
 def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: int, bf16: bool, warm: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    clock = StepClock(time.time())
+    clock = StepClock()
     losses: list[float] = []
     if system == "TRL":
         counter = _train_trl(model, rows, steps, batch, bf16, clock, losses)
     else:
         counter = _train_mtdpo(MTDPO_MODES[system], model, cache, steps, batch, bf16, clock, losses)
-    times, tokens = clock.times, counter.tokens
-    seconds = times[steps - 1] - times[warm - 1]
-    timed = tokens[warm:steps]
-    return {"tokens_per_s": sum(timed) / seconds, "steps_timed": steps - warm, "mean_seq_len": sum(timed) / (2 * batch * len(timed)),
-            "step_seconds": [b - a for a, b in zip(times[warm - 1 : steps - 1], times[warm:steps])], "losses": losses,
-            "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    timed = sum(counter.tokens[warm:steps])
+    wall, cpu = clock.wall[steps - 1] - clock.wall[warm - 1], clock.cpu[steps - 1] - clock.cpu[warm - 1]
+    return {"tokens_per_s": timed / wall, "tokens_per_cpu_s": timed / cpu, "steps_timed": steps - warm,
+            "mean_seq_len": timed / (2 * batch * (steps - warm)), "threads": torch.get_num_threads(),
+            "step_wall_s": [b - a for a, b in zip(clock.wall[warm - 1 : steps - 1], clock.wall[warm:steps])],
+            "losses": losses, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
 
 
 class _LossLog:
@@ -175,8 +194,8 @@ def _train_trl(model: str, rows: str, steps: int, batch: int, bf16: bool, clock,
     return counter
 
 
-def run_worker(**kwargs) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+def run_worker(threads: int, **kwargs) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
     proc = subprocess.run([sys.executable, __file__, "worker", json.dumps(kwargs)], env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -201,13 +220,13 @@ def cache_stats(cache: Path) -> dict:
             "prompt_share": 2 * prompt / both, "shared_tokens_saved": (prompt - len(columns["prompt_len"])) / both}  # fmt: skip
 
 
-def benchmark(quick: bool, bf16: bool, repeats: int) -> dict:
-    import torch
+def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
 
     lengths = (256, 512) if quick else (1024, 2048)
-    steps, warm, batch = (4, 1, 4) if quick else (3, 1, 4)
+    steps, warm, batch = (4, 1, 4) if quick else (2, 1, 4)  # full: 1 timed step (CPU time varies little), to fit ~20 minutes
     model = model_dir(quick)
-    results = {"machine": _machine(), "quick": quick, "bf16": bf16, "batch": batch, "steps": steps, "warm": warm, "repeats": repeats,
+    results = {"machine": _machine(), "quick": quick, "bf16": bf16, "batch": batch, "steps": steps, "warm": warm, "repeats": repeats, "threads": threads, "parallel": parallel,
                "model": {**(GEMMA_TINY if quick else GEMMA_25M), "parameters": _parameters(model)}, "lengths": {}}  # fmt: skip
     for length in lengths:
         rows = write_multiturn_rows(WORK / f"train-mt-{length}.jsonl", 4 * batch * steps, approx_tokens=length)
@@ -217,15 +236,21 @@ def benchmark(quick: bool, bf16: bool, repeats: int) -> dict:
         print(f"~{length} tokens: {entry['data']}", flush=True)
         for repeat in range(repeats):
             order = SYSTEMS[repeat % len(SYSTEMS) :] + SYSTEMS[: repeat % len(SYSTEMS)]  # rotate who goes first
-            for system in order:
+
+            def measure(system, repeat=repeat):
                 started = time.time()
-                result = run_worker(system=system, model=str(model), rows=str(rows), cache=str(cache), steps=steps, batch=batch,
+                result = run_worker(threads, system=system, model=str(model), rows=str(rows), cache=str(cache), steps=steps, batch=batch,
                                     bf16=bf16, warm=warm)  # fmt: skip
                 result["wall_s"] = time.time() - started
-                runs[system].append(result)
-                print(f"  {system:22s} repeat {repeat}: {result['tokens_per_s']:8.1f} tok/s  ({result['wall_s']:.0f} s)", flush=True)
+                print(f"  {system:22s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, {result['tokens_per_s']:8.1f} tok/s wall"
+                      f"  ({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+                return result
+
+            with ThreadPoolExecutor(parallel) as pool:  # `parallel` processes at a time, each its own system
+                for system, result in zip(order, pool.map(measure, order)):
+                    runs[system].append(result)
         entry["summary"] = {
-            system: {"min": min(r["tokens_per_s"] for r in rs), "median": statistics.median(r["tokens_per_s"] for r in rs)}
+            system: {key: {"min": min(r[key] for r in rs), "median": statistics.median(r[key] for r in rs)} for key in ("tokens_per_cpu_s", "tokens_per_s")}
             for system, rs in runs.items()
         }
         # the same batches in the three mtdpo layouts: their losses must agree (bf16: to rounding)
@@ -233,7 +258,6 @@ def benchmark(quick: bool, bf16: bool, repeats: int) -> dict:
         entry["max_loss_diff_vs_padded"] = {
             system: max(abs(a - b) for a, b in zip(first, runs[system][0]["losses"])) for system in MTDPO_MODES if system != "mtdpo padded"
         }
-    results["torch_threads"] = torch.get_num_threads()
     return results
 
 
@@ -257,30 +281,33 @@ def _machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}  # fmt: skip
 
 
-def table(results: dict) -> str:
-    """Markdown: one row per length, tokens/s (median, min) of each system and the ratios."""
+def table(results: dict, key: str = "tokens_per_cpu_s") -> str:
+    """Markdown: one row per length, tokens per CPU-second (median, min) of each system and the ratios."""
     precision = "bf16" if results["bf16"] else "fp32"
     lines = [
-        f"| ~tokens per sequence (mean) | prompt share | {' | '.join(SYSTEMS)} | prefix-sharing / TRL | prefix-sharing / padded | padding-free / padded |",
-        "|---|---:|" + "---:|" * (len(SYSTEMS) + 3),
+        f"| tokens per sequence (mean) | prompt share | {' | '.join(SYSTEMS)} | prefix-sharing / TRL | padded / TRL | prefix-sharing / padded | padding-free / padded |",
+        "|---|---:|" + "---:|" * (len(SYSTEMS) + 4),
     ]
     for length, entry in results["lengths"].items():
-        summary = entry["summary"]
+        summary = {system: values[key] for system, values in entry["summary"].items()}
 
         def ratio(a, b, summary=summary):
             return f"{summary[a]['median'] / summary[b]['median']:.2f}× (min {summary[a]['min'] / summary[b]['min']:.2f}×)"
 
         cells = [f"{summary[s]['median']:,.0f} ({summary[s]['min']:,.0f})" for s in SYSTEMS]
         lines.append(
-            f"| {length} ({entry['data']['mean_seq_len']:,.0f}) | {entry['data']['prompt_share']:.0%} | {' | '.join(cells)} | "
-            f"{ratio('mtdpo prefix-sharing', 'TRL')} | {ratio('mtdpo prefix-sharing', 'mtdpo padded')} | {ratio('mtdpo padding-free', 'mtdpo padded')} |"
+            f"| ~{length} ({entry['data']['mean_seq_len']:,.0f}) | {entry['data']['prompt_share']:.0%} | {' | '.join(cells)} | "
+            f"{ratio('mtdpo prefix-sharing', 'TRL')} | {ratio('mtdpo padded', 'TRL')} | {ratio('mtdpo prefix-sharing', 'mtdpo padded')} | "
+            f"{ratio('mtdpo padding-free', 'mtdpo padded')} |"
         )
-    lines.append("")
-    lines.append(f"Tokens/s, median (min) of {results['repeats']} runs each, {precision}, batch {results['batch']} pairs, "
-                 f"{results['steps'] - results['warm']} timed steps after {results['warm']} warm-up step(s); "
-                 f"{results['model']['parameters'] / 1e6:.1f}M parameters.")  # fmt: skip
-    diffs = {length: entry["max_loss_diff_vs_padded"] for length, entry in results["lengths"].items()}
-    lines.append(f"Largest |loss difference| vs padded over the logged steps: {json.dumps(diffs)}")
+    unit = "Tokens per CPU-second" if key == "tokens_per_cpu_s" else "Tokens per wall-clock second"
+    lines += ["", f"{unit}, median (min) of {results['repeats']} runs each, {results['threads']} thread(s) per process, "
+              f"{results['parallel']} processes at a time, {precision}, "
+              f"batch {results['batch']} pairs, {results['steps'] - results['warm']} timed step(s) after {results['warm']} warm-up step; "
+              f"{results['model']['parameters'] / 1e6:.1f}M parameters. Load average {results['machine']['load_before'][0]:.1f} before, "
+              f"{results['machine'].get('load_after', [float('nan')])[0]:.1f} after."]  # fmt: skip
+    diffs = {length: {s: f"{d:.1e}" for s, d in entry["max_loss_diff_vs_padded"].items()} for length, entry in results["lengths"].items()}
+    lines.append(f"Largest |loss difference| from padded, same batches, over the logged steps: {json.dumps(diffs, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
 
 
@@ -295,14 +322,16 @@ def main() -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="precision of both systems (default: mtdpo's choice for this machine)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="runs per system and length (default 2; --quick: 1)")
+    parser.add_argument("--parallel", type=int, default=2, help="measurements running at once (each its own process and system)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: CPU time is not inflated by other jobs)")
     args = parser.parse_args()
     bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
-    results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2))
+    results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2), args.threads, args.parallel)
     results["machine"]["load_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "train-quick" if args.quick else "train"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    markdown = table(results)
+    markdown = table(results) + "\n" + table(results, "tokens_per_s")
     (RESULTS / f"{stem}.md").write_text(markdown)
     print(markdown)
 
