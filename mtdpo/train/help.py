@@ -31,6 +31,9 @@ OPTION_GROUPS = {
 }  # fmt: skip
 # TrainingArguments' own help runs to several lines each: one line here (`--help-all` has theirs).
 SHORT_HELP = {
+    "data": "Caches from `mtdpo preprocess` (or globs).",
+    "train_sampling_strategy": "group_by_length (less padding), random, sequential.",
+    "allow_mismatch": "Train even if the model's tokenizer differs from the cache's.",
     "num_train_epochs": "Passes over the data.",
     "max_steps": "Optimizer steps to run; overrides --num-train-epochs when > 0.",
     "per_device_train_batch_size": "Pairs per batch on each device.",
@@ -53,7 +56,7 @@ def print_help(console: Console | None = None) -> None:
     fields = {f.name: f for f in dataclasses.fields(MtdpoConfig)}
     console.print("\n Usage: mtdpo train --data CACHE [CACHE ...] [OPTIONS]\n")
     console.print(
-        " Train a model with multi-turn DPO + NLL on caches written by `mtdpo preprocess`.\n"
+        " Train with multi-turn DPO + NLL on caches written by `mtdpo preprocess`.\n"
         " [bold]--config FILE.yaml[/] sets any option (YAML keys are the names with underscores);\n"
         " flags on the command line override it.\n",
         highlight=False,
