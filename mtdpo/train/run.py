@@ -107,6 +107,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
             f"{output_dir / f'checkpoint-{stop.stopped_at}'}; go on with --resume-from-checkpoint auto",
             stop.stop_signal,
         )
+    # Segment attention needs mtdpo's batches: the saved and returned model gets the standard kernel back.
+    policy.set_attn_implementation(config.attn_implementation)
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.
