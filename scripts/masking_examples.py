@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/masking_examples.py
 
-Each family's tokenizer is the one the tests use (tests/conftest.py: the embedded byte-level BPE
+Each family's tokenizer is the one the tests use (tests/helpers.py: the embedded byte-level BPE
 with the family's special tokens and real chat template from tests/templates/). The text is
 `mtdpo show-sample`'s plain view of the chosen side: trained text [[bracketed]], a `▸ role`
 line before each turn. tests/test_docs.py checks that docs/MASKING.md quotes these blocks.
@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import family_tokenizer, for_family, msg  # noqa: E402
+from helpers import family_tokenizer, for_family, msg  # noqa: E402
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder  # noqa: E402
 from mtdpo.show import build_view, plain_text  # noqa: E402

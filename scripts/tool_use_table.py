@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import FAMILIES, family_tokenizer  # noqa: E402
+from helpers import FAMILIES, family_tokenizer  # noqa: E402
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder  # noqa: E402
 from mtdpo.preprocess.rows import RowError  # noqa: E402

@@ -1,10 +1,241 @@
-"""Helpers the CLI tests share: run a command in-process, check a one-line user error."""
+"""Helpers the tests share: tokenizers per template family, math-agent pairs, trained-run
+decoding, preprocessing in-process, and running a command of the CLI.
+
+Plain functions and constants, imported with `from helpers import ...`; the session fixtures
+that build expensive objects once live in conftest.py. (Training helpers: trainkit.py.)
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
+from pathlib import Path
+
 from typer.testing import CliRunner
 
+from mtdpo.cache import IGNORE_INDEX
 from mtdpo.cli import app
+from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA
+
+TESTS = Path(__file__).parent
+TEMPLATES = TESTS / "templates"
+FAMILIES: dict[str, dict] = json.loads((TEMPLATES / "families.json").read_text())
+GEMMA_USER, GEMMA_END = "<start_of_turn>user\n", "<end_of_turn>\n"  # the original seed markers
+IGNORE = -100  # docs/DESIGN.md: the label of every token that is not trained
+assert IGNORE_INDEX == IGNORE
+
+
+# ── tokenizers ────────────────────────────────────────────────────────────────
+
+
+@functools.cache
+def family_tokenizer(family: str):
+    """The embedded byte-level BPE plus one family's special tokens and real chat template.
+
+    Cached: treat the result as read-only (copy.deepcopy it before changing anything).
+    """
+    from transformers import AutoTokenizer
+
+    spec = FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+    specials = {"additional_special_tokens": spec["special_tokens"], "eos_token": spec["eos_token"]}
+    if spec["bos_token"]:
+        specials["bos_token"] = spec["bos_token"]
+    tok.add_special_tokens(specials)
+    tok.add_tokens(spec.get("added_tokens", []))  # e.g. Qwen's <tool_call>: added, not special
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    assert tok.eos_token == spec["eos_token"] and tok.convert_tokens_to_ids(spec["end_of_turn"]) != tok.unk_token_id
+    return tok
+
+
+def with_template(family: str, template: str):
+    """A private copy of a family's tokenizer with another chat template."""
+    tok = copy.deepcopy(family_tokenizer(family))
+    tok.chat_template = template
+    return tok
+
+
+@functools.cache
+def embedded_tokenizer():
+    """The embedded tiny Gemma-style tokenizer with its own template (the CLI default)."""
+    from mtdpo.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+# ── rows ──────────────────────────────────────────────────────────────────────
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def sample_rows(n: int | None = None) -> list[dict]:
+    """Rows of the embedded sample (240 math-agent pairs, RLHFlow shape, `tool` turns)."""
+    lines = SAMPLE_DATA.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows as JSON lines; a `bytes` or `str` item is written as that raw line."""
+    with open(path, "wb") as f:
+        for row in rows:
+            if isinstance(row, bytes):
+                f.write(row)
+            elif isinstance(row, str):
+                f.write(row.encode("utf-8"))
+            else:
+                f.write(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+            f.write(b"\n")
+    return path
+
+
+def for_family(row: dict, family: str) -> dict:
+    """Adapt a canonical row (system/user/assistant/tool) to what a family's template accepts.
+
+    Tool turns take the family's tool role, or become user turns where it has none (as the
+    original Gemma math-agent data did). Gemma has no system role: the system text is put in
+    front of the first user turn, as Gemma's own later templates do.
+    """
+    tool_role = FAMILIES[family]["tool_role"] or "user"
+    out = dict(row)
+    for side in ("prompt", "chosen", "rejected"):
+        if isinstance(row.get(side), list):
+            out[side] = [dict(m, role=tool_role) if m["role"] == "tool" else dict(m) for m in row[side]]
+    if family == "gemma":
+        out = _fold_system(out)
+    return out
+
+
+def _fold_system(row: dict) -> dict:
+    first = "prompt" if "prompt" in row else "chosen"
+    if row[first][0]["role"] != "system":
+        return row
+    out = dict(row)
+    for side in ("chosen", "rejected") if first == "chosen" else ("prompt",):
+        system, user, *rest = row[side]
+        out[side] = [msg("user", system["content"] + "\n\n" + user["content"]), *rest]
+    return out
+
+
+def math_agent_pairs() -> dict[str, dict]:
+    """Hand-written multi-turn math-agent pairs in canonical roles, keyed by what they exercise.
+
+    question → assistant with python code → tool output → assistant follow-up → final answer;
+    the sides diverge at an assistant turn (the first one, or after a shared exchange).
+    """
+    system = msg("system", "You are a math assistant with a Python interpreter.")
+    question = msg("user", "Zoë buys 3 crêpes at €4 each and pays with €20. How much change does she get?")
+    code = msg("assistant", "The cost is 3 × €4.\n```python\nprint(20 - 3 * 4)\n```")
+    out = msg("tool", "```output\n8\n```")
+    check = msg("assistant", "Let me double-check.\n```python\nprint(20 - 12 == 8)\n```")
+    true = msg("tool", "```output\nTrue\n```")
+    final = msg("assistant", "The check passes.\n\nThe answer is $\\boxed{8}$.")
+    bad_code = msg("assistant", "Subtract the price once.\n```python\nprint(20 - 4)\n```")
+    bad_out = msg("tool", "```output\n16\n```")
+    bad_final = msg("assistant", "The output is 16.\n\nThe answer is $\\boxed{16}$.")
+    # Both continuations start with the same words, so the token-level common prefix runs
+    # past the shared messages into trained text.
+    same_start = msg("assistant", "The output is 8.\n\nThe answer is $\\boxed{8}$.")
+    return {
+        "diverge_at_first_assistant": {
+            "chosen": [system, question, code, out, check, true, final],
+            "rejected": [system, question, bad_code, bad_out, bad_final],
+        },
+        "shared_code_and_tool_exchange": {
+            "chosen": [question, code, out, check, true, final],
+            "rejected": [question, code, out, bad_code, bad_out, bad_final],
+        },
+        "diverge_at_last_assistant": {
+            "chosen": [system, question, code, out, check, true, final],
+            "rejected": [system, question, code, out, check, true, bad_final],
+        },
+        "same_words_after_divergence": {
+            "chosen": [system, question, code, out, same_start],
+            "rejected": [system, question, code, out, bad_final],
+        },
+    }
+
+
+# ── masks ─────────────────────────────────────────────────────────────────────
+
+
+def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Contiguous runs of trained tokens (label != -100), each checked to carry its own id."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label == IGNORE:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token, f"a trained label {label} differs from its token id {token}"
+            current.append(token)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def decoded_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    return [tok.decode(run) for run in trained_runs(ids, labels)]
+
+
+def n_prompt_messages(row: dict) -> int:
+    """Messages shared by both sides (computed here, not by the code under test)."""
+    if "prompt" in row:
+        return len(row["prompt"]) if isinstance(row["prompt"], list) else 1
+    n = 0
+    while row["chosen"][n] == row["rejected"][n]:
+        n += 1
+    return n
+
+
+# ── the original research rule ────────────────────────────────────────────────
+
+
+def seed_reference(tok, messages: list[dict], n_prompt: int, user: str = GEMMA_USER, end: str = GEMMA_END) -> list[int]:
+    """Labels of the original research rule, computed from its statement over token ids only:
+    mask the shared prompt including the first `<start_of_turn>model\\n`; mask from each
+    user-marker token sequence through the next end-marker sequence inclusive; train the
+    rest (so later `<start_of_turn>model\\n` headers are trained)."""
+    ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt = tok.apply_chat_template(messages[:n_prompt], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids  # Gemma headers end in "\n" + content: token-stable
+    user_ids = tok(user, add_special_tokens=False)["input_ids"]
+    end_ids = tok(end, add_special_tokens=False)["input_ids"]
+
+    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids) :]
+    i = 0
+    while i < len(ids):
+        if ids[i : i + len(user_ids)] != user_ids:
+            i += 1
+            continue
+        j = i + len(user_ids)
+        while j < len(ids) and ids[j : j + len(end_ids)] != end_ids:
+            j += 1
+        j = min(j + len(end_ids), len(ids))  # through the end marker, inclusive
+        labels[i:j] = [IGNORE] * (j - i)
+        i = j
+    return labels
+
+
+# ── caches ────────────────────────────────────────────────────────────────────
+
+
+def run_preprocess(input_path: Path, out: Path, **kwargs) -> dict:
+    from mtdpo.preprocess.pipeline import preprocess
+
+    return preprocess(input_path, out, progress=False, **kwargs)
+
+
+def hidden_leftovers(folder: Path) -> list[str]:
+    """Temporary siblings preprocess may create (.NAME.incomplete-PID, .parts-, .old-)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("."))
+
+
+# ── the command line ──────────────────────────────────────────────────────────
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import sample_rows, write_jsonl
+from helpers import sample_rows, write_jsonl
 from helpers import assert_user_error, invoke
 from typer.main import get_command
 

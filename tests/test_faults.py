@@ -18,7 +18,7 @@ import datasets
 import pyarrow as pa
 import pytest
 import transformers
-from conftest import hidden_leftovers, run_preprocess, sample_rows, write_jsonl
+from helpers import hidden_leftovers, run_preprocess, sample_rows, write_jsonl
 from typer.testing import CliRunner
 
 from mtdpo.cache import load_cache

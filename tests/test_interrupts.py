@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hidden_leftovers, run_preprocess, write_jsonl
+from helpers import hidden_leftovers, run_preprocess, write_jsonl
 from datasets import Value
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
+from trainkit import logged
 from mtdpo.cache import load_cache, read_manifest
 from mtdpo.cli import app
 from mtdpo.errors import Interrupted, NonFiniteLoss, UsageError
@@ -179,9 +180,6 @@ def cli_args(cfg: MtdpoConfig) -> list[str]:
             "--learning-rate", "1e-3"]  # fmt: skip
 
 
-def logged(run: Path, key: str = "loss") -> dict[int, float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if key in line}
 
 
 def make_cache(tmp: Path, pairs: int) -> Path:

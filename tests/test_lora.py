@@ -2,13 +2,12 @@
 off (no second model), the result loads with AutoPeftModelForCausalLM or, merged, with
 AutoModelForCausalLM, and the checks say what is wrong in one line."""
 
-import json
 import math
 import shutil
 
 import pytest
 import torch
-from trainkit import batch, make_cache, tiny_model
+from trainkit import batch, logged, make_cache, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.errors import UsageError
@@ -32,9 +31,6 @@ def config(cache, out, **overrides):
     return MtdpoConfig(**{**values, **overrides})
 
 
-def logged(run_dir, key):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if key in line}
 
 
 def sequence_logps_plain(model, mb):

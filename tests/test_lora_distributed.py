@@ -5,17 +5,15 @@ giving the 1-rank log-probs. Every run starts from one saved model (ZeRO-3 build
 shard by shard). Slow (a minute or more per launch on a busy 2-core machine): `make test-slow`.
 """
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from trainkit import REPO, batch, make_cache, tiny_model
+from trainkit import REPO, batch, free_port, logged, make_cache, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER
@@ -30,15 +28,8 @@ LORA = ["--lora-r", "4", "--lora-alpha", "8"]
 COMMON = ["--use-cpu", "--logging-steps", "1", "--report-to", "none", "--learning-rate", "5e-3", "--train-sampling-strategy", "sequential", *LORA]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if "loss" in line}
 
 
 def logps(model, cache) -> torch.Tensor:
@@ -88,9 +79,9 @@ def test_lora_on_two_ranks_equals_one_rank_with_twice_the_batch(setup, system):
     launcher = torchrun() if system == "ddp" else accelerate(system)
     extra = ["--save-strategy", "no", *(["--activation-checkpointing", "true", "--merge-adapters", "true"] if system == "zero3" else [])]
     launch(launcher, cache, init, out, *extra)
-    single = losses(tmp / "single")
-    assert sorted(losses(out)) == [1, 2, 3, 4]
-    assert losses(out) == pytest.approx(single, abs=1e-5)
+    single = logged(tmp / "single")
+    assert sorted(logged(out)) == [1, 2, 3, 4]
+    assert logged(out) == pytest.approx(single, abs=1e-5)
     assert len({round(v, 4) for v in single.values()}) == 4
 
     expected = logps(AutoPeftModelForCausalLM.from_pretrained(tmp / "single"), cache)
@@ -108,7 +99,7 @@ def test_lora_ddp_resume_gives_the_same_losses(setup):
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # what a run stopped after step 2 leaves
     launch(torchrun(), cache, init, resumed, "--save-strategy", "no", "--resume-from-checkpoint", "auto")
-    before, after = losses(straight), losses(resumed)
+    before, after = logged(straight), logged(resumed)
     assert sorted(after) == [3, 4]
     for step in (3, 4):
         assert after[step] == pytest.approx(before[step], abs=1e-6)

@@ -9,7 +9,7 @@ earlier turns must give a RowError, never a silent mask.
 from __future__ import annotations
 
 import pytest
-from conftest import (
+from helpers import (
     FAMILIES,
     IGNORE,
     decoded_runs,

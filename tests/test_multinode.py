@@ -17,13 +17,12 @@ its random weights differ from a single process's. Slow (a minute or more per la
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from trainkit import REPO, make_cache, tiny_model
+from trainkit import REPO, free_port, logged, make_cache, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.cache import load_cache
@@ -54,15 +53,8 @@ def setup(tmp_path_factory):
     return tmp, cache, init
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if "loss" in line}
 
 
 def run_all(commands: list[list[str]], logs: list[Path], env=ENV) -> None:
@@ -97,11 +89,11 @@ def test_two_machines_of_two_ranks_equal_one_rank_with_four_times_the_batch(setu
     ]  # fmt: skip
     run_all(commands, [tmp / f"{config}-machine-{machine}.log" for machine in (0, 1)])
 
-    single = losses(tmp / "single")
-    assert sorted(losses(out)) == [1, 2]
+    single = logged(tmp / "single")
+    assert sorted(logged(out)) == [1, 2]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs[:2] == [0.5, 1.0]  # 4 ranks × 2 pairs: 16 pairs in 2 steps (2 ranks would give 0.25, 0.5)
-    assert losses(out) == pytest.approx(single, abs=1e-5)
+    assert logged(out) == pytest.approx(single, abs=1e-5)
     assert single[1] != pytest.approx(single[2], abs=1e-4)  # the step moved the weights
     # One consolidated safetensors file (ZeRO-3 and FSDP gather the shards), the 1-rank weights.
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
@@ -163,7 +155,7 @@ def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
     again = rows_by_step(tmp / f"rows-resumed-{strategy}")
     assert sorted(again) == [7, 8]
     assert {step: again[step] for step in (7, 8)} == {step: seen[step] for step in (7, 8)}
-    before, after = losses(straight), losses(resumed)
+    before, after = logged(straight), logged(resumed)
     assert sorted(after) == [7, 8]
     for step in (7, 8):
         assert after[step] == pytest.approx(before[step], abs=1e-6)

@@ -9,7 +9,7 @@ record, or the same reason for rejecting the row.
 from __future__ import annotations
 
 import pytest
-from conftest import FAMILIES, family_tokenizer, for_family, math_agent_pairs, msg, run_preprocess, sample_rows
+from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, msg, run_preprocess, sample_rows
 
 from mtdpo.preprocess import mask
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder

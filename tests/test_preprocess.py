@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import pytest
-from conftest import IGNORE, embedded_tokenizer, hidden_leftovers, msg, run_preprocess, sample_rows, write_jsonl
+from helpers import IGNORE, embedded_tokenizer, hidden_leftovers, msg, run_preprocess, sample_rows, write_jsonl
 
 from mtdpo import __version__
 from mtdpo.errors import UsageError

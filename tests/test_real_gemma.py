@@ -9,7 +9,7 @@ mtdpo ships (`--chat-template gemma3`); like Gemma 2, it has no tool role and ra
 from __future__ import annotations
 
 import pytest
-from conftest import (
+from helpers import (
     GEMMA_END,
     GEMMA_USER,
     IGNORE,

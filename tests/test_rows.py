@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import embedded_tokenizer, family_tokenizer, math_agent_pairs, msg
+from helpers import embedded_tokenizer, family_tokenizer, math_agent_pairs, msg
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.rows import ROLES, RowError, to_pair

@@ -8,9 +8,9 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_preprocess, sample_rows, write_jsonl
+from helpers import run_preprocess, sample_rows, write_jsonl
 from datasets import Dataset, SplitDict, SplitInfo
-from trainkit import REPO
+from trainkit import REPO, logged
 
 from mtdpo.cache import load_cache
 from mtdpo.errors import UsageError
@@ -50,9 +50,6 @@ def run_config(data, out, **overrides):
     return MtdpoConfig(**{**values, **overrides})
 
 
-def losses(run_dir) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if "loss" in line}
 
 
 def test_three_slices_are_the_whole_input_in_order(split_input):
@@ -79,7 +76,7 @@ def test_training_on_the_slices_equals_training_on_the_whole(split_input):
     tmp, _ = split_input
     train(run_config([str(tmp / "whole")], tmp / "run-whole"))
     train(run_config([str(tmp / "part-*")], tmp / "run-parts"))  # a quoted glob on the command line
-    whole, parts = losses(tmp / "run-whole"), losses(tmp / "run-parts")
+    whole, parts = logged(tmp / "run-whole"), logged(tmp / "run-parts")
     assert sorted(whole) == [1, 2, 3] and whole == parts  # length-grouped batches, same seed: bit for bit
     assert len(set(whole.values())) == 3
 

@@ -1,11 +1,11 @@
 """`--mask-mode seed` reproduces the original research rule exactly (docs/DESIGN.md): the
-masks equal `seed_reference` (conftest), written independently from the rule's statement."""
+masks equal `seed_reference` (tests/helpers.py), written independently from the rule's statement."""
 
 from __future__ import annotations
 
 import datasets
 import pytest
-from conftest import (
+from helpers import (
     GEMMA_END,
     GEMMA_USER,
     IGNORE,
@@ -112,7 +112,7 @@ def test_seed_mode_needs_markers_for_an_unknown_family(tmp_path):
 def test_seed_mode_finds_markers_that_merge_into_tokens():
     """Mistral: the space before " [INST]" merges with "[" into one token; markers are
     matched in the text, so the user (tool-output) turns are still masked."""
-    from conftest import family_tokenizer, for_family
+    from helpers import family_tokenizer, for_family
 
     from mtdpo.families import detect_family
 
@@ -130,7 +130,7 @@ def test_seed_mode_finds_markers_that_merge_into_tokens():
 def test_one_family_registry_gives_each_template_its_turns_and_seed_markers():
     """Every shipped family template is recognised as one family, the one show-sample reads its
     turns with and the one whose seed markers preprocess uses (they used to be two tables)."""
-    from conftest import family_tokenizer
+    from helpers import family_tokenizer
 
     from mtdpo.families import detect_family
 

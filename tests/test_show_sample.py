@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import (
+from helpers import (
     FAMILIES, IGNORE, decoded_runs, embedded_tokenizer, family_tokenizer, for_family, math_agent_pairs, n_prompt_messages,
     sample_rows, with_template,
 )  # fmt: skip

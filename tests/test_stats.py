@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import IGNORE, embedded_tokenizer, run_preprocess, sample_rows, trained_runs, write_jsonl
+from helpers import IGNORE, embedded_tokenizer, run_preprocess, sample_rows, trained_runs, write_jsonl
 from typer.testing import CliRunner
 
 from mtdpo.cli import app

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import run_preprocess, write_jsonl
+from helpers import run_preprocess, write_jsonl
 
 from mtdpo import cache as cache_module
 from mtdpo.cache import load_cache

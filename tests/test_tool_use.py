@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import IGNORE, decoded_runs, family_tokenizer, msg
+from helpers import IGNORE, decoded_runs, family_tokenizer, msg
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import ChatTemplate, assistant_spans, check_spans
@@ -192,7 +192,7 @@ DROPS_CALLS = """
 
 
 def test_template_that_drops_tool_calls_is_rejected():
-    from conftest import with_template
+    from helpers import with_template
 
     tok = with_template("qwen2", DROPS_CALLS)
     row = agent_pair(calling("Let me compute it.", call("python", {"code": "print(17 * 23)"})))
@@ -363,7 +363,7 @@ def test_turn_view_labels_tool_calls_and_tool_results():
 
 
 def test_stats_counts_trained_tool_calls_per_side(tmp_path):
-    from conftest import run_preprocess, write_jsonl
+    from helpers import run_preprocess, write_jsonl
 
     from mtdpo.stats import cache_stats
     from mtdpo.synthetic import make_tool_pairs
@@ -386,7 +386,7 @@ PACKAGED = {"gemma2": "gemma", "gemma3": "gemma3", "llama3.1": "llama3", "llama3
 
 
 def test_packaged_templates_are_the_tested_real_ones():
-    from conftest import TEMPLATES
+    from helpers import TEMPLATES
 
     from mtdpo.tokenizer import TEMPLATES as PACKAGED_DIR
     from mtdpo.tokenizer import packaged_templates
@@ -511,7 +511,7 @@ OPENS_THINK = """
 
 
 def test_generation_prompt_that_is_not_a_prefix_falls_back_to_locating_the_content():
-    from conftest import with_template
+    from helpers import with_template
 
     tok = with_template("qwen2", OPENS_THINK)
     row = {"chosen": [QUESTION, msg("assistant", "391")], "rejected": [QUESTION, msg("assistant", "401")]}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trainkit import batch, make_cache, mtdpo_trainer, tiny_model
+from trainkit import batch, logged, make_cache, mtdpo_trainer, tiny_model
 
 from mtdpo.errors import UsageError
 from mtdpo.train.config import MtdpoConfig
@@ -74,9 +74,6 @@ def run_config(cache, tmp_path, **overrides):
     return MtdpoConfig(**{**values, **overrides})
 
 
-def logged(run_dir, key="loss"):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if key in line}
 
 
 def test_training_never_loads_a_tokenizer(cache, tmp_path, monkeypatch):

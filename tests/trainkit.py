@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import socket
 from pathlib import Path
 
 import torch
-from conftest import run_preprocess, write_jsonl
+from helpers import run_preprocess, write_jsonl
 from transformers import set_seed
 
 from mtdpo.cache import load_cache
@@ -53,3 +55,16 @@ def mtdpo_trainer(cache: Path, policy, ref, tmp: Path, **config) -> MultiTurnDPO
 def batch(cache: Path, indices) -> dict:
     ds = load_cache(cache)
     return PairCollator(0)([ds[i] for i in indices])
+
+
+def logged(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one metric from a run's metrics.jsonl."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line[key] for line in lines if key in line}
+
+
+def free_port() -> int:
+    """A free localhost port, for a torchrun/accelerate rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
