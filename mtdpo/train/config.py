@@ -56,11 +56,11 @@ class MtdpoConfig(TrainingArguments):
         metadata={"help": "SHA-256 every shard first, not only changed ones (~1 s/GB)."},
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2 (gpu extra)."}
+        default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."}
     )
     padding_free: bool = field(
         default=False,
-        metadata={"help": "Pack a batch in one row, no padding (sdpa, flash_attention_2; else padded, said at start)."},
+        metadata={"help": "One row per batch, no padding (else padded, said at start)."},
     )
     prefix_sharing: bool | None = field(
         default=None,
