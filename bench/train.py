@@ -1,8 +1,10 @@
 """Training tokens/s, like with like: mtdpo padded, mtdpo padding-free, mtdpo prefix-sharing and
 TRL's DPOTrainer, side by side on this machine.
 
-    python bench/train.py            # ~1k and ~2k tokens, 2 repeats (about 20 minutes on 2 cores)
+    python bench/train.py            # ~1k and ~2k tokens, 2 repeats (~25 CPU-minutes; hours of wall time on busy cores)
     python bench/train.py --quick    # tiny model and lengths: checks the harness in a few minutes
+    python bench/train.py --lengths 2048 --repeats 1 --name train-2k   # one length, one repeat
+    python bench/train.py --table bench/results/train-1k.json bench/results/train-2k.json   # tables of saved runs
 
 Both systems: the same rows (multi-turn pairs whose shared prompt spans earlier assistant and
 tool turns), tokenizer (the embedded one), model (a 25M-parameter Gemma-architecture model,
@@ -220,10 +222,10 @@ def cache_stats(cache: Path) -> dict:
             "prompt_share": 2 * prompt / both, "shared_tokens_saved": (prompt - len(columns["prompt_len"])) / both}  # fmt: skip
 
 
-def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int) -> dict:
+def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int, lengths: tuple[int, ...] | None = None) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    lengths = (256, 512) if quick else (1024, 2048)
+    lengths = lengths or ((256, 512) if quick else (1024, 2048))
     steps, warm, batch = (4, 1, 4) if quick else (2, 1, 4)  # full: 1 timed step (CPU time varies little), to fit ~20 minutes
     model = model_dir(quick)
     results = {"machine": _machine(), "quick": quick, "bf16": bf16, "batch": batch, "steps": steps, "warm": warm, "repeats": repeats, "threads": threads, "parallel": parallel,
@@ -322,14 +324,23 @@ def main() -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="precision of both systems (default: mtdpo's choice for this machine)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="runs per system and length (default 2; --quick: 1)")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the tables of earlier results (several: their lengths side by side)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="approximate tokens per sequence (default 1024 2048; --quick: 256 512)")
+    parser.add_argument("--name", default=None, help="results file stem in bench/results (default train, or train-quick)")
     parser.add_argument("--parallel", type=int, default=2, help="measurements running at once (each its own process and system)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: CPU time is not inflated by other jobs)")
     args = parser.parse_args()
+    if args.table:  # e.g. the ~1k and ~2k tokens runs made separately
+        parts = [json.loads(Path(path).read_text()) for path in args.table]
+        merged = {**parts[0], "lengths": {k: v for part in parts for k, v in part["lengths"].items()}}
+        merged["repeats"] = "/".join(str(part["repeats"]) for part in parts) if len({part["repeats"] for part in parts}) > 1 else parts[0]["repeats"]
+        print(table(merged) + "\n" + table(merged, "tokens_per_s"))
+        return
     bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
-    results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2), args.threads, args.parallel)
+    results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2), args.threads, args.parallel, tuple(args.lengths or ()))
     results["machine"]["load_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "train-quick" if args.quick else "train"
+    stem = args.name or ("train-quick" if args.quick else "train")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = table(results) + "\n" + table(results, "tokens_per_s")
     (RESULTS / f"{stem}.md").write_text(markdown)

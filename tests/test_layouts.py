@@ -73,8 +73,30 @@ def test_segment_attention_equals_attention_under_the_dense_mask():
     expected = (scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num() @ v.repeat_interleave(2, 1)).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert out[1, 7:].abs().sum() == 0  # padding is not computed
-    with pytest.raises(ValueError, match="needs the batch's `segments`"):
-        segment_attention(module, q, k, v, None)
+
+
+def test_segment_attention_builds_no_dense_mask_and_without_segments_is_sdpa(monkeypatch):
+    import transformers.masking_utils as masking
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model()
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    add_fused_lm_head(model)
+    rows = [dict(chosen_input_ids=[2, 5, 6, 7], chosen_labels=[X, X, 6, 7], rejected_input_ids=[2, 5, 8], rejected_labels=[X, X, 8],
+                 prompt_len=2, row=0)]  # fmt: skip
+    built = []
+    original = masking.sdpa_mask
+    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, SEGMENT_ATTENTION,
+                        lambda *a, **k: built.append(original(*a, **k)) or built[-1])  # fmt: skip
+    from mtdpo.train.trainer import fused_sequence_logps
+
+    for options in ({"prefix_sharing": True}, {"padding_free": True}, {"segments": True}):
+        fused_sequence_logps(model, PairCollator(0, **options)(rows))
+    assert built and all(mask is None for mask in built)  # no [T, T] mask for any layout
+    ids = torch.tensor([[2, 5, 6, 7]])
+    reference = tiny_model()
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)  # a plain forward: an ordinary model
 
 
 def shared_prompt_roles(n: int) -> list[tuple[str, ...]]:

@@ -13,14 +13,15 @@ attend causally to themselves and fully to the keys `context_start:context_end` 
 
 Each segment is one `scaled_dot_product_attention` call: causal (flash kernel) without a
 context; with one, a [queries, context + queries] mask (never [T, T]). Registered as the attention
-implementation "sdpa_segments"; mtdpo's forwards always pass `segments`, and a forward
-without them raises rather than silently attending across sequences.
+implementation "sdpa_segments"; a forward without `segments` (generation, a plain batch) is
+transformers' sdpa, masks included, so the model stays an ordinary model.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 SEGMENT_ATTENTION = "sdpa_segments"
@@ -29,10 +30,7 @@ SEGMENT_ATTENTION = "sdpa_segments"
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segments=None, **kwargs):
     """query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None), like transformers' sdpa."""
     if segments is None:
-        raise ValueError(
-            f"attention {SEGMENT_ATTENTION!r} needs the batch's `segments` (mtdpo's collator makes them); "
-            "load the model with attn_implementation='sdpa' for other uses"
-        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise ValueError(f"attention {SEGMENT_ATTENTION!r} supports neither logit soft-capping nor sliding windows")
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # padding stays 0
@@ -51,6 +49,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # the masks sdpa gets, for forwards without segments
 
 
 def dense_segment_mask(segments: list[list[int]], batch: int, length: int) -> torch.Tensor:

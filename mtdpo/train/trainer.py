@@ -212,9 +212,10 @@ def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
     padded [2B, T] rows, and packed or prefix-shared rows, whose `logp_index` says which
     predicted position counts for which sequence."""
     segments = inputs.get("segments")
+    # With segments, a mask of ones: transformers then builds no [T, T] mask (the segments say it all).
     out = model(
         input_ids=inputs["input_ids"],
-        attention_mask=None if segments is not None else inputs.get("attention_mask"),  # the segments say it all
+        attention_mask=torch.ones_like(inputs["input_ids"]) if segments is not None else inputs.get("attention_mask"),
         position_ids=inputs.get("position_ids"),
         labels=inputs["labels"],
         fused_lm_head=True,
