@@ -16,6 +16,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl.trainer.utils import add_fused_lm_head
 
+from mtdpo.train.attention import SEGMENT_ATTENTION
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.cache import IGNORE_INDEX
 from mtdpo.train.loss import REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
@@ -211,8 +212,9 @@ def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
     without the logits, summed in fp32. Works on every layout of `data.PairCollator`:
     padded [2B, T] rows, and packed or prefix-shared rows, whose `logp_index` says which
     predicted position counts for which sequence."""
-    segments = inputs.get("segments")
-    # With segments, a mask of ones: transformers then builds no [T, T] mask (the segments say it all).
+    segments = inputs.get("segments") if uses_segment_attention(model) else None
+    # With segments, a mask of ones: transformers then builds no [T, T] mask (the segments say it
+    # all). Other kernels get the batch's own mask, or none for a packed row (positions mark it).
     out = model(
         input_ids=inputs["input_ids"],
         attention_mask=torch.ones_like(inputs["input_ids"]) if segments is not None else inputs.get("attention_mask"),
@@ -229,6 +231,11 @@ def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
     n = 2 * len(inputs["rows"])
     logps = log_probs.new_zeros(n).index_add(0, sequence, log_probs[0, position])
     return logps, torch.bincount(sequence, minlength=n)
+
+
+def uses_segment_attention(model) -> bool:
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP / DeepSpeed wrap the model in .module
+    return getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION
 
 
 def real_tokens(inputs: dict) -> torch.Tensor:
