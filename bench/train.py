@@ -251,10 +251,7 @@ def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int
             with ThreadPoolExecutor(parallel) as pool:  # `parallel` processes at a time, each its own system
                 for system, result in zip(order, pool.map(measure, order)):
                     runs[system].append(result)
-        entry["summary"] = {
-            system: {key: {"min": min(r[key] for r in rs), "median": statistics.median(r[key] for r in rs)} for key in ("tokens_per_cpu_s", "tokens_per_s")}
-            for system, rs in runs.items()
-        }
+        entry["summary"] = summarise(runs)
         # the same batches in the three mtdpo layouts: their losses must agree (bf16: to rounding)
         first = runs["mtdpo padded"][0]["losses"]
         entry["max_loss_diff_vs_padded"] = {
@@ -313,6 +310,30 @@ def table(results: dict, key: str = "tokens_per_cpu_s") -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged_results(paths: list[str]) -> dict:
+    """Several saved runs as one: their lengths side by side, the runs of a length made twice pooled."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    merged = {**parts[0], "lengths": {}}
+    for part in parts:
+        for length, entry in part["lengths"].items():
+            if length in merged["lengths"]:
+                for system, runs in entry["runs"].items():
+                    merged["lengths"][length]["runs"][system] += runs
+            else:
+                merged["lengths"][length] = json.loads(json.dumps(entry))
+    repeats = set()
+    for entry in merged["lengths"].values():
+        entry["summary"] = summarise(entry["runs"])
+        repeats.add(len(entry["runs"]["TRL"]))
+    merged["repeats"] = "/".join(str(n) for n in sorted(repeats))
+    return merged
+
+
+def summarise(runs: dict) -> dict:
+    keys = ("tokens_per_cpu_s", "tokens_per_s")
+    return {system: {k: {"min": min(r[k] for r in rs), "median": statistics.median(r[k] for r in rs)} for k in keys} for system, rs in runs.items()}
+
+
 def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         print(json.dumps(worker(**json.loads(sys.argv[2]))))
@@ -331,10 +352,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: CPU time is not inflated by other jobs)")
     args = parser.parse_args()
     if args.table:  # e.g. the ~1k and ~2k tokens runs made separately
-        parts = [json.loads(Path(path).read_text()) for path in args.table]
-        merged = {**parts[0], "lengths": {k: v for part in parts for k, v in part["lengths"].items()}}
-        merged["repeats"] = "/".join(str(part["repeats"]) for part in parts) if len({part["repeats"] for part in parts}) > 1 else parts[0]["repeats"]
-        print(table(merged) + "\n" + table(merged, "tokens_per_s"))
+        print(table(merged_results(args.table)) + "\n" + table(merged_results(args.table), "tokens_per_s"))
         return
     bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
     results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2), args.threads, args.parallel, tuple(args.lengths or ()))
