@@ -26,8 +26,9 @@ from mtdpo.train.loss import nll_loss, sequence_nll_loss
 from mtdpo.train.run import train
 from mtdpo.train.trainer import fused_sequence_logps
 
+# fp32 (bf16 is the default on CPUs with bf16 matmul): updates are compared to 1e-6
 SGD = dict(optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-           train_sampling_strategy="sequential", max_steps=1)  # fmt: skip
+           train_sampling_strategy="sequential", max_steps=1, bf16=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

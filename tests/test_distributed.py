@@ -19,7 +19,7 @@ from mtdpo.train.run import train
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-COMMON = ["--use-cpu", "--max-steps", "2", "--logging-steps", "1", "--train-sampling-strategy", "sequential",
+COMMON = ["--use-cpu", "--bf16", "false", "--max-steps", "2", "--logging-steps", "1", "--train-sampling-strategy", "sequential",
           "--save-strategy", "no", "--disable-tqdm", "true", "--report-to", "none"]  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def cache_and_reference(tmp_path_factory):
     single = tmp / "single"
     train(MtdpoConfig(data=[str(cache)], output_dir=str(single), use_cpu=True, max_steps=2, logging_steps=1,
                       per_device_train_batch_size=4, train_sampling_strategy="sequential", save_strategy="no",
-                      report_to="none", disable_tqdm=True))  # fmt: skip
+                      report_to="none", disable_tqdm=True, bf16=False))  # fmt: skip
     return tmp, cache, first_loss(single)
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
-COMMON = ["--use-cpu", "--logging-steps", "1", "--report-to", "none", "--learning-rate", "5e-3", "--train-sampling-strategy", "sequential", *LORA]
+COMMON = ["--use-cpu", "--bf16", "false", "--logging-steps", "1", "--report-to", "none", "--learning-rate", "5e-3", "--train-sampling-strategy", "sequential", *LORA]
 
 
 
@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     shutil.copytree(EMBEDDED_TOKENIZER, init, dirs_exist_ok=True)  # so the tokenizer check passes
     train(MtdpoConfig(data=[str(cache)], model=str(init), output_dir=str(tmp / "single"), use_cpu=True, max_steps=4, logging_steps=1,
                       per_device_train_batch_size=4, train_sampling_strategy="sequential", save_strategy="no", report_to="none",
-                      learning_rate=5e-3, lora_r=4, lora_alpha=8))  # fmt: skip
+                      learning_rate=5e-3, lora_r=4, lora_alpha=8, bf16=False))  # fmt: skip
     return tmp, cache, init
 
 

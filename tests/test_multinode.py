@@ -33,7 +33,7 @@ from mtdpo.train.run import train
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-COMMON = ["--use-cpu", "--logging-steps", "1", "--report-to", "none", "--learning-rate", "1e-4"]
+COMMON = ["--use-cpu", "--bf16", "false", "--logging-steps", "1", "--report-to", "none", "--learning-rate", "1e-4"]
 # accelerate (1.15) looks for a GPU-like device when FSDP syncs module states or loads
 # "cpu-ram-efficiently"; on CPU ranks both must be off (docs/SCALING.md).
 FSDP_ON_CPU = ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     shutil.copytree(EMBEDDED_TOKENIZER, init, dirs_exist_ok=True)  # so the tokenizer check passes
     train(MtdpoConfig(data=[str(cache)], model=str(init), output_dir=str(tmp / "single"), use_cpu=True, max_steps=2,
                       logging_steps=1, per_device_train_batch_size=8, train_sampling_strategy="sequential",
-                      save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-4))  # fmt: skip
+                      save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-4, bf16=False))  # fmt: skip
     return tmp, cache, init
 
 
