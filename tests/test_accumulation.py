@@ -8,7 +8,6 @@ SGD lr 1); `--loss-scope micro_batch` keeps that behaviour (bench/measure_exactn
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import logged, run_config
-from trainkit import REPO, batch, make_cache, mtdpo_trainer, tiny_model
+from trainkit import REPO, batch, make_cache, mtdpo_trainer, saved_start_model, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.cache import load_cache
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train.data import PairCollator
 from mtdpo.train.loss import nll_loss, sequence_nll_loss
 from mtdpo.train.run import train
@@ -36,9 +34,7 @@ def setup(tmp_path_factory):
     """A 16-pair cache and a saved starting model (so every run, in any process, starts alike)."""
     tmp = tmp_path_factory.mktemp("accumulation")
     cache = make_cache(tmp, n=16)
-    init = tmp / "init"
-    tiny_model(seed=0).save_pretrained(init)
-    shutil.copytree(EMBEDDED_TOKENIZER, init, dirs_exist_ok=True)  # so the tokenizer check passes
+    init = saved_start_model(tmp / "init")
     return tmp, cache, init
 
 

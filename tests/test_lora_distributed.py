@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import REPO, batch, free_port, logged, make_cache, tiny_model
+from trainkit import REPO, batch, free_port, logged, make_cache, saved_start_model
 from transformers import AutoModelForCausalLM
 
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.loss import sequence_logps
 from mtdpo.train.run import train
@@ -43,9 +42,7 @@ def setup(tmp_path_factory):
     """A 16-pair cache, a saved starting model, and the 1-rank LoRA run with batch 4 (4 steps)."""
     tmp = tmp_path_factory.mktemp("lora-dist")
     cache = make_cache(tmp, n=16)
-    init = tmp / "init"
-    tiny_model(seed=0).save_pretrained(init)
-    shutil.copytree(EMBEDDED_TOKENIZER, init, dirs_exist_ok=True)  # so the tokenizer check passes
+    init = saved_start_model(tmp / "init")
     train(MtdpoConfig(data=[str(cache)], model=str(init), output_dir=str(tmp / "single"), use_cpu=True, max_steps=4, logging_steps=1,
                       per_device_train_batch_size=4, train_sampling_strategy="sequential", save_strategy="no", report_to="none",
                       learning_rate=5e-3, lora_r=4, lora_alpha=8, bf16=False))  # fmt: skip

@@ -22,11 +22,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainkit import REPO, free_port, logged, make_cache, tiny_model
+from trainkit import REPO, free_port, logged, make_cache, saved_start_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.cache import load_cache
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.run import train
 
@@ -44,9 +43,7 @@ def setup(tmp_path_factory):
     """A 16-pair cache, a saved starting model, and the 1-rank run with batch 8 (2 steps)."""
     tmp = tmp_path_factory.mktemp("multinode")
     cache = make_cache(tmp, n=16)
-    init = tmp / "init"
-    tiny_model(seed=0).save_pretrained(init)
-    shutil.copytree(EMBEDDED_TOKENIZER, init, dirs_exist_ok=True)  # so the tokenizer check passes
+    init = saved_start_model(tmp / "init")
     train(MtdpoConfig(data=[str(cache)], model=str(init), output_dir=str(tmp / "single"), use_cpu=True, max_steps=2,
                       logging_steps=1, per_device_train_batch_size=8, train_sampling_strategy="sequential",
                       save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-4, bf16=False))  # fmt: skip

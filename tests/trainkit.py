@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers import set_seed
 
 from mtdpo.cache import load_cache
 from mtdpo.synthetic import make_pairs
+from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.model import load_policy
@@ -37,6 +39,14 @@ def single_turn_rows(n: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def saved_start_model(path: Path) -> Path:
+    """The seed-0 tiny model saved with the embedded tokenizer (so the tokenizer check passes):
+    every run that loads it, in any process, starts from the same weights."""
+    tiny_model(seed=0).save_pretrained(path)
+    shutil.copytree(EMBEDDED_TOKENIZER, path, dirs_exist_ok=True)
+    return path
 
 
 def tiny_model(seed: int = 0, dtype=torch.float32):
