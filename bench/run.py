@@ -183,6 +183,21 @@ class TokenCounter:
         return batch
 
 
+def count_mtdpo_tokens() -> list[TokenCounter]:
+    """Make `mtdpo train` (in this worker process) wrap its collator in a TokenCounter; the
+    returned list receives it once training builds the collator."""
+    import mtdpo.train.run as run
+
+    counters, original = [], run.PairCollator
+
+    def counting_collator(*args, **kwargs):
+        counters.append(TokenCounter(original(*args, **kwargs)))
+        return counters[-1]
+
+    run.PairCollator = counting_collator
+    return counters
+
+
 def worker_startup_mtdpo(cache: str) -> dict:
     from mtdpo.train.config import MtdpoConfig
     from mtdpo.train.run import train
@@ -206,14 +221,7 @@ def worker_train_mtdpo(cache: str, steps: int, batch: int) -> dict:
     from mtdpo.train.config import MtdpoConfig
 
     clock = StepClock(time.time())
-    counters = []
-    original = run.PairCollator
-
-    def counting_collator(*args, **kwargs):
-        counters.append(TokenCounter(original(*args, **kwargs)))
-        return counters[-1]
-
-    run.PairCollator = counting_collator
+    counters = count_mtdpo_tokens()
     config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=False,
                          per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
     run.train(config, callbacks=[clock.callback])

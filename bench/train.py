@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO, WORK, TokenCounter, cache_for, peak_rss_mb  # bench/run.py
+from run import REPO, WORK, TokenCounter, cache_for, count_mtdpo_tokens, peak_rss_mb  # bench/run.py
 
 RESULTS = REPO / "bench" / "results"
 # Gemma's architecture (MQA, GeGLU, RMSNorm, tied embeddings) at 25M parameters, on the embedded 2,048-token vocabulary.
@@ -154,14 +154,7 @@ def _train_mtdpo(mode: dict, model: str, cache: str, steps: int, batch: int, bf1
     import mtdpo.train.run as run
     from mtdpo.train.config import MtdpoConfig
 
-    counters = []
-    original = run.PairCollator
-
-    def counting_collator(*args, **kwargs):
-        counters.append(TokenCounter(original(*args, **kwargs)))
-        return counters[-1]
-
-    run.PairCollator = counting_collator
+    counters = count_mtdpo_tokens()
     config = MtdpoConfig(data=[cache], model=model, output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=bf16,
                          per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=1,
                          learning_rate=1e-6, beta=0.1, nll_coef=1.0, **mode)  # fmt: skip
