@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from trainkit import make_cache, mtdpo_trainer, tiny_model
+from trainkit import loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
 
 from mtdpo.errors import UsageError
 from mtdpo.synthetic import make_pairs
@@ -126,9 +126,7 @@ def test_layouts_give_the_padded_losses_and_gradients(cache, tmp_path, layout):
         ref = tiny_model(seed=1)
         ref.set_attn_implementation(SEGMENT_ATTENTION)
         trainer = mtdpo_trainer(cache, model, ref, tmp_path, bf16=False)
-        loss, metrics = trainer.pair_loss(trainer.model, PairCollator(0, segments=True, **options)(rows))
-        loss.backward()
-        results.append((loss.item(), metrics, [p.grad.clone() for p in model.parameters()]))
+        results.append(loss_metrics_grads(trainer, PairCollator(0, segments=True, **options)(rows)))
     (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     for name in ("nll", "logps/chosen", "logps/rejected"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trainkit import batch, logged, make_cache, mtdpo_trainer, tiny_model
+from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
 
 from mtdpo.errors import UsageError
 from mtdpo.train.config import MtdpoConfig
@@ -196,12 +196,9 @@ def test_padding_free_batches_give_the_padded_losses_and_gradients(cache, tmp_pa
     padded, packed = PairCollator(0)(rows), PairCollator(0, padding_free=True)(rows)
     assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))  # not one pad token
     results = []
-    for batch in (padded, packed):
-        model = tiny_model()
-        trainer = mtdpo_trainer(cache, model, tiny_model(), tmp_path, attn_implementation="sdpa")
-        loss, metrics = trainer.pair_loss(trainer.model, batch)
-        loss.backward()
-        results.append((loss.item(), metrics, [p.grad.clone() for p in model.parameters()]))
+    for inputs in (padded, packed):
+        trainer = mtdpo_trainer(cache, tiny_model(), tiny_model(), tmp_path, attn_implementation="sdpa")
+        results.append(loss_metrics_grads(trainer, inputs))
     (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     for name in ("nll", "logps/chosen", "logps/rejected"):

@@ -62,6 +62,14 @@ def mtdpo_trainer(cache: Path, policy, ref, tmp: Path, **config) -> MultiTurnDPO
     return MultiTurnDPOTrainer(policy, ref, args, train_dataset=load_cache(cache), data_collator=PairCollator(0))
 
 
+def loss_metrics_grads(trainer: MultiTurnDPOTrainer, inputs: dict) -> tuple[float, dict, list[torch.Tensor]]:
+    """One forward and backward of `inputs` through the trainer's loss: the loss, its logged
+    metrics and a copy of every parameter's gradient (to compare two batch layouts)."""
+    loss, metrics = trainer.pair_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.item(), metrics, [p.grad.clone() for p in trainer.model.parameters()]
+
+
 def batch(cache: Path, indices) -> dict:
     ds = load_cache(cache)
     return PairCollator(0)([ds[i] for i in indices])
