@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from mtdpo import __version__
 from mtdpo.errors import UsageError
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir, same_tokenizer, sha256_path, sha256_text, vocabulary_hash
 
@@ -70,12 +71,12 @@ def features():
 # ── writing ───────────────────────────────────────────────────────────────────
 
 
-def build_manifest(tok, saved_tokenizer: Path, options, source, tally, chat_template, version: str) -> dict:
+def build_manifest(tok, saved_tokenizer: Path, options, source, tally, chat_template) -> dict:
     """manifest.json of a new cache: the tokenizer, template and mask options that made it, the
     input and its slice, counts and token totals."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "mtdpo_version": version,
+        "mtdpo_version": __version__,
         "tokenizer": {
             "name_or_path": str(tok.name_or_path),
             # The saved copy's bytes (what train compares first); a vocabulary hash if none was written.

@@ -26,7 +26,6 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.utils.py_utils import asdict as info_dict
 from datasets.utils.py_utils import convert_file_size_to_int
 
-from mtdpo import __version__
 from mtdpo.cache import IGNORE_INDEX, build_manifest, features, write_checksums, write_json, writing
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
@@ -165,7 +164,7 @@ def preprocess(
             seconds = time.perf_counter() - started
             stats = _stats(tally, seconds)
             write_json(tmp / "stats.json", stats)
-            write_json(tmp / "manifest.json", build_manifest(tok, tmp / "tokenizer", options, source, tally, chat_template, __version__))
+            write_json(tmp / "manifest.json", build_manifest(tok, tmp / "tokenizer", options, source, tally, chat_template))
             return stats
     finally:
         _encoder = None

@@ -73,7 +73,7 @@ class ProgressLine(TrainerCallback):
             self._eval = None
 
     def _training_seconds(self) -> float:
-        return time.perf_counter() - self.started - getattr(self, "eval_seconds", 0.0)
+        return time.perf_counter() - self.started - self.eval_seconds
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
