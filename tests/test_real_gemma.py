@@ -71,6 +71,7 @@ def test_real_gemma_masks_sample_rows(gemma3):
             assert ids.count(bos) == 1 and ids[0] == bos
             assert all(labels[i] == IGNORE for i, t in enumerate(ids) if t == start)  # headers never trained
         assert record["prompt_len"] >= first
+    assert encoder.chat.encoder.reused_tokens > 0  # the ids above equal whole encodings with the shared prompt encoded once
 
 
 def test_real_gemma_seed_mode_equals_the_reference(gemma3):

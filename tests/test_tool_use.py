@@ -15,7 +15,7 @@ import pytest
 from helpers import IGNORE, decoded_runs, family_tokenizer, msg
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-from mtdpo.preprocess.mask import ChatTemplate, assistant_spans, check_spans
+from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, assistant_spans, check_spans
 from mtdpo.preprocess.rows import RowError, to_pair
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # tool_use_table, the generated set's table
@@ -213,12 +213,13 @@ def test_span_functions_on_one_conversation():
     assert text[spans[0].end : spans[0].turn_end] == "\n"  # the template's newline after the marker
     assert text[: spans[0].start].endswith("<|im_start|>assistant\n") and spans[0].header_end == spans[0].start
     _, offsets = chat.tokenize(text)
-    check_spans(text, offsets, messages, spans)  # passes
+    tokens = TokenBounds.of(offsets)
+    check_spans(text, tokens, messages, spans)  # passes
     inside_a_token = replace(spans[0], header_end=spans[0].start + 1, start=spans[0].start + 1)  # inside <tool_call>
     with pytest.raises(RowError, match="first character shares a token with the generation prompt"):
-        check_spans(text, offsets, messages, [inside_a_token])
+        check_spans(text, tokens, messages, [inside_a_token])
     with pytest.raises(RowError, match="renders text before its content that the mask would skip"):
-        check_spans(text, offsets, messages, [replace(spans[0], start=spans[0].start + 1)])
+        check_spans(text, tokens, messages, [replace(spans[0], start=spans[0].start + 1)])
 
 
 # ── real templates with tool calls (tests/templates, families.json) ──────────

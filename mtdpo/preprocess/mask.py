@@ -10,8 +10,8 @@ turns, tool schemas, role headers, BOS, the shared prompt) is -100.
 Three small pure steps, all on the rendered text, never on token ids:
 
     assistant_spans(render, messages, n_prompt, text, ...)  -> one TurnSpan per trained message
-    trained_mask(offsets, spans)                            -> which tokens are trained
-    check_spans(text, offsets, messages, spans)             -> RowError unless the mask is right
+    trained_ranges(token starts, spans)                     -> which tokens are trained
+    check_spans(text, token bounds, messages, spans)        -> RowError unless the mask is right
 
 A span's end comes from rendering the conversation up to and including the message (for a
 template that renders the last message differently, Qwen3's empty `<think>` block, from one
@@ -25,13 +25,16 @@ arguments, or whose span boundaries cut a token: the mask is right or the row is
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
 from mtdpo.cache import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
+from mtdpo.preprocess.tokens import PrefixReusingEncoder, common_prefix_length, reuse_rule
 
 
 # Replaces a message's content to see where its render starts to depend on it.
@@ -63,12 +66,14 @@ class ChatTemplate:
     its per-call overhead, which dominates when every row renders several prefixes."""
 
     def __init__(self, tokenizer):
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+        from transformers.utils.chat_template_utils import _cached_compile_jinja_template
 
         self.tokenizer = tokenizer
         self.markers = end_markers(tokenizer)
-        self._template = _compile_jinja_template(tokenizer.chat_template)
+        self._template = _cached_compile_jinja_template(tokenizer.chat_template)  # our own copy, not the shared one
+        memoize_attribute_checks(self._template.environment)
         self._variables = dict(tokenizer.special_tokens_map)
+        self.encoder = PrefixReusingEncoder(tokenizer, reuse_rule(tokenizer))  # the pair's shared prompt, encoded once
         self.closing = self._closing()
         self.end_of_turn = self._end_of_turn()
         self.skeletons: dict[tuple, Skeleton | None] = {}  # conversation shape -> its one render
@@ -86,11 +91,12 @@ class ChatTemplate:
         """`render` bound to one row's tools and template arguments."""
         return lambda messages, generation_prompt=False: self.render(messages, generation_prompt, tools, template_kwargs)
 
-    def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and character offsets. The template already emits BOS: adding special
-        tokens again would double it."""
-        enc = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-        return np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and (start, end) character offsets, as the tokenizer encodes the whole
+        text; the prefix this text shares with the previous one (a pair's prompt) is not
+        encoded twice (tokens.py). The template already emits BOS: adding special tokens
+        again would double it."""
+        return self.encoder.encode(text)
 
     def _closing(self) -> str:
         """A token the template appends to every render and the next message replaces
@@ -114,6 +120,26 @@ class ChatTemplate:
         return next((m for m in self.markers if body.endswith(m)), "")
 
 
+def memoize_attribute_checks(environment) -> None:
+    """Jinja's immutable sandbox asks `is_safe_attribute(obj, attr, value)` at every attribute
+    access in a template (a third of a render). Its answer depends only on type(obj) and attr
+    (isinstance tests and name lists), so it is asked once per (type, attr): the same
+    decisions, the same errors, at a dict lookup's cost."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if type(environment).is_safe_attribute is not ImmutableSandboxedEnvironment.is_safe_attribute:
+        return  # a sandbox whose rule may depend on the value: ask every time
+    ask, known = environment.is_safe_attribute, {}
+
+    def is_safe_attribute(obj, attr: str, value) -> bool:
+        key = (type(obj), attr)
+        if key not in known:
+            known[key] = ask(obj, attr, value)
+        return known[key]
+
+    environment.is_safe_attribute = is_safe_attribute
+
+
 def end_markers(tokenizer) -> tuple[str, ...]:
     """Added-token strings (special or not), longest first: the candidates for an end-of-turn
     marker. A tuple, so `str.endswith(markers)` tests them all at C speed (Gemma 3 has 6k)."""
@@ -129,9 +155,9 @@ def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, too
     if spans is None:  # the prefix renders decide
         spans = assistant_spans(render, messages, n_prompt, text, chat.markers, chat.closing, chat.end_of_turn)
     ids, offsets = chat.tokenize(text)
-    check_spans(text, offsets, messages, spans)
-    labels = np.where(trained_mask(offsets, spans), ids, IGNORE_INDEX)
-    return Encoded(ids.tolist(), labels.tolist())
+    tokens = TokenBounds.of(offsets)
+    check_spans(text, tokens, messages, spans)
+    return Encoded(ids, labels_for(ids, trained_ranges(tokens.starts, spans)))
 
 
 # ── the rule: render → character spans ───────────────────────────────────────
@@ -224,13 +250,6 @@ def end_of_turn(text: str, start: int, turn_end: int, markers: tuple[str, ...], 
     if not body.endswith(markers):
         raise RowError(f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})")
     return start + len(body)
-
-
-def common_prefix_length(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 # ── the same spans from one render of the conversation's shape ───────────────
@@ -330,32 +349,57 @@ def render_skeleton(chat: ChatTemplate, roles: tuple[str, ...], n_prompt: int, t
     return Skeleton(pieces, spans)
 
 
-def _key(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+def _key(value) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, default=str)
 
 
 # ── spans → labels ────────────────────────────────────────────────────────────
 
 
-def trained_mask(offsets: np.ndarray, spans: list[TurnSpan]) -> np.ndarray:
-    """A token is trained iff the character that starts it is inside a span."""
-    trained = np.zeros(len(offsets), dtype=bool)
-    for span in spans:
-        trained |= (offsets[:, 0] >= span.start) & (offsets[:, 0] < span.end)
-    return trained
+def trained_ranges(starts: list[int], spans: list[TurnSpan]) -> list[tuple[int, int]]:
+    """Token index ranges [a, b) to train: a token is trained iff the character that starts it
+    is inside a span. `starts` never decrease (TokenBounds), so each range is two bisections."""
+    return [(bisect_left(starts, span.start), bisect_left(starts, span.end)) for span in spans]
+
+
+def labels_for(ids: list[int], ranges: list[tuple[int, int]]) -> list[int]:
+    """The ids inside the ranges, IGNORE_INDEX elsewhere."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in ranges:
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+@dataclass(frozen=True)
+class TokenBounds:
+    """Where tokens start, and reach[k]: the furthest any of tokens 0..k ends."""
+
+    starts: list[int]
+    reach: list[int]
+
+    @classmethod
+    def of(cls, offsets: list[tuple[int, int]]) -> TokenBounds:
+        starts, ends = (list(column) for column in zip(*offsets)) if offsets else ([], [])
+        if starts != sorted(starts):  # no tokenizer does this; the bisections would be wrong if one did
+            raise RowError("the tokenizer returned token offsets out of order; the mask cannot be placed")
+        return cls(starts, ends if ends == sorted(ends) else list(accumulate(ends, max)))
+
+    def cuts_a_token(self, position: int) -> bool:
+        """Whether a token starts before `position` and ends after it."""
+        k = bisect_left(self.starts, position)  # the tokens that start before it: 0..k-1
+        return k > 0 and self.reach[k - 1] > position
 
 
 # ── the self-check ────────────────────────────────────────────────────────────
 
 
-def check_spans(text: str, offsets: np.ndarray, messages: list[dict], spans: list[TurnSpan]) -> None:
+def check_spans(text: str, tokens: TokenBounds, messages: list[dict], spans: list[TurnSpan]) -> None:
     """Raise RowError unless every span holds all of its message and cuts no token.
 
     Per span: nothing but whitespace between the generation prompt and the start; the
     content, reasoning, and each tool call's name and arguments inside [start, end); start
     and end on token boundaries, so no trained token reaches into a header or the next turn.
     """
-    starts, ends = offsets[:, 0], offsets[:, 1]
     for span in spans:
         i, trained = span.message, text[span.start : span.end]
         if text[span.header_end : span.start].strip():
@@ -363,9 +407,9 @@ def check_spans(text: str, offsets: np.ndarray, messages: list[dict], spans: lis
         for what, needles in message_parts(messages[i]):
             if not any(needle in trained for needle in needles):
                 raise RowError(f"message {i} (assistant): its {what} is not in the rendered turn (the template drops or alters it)")
-        if ((starts < span.start) & (ends > span.start)).any():
+        if tokens.cuts_a_token(span.start):
             raise RowError(f"message {i} (assistant): its first character shares a token with the generation prompt; the mask would cut it")
-        if ((starts < span.end) & (ends > span.end)).any():
+        if tokens.cuts_a_token(span.end):
             raise RowError(f"message {i} (assistant): its end-of-turn marker shares a token with the next text; the mask would cut it")
 
 
@@ -446,6 +490,7 @@ def seed_mask(
     if not text.startswith(prompt):
         prompt = render(messages[:n_prompt])
     ids, offsets = chat.tokenize(text)
+    ids, offsets = np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = offsets[:, 0], offsets[:, 1]
     masked = starts < len(prompt)
     for start, stop in marker_spans(text, user_marker, end_marker):

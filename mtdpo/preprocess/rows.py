@@ -134,6 +134,8 @@ def _messages(value: object, side: str, shorthand_role: str) -> list[dict]:
 
 
 def _message(msg: object, where: str) -> dict:
+    if type(msg) is dict and len(msg) == 2 and type(msg.get("content")) is str and msg.get("role") in ROLES and msg["content"].isascii():
+        return dict(msg)  # the common case, {"role", "content": plain text}: nothing below can object
     if not isinstance(msg, dict):
         raise RowError(f"{where} is {json_type(msg)}, expected an object with 'role' and 'content'")
     role, content = msg.get("role"), msg.get("content")

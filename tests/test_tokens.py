@@ -1,0 +1,139 @@
+"""mtdpo/preprocess/tokens.py: a text that shares a prefix with the previous one is encoded
+with exactly the tokens the tokenizer gives the whole text, without encoding the prefix again;
+and mask.TokenBounds, the token boundaries the mask and its self-check bisect."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, sample_rows
+
+from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, labels_for, trained_ranges
+from mtdpo.preprocess.rows import RowError
+from mtdpo.preprocess.tokens import PrefixReusingEncoder, common_prefix_length, reuse_rule
+
+
+def whole(tok, text: str):
+    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
+
+def test_common_prefix_length_by_hand():
+    assert common_prefix_length("abcde", "abcxy") == 3
+    assert common_prefix_length("abc", "abc") == 3
+    assert common_prefix_length("", "abc") == 0
+    assert common_prefix_length("xbc", "abc") == 0
+    assert common_prefix_length([1, 2, 3, 4], [1, 2, 3]) == 3
+
+
+def test_reuse_cuts_after_an_added_token_well_before_the_texts_part():
+    tok = family_tokenizer("gemma")
+    rule = reuse_rule(tok)
+    assert rule is not None and rule.margin == max(len(t.content) for t in tok.added_tokens_decoder.values())
+    prompt = "<bos><start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n"
+    first, second = prompt + "It is 4.<end_of_turn>\n", prompt + "It is five, I think.<end_of_turn>\n"
+    encoder = PrefixReusingEncoder(tok, rule)
+    assert encoder.encode(first) == whole(tok, first)
+    assert encoder.encode(second) == whole(tok, second)
+    # The texts part at "It is " + "4"/"five": the last added token ending `margin` characters
+    # before that is <end_of_turn> after the question (<start_of_turn> of "model" is too close).
+    cut = prompt.index("<end_of_turn>") + len("<end_of_turn>")
+    assert encoder.reused_tokens == len(whole(tok, first[:cut])[0])
+
+
+def test_no_reuse_when_the_texts_part_too_early_or_the_rule_is_off():
+    tok = family_tokenizer("gemma")
+    encoder = PrefixReusingEncoder(tok, reuse_rule(tok))
+    encoder.encode("<bos>abc<end_of_turn>x")
+    assert encoder.encode("<bos>abd<end_of_turn>x") == whole(tok, "<bos>abd<end_of_turn>x")
+    assert encoder.reused_tokens == 0  # they part 3 characters in: no cut far enough before
+    off = PrefixReusingEncoder(tok, None)
+    text = "<bos>" + "same " * 20
+    off.encode(text)
+    assert off.encode(text + "more") == whole(tok, text + "more") and off.reused_tokens == 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_pair_encodes_as_if_whole_on_every_family(family):
+    """Both sides of many pairs (multi-turn, tool turns, awkward whitespace) and pairs in a row:
+    the reused encodings equal the whole ones token for token, offsets included."""
+    tok = family_tokenizer(family)
+    chat = ChatTemplate(tok)
+    assert chat.encoder.rule is not None  # every family's tokenizer qualifies
+    rows = [for_family(r, family) for r in [*sample_rows(60), *math_agent_pairs().values()]]
+    rng = random.Random(0)
+    texts = []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            try:
+                texts.append(chat.render(row[side]))
+            except RowError:
+                pass
+    # Sides that part right after a header, inside whitespace, or at an added token.
+    for text in texts[:40]:
+        at = rng.randrange(len(text))
+        texts += [text, text[:at] + "\n\n" + text[at:], text[:at] + tok.eos_token + text[at:], text[:at] + "  x"]
+    for text in texts:
+        assert chat.tokenize(text) == whole(tok, text)
+    assert chat.encoder.reused_tokens > 0
+
+
+def test_the_rule_refuses_tokenizers_it_cannot_show_exact():
+    tok = copy.deepcopy(family_tokenizer("gemma"))
+    from tokenizers import pre_tokenizers
+
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    assert reuse_rule(tok) is None  # "▁" before the first piece only
+    tok = copy.deepcopy(family_tokenizer("gemma"))
+    from transformers import AddedToken
+
+    tok.add_tokens([AddedToken("<sep>", rstrip=True)])
+    assert reuse_rule(tok) is None  # a token that eats the whitespace after it
+    tok = copy.deepcopy(family_tokenizer("gemma"))
+    tok.backend_tokenizer.enable_truncation(8)
+    assert reuse_rule(tok) is None
+
+
+def test_pairs_are_the_same_with_and_without_reuse():
+    tok = family_tokenizer("qwen2")
+    rows = [for_family(r, "qwen2") for r in [*sample_rows(40), *math_agent_pairs().values()]]
+    fast, slow = PairEncoder(tok, MaskOptions()), PairEncoder(tok, MaskOptions())
+    slow.chat.encoder.rule = None
+    for row in rows:
+        try:
+            expected = slow(row)
+        except RowError as err:
+            with pytest.raises(RowError, match=str(err)[:40].replace("(", r"\(").replace(")", r"\)")):
+                fast(row)
+            continue
+        assert fast(row) == expected
+    assert fast.chat.encoder.reused_tokens > 0 and slow.chat.encoder.reused_tokens == 0
+
+
+# ── TokenBounds, trained_ranges, labels_for ──────────────────────────────────
+
+
+def test_token_bounds_by_hand():
+    # "ab cd" as tokens "ab", " c" trimmed to "c" (2..4 would be " c"), "d"; and a token that
+    # reaches further than the one after it (ends out of order).
+    bounds = TokenBounds.of([(0, 2), (3, 4), (4, 5)])
+    assert bounds.starts == [0, 3, 4] and bounds.reach == [2, 4, 5]
+    assert not bounds.cuts_a_token(0) and not bounds.cuts_a_token(2) and not bounds.cuts_a_token(3)
+    assert bounds.cuts_a_token(1)  # inside "ab"
+    odd = TokenBounds.of([(0, 6), (2, 3), (6, 7)])
+    assert odd.reach == [6, 6, 7] and odd.cuts_a_token(4)  # the first token covers 0..6
+    with pytest.raises(RowError, match="out of order"):
+        TokenBounds.of([(3, 4), (0, 2)])
+    assert TokenBounds.of([]).starts == []
+
+
+def test_trained_ranges_and_labels_by_hand():
+    from mtdpo.preprocess.mask import TurnSpan
+
+    starts = [0, 5, 9, 12, 20, 24]
+    spans = [TurnSpan(1, 9, 9, 20, 21), TurnSpan(3, 24, 24, 30, 30)]
+    assert trained_ranges(starts, spans) == [(2, 4), (5, 6)]  # tokens starting at 9, 12; and 24
+    assert labels_for([10, 11, 12, 13, 14, 15], [(2, 4), (5, 6)]) == [-100, -100, 12, 13, -100, 15]
