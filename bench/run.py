@@ -130,19 +130,23 @@ def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> d
 
 def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
     """Floor (a): what any per-message mask needs at least. Parse each line, render each side's
-    whole conversation once with the chat template, encode it once in Rust with offsets."""
+    whole conversation once with the chat template as transformers compiles it, encode it
+    once in Rust and read its ids and offsets. (mtdpo's own render and encoder are faster than
+    these: the floor is what a user of transformers and tokenizers would write.)"""
     from transformers import AutoTokenizer
-
-    from mtdpo.preprocess.mask import ChatTemplate
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     started, cpu = time.perf_counter(), _cpu_seconds()
-    chat = ChatTemplate(AutoTokenizer.from_pretrained(str(tokenizer or _embedded())))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))
+    template, variables, backend = _compile_jinja_template(tok.chat_template), dict(tok.special_tokens_map), tok.backend_tokenizer
     n = 0
     with open(rows) as f:
         for line in f:
             row = json.loads(line)
             for side in ("chosen", "rejected"):
-                chat.tokenize(chat.render(row[side]))
+                text = template.render(messages=row[side], tools=None, documents=None, add_generation_prompt=False, **variables)
+                enc = backend.encode(text, add_special_tokens=False)
+                enc.ids, enc.offsets
             n += 1
     return _timed(n, time.perf_counter() - started, _cpu_seconds() - cpu)
 
