@@ -378,6 +378,19 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
     assert hidden_leftovers(tmp_path) == []
 
 
+def test_a_failed_tokenizer_copy_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    """The copy is written by a forked process: its failure still stops the run, with no cache."""
+    from transformers import PreTrainedTokenizerBase
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(UsageError, match="could not write the tokenizer copy to .*is the disk full"):
+        run_preprocess(SAMPLE_DATA, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and hidden_leftovers(tmp_path) == []
+
+
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     """A crash after some chunks were written leaves no output and no temporary directory."""
     calls = []

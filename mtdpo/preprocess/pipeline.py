@@ -142,8 +142,8 @@ def preprocess(
     global _encoder
     _encoder = PairEncoder(tok, options)
     try:
-        with writing(out) as tmp:  # renamed to `out` only when complete
-            tok.save_pretrained(str(tmp / "tokenizer"))
+        # Renamed to `out` only when complete; the tokenizer copy is written while rows are encoded.
+        with writing(out) as tmp, BackgroundSave(tok, tmp / "tokenizer") as saver:
             tally = Tally()
             with ShardWriter(tmp, shard_bytes) as shards, open(tmp / "rejects.jsonl", "w") as rejects:
                 results = ordered_map(encode_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), num_proc)
@@ -160,6 +160,7 @@ def preprocess(
                 top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
                 why = f"kept 0 of {tally.rows} rows ({top})" if tally.rows else f"--shard {shard} holds no rows"
                 raise UsageError(f"{input_path}: {why}; no cache written")
+            saver.wait()
             write_dataset_files(tmp, shards.names)
             seconds = time.perf_counter() - started
             stats = _stats(tally, seconds)
@@ -238,6 +239,37 @@ def write_dataset_files(directory: Path, shards: list[str]) -> None:
         "_split": None,
     }
     (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+class BackgroundSave:
+    """The tokenizer copy (`save_pretrained`: 0.65 s of CPU for Gemma 3's 33 MB) written by a
+    forked process while the main one goes on; `wait()` raises if it failed."""
+
+    def __init__(self, tokenizer, directory: Path):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
+        self.directory = directory
+        self.process = multiprocessing.get_context("fork").Process(target=_save, args=(tokenizer, directory), daemon=True)
+        self.process.start()
+
+    def __enter__(self) -> BackgroundSave:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.is_alive():  # the run failed: stop it before the directory is removed
+            self.process.terminate()
+            self.process.join()
+
+    def wait(self) -> None:
+        self.process.join()
+        if self.process.exitcode != 0 or not (self.directory / "tokenizer_config.json").is_file():
+            raise UsageError(f"could not write the tokenizer copy to {self.directory} (exit code {self.process.exitcode}); is the disk full?")
+
+
+def _save(tokenizer, directory: Path) -> None:
+    try:
+        tokenizer.save_pretrained(str(directory))
+    except Exception as err:  # one line on stderr and exit code 1, not a traceback
+        raise SystemExit(f"mtdpo: saving the tokenizer copy failed: {err}") from None
 
 
 def ordered_map(fn: Callable, items: Iterable, num_proc: int) -> Iterator:
