@@ -378,9 +378,12 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
     assert hidden_leftovers(tmp_path) == []
 
 
-def test_a_failed_tokenizer_copy_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
-    """The copy is written by a forked process: its failure still stops the run, with no cache."""
+@pytest.mark.parametrize("forked", [False, True])
+def test_a_failed_tokenizer_copy_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch, forked):
+    """Saved in the main process or (large tokenizers) by a forked one: a failure stops the run, with no cache."""
     from transformers import PreTrainedTokenizerBase
+
+    monkeypatch.setattr(pipeline, "BACKGROUND_SAVE_VOCAB", 0 if forked else 10**9)
 
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -408,3 +411,11 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
         run_preprocess(SAMPLE_DATA, tmp_path / "out")
     assert calls == [64, 64, 64]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_forked_tokenizer_copy_equals_the_in_process_one(tmp_path, monkeypatch):
+    run_preprocess(SAMPLE_DATA, tmp_path / "here")
+    monkeypatch.setattr(pipeline, "BACKGROUND_SAVE_VOCAB", 0)
+    run_preprocess(SAMPLE_DATA, tmp_path / "forked")
+    for name in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja", "manifest.json"):
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "forked" / name).read_bytes(), name

@@ -36,6 +36,7 @@ from mtdpo.tokenizer import load_tokenizer, sha256_text
 
 CHUNK_ROWS = 256  # rows per task sent to a worker
 BATCH_ROWS = 1000  # pairs per Arrow record batch in a shard (datasets' default writer batch)
+BACKGROUND_SAVE_VOCAB = 100_000  # tokens: larger tokenizers are saved by a forked process
 FEATURES = features()  # the schema of docs/DESIGN.md, "The cache contract" (mtdpo/cache.py)
 SCHEMA = FEATURES.arrow_schema
 
@@ -242,12 +243,19 @@ def write_dataset_files(directory: Path, shards: list[str]) -> None:
 
 
 class BackgroundSave:
-    """The tokenizer copy (`save_pretrained`: 0.65 s of CPU for Gemma 3's 33 MB) written by a
-    forked process while the main one goes on; `wait()` raises if it failed."""
+    """The tokenizer copy, written by a forked process while the main one goes on (Gemma 3's
+    33 MB take 0.65 s of CPU to save). A small tokenizer is saved at once: forking would cost
+    more than the save. `wait()` raises if the copy failed."""
 
     def __init__(self, tokenizer, directory: Path):
+        self.directory, self.process, self.failure = directory, None, ""
+        if len(tokenizer) < BACKGROUND_SAVE_VOCAB:
+            try:
+                _save(tokenizer, directory)
+            except SystemExit as err:
+                self.failure = str(err)
+            return
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
-        self.directory = directory
         self.process = multiprocessing.get_context("fork").Process(target=_save, args=(tokenizer, directory), daemon=True)
         self.process.start()
 
@@ -255,21 +263,23 @@ class BackgroundSave:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.process.is_alive():  # the run failed: stop it before the directory is removed
+        if self.process is not None and self.process.is_alive():  # the run failed: stop it before the directory is removed
             self.process.terminate()
             self.process.join()
 
     def wait(self) -> None:
-        self.process.join()
-        if self.process.exitcode != 0 or not (self.directory / "tokenizer_config.json").is_file():
-            raise UsageError(f"could not write the tokenizer copy to {self.directory} (exit code {self.process.exitcode}); is the disk full?")
+        if self.process is not None:
+            self.process.join()  # the child said why on stderr
+            self.failure = self.failure or (f"exit code {self.process.exitcode}" if self.process.exitcode else "")
+        if self.failure or not (self.directory / "tokenizer_config.json").is_file():
+            raise UsageError(f"could not write the tokenizer copy to {self.directory} ({self.failure or 'no tokenizer_config.json'}); is the disk full?")
 
 
 def _save(tokenizer, directory: Path) -> None:
     try:
         tokenizer.save_pretrained(str(directory))
-    except Exception as err:  # one line on stderr and exit code 1, not a traceback
-        raise SystemExit(f"mtdpo: saving the tokenizer copy failed: {err}") from None
+    except Exception as err:  # in the child: one line on stderr and exit code 1, not a traceback
+        raise SystemExit(f"saving failed: {err}") from None
 
 
 def ordered_map(fn: Callable, items: Iterable, num_proc: int) -> Iterator:
