@@ -533,6 +533,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="forget measurements kept from an interrupted run")
     parser.add_argument("--prep", action="store_true", help="only preparation: mtdpo vs TRL vs floor (a), 2 tokenizers")
     parser.add_argument("--prep-rows", type=int, default=2000, help="pairs per preparation run (with --prep)")
+    parser.add_argument("--prep-name", default="prep", help="results file stem in bench/results (with --prep)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (with --prep or --startup)")
     parser.add_argument("--startup", nargs=2, metavar=("SMALL", "BIG"), help="only mtdpo train start-up: two caches, interleaved")
     args = parser.parse_args()
@@ -554,8 +555,8 @@ def main() -> None:
         prep = {"machine": _machine(), "load_before": os.getloadavg(), **preparation(args.prep_rows, args.repeats)}
         prep["load_after"] = os.getloadavg()
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "prep.json").write_text(json.dumps(prep, indent=2) + "\n")
-        (RESULTS / "prep.md").write_text(prep_table(prep))
+        (RESULTS / f"{args.prep_name}.json").write_text(json.dumps(prep, indent=2) + "\n")
+        (RESULTS / f"{args.prep_name}.md").write_text(prep_table(prep))
         print(prep_table(prep))
         return
     results = benchmark(args.quick)
