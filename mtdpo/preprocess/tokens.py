@@ -108,7 +108,7 @@ class PrefixReusingEncoder:
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         k = self.reusable(text)
         if k:
-            old_text, old_ids, old_offsets = self.previous
+            _, old_ids, old_offsets = self.previous
             cut = old_offsets[k - 1][1]
             rest = self.backend.encode(text[cut:], add_special_tokens=False)
             ids = old_ids[:k] + rest.ids
