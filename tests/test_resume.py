@@ -8,13 +8,22 @@ case is in tests/test_multinode.py (slow).
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from test_train import logged, run_config
 from trainkit import make_cache
 
 from mtdpo.train.run import train
-from mtdpo.train.trainer import EpochSeededSampler, MultiTurnDPOTrainer, length_grouped_order, random_order
+from mtdpo.train.trainer import (
+    EpochSeededSampler,
+    MultiTurnDPOTrainer,
+    length_grouped_indices,
+    length_grouped_order,
+    pair_lengths,
+    random_order,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +86,38 @@ def test_the_order_is_a_function_of_seed_and_epoch_only(order):
     assert epoch(42, 1) == epoch(42, 1)
     assert epoch(42, 0) != epoch(42, 1)
     assert epoch(42, 1) != epoch(43, 1)
+
+
+def test_length_grouping_by_hand():
+    # 8 pairs, batch 1: megabatches of max(min(8 // 4, 50), 1) = 2 pairs. The permutation of
+    # seed 0 is fixed by torch; each megabatch is sorted longest first, ties in permuted order,
+    # and the longest pair of all (10) is swapped to the front.
+    lengths = np.array([3, 10, 3, 7, 1, 7, 2, 5])
+    shuffled = torch.randperm(8, generator=torch.Generator().manual_seed(0)).tolist()
+    megabatches = [sorted(shuffled[i : i + 2], key=lambda k: -lengths[k]) for i in range(0, 8, 2)]
+    flat = [k for megabatch in megabatches for k in megabatch]
+    front = flat.index(1)
+    assert front % 2 == 0  # the longest pair leads its megabatch
+    flat[0], flat[front] = flat[front], flat[0]
+    assert length_grouped_indices(lengths, 1, torch.Generator().manual_seed(0)) == flat
+    assert flat[0] == 1
+
+
+@pytest.mark.parametrize("n, batch", [(1, 4), (7, 2), (100, 3), (1000, 8), (5000, 1)])
+def test_length_grouping_equals_transformers(n, batch):
+    rng = np.random.default_rng(n)
+    lengths = rng.integers(1, 12, size=n).astype(np.int32)  # few distinct values: many ties
+    for seed in range(3):
+        expected = get_length_grouped_indices(lengths.tolist(), batch, generator=torch.Generator().manual_seed(seed))
+        assert length_grouped_indices(lengths, batch, torch.Generator().manual_seed(seed)) == expected
+
+
+def test_pair_lengths_reads_the_longer_side_with_and_without_an_index_mapping(cache):
+    from mtdpo.cache import load_cache
+
+    dataset = load_cache(cache)
+    longer = [max(a, b) for a, b in zip(dataset["chosen_len"], dataset["rejected_len"])]
+    assert pair_lengths(dataset).tolist() == longer
+    picked = [5, 0, 11, 3]
+    assert pair_lengths(dataset.select(picked)).tolist() == [longer[k] for k in picked]
+    assert len(set(longer)) > 1  # the pairs differ in length: the comparison can fail

@@ -117,6 +117,17 @@ def test_a_cache_as_preprocess_left_it_is_not_hashed_again(cache, hashed):
     assert hashed == []
 
 
+def test_shards_are_read_to_their_end_only_when_a_file_changed(cache, monkeypatch):
+    walked = []
+    original = cache_module._check_shard
+    monkeypatch.setattr(cache_module, "_check_shard", lambda shard: walked.append(shard.name) or original(shard))
+    load_cache(cache, verify=True)
+    assert walked == []  # as preprocess stamped it: stat calls only, whatever the cache's size
+    os.utime(cache / SHARD)
+    load_cache(cache, verify=True)
+    assert walked == [SHARD]
+
+
 def test_a_changed_file_is_hashed_and_a_good_one_stamped_again(cache, hashed):
     os.utime(cache / SHARD)  # touched: same bytes, new modification time
     load_cache(cache, verify=True)

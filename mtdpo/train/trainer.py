@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 from transformers import Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
 from mtdpo.train.attention import SEGMENT_ATTENTION
@@ -80,7 +80,7 @@ class MultiTurnDPOTrainer(Trainer):
         if not self._groups_by_length(eval_dataset):
             return super()._get_eval_sampler(eval_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return LengthGroupedSampler(self.args.eval_batch_size, lengths=pair_lengths(eval_dataset), generator=torch.Generator().manual_seed(seed))
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=pair_lengths(eval_dataset).tolist(), generator=torch.Generator().manual_seed(seed))
 
     def _groups_by_length(self, dataset) -> bool:
         return self.args.train_sampling_strategy == "group_by_length" and "chosen_len" in getattr(dataset, "column_names", ())
@@ -271,12 +271,35 @@ def random_order(n: int, generator: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def length_grouped_order(lengths: list[int], batch_size: int):
-    """transformers' length grouping: shuffle, sort megabatches by length, longest batch first."""
-    return lambda n, generator: get_length_grouped_indices(lengths, batch_size, generator=generator)
+def length_grouped_order(lengths, batch_size: int):
+    """transformers' length grouping (get_length_grouped_indices): shuffle, sort megabatches by
+    length, longest batch first; the same indices for the same generator, vectorised."""
+    lengths = np.asarray(lengths)
+    return lambda n, generator: length_grouped_indices(lengths, batch_size, generator)
 
 
-def pair_lengths(dataset) -> list[int]:
-    """max(chosen_len, rejected_len) per pair, read column-wise from the memory-mapped cache."""
+def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[int]:
+    """A random permutation cut into megabatches of up to 50 batches, each sorted longest first
+    (stable, as Python's sorted(reverse=True) is), then the longest pair of all swapped to the
+    front, so an out-of-memory error comes at the first step. transformers sorts each megabatch
+    in Python: 0.6 s per epoch for a million pairs, where one lexsort takes 0.1 s."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    size = max(min(n // (batch_size * 4), 50), 1) * batch_size
+    shuffled = torch.randperm(n, generator=generator).numpy()
+    order = shuffled[np.lexsort((-lengths[shuffled], np.arange(n) // size))]  # by megabatch, then longest first
+    longest = int(np.argmax(lengths[order[::size]])) * size  # the first element of the megabatch holding the longest pair
+    order[0], order[longest] = order[longest], order[0]
+    return order.tolist()
+
+
+def pair_lengths(dataset) -> np.ndarray:
+    """max(chosen_len, rejected_len) per pair. For the cache's own memory-mapped table, its two
+    int32 columns are read as Arrow (20 ms for a million pairs, where datasets' numpy formatter
+    takes 0.5-1.3 s); a dataset with an index mapping (select, shuffle) goes through the formatter."""
+    if getattr(dataset, "_indices", None) is None:
+        table = dataset.with_format("arrow", columns=["chosen_len", "rejected_len"])[:]
+        return np.maximum(table["chosen_len"].to_numpy(), table["rejected_len"].to_numpy())
     columns = dataset.with_format("numpy", columns=["chosen_len", "rejected_len"])[:]
-    return np.maximum(columns["chosen_len"], columns["rejected_len"]).tolist()
+    return np.maximum(columns["chosen_len"], columns["rejected_len"])
