@@ -136,8 +136,11 @@ def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
     from transformers import AutoTokenizer
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
+    from mtdpo.preprocess.pipeline import long_lived
+
     started, cpu = time.perf_counter(), _cpu_seconds()
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))
+    with long_lived():  # the collector kept off the tokenizer load as in mtdpo's, so the floor stays below it
+        tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))
     template, variables, backend = _compile_jinja_template(tok.chat_template), dict(tok.special_tokens_map), tok.backend_tokenizer
     n = 0
     with open(rows) as f:

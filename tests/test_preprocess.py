@@ -419,3 +419,24 @@ def test_the_forked_tokenizer_copy_equals_the_in_process_one(tmp_path, monkeypat
     run_preprocess(SAMPLE_DATA, tmp_path / "forked")
     for name in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja", "manifest.json"):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "forked" / name).read_bytes(), name
+
+
+def test_the_tokenizer_loads_with_the_collector_paused_and_the_run_leaves_it_as_found(tmp_path, monkeypatch):
+    import gc
+
+    seen = []
+    load = pipeline.load_tokenizer
+
+    def loading(*args, **kwargs):
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", loading)
+    rows = write_jsonl(tmp_path / "rows.jsonl", sample_rows(8))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    pipeline.preprocess(rows, tmp_path / "cache", progress=False, num_proc=2)
+    assert seen == [(False, True)]  # paused, what existed before frozen
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # a library caller's objects are collected again
+    with pytest.raises(UsageError):
+        pipeline.preprocess(rows, tmp_path / "other", tokenizer=str(tmp_path / "no-such-tokenizer"), progress=False)
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # also after a failed load
