@@ -401,8 +401,8 @@ def gemma_rows(rows: Path) -> Path:
 def preparation(n_rows: int, repeats: int) -> dict:
     """rows/s of mtdpo's whole preprocess(), TRL's _prepare_dataset and floor (a), each run in its
     own process, interleaved (system inside tokenizer inside repeat, the systems' order rotated
-    each repeat), `repeats` times; mtdpo and
-    TRL also with 2 processes. Per configuration: every run, and the min and median rows/s."""
+    each repeat), `repeats` times; mtdpo and TRL also with 2 processes. Per configuration: every
+    run, and the min and median rows/s."""
     rows = write_rows(WORK / f"prep-{n_rows}.jsonl", n_rows)
     tokenizers = {"embedded": (None, rows)}
     if (gemma := gemma3_tokenizer()) is not None:

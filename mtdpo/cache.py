@@ -158,10 +158,11 @@ def load_cache(cache: Path, verify: bool = False, full: bool = False):
     cache = Path(cache)
     manifest = read_manifest(cache)
     shards = shard_files(cache)
-    if not as_verified(cache):  # a file changed since it was hashed: see that every shard reads to its end
+    verified = as_verified(cache)
+    if not verified:  # a file changed since it was hashed: see that every shard reads to its end
         for shard in shards:
             _check_shard(shard)
-    check_files(cache, verify, full)
+    check_files(cache, rehash=full or (verify and not verified))
     try:
         ds = datasets.load_from_disk(str(cache))
     except Exception as err:
@@ -288,8 +289,9 @@ def write_checksums(directory: Path) -> None:
     write_stamp(directory)
 
 
-def check_files(cache: Path, verify: bool, full: bool = False) -> None:
-    """Compare the files with checksums.json (absent in caches rewritten by other tools: skipped)."""
+def check_files(cache: Path, rehash: bool) -> None:
+    """Compare the files' sizes with checksums.json (absent in caches rewritten by other tools:
+    skipped) and, if `rehash`, their SHA-256, stamping the files as verified when all agree."""
     path = Path(cache) / CHECKSUMS
     if not path.is_file():
         return
@@ -301,7 +303,7 @@ def check_files(cache: Path, verify: bool, full: bool = False) -> None:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise UsageError(f"{file} is truncated or changed: {size:,} bytes, {CHECKSUMS} says {expected['bytes']:,}")
-    if not (verify or full) or (not full and as_verified(cache)):
+    if not rehash:
         return
     for name, expected in sums.items():
         if sha256_path(Path(cache) / name) != expected["sha256"]:
