@@ -57,6 +57,26 @@ def test_no_reuse_when_the_texts_part_too_early_or_the_rule_is_off():
     assert off.encode(text + "more") == whole(tok, text + "more") and off.reused_tokens == 0
 
 
+def test_a_short_shared_prefix_is_not_reused():
+    """Reuse pays only when the prefix is long beside the rest (REUSE_MIN_SHARE): rows that
+    share just "<bos><start_of_turn>" are encoded whole, with the same tokens either way."""
+    from mtdpo.preprocess.tokens import REUSE_MIN_SHARE
+
+    tok = family_tokenizer("gemma")
+    encoder = PrefixReusingEncoder(tok, reuse_rule(tok))
+    head = "<bos><start_of_turn>user\nPlease tell me, what is "  # the texts part after it, so the cut is <start_of_turn>
+    cut = len("<bos><start_of_turn>")
+    long_rest = "x" * (REUSE_MIN_SHARE * cut + 40)  # the rest is more than REUSE_MIN_SHARE times the cut
+    encoder.encode(head + "2 + 2?" + long_rest)
+    second = head + "3 + 3?" + long_rest
+    assert encoder.encode(second) == whole(tok, second) and encoder.reused_tokens == 0
+    short_rest = "y" * (REUSE_MIN_SHARE * cut - 40)  # and here less: the two tokens are reused
+    encoder.encode(head + "2 + 2?" + short_rest)
+    third, before = head + "3 + 3?" + short_rest, encoder.reused_tokens
+    assert encoder.encode(third) == whole(tok, third)
+    assert encoder.reused_tokens - before == len(whole(tok, head[:cut])[0]) == 2
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_pair_encodes_as_if_whole_on_every_family(family):
     """Both sides of many pairs (multi-turn, tool turns, awkward whitespace) and pairs in a row:

@@ -29,6 +29,12 @@ PIECE_LOCAL = {
 }
 
 
+# Reuse a prefix only if it is at least 1/REUSE_MIN_SHARE of the text left to encode. Moving the
+# rest's offsets costs time in proportion to the rest: consecutive rows that share only
+# "<bos><start_of_turn>" cost 3 % more with reuse than without (bench data, embedded tokenizer).
+REUSE_MIN_SHARE = 8
+
+
 @dataclass(frozen=True)
 class ReuseRule:
     cut_ids: frozenset[int]  # added tokens a text may be cut after
@@ -122,7 +128,8 @@ class PrefixReusingEncoder:
 
     def reusable(self, text: str) -> int:
         """How many of the previous text's tokens `text` begins with (0: encode it whole): those
-        up to the last cut token that ends at least `margin` characters before the texts part."""
+        up to the last cut token that ends at least `margin` characters before the texts part,
+        if that prefix is long enough to pay for moving the offsets of the rest."""
         if self.rule is None or self.previous is None:
             return 0
         old_text, old_ids, old_offsets = self.previous
@@ -130,6 +137,8 @@ class PrefixReusingEncoder:
         k = bisect_right(old_offsets, (limit, limit))  # the tokens that start by `limit`
         while k and not (old_ids[k - 1] in self.rule.cut_ids and old_offsets[k - 1][1] <= limit):
             k -= 1
+        if k and old_offsets[k - 1][1] * REUSE_MIN_SHARE < len(text) - old_offsets[k - 1][1]:
+            return 0
         return k
 
 
