@@ -137,7 +137,7 @@ class PrefixReusingEncoder:
         k = bisect_right(old_offsets, (limit, limit))  # the tokens that start by `limit`
         while k and not (old_ids[k - 1] in self.rule.cut_ids and old_offsets[k - 1][1] <= limit):
             k -= 1
-        if k and old_offsets[k - 1][1] * REUSE_MIN_SHARE < len(text) - old_offsets[k - 1][1]:
+        if k and (cut := old_offsets[k - 1][1]) * REUSE_MIN_SHARE < len(text) - cut:
             return 0
         return k
 
