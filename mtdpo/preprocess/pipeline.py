@@ -327,6 +327,9 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
 
 
 def _with_progress(results: Iterator[ChunkResult], total: int | None, enabled: bool) -> Iterator[ChunkResult]:
+    if not enabled:  # a library call without a bar does not import rich (40 ms)
+        yield from results
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -337,7 +340,7 @@ def _with_progress(results: Iterator[ChunkResult], total: int | None, enabled: b
     )
 
     columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not enabled, transient=True) as bar:
+    with Progress(*columns, transient=True) as bar:
         task = bar.add_task("rows", total=total)
         for result in results:
             bar.advance(task, result.tally.rows)
