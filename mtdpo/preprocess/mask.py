@@ -70,18 +70,26 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.markers = end_markers(tokenizer)
         self._template = compile_template(tokenizer.chat_template)
-        self._variables = dict(tokenizer.special_tokens_map)
+        # Every call's variables over the template's globals, as Template.render merges them, but
+        # with the globals (a ChainMap, which dict() walks in Python) flattened once, not per call.
+        self._globals = dict(self._template.globals)
+        self._variables = {**self._globals, **tokenizer.special_tokens_map}
         self.encoder = PrefixReusingEncoder(tokenizer, reuse_rule(tokenizer))  # the pair's shared prompt, encoded once
         self.closing = self._closing()
         self.end_of_turn = self._end_of_turn()
         self.skeletons: dict[tuple, Skeleton | None] = {}  # conversation shape -> its one render
 
     def render(self, messages: list[dict], generation_prompt: bool = False, tools=None, template_kwargs=None) -> str:
-        variables = {**self._variables, **template_kwargs} if template_kwargs else self._variables
+        """`Template.render(messages=..., tools=..., documents=None, add_generation_prompt=...,
+        **special tokens, **template_kwargs)`, the same text and errors in half its overhead."""
+        from jinja2.runtime import new_context
+
+        template = self._template
+        variables = {**self._variables, **template_kwargs} if template_kwargs else dict(self._variables)
+        variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt)
         try:
-            return self._template.render(
-                messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt, **variables
-            )
+            context = new_context(template.environment, template.name, template.blocks, variables, shared=True, globals=self._globals)
+            return template.environment.concat(template.root_render_func(context))
         except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
             raise RowError(f"chat template error: {err}") from None
 
