@@ -397,9 +397,10 @@ class TokenBounds:
 
     @classmethod
     def of(cls, offsets: list[tuple[int, int]]) -> TokenBounds:
-        starts, ends = (list(column) for column in zip(*offsets)) if offsets else ([], [])
+        starts = [start for start, _ in offsets]  # two comprehensions: faster than zip(*offsets)
         if starts != sorted(starts):  # no tokenizer does this; the bisections would be wrong if one did
             raise RowError("the tokenizer returned token offsets out of order; the mask cannot be placed")
+        ends = [end for _, end in offsets]
         return cls(starts, ends if ends == sorted(ends) else list(accumulate(ends, max)))
 
     def cuts_a_token(self, position: int) -> bool:

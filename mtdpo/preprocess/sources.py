@@ -108,7 +108,9 @@ def parse_line(raw: bytes) -> object:
     """One JSON value, or the RowError that says why the line is not one."""
     try:
         text = raw.decode("utf-8").rstrip("\r\n")  # so an error's column is on this line, not the next
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=_parse_int)
+        if text.startswith("\ufeff"):  # as json.loads says it (a second BOM: only one is stripped)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except UnicodeDecodeError as err:
         return RowError(f"line is not valid UTF-8 (byte {err.start})")
     except RowError as err:
@@ -134,6 +136,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
         dupes = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
         raise RowError(f"duplicated key(s) in one object: {', '.join(dupes)}")
     return obj
+
+
+# Built once: json.loads(text, **hooks) would build a decoder and its scanner for every line.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_int=_parse_int)
 
 
 def _load_json(path: Path) -> list:
