@@ -1,0 +1,122 @@
+"""Where one preprocess() run spends its time: the main process's CPU per phase, each worker
+chunk's wall interval, and the wall time of the run. What docs/PERFORMANCE.md uses to explain
+what `--num-proc 2` loses against `--num-proc 1`.
+
+    python bench/prep_phases.py bench/work/prep-2000.jsonl --num-proc 2
+    python bench/prep_phases.py bench/work/prep-2000-gemma.jsonl --tokenizer bench/work/gemma3-tokenizer --num-proc 2
+    python bench/prep_phases.py ... --sync-save     # the tokenizer copy saved before the rows, not by a forked process
+
+Each run in its own process (`--runs N`, default 2). Phases of the main process (getrusage,
+user + system): the tokenizer load; the rows (handing out chunks, writing shards); the end
+(checksums, manifest, the tokenizer freed when preprocess() returns). Chunk times are
+perf_counter intervals from the start of preprocess(), taken inside each worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+_started, _encode_chunk = 0.0, None  # set by worker(); module-level so the pool can pickle timed_chunk
+
+
+def timed_chunk(chunk):
+    begin = time.perf_counter()
+    result = _encode_chunk(chunk)
+    # Printed by the worker itself: a forked worker's lists are not the main process's.
+    print(json.dumps({"pid": os.getpid(), "first_row": chunk[0][0], "start": begin - _started, "end": time.perf_counter() - _started}), flush=True)
+    return result
+
+
+def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool) -> dict:
+    from transformers import AutoTokenizer  # noqa: F401  imported before the clock starts, as in bench/run.py
+
+    import mtdpo.preprocess.pipeline as pipeline
+
+    if sync_save:
+        pipeline.BACKGROUND_SAVE_VOCAB = 1 << 62  # every tokenizer counts as small: saved at once
+    marks: dict[str, float] = {}
+    global _started, _encode_chunk
+    _started, _encode_chunk = time.perf_counter(), pipeline.encode_chunk
+
+    def wrap(name, fn):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            marks[name] = main_cpu()
+            return result
+
+        return wrapped
+
+    write_dataset_files = pipeline.write_dataset_files
+
+    def at_rows_done(*args, **kwargs):
+        marks["rows"] = main_cpu()
+        return write_dataset_files(*args, **kwargs)
+
+    pipeline.load_tokenizer = wrap("load", pipeline.load_tokenizer)
+    pipeline.encode_chunk = timed_chunk
+    pipeline.write_dataset_files = at_rows_done
+    begin_cpu = main_cpu()
+    out = Path(tempfile.mkdtemp()) / "cache"
+    pipeline.preprocess(Path(rows), out, tokenizer=tokenizer, num_proc=num_proc, progress=False)
+    end_cpu, wall = main_cpu(), time.perf_counter() - _started
+    return {
+        "wall_s": wall,
+        "main_cpu_s": {"load": marks["load"] - begin_cpu, "rows": marks["rows"] - marks["load"], "end": end_cpu - marks["rows"]},
+    }
+
+
+def run_once(args) -> dict:
+    command = [sys.executable, __file__, "--worker", args.rows, "--num-proc", str(args.num_proc)]
+    command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    command += ["--sync-save"] if args.sync_save else []
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"worker failed:\n{done.stderr[-3000:]}")
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    result = lines[-1]
+    result["chunks"] = sorted(lines[:-1], key=lambda c: c["start"])
+    return result
+
+
+def report(result: dict) -> None:
+    cpu = result["main_cpu_s"]
+    print(f"wall {result['wall_s']:.2f} s; main-process CPU: load {cpu['load']:.2f} s, rows {cpu['rows']:.2f} s, end {cpu['end']:.2f} s")
+    for c in result["chunks"]:
+        print(f"  pid {c['pid']} rows {c['first_row']:>6}: {c['start']:7.3f}–{c['end']:7.3f} s ({c['end'] - c['start']:.3f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", help="a jsonl file of pairs (bench/run.py writes bench/work/prep-2000.jsonl)")
+    parser.add_argument("--tokenizer", help="a tokenizer directory (default: the embedded tokenizer)")
+    parser.add_argument("--num-proc", type=int, default=2, help="preprocess worker processes")
+    parser.add_argument("--sync-save", action="store_true", help="save the tokenizer copy before the rows, not in a forked process")
+    parser.add_argument("--runs", type=int, default=2, help="runs, each in its own process")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.rows, args.tokenizer, args.num_proc, args.sync_save)))
+        return
+    for _ in range(args.runs):
+        report(run_once(args))
+
+
+if __name__ == "__main__":
+    main()
