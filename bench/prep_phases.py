@@ -7,8 +7,9 @@ what `--num-proc 2` loses against `--num-proc 1`.
     python bench/prep_phases.py ... --sync-save     # the tokenizer copy saved before the rows, not by a forked process
 
 Each run in its own process (`--runs N`, default 2). Phases of the main process (getrusage,
-user + system): the tokenizer load; the rows (handing out chunks, writing shards); the end
-(checksums, manifest, the tokenizer freed when preprocess() returns). Chunk times are
+user + system): the tokenizer load; the rows (the encoder, the forks, handing out chunks,
+writing shards; with --sync-save also the tokenizer copy); the end (checksums, manifest, the
+tokenizer freed when preprocess() returns). Chunk times are
 perf_counter intervals from the start of preprocess(), taken inside each worker.
 """
 
@@ -17,19 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from run import _cpu_seconds  # bench/run.py: the CPU clock of its preparation workers
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def main_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return _cpu_seconds(children=False)
 
 
 _started, _encode_chunk = 0.0, None  # set by worker(); module-level so the pool can pickle timed_chunk
@@ -54,23 +55,22 @@ def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool) -> 
     global _started, _encode_chunk
     _started, _encode_chunk = time.perf_counter(), pipeline.encode_chunk
 
-    def wrap(name, fn):
-        def wrapped(*args, **kwargs):
+    def marking(name, fn, before=False):
+        """fn, noting the main process's CPU clock as `name` before or after each call."""
+
+        def marked(*args, **kwargs):
+            if before:
+                marks[name] = main_cpu()
             result = fn(*args, **kwargs)
-            marks[name] = main_cpu()
+            if not before:
+                marks[name] = main_cpu()
             return result
 
-        return wrapped
+        return marked
 
-    write_dataset_files = pipeline.write_dataset_files
-
-    def at_rows_done(*args, **kwargs):
-        marks["rows"] = main_cpu()
-        return write_dataset_files(*args, **kwargs)
-
-    pipeline.load_tokenizer = wrap("load", pipeline.load_tokenizer)
+    pipeline.load_tokenizer = marking("load", pipeline.load_tokenizer)
+    pipeline.write_dataset_files = marking("rows", pipeline.write_dataset_files, before=True)  # the rows are done
     pipeline.encode_chunk = timed_chunk
-    pipeline.write_dataset_files = at_rows_done
     begin_cpu = main_cpu()
     out = Path(tempfile.mkdtemp()) / "cache"
     pipeline.preprocess(Path(rows), out, tokenizer=tokenizer, num_proc=num_proc, progress=False)
