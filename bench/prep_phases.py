@@ -39,8 +39,10 @@ _started, _encode_chunk = 0.0, None  # set by worker(); module-level so the pool
 def timed_chunk(chunk):
     begin = time.perf_counter()
     result = _encode_chunk(chunk)
-    # Printed by the worker itself: a forked worker's lists are not the main process's.
-    print(json.dumps({"pid": os.getpid(), "first_row": chunk[0][0], "start": begin - _started, "end": time.perf_counter() - _started}), flush=True)
+    # Written by the worker itself (a forked worker's lists are not the main process's), in one
+    # write below the pipe's atomic size: two workers' lines never interleave.
+    line = json.dumps({"pid": os.getpid(), "first_row": chunk[0][0], "start": begin - _started, "end": time.perf_counter() - _started})
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
     return result
 
 
