@@ -441,7 +441,8 @@ def prep_table(prep: dict) -> str:
 
     head = " | ".join(f"{t}: rows/CPU-s | {t}: rows/s" for t in toks)
     lines = [
-        f"{prep['rows']:,} pairs, {prep['repeats']} interleaved runs per cell: median (min in brackets); ratios of medians.",
+        f"{prep['rows']:,} pairs, {prep['repeats']} interleaved runs per cell: median (min in brackets); ratios of medians "
+        "(in brackets: the median of each repeat's own ratio).",
         "",
         f"| | {head} |",
         "|---|" + "---:|---:|" * len(toks),
@@ -455,8 +456,14 @@ def prep_table(prep: dict) -> str:
               ("mtdpo / floor (a), collector paused", "mtdpo_np1", "floor_paused"),
               ("TRL / floor (a)", "trl_np1", "floor"), ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
               ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"))  # fmt: skip
+    def paired(tok, a, b, measure):
+        """The median over repeats of each repeat's own ratio: the two runs of a repeat are minutes
+        apart, so a drift of the host's speed between repeats cancels out of it."""
+        each = sorted(x[measure] / y[measure] for x, y in zip(r[f"{tok} {a}"]["runs"], r[f"{tok} {b}"]["runs"]))
+        return each[len(each) // 2]
+
     for label, a, b in ratios:
-        cells = [f"{speed(t, a, m) / speed(t, b, m):.2f}×" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
+        cells = [f"{speed(t, a, m) / speed(t, b, m):.2f}× ({paired(t, a, b, m):.2f}×)" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in toks]
     lines.append("| mtdpo main-process CPU ms per row, 2 processes (min; its tokenizer load included) | " + " | ".join(f"{m:.3f} | –" for m in main_cpu) + " |")
