@@ -78,8 +78,7 @@ def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool, enc
         pipeline.BACKGROUND_SAVE_VOCAB = 1 << 62  # every tokenizer counts as small: saved at once
     if encode_once:
         pipeline.PairEncoder = _EncodeOnce
-    marks: dict[str, float] = {}
-    walls: dict[str, float] = {}
+    marks: dict[str, tuple[float, float]] = {}  # name -> (main-process CPU, wall clock)
     global _started, _encode_chunk
     _started, _encode_chunk = time.perf_counter(), pipeline.encode_chunk
 
@@ -88,10 +87,10 @@ def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool, enc
 
         def marked(*args, **kwargs):
             if before:
-                marks[name], walls[name] = main_cpu(), time.perf_counter()
+                marks[name] = main_cpu(), time.perf_counter()
             result = fn(*args, **kwargs)
             if not before:
-                marks[name], walls[name] = main_cpu(), time.perf_counter()
+                marks[name] = main_cpu(), time.perf_counter()
             return result
 
         return marked
@@ -106,8 +105,8 @@ def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool, enc
     return {
         "wall_s": wall,
         "rows": stats["rows"],
-        "rows_wall_s": walls["rows"] - walls["load"],  # from the tokenizer loaded to the last shard written
-        "main_cpu_s": {"load": marks["load"] - begin_cpu, "rows": marks["rows"] - marks["load"], "end": end_cpu - marks["rows"]},
+        "rows_wall_s": marks["rows"][1] - marks["load"][1],  # from the tokenizer loaded to the last shard written
+        "main_cpu_s": {"load": marks["load"][0] - begin_cpu, "rows": marks["rows"][0] - marks["load"][0], "end": end_cpu - marks["rows"][0]},
     }
 
 

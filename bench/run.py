@@ -398,10 +398,10 @@ def gemma_rows(rows: Path) -> Path:
     return out
 
 
-PREP_SYSTEMS = (
-    ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}), ("trl_np1", "prep_trl", {"num_proc": 1}), ("floor", "prep_floor", {}),
-    ("floor_paused", "prep_floor", {"paused": True}),
-    ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}), ("trl_np2", "prep_trl", {"num_proc": 2}),
+PREP_SYSTEMS = (  # key, worker, its arguments, the table's label
+    ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}, "mtdpo, 1 process"), ("trl_np1", "prep_trl", {"num_proc": 1}, "TRL, 1 process"),
+    ("floor", "prep_floor", {}, "floor (a), 1 process"), ("floor_paused", "prep_floor", {"paused": True}, "floor (a), collector paused in the load"),
+    ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}, "mtdpo, 2 processes"), ("trl_np2", "prep_trl", {"num_proc": 2}, "TRL, 2 processes"),
 )  # fmt: skip
 PREP_TOKENIZERS = ("embedded", "gemma3")
 
@@ -427,7 +427,7 @@ def preparation(n_rows: int, repeats: int, only: tuple[str, ...] = (), tokenizer
             # Rotated by one per repeat: a run right after a heavy one (TRL with 2 processes and
             # Gemma 3 holds GBs) is slower, and no system should always take that place.
             shift = repeat % len(systems)
-            for key, worker, kwargs in systems[shift:] + systems[:shift]:
+            for key, worker, kwargs, _ in systems[shift:] + systems[:shift]:
                 result = run_worker(worker, rows=str(data), tokenizer=tokenizer, repeat=repeat, **kwargs)
                 runs.setdefault(f"{name} {key}", []).append(result)
     summary = {}
@@ -436,7 +436,7 @@ def preparation(n_rows: int, repeats: int, only: tuple[str, ...] = (), tokenizer
         for measure in ("rows_per_s", "rows_per_cpu_s"):
             speeds = sorted(r[measure] for r in results)
             summary[config] |= {f"min_{measure}": speeds[0], f"median_{measure}": speeds[len(speeds) // 2]}
-    return {"rows": n_rows, "repeats": repeats, "tokenizers": list(tokenizers), "systems": [s[0] for s in systems], "results": summary}
+    return {"rows": n_rows, "repeats": repeats, "tokenizers": list(tokenizers), "results": summary}
 
 
 def prep_table(prep: dict) -> str:
@@ -454,10 +454,11 @@ def prep_table(prep: dict) -> str:
         f"| | {head} |",
         "|---|" + "---:|---:|" * len(toks),
     ]
-    for key, label in (("mtdpo_np1", "mtdpo, 1 process"), ("trl_np1", "TRL, 1 process"), ("floor", "floor (a), 1 process"),
-                       ("floor_paused", "floor (a), collector paused in the load"),
-                       ("mtdpo_np2", "mtdpo, 2 processes"), ("trl_np2", "TRL, 2 processes")):  # fmt: skip
-        if f"{toks[0]} {key}" not in r:  # not among --prep-systems
+    def ran(*keys):  # False for a system left out by --prep-systems
+        return all(f"{toks[0]} {key}" in r for key in keys)
+
+    for key, _, _, label in PREP_SYSTEMS:
+        if not ran(key):
             continue
         cells = [f"{speed(t, key, m):,.0f} ({speed(t, key, m, 'min'):,.0f})" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -472,11 +473,11 @@ def prep_table(prep: dict) -> str:
         return each[len(each) // 2]
 
     for label, a, b in ratios:
-        if f"{toks[0]} {a}" not in r or f"{toks[0]} {b}" not in r:
+        if not ran(a, b):
             continue
         cells = [f"{speed(t, a, m) / speed(t, b, m):.2f}× ({paired(t, a, b, m):.2f}×)" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if f"{toks[0]} mtdpo_np2" not in r:
+    if not ran("mtdpo_np2"):
         return "\n".join(lines) + "\n"
     main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in toks]
     lines.append("| mtdpo main-process CPU ms per row, 2 processes (min; its tokenizer load included) | " + " | ".join(f"{m:.3f} | –" for m in main_cpu) + " |")
