@@ -109,9 +109,11 @@ def worker_prep_mtdpo(rows: str, num_proc: int, tokenizer: str | None = None) ->
 
     out = Path(tempfile.mkdtemp()) / "cache"
     started, cpu, main = time.perf_counter(), _cpu_seconds(), _cpu_seconds(children=False)
+    start_unix = time.time()  # wall clock: where runs_at_once() lines up copies run side by side
     stats = preprocess(Path(rows), out, tokenizer=tokenizer, num_proc=num_proc, progress=False)
     seconds, main_cpu = time.perf_counter() - started, _cpu_seconds(children=False) - main
-    return _timed(stats["rows"], seconds, _cpu_seconds() - cpu, kept=stats["kept"], main_cpu_ms_per_row=1000 * main_cpu / stats["rows"])
+    return _timed(stats["rows"], seconds, _cpu_seconds() - cpu, kept=stats["kept"], main_cpu_ms_per_row=1000 * main_cpu / stats["rows"],
+                  start_unix=start_unix, end_unix=time.time())  # fmt: skip
 
 
 def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
@@ -337,23 +339,35 @@ WORKERS = {name[len("worker_") :]: fn for name, fn in globals().items() if name.
 MEASURED = WORK / "measured.json"  # finished measurements: a re-run after a failure skips them
 
 
-def run_worker(name: str, **kwargs) -> dict:
-    """Run one measurement in a fresh interpreter (its own memory, no shared caches)."""
-    key = f"{name} {json.dumps(kwargs, sort_keys=True)}"
+def run_worker(name: str, copies: int = 1, **kwargs) -> dict:
+    """Run one measurement in a fresh interpreter (its own memory, no shared caches). `copies`
+    > 1: that many identical interpreters started together, as one result (runs_at_once)."""
+    key = f"{name} {json.dumps(kwargs if copies == 1 else {**kwargs, 'copies': copies}, sort_keys=True)}"
     measured = json.loads(MEASURED.read_text()) if MEASURED.exists() else {}
     if key in measured:
         print(f"  {name} {kwargs}: {measured[key]} (measured earlier)", flush=True)
         return measured[key]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore", "BENCH_T0": repr(time.time())}  # fmt: skip
-    proc = subprocess.run([sys.executable, __file__, "worker", name, json.dumps(kwargs)], env=env, cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {name} {kwargs} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {name} {kwargs}: {result}", flush=True)
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", name, json.dumps(kwargs)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(copies)]  # fmt: skip
+    outputs = [proc.communicate() for proc in procs]
+    if failed := next((err for proc, (_, err) in zip(procs, outputs) if proc.returncode != 0), None):
+        raise RuntimeError(f"worker {name} {kwargs} failed:\n{failed[-4000:]}")
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    result = results[0] if copies == 1 else runs_at_once(results)
+    print(f"  {name} {kwargs}{f' x{copies}' if copies > 1 else ''}: {result}", flush=True)
     MEASURED.write_text(json.dumps({**measured, key: result}, indent=1))
     return result
+
+
+def runs_at_once(results: list[dict]) -> dict:
+    """Copies of one run that ran side by side, as one run: their rows and CPU summed over the
+    wall time from the first one's start to the last one's end. What the machine gives two
+    processes that share nothing: the ceiling of any --num-proc 2 on it."""
+    rows, cpu = sum(r["rows"] for r in results), sum(r["cpu_seconds"] for r in results)
+    seconds = max(r["end_unix"] for r in results) - min(r["start_unix"] for r in results)
+    return _timed(rows, seconds, cpu, copies=results)
 
 
 # ── the benchmark ─────────────────────────────────────────────────────────────
@@ -402,6 +416,7 @@ PREP_SYSTEMS = (  # key, worker, its arguments, the table's label
     ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}, "mtdpo, 1 process"), ("trl_np1", "prep_trl", {"num_proc": 1}, "TRL, 1 process"),
     ("floor", "prep_floor", {}, "floor (a), 1 process"), ("floor_paused", "prep_floor", {"paused": True}, "floor (a), collector paused in the load"),
     ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}, "mtdpo, 2 processes"), ("trl_np2", "prep_trl", {"num_proc": 2}, "TRL, 2 processes"),
+    ("mtdpo_np1_x2", "prep_mtdpo", {"num_proc": 1, "copies": 2}, "mtdpo, 1 process, 2 runs at once (rows of both)"),
 )  # fmt: skip
 PREP_TOKENIZERS = ("embedded", "gemma3")
 
@@ -465,7 +480,9 @@ def prep_table(prep: dict) -> str:
     ratios = (("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"), ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
               ("mtdpo / floor (a), collector paused", "mtdpo_np1", "floor_paused"),
               ("TRL / floor (a)", "trl_np1", "floor"), ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
-              ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"))  # fmt: skip
+              ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"),
+              ("2 runs of 1 process at once / 1 run: the machine's ceiling for 2 processes", "mtdpo_np1_x2", "mtdpo_np1"),
+              ("mtdpo 2 processes / 2 runs of 1 process at once", "mtdpo_np2", "mtdpo_np1_x2"))  # fmt: skip
     def paired(tok, a, b, measure):
         """The median over repeats of each repeat's own ratio: the two runs of a repeat are minutes
         apart, so a drift of the host's speed between repeats cancels out of it."""
