@@ -14,12 +14,21 @@ from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, sa
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, labels_for, trained_ranges
 from mtdpo.preprocess.rows import RowError
-from mtdpo.preprocess.tokens import PrefixReusingEncoder, common_prefix_length, reuse_rule
+from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, common_prefix_length, reuse_rule
 
 
-def whole(tok, text: str):
+def whole(tok, text: str) -> tuple:
+    """The tokenizer's own encoding of the whole text: ids, starts, ends."""
     enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
-    return enc.ids, enc.offsets
+    return enc.ids, [start for start, _ in enc.offsets], [end for _, end in enc.offsets]
+
+
+def test_tokens_split_and_move_offsets_by_hand():
+    class Encoding:  # what Tokens.of reads of a tokenizers Encoding
+        ids, offsets = [7, 8, 9], [(0, 2), (3, 4), (4, 6)]
+
+    assert Tokens.of(Encoding()) == ([7, 8, 9], [0, 3, 4], [2, 4, 6])
+    assert Tokens.of(Encoding(), shift=10) == ([7, 8, 9], [10, 13, 14], [12, 14, 16])
 
 
 def test_common_prefix_length_by_hand():
@@ -140,15 +149,15 @@ def test_pairs_are_the_same_with_and_without_reuse():
 def test_token_bounds_by_hand():
     # "ab cd" as tokens "ab", " c" trimmed to "c" (2..4 would be " c"), "d"; and a token that
     # reaches further than the one after it (ends out of order).
-    bounds = TokenBounds.of([(0, 2), (3, 4), (4, 5)])
+    bounds = TokenBounds.of([0, 3, 4], [2, 4, 5])
     assert bounds.starts == [0, 3, 4] and bounds.reach == [2, 4, 5]
     assert not bounds.cuts_a_token(0) and not bounds.cuts_a_token(2) and not bounds.cuts_a_token(3)
     assert bounds.cuts_a_token(1)  # inside "ab"
-    odd = TokenBounds.of([(0, 6), (2, 3), (6, 7)])
+    odd = TokenBounds.of([0, 2, 6], [6, 3, 7])
     assert odd.reach == [6, 6, 7] and odd.cuts_a_token(4)  # the first token covers 0..6
     with pytest.raises(RowError, match="out of order"):
-        TokenBounds.of([(3, 4), (0, 2)])
-    assert TokenBounds.of([]).starts == []
+        TokenBounds.of([3, 0], [4, 2])
+    assert TokenBounds.of([], []).starts == []
 
 
 def test_trained_ranges_and_labels_by_hand():

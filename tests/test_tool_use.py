@@ -212,8 +212,8 @@ def test_span_functions_on_one_conversation():
     assert text[spans[0].start : spans[0].end] == '<tool_call>\n{"name": "python", "arguments": {"code": "1"}}\n</tool_call><|im_end|>'
     assert text[spans[0].end : spans[0].turn_end] == "\n"  # the template's newline after the marker
     assert text[: spans[0].start].endswith("<|im_start|>assistant\n") and spans[0].header_end == spans[0].start
-    _, offsets = chat.tokenize(text)
-    tokens = TokenBounds.of(offsets)
+    encoded = chat.tokenize(text)
+    tokens = TokenBounds.of(encoded.starts, encoded.ends)
     check_spans(text, tokens, messages, spans)  # passes
     inside_a_token = replace(spans[0], header_end=spans[0].start + 1, start=spans[0].start + 1)  # inside <tool_call>
     with pytest.raises(RowError, match="first character shares a token with the generation prompt"):

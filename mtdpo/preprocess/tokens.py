@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Stages of `tokenizers` that see only one piece at a time (nothing of the text before it).
 PIECE_LOCAL = {
@@ -33,6 +34,25 @@ PIECE_LOCAL = {
 # rest's offsets costs time in proportion to the rest: consecutive rows that share only
 # "<bos><start_of_turn>" cost 3 % more with reuse than without (bench data, embedded tokenizer).
 REUSE_MIN_SHARE = 8
+
+
+class Tokens(NamedTuple):
+    """A text's token ids, and where each token starts and ends in it (character offsets): what
+    the mask bisects. Two lists, not (start, end) pairs: the rest after a reused prefix has its
+    offsets moved as they are split into the two, where moving the pairs first was a pass of its
+    own (22 µs for a 175-token text)."""
+
+    ids: list[int]
+    starts: list[int]
+    ends: list[int]
+
+    @classmethod
+    def of(cls, encoding, shift: int = 0) -> Tokens:
+        """From a `tokenizers` Encoding, its offsets moved by `shift` characters."""
+        offsets = encoding.offsets  # a new list of tuples at each access: read once
+        if shift:
+            return cls(encoding.ids, [start + shift for start, _ in offsets], [end + shift for _, end in offsets])
+        return cls(encoding.ids, [start for start, _ in offsets], [end for _, end in offsets])
 
 
 @dataclass(frozen=True)
@@ -84,8 +104,7 @@ def agrees_on_probes(tokenizer, rule: ReuseRule, cuts: list[str]) -> bool:
             first, second = f"hi {cut}{after}{pad} one", f"hi {cut}{after}{pad}two {cut}"
             encoder = PrefixReusingEncoder(tokenizer, rule)
             encoder.encode(first)
-            whole = backend.encode(second, add_special_tokens=False)
-            if encoder.encode(second) != (whole.ids, whole.offsets):
+            if encoder.encode(second) != Tokens.of(backend.encode(second, add_special_tokens=False)):
                 return False
     return True
 
@@ -103,28 +122,26 @@ def flatten(component: dict | None) -> list[dict]:
 
 
 class PrefixReusingEncoder:
-    """`encode(text) -> (ids, offsets)` like `backend.encode(text, add_special_tokens=False)`,
+    """`encode(text) -> Tokens`, the tokens of `backend.encode(text, add_special_tokens=False)`,
     reusing the tokens of the previous text's shared prefix where `rule` allows it."""
 
     def __init__(self, tokenizer, rule: ReuseRule | None):
         self.backend, self.rule = tokenizer.backend_tokenizer, rule
-        self.previous: tuple[str, list[int], list[tuple[int, int]]] | None = None
+        self.previous: tuple[str, Tokens] | None = None
         self.reused_tokens = 0  # for tests and benchmarks: tokens not encoded again
 
-    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode(self, text: str) -> Tokens:
         k = self.reusable(text)
         if k:
-            _, old_ids, old_offsets = self.previous
-            cut = old_offsets[k - 1][1]
-            rest = self.backend.encode(text[cut:], add_special_tokens=False)
-            ids = old_ids[:k] + rest.ids
-            offsets = old_offsets[:k] + [(start + cut, end + cut) for start, end in rest.offsets]
+            old = self.previous[1]
+            cut = old.ends[k - 1]
+            rest = Tokens.of(self.backend.encode(text[cut:], add_special_tokens=False), shift=cut)
+            tokens = Tokens(old.ids[:k] + rest.ids, old.starts[:k] + rest.starts, old.ends[:k] + rest.ends)
             self.reused_tokens += k
         else:
-            enc = self.backend.encode(text, add_special_tokens=False)
-            ids, offsets = enc.ids, enc.offsets
-        self.previous = (text, ids, offsets)
-        return ids, offsets
+            tokens = Tokens.of(self.backend.encode(text, add_special_tokens=False))
+        self.previous = (text, tokens)
+        return tokens
 
     def reusable(self, text: str) -> int:
         """How many of the previous text's tokens `text` begins with (0: encode it whole): those
@@ -132,12 +149,12 @@ class PrefixReusingEncoder:
         if that prefix is long enough to pay for moving the offsets of the rest."""
         if self.rule is None or self.previous is None:
             return 0
-        old_text, old_ids, old_offsets = self.previous
+        old_text, old = self.previous
         limit = common_prefix_length(text, old_text) - self.rule.margin  # a cut must end by here
-        k = bisect_right(old_offsets, (limit, limit))  # the tokens that start by `limit`
-        while k and not (old_ids[k - 1] in self.rule.cut_ids and old_offsets[k - 1][1] <= limit):
+        k = bisect_right(old.starts, limit)  # the tokens that start by `limit`: any that ends by it is among them
+        while k and not (old.ids[k - 1] in self.rule.cut_ids and old.ends[k - 1] <= limit):
             k -= 1
-        if k and (cut := old_offsets[k - 1][1]) * REUSE_MIN_SHARE < len(text) - cut:
+        if k and (cut := old.ends[k - 1]) * REUSE_MIN_SHARE < len(text) - cut:
             return 0
         return k
 
