@@ -17,10 +17,9 @@ from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, common_prefix_length, reuse_rule
 
 
-def whole(tok, text: str) -> tuple:
-    """The tokenizer's own encoding of the whole text: ids, starts, ends."""
-    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
-    return enc.ids, [start for start, _ in enc.offsets], [end for _, end in enc.offsets]
+def whole(tok, text: str) -> Tokens:
+    """The tokenizer's own encoding of the whole text (Tokens.of is checked by hand below)."""
+    return Tokens.of(tok.backend_tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_tokens_split_and_move_offsets_by_hand():
