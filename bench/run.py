@@ -364,7 +364,8 @@ def run_worker(name: str, copies: int = 1, **kwargs) -> dict:
 def runs_at_once(results: list[dict]) -> dict:
     """Copies of one run that ran side by side, as one run: their rows and CPU summed over the
     wall time from the first one's start to the last one's end. What the machine gives two
-    processes that share nothing: the ceiling of any --num-proc 2 on it."""
+    processes that share nothing, each with its own tokenizer load (a --num-proc 2 run loads
+    once, so with a slow load it can come out a little above this)."""
     rows, cpu = sum(r["rows"] for r in results), sum(r["cpu_seconds"] for r in results)
     seconds = max(r["end_unix"] for r in results) - min(r["start_unix"] for r in results)
     return _timed(rows, seconds, cpu, copies=results)
