@@ -1,5 +1,6 @@
 """mtdpo/preprocess/tokens.py: a text that shares a prefix with the previous one is encoded
 with exactly the tokens the tokenizer gives the whole text, without encoding the prefix again;
+offsets rebuilt from what each token covered before equal the tokenizer's, or are not used;
 and mask.TokenBounds, the token boundaries the mask and its self-check bisect."""
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, sa
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, labels_for, trained_ranges
 from mtdpo.preprocess.rows import RowError
-from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, common_prefix_length, reuse_rule
+from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, TokenSurfaces, common_prefix_length, reuse_rule
 
 
 def whole(tok, text: str) -> Tokens:
     """The tokenizer's own encoding of the whole text (Tokens.of is checked by hand below)."""
     return Tokens.of(tok.backend_tokenizer.encode(text, add_special_tokens=False))
+
+
+def splits_a_character(tokens: Tokens) -> bool:
+    """Whether two tokens share a character (each holds some of its bytes): their offsets overlap."""
+    return any(start < end for start, end in zip(tokens.starts[1:], tokens.ends))
 
 
 def test_tokens_split_and_move_offsets_by_hand():
@@ -108,6 +114,14 @@ def test_every_pair_encodes_as_if_whole_on_every_family(family):
     for text in texts:
         assert chat.tokenize(text) == whole(tok, text)
     assert chat.encoder.reused_tokens > 0
+    before = chat.encoder.rebuilt_offsets
+    for text in texts:  # again: every token is known now, so the offsets are rebuilt
+        assert chat.tokenize(text) == whole(tok, text)
+    # ... for every text whose tokens hold whole characters (an added token cut open above,
+    # DeepSeek's "<｜User｜>" with "\n\n" inside, leaves "｜" to byte-level pieces).
+    whole_characters = [t for t in texts if not splits_a_character(whole(tok, t))]
+    assert len(whole_characters) > len(texts) * 0.9
+    assert chat.encoder.surfaces is not None and chat.encoder.rebuilt_offsets - before >= len(whole_characters)
 
 
 def test_the_rule_refuses_tokenizers_it_cannot_show_exact():
@@ -140,6 +154,73 @@ def test_pairs_are_the_same_with_and_without_reuse():
             continue
         assert fast(row) == expected
     assert fast.chat.encoder.reused_tokens > 0 and slow.chat.encoder.reused_tokens == 0
+
+
+# ── TokenSurfaces: offsets rebuilt from what each token covered before ──────
+
+
+def test_surfaces_rebuild_offsets_by_hand():
+    surfaces = TokenSurfaces(8)
+    assert surfaces.learn("abcd", Tokens([1, 2, 3], [0, 2, 3], [2, 3, 4]))  # "ab" "c" "d"
+    assert surfaces.text[1:4] == ["ab", "c", "d"]
+    assert surfaces.offsets("abcd", [1, 2, 3]) == ([1, 2, 3], [0, 2, 3], [2, 3, 4])
+    assert surfaces.offsets("cdab", [2, 3, 1], shift=5) == ([2, 3, 1], [5, 6, 7], [6, 7, 9])
+    assert surfaces.offsets("abce", [1, 2, 3]) is False  # the known texts spell "abcd"
+    assert surfaces.offsets("abx", [1, 4]) is None  # token 4 never seen
+    assert surfaces.offsets("ab", [1, 9]) is None  # an id past the table
+    assert surfaces.learn("xcd", Tokens([4, 2, 3], [10, 11, 12], [11, 12, 13]), shift=10)  # offsets moved by 10
+    assert surfaces.text[4] == "x"
+
+
+def test_surfaces_refuse_tokens_that_cover_different_text():
+    surfaces = TokenSurfaces(8)
+    assert surfaces.learn("ab", Tokens([1, 2], [0, 1], [1, 2]))
+    assert not surfaces.learn("Ab", Tokens([1, 2], [0, 1], [1, 2]))  # token 1 covered "a", now "A" (a folding normalizer)
+    assert not surfaces.learn("a b", Tokens([1, 2], [0, 2], [1, 3]))  # a gap: the space is in no token
+    assert not surfaces.learn("ab", Tokens([5, 6], [0, 0], [1, 2]))  # two ASCII tokens overlap
+    assert not surfaces.learn("abc", Tokens([1, 2], [0, 1], [1, 2]))  # the tokens stop short of the end
+    assert surfaces.text[5:7] == [None, None]  # nothing learned from a refused encoding
+
+
+def test_a_character_split_between_tokens_is_never_learned():
+    """Byte-level BPE may put the two bytes of "²" in two tokens, each with the offsets of the
+    whole character: the text keeps the tokenizer's offsets, and is not tried again."""
+    surfaces = TokenSurfaces(8)
+    assert surfaces.worth_trying("k²")
+    assert surfaces.learn("k²", Tokens([1, 2, 3], [0, 1, 1], [1, 2, 2]))  # not a contradiction: nothing learned
+    assert surfaces.text[1:4] == [None, None, None] and surfaces.split == {"²"}
+    assert not surfaces.worth_trying("x²") and surfaces.worth_trying("x³") and surfaces.worth_trying("plain ascii")
+
+
+def test_rebuilt_offsets_stop_on_a_tokenizer_whose_tokens_cover_different_text():
+    """A lowercasing normalizer: "Hello" and "hello" are one token covering different text. The
+    second text shows it, and every encoding, before and after, equals the tokenizer's own."""
+    from tokenizers import normalizers
+
+    tok = copy.deepcopy(family_tokenizer("gemma"))
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    encoder = PrefixReusingEncoder(tok, None)
+    for text in ["hello there", "hello there", "Hello there", "hello there", "<bos>HELLO"]:
+        assert encoder.encode(text) == whole(tok, text)
+    assert encoder.surfaces is None and encoder.rebuilt_offsets == 1  # the second text; the third showed the folding
+
+    tok = copy.deepcopy(family_tokenizer("qwen2"))
+    tok.backend_tokenizer.post_processor = __import__("tokenizers").processors.ByteLevel(trim_offsets=True)
+    encoder = PrefixReusingEncoder(tok, None)
+    for text in ["a b", "a b", " a  b "]:  # trimmed: " b" covers "b", so the tokens leave gaps
+        assert encoder.encode(text) == whole(tok, text)
+    assert encoder.surfaces is None and encoder.rebuilt_offsets == 0
+
+
+def test_non_ascii_texts_are_exact_with_and_without_rebuilt_offsets():
+    tok = family_tokenizer("qwen2")
+    encoder = PrefixReusingEncoder(tok, reuse_rule(tok))
+    rng = random.Random(1)
+    alphabet = ["a", " ", "\n", "²", "é", "数", "🙂", "x²", "<|im_end|>", "  ", "1"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40))) for _ in range(400)]
+    for text in texts + texts:
+        assert encoder.encode(text) == whole(tok, text)
+    assert encoder.surfaces is not None and encoder.surfaces.split and encoder.rebuilt_offsets > 0
 
 
 # ── TokenBounds, trained_ranges, labels_for ──────────────────────────────────

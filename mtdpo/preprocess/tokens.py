@@ -13,12 +13,19 @@ that are matched on the raw text and absorb nothing around them; `reuse_rule` ch
 tokenizer's configuration against the stages known to be piece-local and returns None for
 any other (then every text is encoded whole). "Well past q": the two texts agree for the
 length of the longest added token after q, so no added-token match near q can differ.
+
+Offsets are the other cost: `tokenizers` converts every token's byte offsets to character
+offsets through a map of the whole text, which makes an encoding with offsets ~1.4x one
+without (`encode_batch_fast`). So an ASCII text is encoded without them, and its offsets are
+rebuilt from what each token id covered in earlier encodings (TokenSurfaces): the tokens'
+texts, one after another, must spell the text exactly, or the offsets come from the tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 from bisect import bisect_right
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -121,26 +128,106 @@ def flatten(component: dict | None) -> list[dict]:
     return [leaf for c in inner for leaf in flatten(c)] if component_type(component) == "Sequence" else [component]
 
 
+class TokenSurfaces:
+    """What each token id covers in the text, learned from the tokenizer's own offsets, to give an
+    encoding made without offsets its offsets back: exactly where the tokens' texts, one after
+    another, spell the text. Where every token covers whole characters, the tokens cover the text
+    end to end and each covers what it covered before, so those are the tokenizer's offsets. A
+    token holding part of a character (byte-level BPE on "²") overlaps the next one and is never
+    learned: a text with one keeps the tokenizer's offsets. A tokenizer where a token covers
+    different text in different places (offsets trimmed of spaces, a normalizer that adds or folds
+    characters) shows it in the first encoding that does: `learn` or `offsets` returns False, and
+    the caller stops using this for the rest of the run."""
+
+    def __init__(self, size: int, added: set[str] = frozenset()):
+        self.text: list[str | None] = [None] * size  # by id; a list, as the ids index it at C speed
+        self.split: set[str] = set()  # characters seen split between two tokens
+        # Characters of added tokens (DeepSeek's "｜", "▁"): whole inside those tokens, so a text
+        # that holds them is tried even after one was seen split elsewhere.
+        self.in_added = {c for token in added for c in token if not c.isascii()}
+
+    def worth_trying(self, text: str) -> bool:
+        """Whether the offsets of `text` may be rebuilt: not if it holds a character that an
+        earlier encoding split between tokens (the tokenizer's offsets are needed then)."""
+        return text.isascii() or not self.split.intersection(text)
+
+    def learn(self, text: str, tokens: Tokens, shift: int = 0) -> bool:
+        """Record what each token covers (its offsets moved by `shift` in `text`), if the tokens
+        cover it end to end; otherwise, where two share a character, that the character is split.
+        False if a token covers other text than before, or the tokens leave a gap."""
+        known, position, seen = self.text, shift, []
+        for i, start, end in zip(*tokens):
+            covered = text[start - shift : end - shift]
+            if known[i] is not None and known[i] != covered:
+                return False
+            if start != position:
+                if start > position or text.isascii():
+                    return False  # a gap, or an ASCII character in two tokens: not whole characters
+                if (c := text[start - shift]) not in self.in_added:
+                    self.split.add(c)  # part of this character in each of two tokens
+                return True
+            seen.append((i, covered))
+            position = end
+        if position != shift + len(text):
+            return False
+        for i, covered in seen:
+            known[i] = covered
+        return True
+
+    def offsets(self, text: str, ids: list[int], shift: int = 0) -> Tokens | bool | None:
+        """The Tokens of `ids` with offsets rebuilt (moved by `shift`); None if a token is not
+        known yet, False if the known texts do not spell `text`."""
+        try:
+            covered = [self.text[i] for i in ids]
+            if "".join(covered) != text:
+                return False
+        except (TypeError, IndexError):  # a token never seen (None in the join) or an id past the table
+            return None
+        edges = list(accumulate(map(len, covered), initial=shift))
+        return Tokens(ids, edges[:-1], edges[1:])
+
+
 class PrefixReusingEncoder:
     """`encode(text) -> Tokens`, the tokens of `backend.encode(text, add_special_tokens=False)`,
-    reusing the tokens of the previous text's shared prefix where `rule` allows it."""
+    reusing the tokens of the previous text's shared prefix where `rule` allows it, and the
+    offsets of earlier encodings where `surfaces` can rebuild them (None: always from the tokenizer)."""
 
     def __init__(self, tokenizer, rule: ReuseRule | None):
         self.backend, self.rule = tokenizer.backend_tokenizer, rule
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+        self.surfaces: TokenSurfaces | None = TokenSurfaces(self.backend.get_vocab_size(with_added_tokens=True), added)
         self.previous: tuple[str, Tokens] | None = None
         self.reused_tokens = 0  # for tests and benchmarks: tokens not encoded again
+        self.rebuilt_offsets = 0  # for tests and benchmarks: texts encoded without offsets
 
     def encode(self, text: str) -> Tokens:
         k = self.reusable(text)
         if k:
             old = self.previous[1]
             cut = old.ends[k - 1]
-            rest = Tokens.of(self.backend.encode(text[cut:], add_special_tokens=False), shift=cut)
+            rest = self.encode_alone(text[cut:], shift=cut)
             tokens = Tokens(old.ids[:k] + rest.ids, old.starts[:k] + rest.starts, old.ends[:k] + rest.ends)
             self.reused_tokens += k
         else:
-            tokens = Tokens.of(self.backend.encode(text, add_special_tokens=False))
+            tokens = self.encode_alone(text)
         self.previous = (text, tokens)
+        return tokens
+
+    def encode_alone(self, text: str, shift: int = 0) -> Tokens:
+        """The tokenizer's encoding of `text`, offsets moved by `shift`: made without offsets and
+        rebuilt where the surfaces can, otherwise with them (and the surfaces learn from it)."""
+        fast_ids = None
+        if self.surfaces is not None and self.surfaces.worth_trying(text):
+            fast_ids = self.backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+            rebuilt = self.surfaces.offsets(text, fast_ids, shift)
+            if isinstance(rebuilt, Tokens):
+                self.rebuilt_offsets += 1
+                return rebuilt
+            if rebuilt is False:  # every token known, and their texts do not spell this one
+                self.surfaces = fast_ids = None
+        tokens = Tokens.of(self.backend.encode(text, add_special_tokens=False), shift)
+        if fast_ids is not None and (fast_ids != tokens.ids or not self.surfaces.learn(text, tokens, shift)):
+            self.surfaces = None  # a token that covers different text in different places: offsets from the tokenizer from now on
         return tokens
 
     def reusable(self, text: str) -> int:
