@@ -16,17 +16,20 @@ length of the longest added token after q, so no added-token match near q can di
 
 Offsets are the other cost: `tokenizers` converts every token's byte offsets to character
 offsets through a map of the whole text, which makes an encoding with offsets ~1.4x one
-without (`encode_batch_fast`). So an ASCII text is encoded without them, and its offsets are
-rebuilt from what each token id covered in earlier encodings (TokenSurfaces): the tokens'
-texts, one after another, must spell the text exactly, or the offsets come from the tokenizer.
+without (`encode_batch_fast`). So a text is encoded without them, and its offsets are rebuilt
+from what each token id covered in earlier encodings (TokenSurfaces): the tokens' texts, one
+after another, must spell the text exactly, or the offsets come from the tokenizer. That gives
+the tokenizer's offsets where a token covers the same characters wherever it appears; every
+encoding made with offsets is checked for that, and the first that shows otherwise (offsets
+trimmed of spaces, a lowercasing normalizer) turns the rebuilding off for the run.
 """
 
 from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import NamedTuple
 
 # Stages of `tokenizers` that see only one piece at a time (nothing of the text before it).
