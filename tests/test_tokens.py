@@ -13,7 +13,7 @@ import pytest
 from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, sample_rows
 
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, labels_for, trained_ranges
+from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, end_markers, labels_for, trained_ranges
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, TokenSurfaces, common_prefix_length, reuse_rule
 
@@ -192,21 +192,26 @@ def test_a_character_split_between_tokens_is_never_learned():
     assert not surfaces.worth_trying("x²") and surfaces.worth_trying("x³") and surfaces.worth_trying("plain ascii")
 
 
+def surfaces_for(tok) -> TokenSurfaces:
+    """A table for `tok`, as ChatTemplate builds its encoder's."""
+    return TokenSurfaces(tok.backend_tokenizer.get_vocab_size(with_added_tokens=True), end_markers(tok))
+
+
 def test_rebuilt_offsets_stop_on_a_tokenizer_whose_tokens_cover_different_text():
-    """A lowercasing normalizer: "Hello" and "hello" are one token covering different text. The
-    second text shows it, and every encoding, before and after, equals the tokenizer's own."""
-    from tokenizers import normalizers
+    """A lowercasing normalizer: "hello" and "Hello" are one token covering different text. The
+    first text that has both shows it, and every encoding, before and after, equals the tokenizer's own."""
+    from tokenizers import normalizers, processors
 
     tok = copy.deepcopy(family_tokenizer("gemma"))
     tok.backend_tokenizer.normalizer = normalizers.Lowercase()
-    encoder = PrefixReusingEncoder(tok, None)
+    encoder = PrefixReusingEncoder(tok, None, surfaces_for(tok))
     for text in ["hello there", "hello there", "Hello there", "hello there", "<bos>HELLO"]:
         assert encoder.encode(text) == whole(tok, text)
     assert encoder.surfaces is None and encoder.rebuilt_offsets == 1  # the second text; the third showed the folding
 
     tok = copy.deepcopy(family_tokenizer("qwen2"))
-    tok.backend_tokenizer.post_processor = __import__("tokenizers").processors.ByteLevel(trim_offsets=True)
-    encoder = PrefixReusingEncoder(tok, None)
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    encoder = PrefixReusingEncoder(tok, None, surfaces_for(tok))
     for text in ["a b", "a b", " a  b "]:  # trimmed: " b" covers "b", so the tokens leave gaps
         assert encoder.encode(text) == whole(tok, text)
     assert encoder.surfaces is None and encoder.rebuilt_offsets == 0
@@ -214,7 +219,7 @@ def test_rebuilt_offsets_stop_on_a_tokenizer_whose_tokens_cover_different_text()
 
 def test_non_ascii_texts_are_exact_with_and_without_rebuilt_offsets():
     tok = family_tokenizer("qwen2")
-    encoder = PrefixReusingEncoder(tok, reuse_rule(tok))
+    encoder = PrefixReusingEncoder(tok, reuse_rule(tok), surfaces_for(tok))
     rng = random.Random(1)
     alphabet = ["a", " ", "\n", "²", "é", "数", "🙂", "x²", "<|im_end|>", "  ", "1"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40))) for _ in range(400)]

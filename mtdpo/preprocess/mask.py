@@ -36,7 +36,7 @@ from jinja2.runtime import new_context
 
 from mtdpo.cache import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
-from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, common_prefix_length, reuse_rule
+from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, TokenSurfaces, common_prefix_length, reuse_rule
 
 
 # Replaces a message's content to see where its render starts to depend on it.
@@ -75,7 +75,9 @@ class ChatTemplate:
         # with the globals (a ChainMap, which dict() walks in Python) flattened once, not per call.
         self._globals = dict(self._template.globals)
         self._variables = {**self._globals, **tokenizer.special_tokens_map}
-        self.encoder = PrefixReusingEncoder(tokenizer, reuse_rule(tokenizer))  # the pair's shared prompt, encoded once
+        # The pair's shared prompt encoded once; offsets rebuilt where they can be (tokens.py).
+        surfaces = TokenSurfaces(tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True), self.markers)
+        self.encoder = PrefixReusingEncoder(tokenizer, reuse_rule(tokenizer), surfaces)
         self.closing = self._closing()
         self.end_of_turn = self._end_of_turn()
         self.skeletons: dict[tuple, Skeleton | None] = {}  # conversation shape -> its one render

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import NamedTuple
@@ -142,7 +143,8 @@ class TokenSurfaces:
     characters) shows it in the first encoding that does: `learn` or `offsets` returns False, and
     the caller stops using this for the rest of the run."""
 
-    def __init__(self, size: int, added: set[str] = frozenset()):
+    def __init__(self, size: int, added: Iterable[str] = ()):
+        """`size`: the vocabulary's, added tokens included; `added`: the added tokens' strings."""
         self.text: list[str | None] = [None] * size  # by id; a list, as the ids index it at C speed
         self.split: set[str] = set()  # characters seen split between two tokens
         # Characters of added tokens (DeepSeek's "｜", "▁"): whole inside those tokens, so a text
@@ -195,10 +197,8 @@ class PrefixReusingEncoder:
     reusing the tokens of the previous text's shared prefix where `rule` allows it, and the
     offsets of earlier encodings where `surfaces` can rebuild them (None: always from the tokenizer)."""
 
-    def __init__(self, tokenizer, rule: ReuseRule | None):
-        self.backend, self.rule = tokenizer.backend_tokenizer, rule
-        added = {t.content for t in tokenizer.added_tokens_decoder.values()}
-        self.surfaces: TokenSurfaces | None = TokenSurfaces(self.backend.get_vocab_size(with_added_tokens=True), added)
+    def __init__(self, tokenizer, rule: ReuseRule | None, surfaces: TokenSurfaces | None = None):
+        self.backend, self.rule, self.surfaces = tokenizer.backend_tokenizer, rule, surfaces
         self.previous: tuple[str, Tokens] | None = None
         self.reused_tokens = 0  # for tests and benchmarks: tokens not encoded again
         self.rebuilt_offsets = 0  # for tests and benchmarks: texts encoded without offsets
