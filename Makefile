@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Nothing is ever downloaded from a model hub.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-slow test-real clean
+.PHONY: demo test lint test-slow test-real clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,8 +21,13 @@ demo: $(STAMP)
 	$(BIN)/mtdpo show-sample data_cache/demo --index 0
 	@echo "trained model: runs/demo (loads with AutoModelForCausalLM / AutoTokenizer); metrics: runs/demo/metrics.jsonl"
 
-test: $(STAMP)
+test: lint
 	$(BIN)/pytest -q
+
+# Formatting and lint rules live in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/ruff format --check mtdpo tests bench scripts
+	$(BIN)/ruff check mtdpo tests bench scripts
 
 # Several CPU ranks: DDP, DeepSpeed ZeRO-2/3 and FSDP, 2 simulated machines, resume (docs/SCALING.md): ~10 minutes.
 test-slow: $(STAMP)

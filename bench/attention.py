@@ -55,9 +55,15 @@ def main() -> None:
     segments = [[0, 0, p + s, 0, 0], [0, p + s, length, 0, p - 1]]
     mask = dense_segment_mask(segments, 1, length)
     results = {
-        "padded (2 causal sequences)": cpu_ms(lambda: [F.scaled_dot_product_attention(*side, is_causal=True).sum().backward() for _ in range(2)]),
-        "segments (shared row)": cpu_ms(lambda: segment_attention(module, *row, None, segments=segments)[0].sum().backward()),
-        "dense [T, T] mask (shared row)": cpu_ms(lambda: F.scaled_dot_product_attention(*row, attn_mask=mask).sum().backward()),
+        "padded (2 causal sequences)": cpu_ms(
+            lambda: [F.scaled_dot_product_attention(*side, is_causal=True).sum().backward() for _ in range(2)]
+        ),
+        "segments (shared row)": cpu_ms(
+            lambda: segment_attention(module, *row, None, segments=segments)[0].sum().backward()
+        ),
+        "dense [T, T] mask (shared row)": cpu_ms(
+            lambda: F.scaled_dot_product_attention(*row, attn_mask=mask).sum().backward()
+        ),
     }
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -66,8 +72,20 @@ def main() -> None:
         results["flex_attention (shared row)"] = cpu_ms(lambda: flex_attention(*row, block_mask=block).sum().backward())
     except Exception as err:  # torch 2.13: "FlexAttention does not support backward on CPU"
         results["flex_attention (shared row)"] = f"not available: {str(err).splitlines()[0]}"
-    print(json.dumps({"prompt": p, "suffix": s, "heads": h, "head_dim": d, "dtype": "bfloat16", "torch": torch.__version__,
-                      "cpu_ms_forward_backward": results}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "prompt": p,
+                "suffix": s,
+                "heads": h,
+                "head_dim": d,
+                "dtype": "bfloat16",
+                "torch": torch.__version__,
+                "cpu_ms_forward_backward": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,13 @@ def worker(cache: str) -> dict:
     cold, read = time.perf_counter() - started, read_bytes() - before
     started = time.perf_counter()
     pair_lengths(load_cache(cache))
-    return {"cache": cache, "pairs": pairs, "cold_s": round(cold, 3), "read_MB": round(read / 1e6), "warm_s": round(time.perf_counter() - started, 3)}
+    return {
+        "cache": cache,
+        "pairs": pairs,
+        "cold_s": round(cold, 3),
+        "read_MB": round(read / 1e6),
+        "warm_s": round(time.perf_counter() - started, 3),
+    }
 
 
 def rebatch(cache: Path, rows: int) -> Path:
@@ -68,14 +74,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("caches", nargs="+")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rebatch", type=int, metavar="N", help="also measure a copy of the last cache in batches of N pairs")
+    parser.add_argument(
+        "--rebatch", type=int, metavar="N", help="also measure a copy of the last cache in batches of N pairs"
+    )
     args = parser.parse_args()
     if args.rebatch:
         args.caches.append(str(rebatch(Path(args.caches[-1]), args.rebatch)))
     print("read-ahead (kB) per block device:", read_ahead_kb())
     for _ in range(args.repeats):
         for cache in args.caches:  # interleaved
-            out = subprocess.run([sys.executable, __file__, "--worker", cache], capture_output=True, text=True, cwd=REPO)
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", cache], capture_output=True, text=True, cwd=REPO
+            )
             if out.returncode:
                 sys.exit(out.stderr.strip().splitlines()[-1])
             print(out.stdout.strip())

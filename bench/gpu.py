@@ -20,10 +20,24 @@ from pathlib import Path
 
 from run import WORK, StepClock, TokenCounter, cache_for, write_rows  # bench/run.py
 
-GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=256)  # fmt: skip
-TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32)  # fmt: skip
+GEMMA2_2B = dict(
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+)
+TINY = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+)
 
 
 def build_model(tiny: bool):
@@ -36,17 +50,32 @@ def build_model(tiny: bool):
     config = GemmaConfig(**(TINY if tiny else GEMMA2_2B), pad_token_id=0, bos_token_id=2, eos_token_id=1)
     device = "cpu" if tiny else "cuda"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if tiny else torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32 if tiny else torch.bfloat16, attn_implementation="sdpa"
+        )
     return model, config
 
 
 def common_args(tiny: bool, steps: int, batch: int) -> dict:
-    return dict(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-6,
-                bf16=not tiny, use_cpu=tiny, gradient_checkpointing=not tiny, save_strategy="no", report_to="none",
-                logging_steps=steps, disable_tqdm=True, beta=0.1)  # fmt: skip
+    return dict(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-6,
+        bf16=not tiny,
+        use_cpu=tiny,
+        gradient_checkpointing=not tiny,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=steps,
+        disable_tqdm=True,
+        beta=0.1,
+    )
 
 
-def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: str, sampling: str, layout: str = "padded") -> dict:
+def worker(
+    system: str, tiny: bool, steps: int, batch: int, rows: str, cache: str, sampling: str, layout: str = "padded"
+) -> dict:
     import copy
 
     import torch
@@ -61,13 +90,23 @@ def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: st
         from mtdpo.train.data import PairCollator
         from mtdpo.train.trainer import MultiTurnDPOTrainer
 
-        if layout != "padded-sdpa":  # segment attention: padding never computed, packed/shared rows without a [T, T] mask
+        if (
+            layout != "padded-sdpa"
+        ):  # segment attention: padding never computed, packed/shared rows without a [T, T] mask
             model.set_attn_implementation(SEGMENT_ATTENTION)
             ref.set_attn_implementation(SEGMENT_ATTENTION)
         options = {"padding-free": {"padding_free": True}, "prefix-sharing": {"prefix_sharing": True}}.get(layout, {})
         counter = TokenCounter(PairCollator(0, segments=layout != "padded-sdpa", **options))
-        trainer = MultiTurnDPOTrainer(model, ref, MtdpoConfig(data=[cache], nll_coef=1.0, train_sampling_strategy=sampling, **common_args(tiny, steps, batch)),
-                                      train_dataset=load_cache(Path(cache)), data_collator=counter, callbacks=[clock.callback])  # fmt: skip
+        trainer = MultiTurnDPOTrainer(
+            model,
+            ref,
+            MtdpoConfig(
+                data=[cache], nll_coef=1.0, train_sampling_strategy=sampling, **common_args(tiny, steps, batch)
+            ),
+            train_dataset=load_cache(Path(cache)),
+            data_collator=counter,
+            callbacks=[clock.callback],
+        )
     else:
         import datasets
         from transformers import AutoTokenizer
@@ -75,26 +114,44 @@ def worker(system: str, tiny: bool, steps: int, batch: int, rows: str, cache: st
 
         from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 
-        args = DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], max_length=None, dataset_num_proc=8,
-                         **common_args(tiny, steps, batch))  # fmt: skip
+        args = DPOConfig(
+            loss_type=["sigmoid", "sft"],
+            loss_weights=[1.0, 1.0],
+            max_length=None,
+            dataset_num_proc=8,
+            **common_args(tiny, steps, batch),
+        )
         dataset = datasets.load_dataset("json", data_files=rows, split="train", cache_dir=tempfile.mkdtemp())
         tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
-                             callbacks=[clock.callback])  # fmt: skip
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=[clock.callback],
+        )
         counter = TokenCounter(trainer.data_collator)
         trainer.data_collator = counter
     trainer.train()
     warm = 3
     seconds = clock.times[steps - 1] - clock.times[warm - 1]
     tokens = sum(counter.tokens[warm:steps])
-    result = {"tokens_per_s": tokens / seconds, "mean_seq_len": tokens / (2 * batch * (steps - warm)), "steps_timed": steps - warm}
+    result = {
+        "tokens_per_s": tokens / seconds,
+        "mean_seq_len": tokens / (2 * batch * (steps - warm)),
+        "steps_timed": steps - warm,
+    }
     if not tiny:
         from trl.trainer.utils import compute_flops_per_token, compute_mfu, get_peak_flops
 
         peak = get_peak_flops(torch.cuda.get_device_name(), "bfloat16")
         flops = compute_flops_per_token(config, int(result["mean_seq_len"]))
-        result.update(gpu=torch.cuda.get_device_name(), peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30,
-                      mfu_percent=compute_mfu(flops, result["tokens_per_s"], 1, peak) if peak else None)  # fmt: skip
+        result.update(
+            gpu=torch.cuda.get_device_name(),
+            peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30,
+            mfu_percent=compute_mfu(flops, result["tokens_per_s"], 1, peak) if peak else None,
+        )
     return result
 
 
@@ -108,8 +165,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--seq", type=int, default=2048, help="longest conversation, tokens")
     parser.add_argument("--sampling", default="group_by_length", help="mtdpo's sampler (random: no length grouping)")
-    parser.add_argument("--layout", default="prefix-sharing", choices=["prefix-sharing", "padding-free", "padded", "padded-sdpa"],
-                        help="mtdpo's batches (padded-sdpa: transformers' sdpa with a padding mask, the layout before segment attention)")
+    parser.add_argument(
+        "--layout",
+        default="prefix-sharing",
+        choices=["prefix-sharing", "padding-free", "padded", "padded-sdpa"],
+        help="mtdpo's batches (padded-sdpa: transformers' sdpa with a padding mask, the layout before segment attention)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     seq = 256 if args.tiny else args.seq
@@ -117,8 +178,16 @@ def main() -> None:
     cache = cache_for(rows, f"gpu-{seq}", num_proc=2 if args.tiny else 8)
     results = {}
     for system in ("mtdpo", "trl"):
-        kwargs = dict(system=system, tiny=args.tiny, steps=args.steps, batch=args.batch, rows=str(rows), cache=str(cache),
-                      sampling=args.sampling, layout=args.layout)  # fmt: skip
+        kwargs = dict(
+            system=system,
+            tiny=args.tiny,
+            steps=args.steps,
+            batch=args.batch,
+            rows=str(rows),
+            cache=str(cache),
+            sampling=args.sampling,
+            layout=args.layout,
+        )
         started = time.time()
         proc = subprocess.run([sys.executable, __file__, "worker", json.dumps(kwargs)], capture_output=True, text=True)
         if proc.returncode:
@@ -129,7 +198,13 @@ def main() -> None:
     ratio = results["mtdpo"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = f"gpu{'-tiny' if args.tiny else ''}{'' if args.sampling == 'group_by_length' else '-' + args.sampling}-{args.layout}.json"
-    summary = {"ratio": ratio, "seq": seq, "batch": args.batch, "mtdpo_sampling": args.sampling, "mtdpo_layout": args.layout}
+    summary = {
+        "ratio": ratio,
+        "seq": seq,
+        "batch": args.batch,
+        "mtdpo_sampling": args.sampling,
+        "mtdpo_layout": args.layout,
+    }
     (Path(args.out) / name).write_text(json.dumps(results | summary, indent=2) + "\n")
     print(f"mtdpo / TRL tokens/s = {ratio:.2f}")
 

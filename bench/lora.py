@@ -32,7 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import REPO, RESULTS, WORK, StepClock, TokenCounter, cache_for, current_rss_mb, peak_rss_mb, write_rows  # noqa: E402
 
-MODEL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+MODEL = dict(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=64,
+)
 SYSTEMS = {
     "full": {},
     "lora": dict(lora_r=16, lora_alpha=32.0),
@@ -62,17 +69,25 @@ def base_model() -> Path:
 
 def state_bytes(trainer) -> dict:
     """Bytes of the training state: weights (policy + reference), gradients, optimizer state."""
+
     def size(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     model = trainer.model
     weights = size(model.parameters()) + (size(trainer.ref_model.parameters()) if trainer.ref_model is not None else 0)
     grads = size(p.grad for p in model.parameters() if p.grad is not None)
-    optimizer = size(v for state in trainer.optimizer.state.values() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+    optimizer = size(
+        v for state in trainer.optimizer.state.values() for v in state.values() if hasattr(v, "numel") and v.dim() > 0
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"weights_mb": weights / 2**20, "grads_mb": grads / 2**20, "optimizer_mb": optimizer / 2**20,
-            "state_mb": (weights + grads + optimizer) / 2**20, "trainable_params": trainable,
-            "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    return {
+        "weights_mb": weights / 2**20,
+        "grads_mb": grads / 2**20,
+        "optimizer_mb": optimizer / 2**20,
+        "state_mb": (weights + grads + optimizer) / 2**20,
+        "trainable_params": trainable,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 class RssDuringTraining:
@@ -106,25 +121,56 @@ def worker(system: str, cache: str, model: str) -> dict:
         return counters[-1]
 
     run.PairCollator = counting_collator
-    config = MtdpoConfig(data=[cache], model=model, output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, max_steps=STEPS,
-                         per_device_train_batch_size=BATCH, save_strategy="no", report_to="none", logging_steps=STEPS,
-                         learning_rate=1e-5, **SYSTEMS[system])  # fmt: skip
+    config = MtdpoConfig(
+        data=[cache],
+        model=model,
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=STEPS,
+        learning_rate=1e-5,
+        **SYSTEMS[system],
+    )
     rss = RssDuringTraining()
     trainer = run.train(config, callbacks=[clock.callback, rss.callback])
     seconds = clock.times[STEPS - 1] - clock.times[WARM - 1]
     tokens = sum(counters[0].tokens[WARM:STEPS])
-    return {"tokens_per_s": tokens / seconds, "peak_rss_mb": peak_rss_mb(), "rss_train_start_mb": rss.at_start,
-            "rss_training_max_mb": rss.highest, **state_bytes(trainer)}  # fmt: skip
+    return {
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_train_start_mb": rss.at_start,
+        "rss_training_max_mb": rss.highest,
+        **state_bytes(trainer),
+    }
 
 
 def run_worker(system: str, **kwargs) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, __file__, "worker", system, json.dumps(kwargs)], env=env, cwd=REPO, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "worker", system, json.dumps(kwargs)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{system} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {system}: {result['tokens_per_s']:,.0f} tok/s, peak RSS {result['peak_rss_mb']:,.0f} MB, RSS in training "
-          f"{result['rss_training_max_mb']:,.0f} MB (from {result['rss_train_start_mb']:,.0f}), state {result['state_mb']:,.0f} MB", flush=True)
+    print(
+        f"  {system}: {result['tokens_per_s']:,.0f} tok/s, peak RSS {result['peak_rss_mb']:,.0f} MB, RSS in training "
+        f"{result['rss_training_max_mb']:,.0f} MB (from {result['rss_train_start_mb']:,.0f}), state {result['state_mb']:,.0f} MB",
+        flush=True,
+    )
     return result
 
 
@@ -132,11 +178,15 @@ def summary(runs: dict[str, list[dict]]) -> str:
     def stat(system, key, how):
         return how(r[key] for r in runs[system])
 
-    lines = ["| system | tokens/s min / median | × full (median) | peak RSS MB min / median | × full | max RSS in training MB, median | × full | training state MB | × full | trainable params |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| system | tokens/s min / median | × full (median) | peak RSS MB min / median | × full | max RSS in training MB, median | × full | training state MB | × full | trainable params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     median = lambda values: statistics.median(list(values))  # noqa: E731
     for system in runs:
-        tps, rss, held, state = (stat(system, k, median) for k in ("tokens_per_s", "peak_rss_mb", "rss_training_max_mb", "state_mb"))
+        tps, rss, held, state = (
+            stat(system, k, median) for k in ("tokens_per_s", "peak_rss_mb", "rss_training_max_mb", "state_mb")
+        )
         lines.append(
             f"| {system} | {stat(system, 'tokens_per_s', min):,.0f} / {tps:,.0f} | {tps / stat('full', 'tokens_per_s', median):.2f} "
             f"| {stat(system, 'peak_rss_mb', min):,.0f} / {rss:,.0f} | {rss / stat('full', 'peak_rss_mb', median):.2f} "
@@ -162,7 +212,9 @@ def main() -> None:
     table = summary(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "lora" if args.rounds >= 3 else "lora-quick"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"model": MODEL, "steps": STEPS, "batch": BATCH, "runs": runs}, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(
+        json.dumps({"model": MODEL, "steps": STEPS, "batch": BATCH, "runs": runs}, indent=2) + "\n"
+    )
     (RESULTS / f"{stem}.md").write_text(table)
     print(table)
 

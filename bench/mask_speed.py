@@ -40,7 +40,17 @@ def main() -> None:
         started = time.perf_counter()
         encode_all(encoder, rows)
         rates.append(len(rows) / (time.perf_counter() - started))
-    print(json.dumps({"label": args.label, "rows": len(rows), "best": round(max(rates), 1), "median": round(statistics.median(rates), 1), "renders_per_row": round(renders / len(rows), 2)}))
+    print(
+        json.dumps(
+            {
+                "label": args.label,
+                "rows": len(rows),
+                "best": round(max(rates), 1),
+                "median": round(statistics.median(rates), 1),
+                "renders_per_row": round(renders / len(rows), 2),
+            }
+        )
+    )
 
 
 def count_renders(encoder, rows) -> int:

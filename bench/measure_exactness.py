@@ -54,8 +54,18 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def config(cache: Path, out: Path, **overrides) -> MtdpoConfig:
-    values = dict(data=[str(cache)], output_dir=str(out), use_cpu=True, logging_steps=1, report_to="none", disable_tqdm=True,
-                  per_device_train_batch_size=2, num_train_epochs=2, learning_rate=1e-3, save_strategy="no")  # fmt: skip
+    values = dict(
+        data=[str(cache)],
+        output_dir=str(out),
+        use_cpu=True,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=2,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        save_strategy="no",
+    )
     return MtdpoConfig(**{**values, **overrides})
 
 
@@ -71,7 +81,9 @@ def train_recording(cfg: MtdpoConfig) -> dict[int, list[int]]:
 
 def measure_resume(cache: Path, tmp: Path, strategy: str, show_losses: bool = False) -> list[str]:
     straight = tmp / f"{strategy}-straight"
-    rows = train_recording(config(cache, straight, train_sampling_strategy=strategy, save_strategy="steps", save_steps=2))
+    rows = train_recording(
+        config(cache, straight, train_sampling_strategy=strategy, save_strategy="steps", save_steps=2)
+    )
     epoch2 = [row for step in range(9, 17) for row in rows[step]]
     lines = []
     for checkpoint in (10, 8):
@@ -81,7 +93,9 @@ def measure_resume(cache: Path, tmp: Path, strategy: str, show_losses: bool = Fa
         again = train_recording(config(cache, resumed, train_sampling_strategy=strategy, resume_from_checkpoint="auto"))
         before, after = losses(straight), losses(resumed)
         worst = max(abs(after[step] - before[step]) for step in range(checkpoint + 1, 17))
-        replayed = [row for step in range(9, checkpoint + 1) for row in rows[step]] + [row for step in range(checkpoint + 1, 17) for row in again[step]]
+        replayed = [row for step in range(9, checkpoint + 1) for row in rows[step]] + [
+            row for step in range(checkpoint + 1, 17) for row in again[step]
+        ]
         counts = Counter(replayed)
         twice = sorted(row for row, n in counts.items() if n > 1)
         never = sorted(set(epoch2) - set(counts))
@@ -92,7 +106,10 @@ def measure_resume(cache: Path, tmp: Path, strategy: str, show_losses: bool = Fa
         )
         if show_losses:
             for name, run in (("uninterrupted", before), ("resumed", after)):
-                lines.append(f"    {name:>13} losses, steps {checkpoint + 1}-16: " + " ".join(f"{run[step]:.4f}" for step in range(checkpoint + 1, 17)))
+                lines.append(
+                    f"    {name:>13} losses, steps {checkpoint + 1}-16: "
+                    + " ".join(f"{run[step]:.4f}" for step in range(checkpoint + 1, 17))
+                )
     return lines
 
 
@@ -107,9 +124,23 @@ def measure_accumulation(cache: Path, tmp: Path, **extra) -> str:
     weights = {}
     for batch, accumulation in ((4, 1), (2, 2)):
         out = tmp / f"accumulate-{batch}x{accumulation}-{'-'.join(map(str, extra.values())) or 'default'}"
-        run_module.train(config(cache, out, model=str(init), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                                max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0,
-                                max_grad_norm=0.0, train_sampling_strategy="sequential", **extra))  # fmt: skip
+        run_module.train(
+            config(
+                cache,
+                out,
+                model=str(init),
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                max_steps=1,
+                optim="sgd",
+                learning_rate=1.0,
+                lr_scheduler_type="constant",
+                weight_decay=0.0,
+                max_grad_norm=0.0,
+                train_sampling_strategy="sequential",
+                **extra,
+            )
+        )
         weights[batch] = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     start = AutoModelForCausalLM.from_pretrained(str(init)).state_dict()
     difference = max((weights[4][k] - weights[2][k]).abs().max().item() for k in start)

@@ -57,7 +57,13 @@ def tree_rss(root: int) -> tuple[int, int, int, int, int]:
         pid = todo.pop()
         sizes.append(rss_kib(pid))
         todo.extend(tree.get(pid, []))
-    return sum(s[0] for s in sizes), sum(s[1] for s in sizes), sum(s[2] for s in sizes), max(s[0] for s in sizes), len(sizes)
+    return (
+        sum(s[0] for s in sizes),
+        sum(s[1] for s in sizes),
+        sum(s[2] for s in sizes),
+        max(s[0] for s in sizes),
+        len(sizes),
+    )
 
 
 def main() -> None:

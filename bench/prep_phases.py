@@ -49,7 +49,9 @@ def timed_chunk(chunk):
     result = _encode_chunk(chunk)
     # Written by the worker itself (a forked worker's lists are not the main process's), in one
     # write below the pipe's atomic size: two workers' lines never interleave.
-    line = json.dumps({"pid": os.getpid(), "first_row": chunk[0][0], "start": begin - _started, "end": time.perf_counter() - _started})
+    line = json.dumps(
+        {"pid": os.getpid(), "first_row": chunk[0][0], "start": begin - _started, "end": time.perf_counter() - _started}
+    )
     os.write(sys.stdout.fileno(), (line + "\n").encode())
     return result
 
@@ -106,7 +108,11 @@ def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool, enc
         "wall_s": wall,
         "rows": stats["rows"],
         "rows_wall_s": marks["rows"][1] - marks["load"][1],  # from the tokenizer loaded to the last shard written
-        "main_cpu_s": {"load": marks["load"][0] - begin_cpu, "rows": marks["rows"][0] - marks["load"][0], "end": end_cpu - marks["rows"][0]},
+        "main_cpu_s": {
+            "load": marks["load"][0] - begin_cpu,
+            "rows": marks["rows"][0] - marks["load"][0],
+            "end": end_cpu - marks["rows"][0],
+        },
     }
 
 
@@ -127,16 +133,22 @@ def run_once(args) -> dict:
 
 def report(result: dict) -> None:
     cpu, n = result["main_cpu_s"], result["rows"]
-    print(f"wall {result['wall_s']:.2f} s; main-process CPU: load {cpu['load']:.2f} s, rows {cpu['rows']:.2f} s "
-          f"({1000 * cpu['rows'] / n:.4f} ms per row), end {cpu['end']:.2f} s; rows phase {result['rows_wall_s']:.2f} s "
-          f"wall, {n / result['rows_wall_s']:,.0f} rows/s")
+    print(
+        f"wall {result['wall_s']:.2f} s; main-process CPU: load {cpu['load']:.2f} s, rows {cpu['rows']:.2f} s "
+        f"({1000 * cpu['rows'] / n:.4f} ms per row), end {cpu['end']:.2f} s; rows phase {result['rows_wall_s']:.2f} s "
+        f"wall, {n / result['rows_wall_s']:,.0f} rows/s"
+    )
     chunks = result["chunks"]
     if len(chunks) > 40:  # a summary, not hundreds of lines
         took = sorted(c["end"] - c["start"] for c in chunks)
-        print(f"  {len(chunks)} chunks: {took[0]:.3f} s (min), {took[len(took) // 2]:.3f} s (median), {took[-1]:.3f} s (max)")
+        print(
+            f"  {len(chunks)} chunks: {took[0]:.3f} s (min), {took[len(took) // 2]:.3f} s (median), {took[-1]:.3f} s (max)"
+        )
         return
     for c in chunks:
-        print(f"  pid {c['pid']} rows {c['first_row']:>6}: {c['start']:7.3f}–{c['end']:7.3f} s ({c['end'] - c['start']:.3f} s)")
+        print(
+            f"  pid {c['pid']} rows {c['first_row']:>6}: {c['start']:7.3f}–{c['end']:7.3f} s ({c['end'] - c['start']:.3f} s)"
+        )
 
 
 def main() -> None:
@@ -144,8 +156,14 @@ def main() -> None:
     parser.add_argument("rows", help="a jsonl file of pairs (bench/run.py writes bench/work/prep-2000.jsonl)")
     parser.add_argument("--tokenizer", help="a tokenizer directory (default: the embedded tokenizer)")
     parser.add_argument("--num-proc", type=int, default=2, help="preprocess worker processes")
-    parser.add_argument("--sync-save", action="store_true", help="save the tokenizer copy before the rows, not in a forked process")
-    parser.add_argument("--encode-once", action="store_true", help="workers reuse one encoded pair: the main process's ceiling (see above)")
+    parser.add_argument(
+        "--sync-save", action="store_true", help="save the tokenizer copy before the rows, not in a forked process"
+    )
+    parser.add_argument(
+        "--encode-once",
+        action="store_true",
+        help="workers reuse one encoded pair: the main process's ceiling (see above)",
+    )
     parser.add_argument("--runs", type=int, default=2, help="runs, each in its own process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -58,7 +58,7 @@ def _lengthen(messages: list[dict], target_chars: int) -> None:
     missing = target_chars - sum(len(m["content"]) for m in messages)
     if missing <= 0:
         return
-    for i, message in enumerate(tools):  # shared tool turns get the same text on both sides
+    for message in tools:  # shared tool turns get the same text on both sides
         share = missing // len(tools)
         lines = [f"row {k}: value {k * 37 % 101} ok" for k in range(share // 20 + 1)]
         message["content"] = message["content"] + "\n" + "\n".join(lines)[:share]
@@ -94,12 +94,21 @@ def current_rss_mb() -> float:
 def _cpu_seconds(children: bool = True) -> float:
     """CPU time of this process (and of its finished worker processes): on a shared machine,
     wall time depends on the others' load, CPU time much less."""
-    usages = [resource.getrusage(resource.RUSAGE_SELF)] + ([resource.getrusage(resource.RUSAGE_CHILDREN)] if children else [])
+    usages = [resource.getrusage(resource.RUSAGE_SELF)] + (
+        [resource.getrusage(resource.RUSAGE_CHILDREN)] if children else []
+    )
     return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
 def _timed(rows: int, seconds: float, cpu: float, **extra) -> dict:
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "cpu_seconds": cpu, "rows_per_cpu_s": rows / cpu, **extra}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "cpu_seconds": cpu,
+        "rows_per_cpu_s": rows / cpu,
+        **extra,
+    }
 
 
 def worker_prep_mtdpo(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
@@ -112,8 +121,15 @@ def worker_prep_mtdpo(rows: str, num_proc: int, tokenizer: str | None = None) ->
     start_unix = time.time()  # wall clock: where runs_at_once() lines up copies run side by side
     stats = preprocess(Path(rows), out, tokenizer=tokenizer, num_proc=num_proc, progress=False)
     seconds, main_cpu = time.perf_counter() - started, _cpu_seconds(children=False) - main
-    return _timed(stats["rows"], seconds, _cpu_seconds() - cpu, kept=stats["kept"], main_cpu_ms_per_row=1000 * main_cpu / stats["rows"],
-                  start_unix=start_unix, end_unix=time.time())  # fmt: skip
+    return _timed(
+        stats["rows"],
+        seconds,
+        _cpu_seconds() - cpu,
+        kept=stats["kept"],
+        main_cpu_ms_per_row=1000 * main_cpu / stats["rows"],
+        start_unix=start_unix,
+        end_unix=time.time(),
+    )
 
 
 def worker_prep_trl(rows: str, num_proc: int, tokenizer: str | None = None) -> dict:
@@ -147,15 +163,21 @@ def worker_prep_floor(rows: str, tokenizer: str | None = None, paused: bool = Fa
     started, cpu = time.perf_counter(), _cpu_seconds()
     with long_lived() if paused else contextlib.nullcontext():
         tok = AutoTokenizer.from_pretrained(str(tokenizer or _embedded()))
-    template, variables, backend = _compile_jinja_template(tok.chat_template), dict(tok.special_tokens_map), tok.backend_tokenizer
+    template, variables, backend = (
+        _compile_jinja_template(tok.chat_template),
+        dict(tok.special_tokens_map),
+        tok.backend_tokenizer,
+    )
     n = 0
     with open(rows) as f:
         for line in f:
             row = json.loads(line)
             for side in ("chosen", "rejected"):
-                text = template.render(messages=row[side], tools=None, documents=None, add_generation_prompt=False, **variables)
+                text = template.render(
+                    messages=row[side], tools=None, documents=None, add_generation_prompt=False, **variables
+                )
                 enc = backend.encode(text, add_special_tokens=False)
-                enc.ids, enc.offsets
+                _ = enc.ids, enc.offsets  # read them: the offsets are converted lazily
             n += 1
     del tok, backend  # freed inside the timing, as mtdpo's preprocess() frees its tokenizer when it returns
     return _timed(n, time.perf_counter() - started, _cpu_seconds() - cpu)
@@ -217,8 +239,16 @@ def worker_startup_mtdpo(cache: str) -> dict:
     from mtdpo.train.run import train
 
     clock = StepClock(float(os.environ["BENCH_T0"]), stop_after=1)
-    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=1, bf16=False,
-                         per_device_train_batch_size=4, save_strategy="no", report_to="none")  # fmt: skip
+    config = MtdpoConfig(
+        data=[cache],
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        max_steps=1,
+        bf16=False,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+    )
     train(config, callbacks=[clock.callback])
     return {"seconds_to_first_step": clock.times[0], "peak_rss_mb": peak_rss_mb()}
 
@@ -236,15 +266,26 @@ def worker_train_mtdpo(cache: str, steps: int, batch: int) -> dict:
 
     clock = StepClock(time.time())
     counters = count_mtdpo_tokens()
-    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=False,
-                         per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
+    config = MtdpoConfig(
+        data=[cache],
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        max_steps=steps,
+        bf16=False,
+        per_device_train_batch_size=batch,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=steps,
+    )
     run.train(config, callbacks=[clock.callback])
     return _throughput(clock.times, counters[0].tokens, steps)
 
 
 def worker_train_trl(rows: str, steps: int, batch: int) -> dict:
     clock = StepClock(time.time())
-    trainer, _, _ = _trl_trainer(_tiny(), rows=rows, num_proc=2, max_steps=steps, batch=batch, callbacks=[clock.callback])
+    trainer, _, _ = _trl_trainer(
+        _tiny(), rows=rows, num_proc=2, max_steps=steps, batch=batch, callbacks=[clock.callback]
+    )
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()
@@ -254,7 +295,11 @@ def worker_train_trl(rows: str, steps: int, batch: int) -> dict:
 def _throughput(times: list[float], tokens: list[int], steps: int) -> dict:
     warm = 2  # the first steps include lazy initialisation
     seconds = times[steps - 1] - times[warm - 1]
-    return {"tokens_per_s": sum(tokens[warm:steps]) / seconds, "steps_timed": steps - warm, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "tokens_per_s": sum(tokens[warm:steps]) / seconds,
+        "steps_timed": steps - warm,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def worker_logprob_memory(mode: str, vocab: int, seq: int, hidden: int) -> dict:
@@ -265,8 +310,15 @@ def worker_logprob_memory(mode: str, vocab: int, seq: int, hidden: int) -> dict:
     from trl.trainer.utils import add_fused_lm_head
 
     torch.manual_seed(0)
-    config = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=1, head_dim=hidden // 4)  # fmt: skip
+    config = GemmaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=hidden // 4,
+    )
     model = GemmaForCausalLM(config)
     # The head's weight gradient is the same in both paths (and part of any training step):
     # freeze it so the measurement is the log-prob computation itself.
@@ -292,8 +344,17 @@ def worker_trainer_rss(cache: str, steps: int) -> dict:
     from mtdpo.train.config import MtdpoConfig
     from mtdpo.train.run import train
 
-    config = MtdpoConfig(data=[cache], output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=False,
-                         per_device_train_batch_size=4, save_strategy="no", report_to="none", logging_steps=steps)  # fmt: skip
+    config = MtdpoConfig(
+        data=[cache],
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        max_steps=steps,
+        bf16=False,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=steps,
+    )
     train(config)
     return {"peak_rss_mb": peak_rss_mb()}
 
@@ -320,16 +381,37 @@ def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=(), toke
     from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer or EMBEDDED_TOKENIZER))
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", max_length=None, save_strategy="no",
-                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1, learning_rate=1e-6,
-                     per_device_train_batch_size=batch, max_steps=max_steps, logging_steps=max_steps,
-                     dataset_num_proc=num_proc if num_proc > 1 else None, disable_tqdm=True)  # fmt: skip
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_length=None,
+        save_strategy="no",
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 1.0],
+        beta=0.1,
+        learning_rate=1e-6,
+        per_device_train_batch_size=batch,
+        max_steps=max_steps,
+        logging_steps=max_steps,
+        dataset_num_proc=num_proc if num_proc > 1 else None,
+        disable_tqdm=True,
+    )
     if rows is None:  # a trainer only to reach its preparation step (one row of the data to prepare)
-        dataset = datasets.Dataset.from_list([json.loads(next(open(first_row_of or REPO / "mtdpo/assets/sample.jsonl")))])
+        dataset = datasets.Dataset.from_list(
+            [json.loads(next(open(first_row_of or REPO / "mtdpo/assets/sample.jsonl")))]
+        )
     else:
         dataset = datasets.load_dataset("json", data_files=rows, split="train", cache_dir=tempfile.mkdtemp())
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
-                         processing_class=tok, callbacks=list(callbacks))  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=list(callbacks),
+    )
     return trainer, tok, args
 
 
@@ -347,10 +429,25 @@ def run_worker(name: str, copies: int = 1, **kwargs) -> dict:
     if key in measured:
         print(f"  {name} {kwargs}: {measured[key]} (measured earlier)", flush=True)
         return measured[key]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore", "BENCH_T0": repr(time.time())}  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", name, json.dumps(kwargs)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(copies)]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+        "BENCH_T0": repr(time.time()),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", name, json.dumps(kwargs)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(copies)
+    ]
     outputs = [proc.communicate() for proc in procs]
     if failed := next((err for proc, (_, err) in zip(procs, outputs) if proc.returncode != 0), None):
         raise RuntimeError(f"worker {name} {kwargs} failed:\n{failed[-4000:]}")
@@ -414,15 +511,20 @@ def gemma_rows(rows: Path) -> Path:
 
 
 PREP_SYSTEMS = (  # key, worker, its arguments, the table's label
-    ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}, "mtdpo, 1 process"), ("trl_np1", "prep_trl", {"num_proc": 1}, "TRL, 1 process"),
-    ("floor", "prep_floor", {}, "floor (a), 1 process"), ("floor_paused", "prep_floor", {"paused": True}, "floor (a), collector paused in the load"),
-    ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}, "mtdpo, 2 processes"), ("trl_np2", "prep_trl", {"num_proc": 2}, "TRL, 2 processes"),
+    ("mtdpo_np1", "prep_mtdpo", {"num_proc": 1}, "mtdpo, 1 process"),
+    ("trl_np1", "prep_trl", {"num_proc": 1}, "TRL, 1 process"),
+    ("floor", "prep_floor", {}, "floor (a), 1 process"),
+    ("floor_paused", "prep_floor", {"paused": True}, "floor (a), collector paused in the load"),
+    ("mtdpo_np2", "prep_mtdpo", {"num_proc": 2}, "mtdpo, 2 processes"),
+    ("trl_np2", "prep_trl", {"num_proc": 2}, "TRL, 2 processes"),
     ("mtdpo_np1_x2", "prep_mtdpo", {"num_proc": 1, "copies": 2}, "mtdpo, 1 process, 2 runs at once (rows of both)"),
-)  # fmt: skip
+)
 PREP_TOKENIZERS = ("embedded", "gemma3")
 
 
-def preparation(n_rows: int, repeats: int, only: tuple[str, ...] = (), tokenizer_names: tuple[str, ...] = PREP_TOKENIZERS) -> dict:
+def preparation(
+    n_rows: int, repeats: int, only: tuple[str, ...] = (), tokenizer_names: tuple[str, ...] = PREP_TOKENIZERS
+) -> dict:
     """rows/s of mtdpo's whole preprocess(), TRL's _prepare_dataset and floor (a), each run in its
     own process, interleaved (system inside tokenizer inside repeat, the systems' order rotated
     each repeat), `repeats` times; mtdpo and TRL also with 2 processes. `only`: a subset of
@@ -470,20 +572,30 @@ def prep_table(prep: dict) -> str:
         f"| | {head} |",
         "|---|" + "---:|---:|" * len(toks),
     ]
+
     def ran(*keys):  # False for a system left out by --prep-systems
         return all(f"{toks[0]} {key}" in r for key in keys)
 
     for key, _, _, label in PREP_SYSTEMS:
         if not ran(key):
             continue
-        cells = [f"{speed(t, key, m):,.0f} ({speed(t, key, m, 'min'):,.0f})" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
+        cells = [
+            f"{speed(t, key, m):,.0f} ({speed(t, key, m, 'min'):,.0f})"
+            for t in toks
+            for m in ("rows_per_cpu_s", "rows_per_s")
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ratios = (("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"), ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
-              ("mtdpo / floor (a), collector paused", "mtdpo_np1", "floor_paused"),
-              ("TRL / floor (a)", "trl_np1", "floor"), ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
-              ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"),
-              ("2 runs of 1 process at once / 1 run: the machine's ceiling for 2 processes", "mtdpo_np1_x2", "mtdpo_np1"),
-              ("mtdpo 2 processes / 2 runs of 1 process at once", "mtdpo_np2", "mtdpo_np1_x2"))  # fmt: skip
+    ratios = (
+        ("mtdpo / TRL, 1 process", "mtdpo_np1", "trl_np1"),
+        ("mtdpo / floor (a)", "mtdpo_np1", "floor"),
+        ("mtdpo / floor (a), collector paused", "mtdpo_np1", "floor_paused"),
+        ("TRL / floor (a)", "trl_np1", "floor"),
+        ("mtdpo / TRL, 2 processes", "mtdpo_np2", "trl_np2"),
+        ("mtdpo 2 processes / 1 process", "mtdpo_np2", "mtdpo_np1"),
+        ("2 runs of 1 process at once / 1 run: the machine's ceiling for 2 processes", "mtdpo_np1_x2", "mtdpo_np1"),
+        ("mtdpo 2 processes / 2 runs of 1 process at once", "mtdpo_np2", "mtdpo_np1_x2"),
+    )
+
     def paired(tok, a, b, measure):
         """The median over repeats of each repeat's own ratio: the two runs of a repeat are minutes
         apart, so a drift of the host's speed between repeats cancels out of it."""
@@ -493,18 +605,29 @@ def prep_table(prep: dict) -> str:
     for label, a, b in ratios:
         if not ran(a, b):
             continue
-        cells = [f"{speed(t, a, m) / speed(t, b, m):.2f}× ({paired(t, a, b, m):.2f}×)" for t in toks for m in ("rows_per_cpu_s", "rows_per_s")]
+        cells = [
+            f"{speed(t, a, m) / speed(t, b, m):.2f}× ({paired(t, a, b, m):.2f}×)"
+            for t in toks
+            for m in ("rows_per_cpu_s", "rows_per_s")
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if not ran("mtdpo_np2"):
         return "\n".join(lines) + "\n"
     main_cpu = [sorted(x["main_cpu_ms_per_row"] for x in r[f"{t} mtdpo_np2"]["runs"])[0] for t in toks]
-    lines.append("| mtdpo main-process CPU ms per row, 2 processes (min; its tokenizer load included) | " + " | ".join(f"{m:.3f} | –" for m in main_cpu) + " |")
+    lines.append(
+        "| mtdpo main-process CPU ms per row, 2 processes (min; its tokenizer load included) | "
+        + " | ".join(f"{m:.3f} | –" for m in main_cpu)
+        + " |"
+    )
     return "\n".join(lines) + "\n"
 
 
 def benchmark(quick: bool) -> dict:
-    sizes = dict(prep_rows=2000, startup=(200, 2000), train_steps=6, lengths=(256, 512), rss=(1000, 4000)) if quick else \
-        dict(prep_rows=20000, startup=(1000, 100000), train_steps=20, lengths=(512, 2048), rss=(10000, 200000))  # fmt: skip
+    sizes = (
+        dict(prep_rows=2000, startup=(200, 2000), train_steps=6, lengths=(256, 512), rss=(1000, 4000))
+        if quick
+        else dict(prep_rows=20000, startup=(1000, 100000), train_steps=20, lengths=(512, 2048), rss=(10000, 200000))
+    )
     results: dict = {"machine": _machine(), "quick": quick, "sizes": sizes}
 
     print("1. preparation rows/s", flush=True)
@@ -524,7 +647,9 @@ def benchmark(quick: bool) -> dict:
         rows = write_rows(WORK / f"train-{length}.jsonl", 400, seed=2, approx_tokens=length)
         cache = cache_for(rows, f"train-{length}")
         for system, kwargs in (("mtdpo", {"cache": str(cache)}), ("trl", {"rows": str(rows)})):
-            results["train"][f"{system}_{length}"] = run_worker(f"train_{system}", steps=sizes["train_steps"], batch=4, **kwargs)
+            results["train"][f"{system}_{length}"] = run_worker(
+                f"train_{system}", steps=sizes["train_steps"], batch=4, **kwargs
+            )
 
     print("4. log-prob memory (vocab 256k, seq 2048)", flush=True)
     shape = dict(vocab=256000, seq=2048 if not quick else 512, hidden=640)
@@ -541,8 +666,13 @@ def benchmark(quick: bool) -> dict:
 def _machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def table(r: dict) -> str:
@@ -552,14 +682,49 @@ def table(r: dict) -> str:
     short, long = s["lengths"]
     lo, hi = s["rss"]
     rows = [
-        ("preparation rows/s, 1 process", prep["results"]["embedded mtdpo_np1"]["median_rows_per_s"], prep["results"]["embedded trl_np1"]["median_rows_per_s"], "≥ 2×"),
-        ("preparation rows/s, 2 processes", prep["results"]["embedded mtdpo_np2"]["median_rows_per_s"], prep["results"]["embedded trl_np2"]["median_rows_per_s"], "≥ 2×"),
-        (f"start-up s, {small:,} pairs", start[f"mtdpo_{small}"]["seconds_to_first_step"], start[f"trl_{small}"]["seconds_to_first_step"], ""),
-        (f"start-up s, {big:,} pairs", start[f"mtdpo_{big}"]["seconds_to_first_step"], start[f"trl_{big}"]["seconds_to_first_step"], ""),
-        (f"training tokens/s, ~{short} tokens", train[f"mtdpo_{short}"]["tokens_per_s"], train[f"trl_{short}"]["tokens_per_s"], ""),
-        (f"training tokens/s, ~{long} tokens", train[f"mtdpo_{long}"]["tokens_per_s"], train[f"trl_{long}"]["tokens_per_s"], "≥ 1.5×"),
-        (f"training peak RSS MB, ~{long} tokens", train[f"mtdpo_{long}"]["peak_rss_mb"], train[f"trl_{long}"]["peak_rss_mb"], ""),
-    ]  # fmt: skip
+        (
+            "preparation rows/s, 1 process",
+            prep["results"]["embedded mtdpo_np1"]["median_rows_per_s"],
+            prep["results"]["embedded trl_np1"]["median_rows_per_s"],
+            "≥ 2×",
+        ),
+        (
+            "preparation rows/s, 2 processes",
+            prep["results"]["embedded mtdpo_np2"]["median_rows_per_s"],
+            prep["results"]["embedded trl_np2"]["median_rows_per_s"],
+            "≥ 2×",
+        ),
+        (
+            f"start-up s, {small:,} pairs",
+            start[f"mtdpo_{small}"]["seconds_to_first_step"],
+            start[f"trl_{small}"]["seconds_to_first_step"],
+            "",
+        ),
+        (
+            f"start-up s, {big:,} pairs",
+            start[f"mtdpo_{big}"]["seconds_to_first_step"],
+            start[f"trl_{big}"]["seconds_to_first_step"],
+            "",
+        ),
+        (
+            f"training tokens/s, ~{short} tokens",
+            train[f"mtdpo_{short}"]["tokens_per_s"],
+            train[f"trl_{short}"]["tokens_per_s"],
+            "",
+        ),
+        (
+            f"training tokens/s, ~{long} tokens",
+            train[f"mtdpo_{long}"]["tokens_per_s"],
+            train[f"trl_{long}"]["tokens_per_s"],
+            "≥ 1.5×",
+        ),
+        (
+            f"training peak RSS MB, ~{long} tokens",
+            train[f"mtdpo_{long}"]["peak_rss_mb"],
+            train[f"trl_{long}"]["peak_rss_mb"],
+            "",
+        ),
+    ]
     lines = ["| measurement | mtdpo | TRL | mtdpo / TRL | target |", "|---|---:|---:|---:|---|"]
     lines += [f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}× | {t} |" for name, a, b, t in rows]
     startup_ratio = start[f"mtdpo_{big}"]["seconds_to_first_step"] / start[f"mtdpo_{small}"]["seconds_to_first_step"]
@@ -572,7 +737,7 @@ def table(r: dict) -> str:
         f"| mtdpo start-up {big:,} / {small:,} pairs | {startup_ratio:.2f} | ≤ 1.2 |",
         f"| log-prob peak memory, fused / naive (vocab 256k) | {mem['mtdpo']['peak_extra_mb']:,.0f} / {mem['naive']['peak_extra_mb']:,.0f} MB = {mem_ratio:.2f} | ≤ 0.3 |",
         f"| trainer peak RSS {lo:,} → {hi:,} pairs | {rss[str(lo)]['peak_rss_mb']:,.0f} → {rss[str(hi)]['peak_rss_mb']:,.0f} MB (+{growth:,.0f}) | ≤ +100 MB |",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -589,11 +754,18 @@ def main() -> None:
     parser.add_argument("--prep", action="store_true", help="only preparation: mtdpo vs TRL vs floor (a), 2 tokenizers")
     parser.add_argument("--prep-rows", type=int, default=2000, help="pairs per preparation run (with --prep)")
     parser.add_argument("--prep-name", default="prep", help="results file stem in bench/results (with --prep)")
-    parser.add_argument("--prep-systems", default="", help="with --prep: a comma-separated subset of "
-                        + ", ".join(s[0] for s in PREP_SYSTEMS) + " (default: all)")
-    parser.add_argument("--prep-tokenizers", default=",".join(PREP_TOKENIZERS), help="with --prep: embedded, gemma3 or both")
+    parser.add_argument(
+        "--prep-systems",
+        default="",
+        help="with --prep: a comma-separated subset of " + ", ".join(s[0] for s in PREP_SYSTEMS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--prep-tokenizers", default=",".join(PREP_TOKENIZERS), help="with --prep: embedded, gemma3 or both"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (with --prep or --startup)")
-    parser.add_argument("--startup", nargs=2, metavar=("SMALL", "BIG"), help="only mtdpo train start-up: two caches, interleaved")
+    parser.add_argument(
+        "--startup", nargs=2, metavar=("SMALL", "BIG"), help="only mtdpo train start-up: two caches, interleaved"
+    )
     args = parser.parse_args()
     if args.fresh:
         MEASURED.unlink(missing_ok=True)
@@ -604,15 +776,27 @@ def main() -> None:
             run_worker("startup_mtdpo", cache=str(Path(cache).resolve()), repeat="warm-up")
         for repeat in range(args.repeats):  # interleaved: small, big, small, big …
             for cache in (small, big):
-                runs[cache].append(run_worker("startup_mtdpo", cache=str(Path(cache).resolve()), repeat=repeat)["seconds_to_first_step"])
+                runs[cache].append(
+                    run_worker("startup_mtdpo", cache=str(Path(cache).resolve()), repeat=repeat)[
+                        "seconds_to_first_step"
+                    ]
+                )
         pairs = {cache: json.loads((Path(cache) / "manifest.json").read_text())["counts"]["kept"] for cache in runs}
         median = {cache: sorted(times)[len(times) // 2] for cache, times in runs.items()}
         for cache, times in runs.items():
-            print(f"{cache}: {pairs[cache]:,} pairs, seconds to the first step: min {min(times):.2f}, median {median[cache]:.2f} ({times})")
-        print(f"start-up {pairs[big]:,} / {pairs[small]:,} pairs: {median[big] / median[small]:.2f} (medians), {min(runs[big]) / min(runs[small]):.2f} (minima)")
+            print(
+                f"{cache}: {pairs[cache]:,} pairs, seconds to the first step: min {min(times):.2f}, median {median[cache]:.2f} ({times})"
+            )
+        print(
+            f"start-up {pairs[big]:,} / {pairs[small]:,} pairs: {median[big] / median[small]:.2f} (medians), {min(runs[big]) / min(runs[small]):.2f} (minima)"
+        )
         return
     if args.prep:
-        prep = {"machine": _machine(), "load_before": os.getloadavg(), **preparation(args.prep_rows, args.repeats, *_prep_choice(args))}
+        prep = {
+            "machine": _machine(),
+            "load_before": os.getloadavg(),
+            **preparation(args.prep_rows, args.repeats, *_prep_choice(args)),
+        }
         prep["load_after"] = os.getloadavg()
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{args.prep_name}.json").write_text(json.dumps(prep, indent=2) + "\n")

@@ -32,10 +32,24 @@ from run import REPO, WORK, TokenCounter, cache_for, count_mtdpo_tokens, peak_rs
 
 RESULTS = REPO / "bench" / "results"
 # Gemma's architecture (MQA, GeGLU, RMSNorm, tied embeddings) at 25M parameters, on the embedded 2,048-token vocabulary.
-GEMMA_25M = dict(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_hidden_layers=7, num_attention_heads=8,
-                 num_key_value_heads=1, head_dim=64)  # fmt: skip
-GEMMA_TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, head_dim=32)  # fmt: skip
+GEMMA_25M = dict(
+    vocab_size=2048,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=7,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=64,
+)
+GEMMA_TINY = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+)
 MTDPO_MODES = {
     "mtdpo padded": {"prefix_sharing": False, "padding_free": False},
     "mtdpo padding-free": {"prefix_sharing": False, "padding_free": True},
@@ -132,10 +146,16 @@ def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: in
         counter = _train_mtdpo(MTDPO_MODES[system], model, cache, steps, batch, bf16, clock, losses)
     timed = sum(counter.tokens[warm:steps])
     wall, cpu = clock.wall[steps - 1] - clock.wall[warm - 1], clock.cpu[steps - 1] - clock.cpu[warm - 1]
-    return {"tokens_per_s": timed / wall, "tokens_per_cpu_s": timed / cpu, "steps_timed": steps - warm,
-            "mean_seq_len": timed / (2 * batch * (steps - warm)), "threads": torch.get_num_threads(),
-            "step_wall_s": [b - a for a, b in zip(clock.wall[warm - 1 : steps - 1], clock.wall[warm:steps])],
-            "losses": losses, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    return {
+        "tokens_per_s": timed / wall,
+        "tokens_per_cpu_s": timed / cpu,
+        "steps_timed": steps - warm,
+        "mean_seq_len": timed / (2 * batch * (steps - warm)),
+        "threads": torch.get_num_threads(),
+        "step_wall_s": [b - a for a, b in zip(clock.wall[warm - 1 : steps - 1], clock.wall[warm:steps])],
+        "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 class _LossLog:
@@ -155,9 +175,22 @@ def _train_mtdpo(mode: dict, model: str, cache: str, steps: int, batch: int, bf1
     from mtdpo.train.config import MtdpoConfig
 
     counters = count_mtdpo_tokens()
-    config = MtdpoConfig(data=[cache], model=model, output_dir=tempfile.mkdtemp(), use_cpu=True, max_steps=steps, bf16=bf16,
-                         per_device_train_batch_size=batch, save_strategy="no", report_to="none", logging_steps=1,
-                         learning_rate=1e-6, beta=0.1, nll_coef=1.0, **mode)  # fmt: skip
+    config = MtdpoConfig(
+        data=[cache],
+        model=model,
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        max_steps=steps,
+        bf16=bf16,
+        per_device_train_batch_size=batch,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        learning_rate=1e-6,
+        beta=0.1,
+        nll_coef=1.0,
+        **mode,
+    )
     run.train(config, callbacks=[clock.callback, _LossLog(losses).callback])
     return counters[0]
 
@@ -175,14 +208,33 @@ def _train_trl(model: str, rows: str, steps: int, batch: int, bf16: bool, clock,
     datasets.disable_progress_bars()
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # live reference, as mtdpo's
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=bf16, report_to="none", max_length=None, save_strategy="no",
-                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1, learning_rate=1e-6,
-                     per_device_train_batch_size=batch, max_steps=steps, logging_steps=1, dataset_num_proc=None,
-                     disable_tqdm=True)  # fmt: skip
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=bf16,
+        report_to="none",
+        max_length=None,
+        save_strategy="no",
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 1.0],
+        beta=0.1,
+        learning_rate=1e-6,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        logging_steps=1,
+        dataset_num_proc=None,
+        disable_tqdm=True,
+    )
     dataset = datasets.load_dataset("json", data_files=rows, split="train", cache_dir=tempfile.mkdtemp())
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
-                         callbacks=[clock.callback, _LossLog(losses).callback])  # fmt: skip
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[clock.callback, _LossLog(losses).callback],
+    )
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()
@@ -190,9 +242,19 @@ def _train_trl(model: str, rows: str, steps: int, batch: int, bf16: bool, clock,
 
 
 def run_worker(threads: int, **kwargs) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
-    proc = subprocess.run([sys.executable, __file__, "worker", json.dumps(kwargs)], env=env, cwd=REPO, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "BENCH_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "worker", json.dumps(kwargs)], env=env, cwd=REPO, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kwargs['system']} failed:\n{proc.stderr[-4000:]}")
     lines = proc.stdout.strip().splitlines()
@@ -211,18 +273,37 @@ def cache_stats(cache: Path) -> dict:
     columns = load_cache(cache).with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
     both = int(columns["chosen_len"].sum() + columns["rejected_len"].sum())
     prompt = int(columns["prompt_len"].sum())
-    return {"pairs": len(columns["prompt_len"]), "mean_seq_len": both / (2 * len(columns["prompt_len"])),
-            "prompt_share": 2 * prompt / both, "shared_tokens_saved": (prompt - len(columns["prompt_len"])) / both}  # fmt: skip
+    return {
+        "pairs": len(columns["prompt_len"]),
+        "mean_seq_len": both / (2 * len(columns["prompt_len"])),
+        "prompt_share": 2 * prompt / both,
+        "shared_tokens_saved": (prompt - len(columns["prompt_len"])) / both,
+    }
 
 
-def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int, lengths: tuple[int, ...] | None = None) -> dict:
+def benchmark(
+    quick: bool, bf16: bool, repeats: int, threads: int, parallel: int, lengths: tuple[int, ...] | None = None
+) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     lengths = lengths or ((256, 512) if quick else (1024, 2048))
-    steps, warm, batch = (4, 1, 4) if quick else (2, 1, 4)  # full: 1 timed step (CPU time varies little), to fit ~20 minutes
+    steps, warm, batch = (
+        (4, 1, 4) if quick else (2, 1, 4)
+    )  # full: 1 timed step (CPU time varies little), to fit ~20 minutes
     model = model_dir(quick)
-    results = {"machine": _machine(), "quick": quick, "bf16": bf16, "batch": batch, "steps": steps, "warm": warm, "repeats": repeats, "threads": threads, "parallel": parallel,
-               "model": {**(GEMMA_TINY if quick else GEMMA_25M), "parameters": _parameters(model)}, "lengths": {}}  # fmt: skip
+    results = {
+        "machine": _machine(),
+        "quick": quick,
+        "bf16": bf16,
+        "batch": batch,
+        "steps": steps,
+        "warm": warm,
+        "repeats": repeats,
+        "threads": threads,
+        "parallel": parallel,
+        "model": {**(GEMMA_TINY if quick else GEMMA_25M), "parameters": _parameters(model)},
+        "lengths": {},
+    }
     for length in lengths:
         rows = write_multiturn_rows(WORK / f"train-mt-{length}.jsonl", 4 * batch * steps, approx_tokens=length)
         cache = cache_for(rows, f"train-mt-{length}")
@@ -232,13 +313,25 @@ def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int
         for repeat in range(repeats):
             order = SYSTEMS[repeat % len(SYSTEMS) :] + SYSTEMS[: repeat % len(SYSTEMS)]  # rotate who goes first
 
-            def measure(system, repeat=repeat):
+            def measure(system, repeat=repeat, rows=rows, cache=cache):
                 started = time.time()
-                result = run_worker(threads, system=system, model=str(model), rows=str(rows), cache=str(cache), steps=steps, batch=batch,
-                                    bf16=bf16, warm=warm)  # fmt: skip
+                result = run_worker(
+                    threads,
+                    system=system,
+                    model=str(model),
+                    rows=str(rows),
+                    cache=str(cache),
+                    steps=steps,
+                    batch=batch,
+                    bf16=bf16,
+                    warm=warm,
+                )
                 result["wall_s"] = time.time() - started
-                print(f"  {system:22s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, {result['tokens_per_s']:8.1f} tok/s wall"
-                      f"  ({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"  {system:22s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, {result['tokens_per_s']:8.1f} tok/s wall"
+                    f"  ({result['wall_s']:.0f} s)",
+                    flush=True,
+                )
                 return result
 
             with ThreadPoolExecutor(parallel) as pool:  # `parallel` processes at a time, each its own system
@@ -248,7 +341,9 @@ def benchmark(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int
         # the same batches in the three mtdpo layouts: their losses must agree (bf16: to rounding)
         first = runs["mtdpo padded"][0]["losses"]
         entry["max_loss_diff_vs_padded"] = {
-            system: max(abs(a - b) for a, b in zip(first, runs[system][0]["losses"])) for system in MTDPO_MODES if system != "mtdpo padded"
+            system: max(abs(a - b) for a, b in zip(first, runs[system][0]["losses"]))
+            for system in MTDPO_MODES
+            if system != "mtdpo padded"
         }
     return results
 
@@ -268,9 +363,16 @@ def _machine() -> dict:
 
     from mtdpo.train.config import cpu_has_bf16_matmul
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "bf16_flag": cpu_has_bf16_matmul(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}  # fmt: skip
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "bf16_flag": cpu_has_bf16_matmul(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_before": os.getloadavg(),
+    }
 
 
 def table(results: dict, key: str = "tokens_per_cpu_s") -> str:
@@ -284,7 +386,9 @@ def table(results: dict, key: str = "tokens_per_cpu_s") -> str:
         summary = {system: values[key] for system, values in entry["summary"].items()}
 
         def ratio(a, b, summary=summary):
-            return f"{summary[a]['median'] / summary[b]['median']:.2f}× (min {summary[a]['min'] / summary[b]['min']:.2f}×)"
+            return (
+                f"{summary[a]['median'] / summary[b]['median']:.2f}× (min {summary[a]['min'] / summary[b]['min']:.2f}×)"
+            )
 
         cells = [f"{summary[s]['median']:,.0f} ({summary[s]['min']:,.0f})" for s in SYSTEMS]
         lines.append(
@@ -293,13 +397,21 @@ def table(results: dict, key: str = "tokens_per_cpu_s") -> str:
             f"{ratio('mtdpo padding-free', 'mtdpo padded')} |"
         )
     unit = "Tokens per CPU-second" if key == "tokens_per_cpu_s" else "Tokens per wall-clock second"
-    lines += ["", f"{unit}, median (min) of {results['repeats']} runs each, {results['threads']} thread(s) per process, "
-              f"{results['parallel']} processes at a time, {precision}, "
-              f"batch {results['batch']} pairs, {results['steps'] - results['warm']} timed step(s) after {results['warm']} warm-up step; "
-              f"{results['model']['parameters'] / 1e6:.1f}M parameters. Load average {results['machine']['load_before'][0]:.1f} before, "
-              f"{results['machine'].get('load_after', [float('nan')])[0]:.1f} after."]  # fmt: skip
-    diffs = {length: {s: f"{d:.1e}" for s, d in entry["max_loss_diff_vs_padded"].items()} for length, entry in results["lengths"].items()}
-    lines.append(f"Largest |loss difference| from padded, same batches, over the logged steps: {json.dumps(diffs, ensure_ascii=False)}")
+    lines += [
+        "",
+        f"{unit}, median (min) of {results['repeats']} runs each, {results['threads']} thread(s) per process, "
+        f"{results['parallel']} processes at a time, {precision}, "
+        f"batch {results['batch']} pairs, {results['steps'] - results['warm']} timed step(s) after {results['warm']} warm-up step; "
+        f"{results['model']['parameters'] / 1e6:.1f}M parameters. Load average {results['machine']['load_before'][0]:.1f} before, "
+        f"{results['machine'].get('load_after', [float('nan')])[0]:.1f} after.",
+    ]
+    diffs = {
+        length: {s: f"{d:.1e}" for s, d in entry["max_loss_diff_vs_padded"].items()}
+        for length, entry in results["lengths"].items()
+    }
+    lines.append(
+        f"Largest |loss difference| from padded, same batches, over the logged steps: {json.dumps(diffs, ensure_ascii=False)}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +436,10 @@ def merged_results(paths: list[str]) -> dict:
 
 def summarise(runs: dict) -> dict:
     keys = ("tokens_per_cpu_s", "tokens_per_s")
-    return {system: {k: {"min": min(r[k] for r in rs), "median": statistics.median(r[k] for r in rs)} for k in keys} for system, rs in runs.items()}
+    return {
+        system: {k: {"min": min(r[k] for r in rs), "median": statistics.median(r[k] for r in rs)} for k in keys}
+        for system, rs in runs.items()
+    }
 
 
 def main() -> None:
@@ -335,20 +450,48 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, short rows, one repeat: checks the harness")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="precision of both systems (default: mtdpo's choice for this machine)")  # fmt: skip
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="precision of both systems (default: mtdpo's choice for this machine)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="runs per system and length (default 2; --quick: 1)")
-    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the tables of earlier results (several: their lengths side by side)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="approximate tokens per sequence (default 1024 2048; --quick: 256 512)")
-    parser.add_argument("--name", default=None, help="results file stem in bench/results (default train, or train-quick)")
-    parser.add_argument("--parallel", type=int, default=2, help="measurements running at once (each its own process and system)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: CPU time is not inflated by other jobs)")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print the tables of earlier results (several: their lengths side by side)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="approximate tokens per sequence (default 1024 2048; --quick: 256 512)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="results file stem in bench/results (default train, or train-quick)"
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=2, help="measurements running at once (each its own process and system)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (1: CPU time is not inflated by other jobs)"
+    )
     args = parser.parse_args()
     if args.table:  # e.g. the ~1k and ~2k tokens runs made separately
         print(table(merged_results(args.table)) + "\n" + table(merged_results(args.table), "tokens_per_s"))
         return
     bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
-    results = benchmark(args.quick, bf16, args.repeats or (1 if args.quick else 2), args.threads, args.parallel, tuple(args.lengths or ()))
+    results = benchmark(
+        args.quick,
+        bf16,
+        args.repeats or (1 if args.quick else 2),
+        args.threads,
+        args.parallel,
+        tuple(args.lengths or ()),
+    )
     results["machine"]["load_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("train-quick" if args.quick else "train")

@@ -23,7 +23,14 @@ from pathlib import Path
 
 from mtdpo import __version__
 from mtdpo.errors import UsageError
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, fingerprint_dir, same_tokenizer, sha256_path, sha256_text, vocabulary_hash
+from mtdpo.tokenizer import (
+    EMBEDDED_TOKENIZER,
+    fingerprint_dir,
+    same_tokenizer,
+    sha256_path,
+    sha256_text,
+    vocabulary_hash,
+)
 
 SCHEMA_VERSION = 1
 IGNORE_INDEX = -100  # the label of every token that is not trained
@@ -38,12 +45,24 @@ COLUMN_TYPES = {
     "rejected_len": "int32",
     "row": "int64",  # the source row
 }
-COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "prompt_len", "row")  # required
+COLUMNS = (
+    "chosen_input_ids",
+    "chosen_labels",
+    "rejected_input_ids",
+    "rejected_labels",
+    "prompt_len",
+    "row",
+)  # required
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")  # optional float32, written by precompute-ref
 MANIFEST_KEYS = (
-    ("tokenizer", "fingerprint"), ("tokenizer", "vocab_size"), ("tokenizer", "pad_token_id"),
-    ("chat_template_sha256",), ("mask_mode",), ("max_length",), ("counts", "kept"),
-)  # fmt: skip
+    ("tokenizer", "fingerprint"),
+    ("tokenizer", "vocab_size"),
+    ("tokenizer", "pad_token_id"),
+    ("chat_template_sha256",),
+    ("mask_mode",),
+    ("max_length",),
+    ("counts", "kept"),
+)
 # Manifest fields that must agree for several caches to be one dataset (the tokenizer is
 # compared on its own: two fingerprints may name one tokenizer).
 COMPATIBLE_FIELDS = (("chat_template_sha256",), ("mask_mode",), ("seed_markers",), ("max_length",))
@@ -129,7 +148,9 @@ def write_json(path: Path, data: dict) -> None:
 def read_manifest(cache: Path) -> dict:
     cache = Path(cache)
     if TEMPORARY_DIR.match(cache.name):
-        raise UsageError(f"{cache} is the temporary directory of an unfinished or interrupted run, not a cache; run `mtdpo preprocess` again")
+        raise UsageError(
+            f"{cache} is the temporary directory of an unfinished or interrupted run, not a cache; run `mtdpo preprocess` again"
+        )
     path = cache / "manifest.json"
     if not path.is_file():
         raise UsageError(f"{cache} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first")
@@ -171,7 +192,9 @@ def load_cache(cache: Path, verify: bool = False, full: bool = False):
     if missing:
         raise UsageError(f"the shards in {cache} lack the column(s) {', '.join(missing)}; preprocess again")
     if len(ds) != manifest["counts"]["kept"]:
-        raise UsageError(f"the shards in {cache} hold {len(ds):,} pairs but manifest.json says {manifest['counts']['kept']:,}")
+        raise UsageError(
+            f"the shards in {cache} hold {len(ds):,} pairs but manifest.json says {manifest['counts']['kept']:,}"
+        )
     return ds
 
 
@@ -199,7 +222,9 @@ def open_caches(paths: list[str], verify_all: bool = False):
     manifests = [read_manifest(Path(p)) for p in paths]
     fingerprint = manifests[0]["tokenizer"]["fingerprint"]
     for path, manifest in zip(paths[1:], manifests[1:]):
-        if manifest["tokenizer"]["fingerprint"] != fingerprint and not same_tokenizer(fingerprint, Path(paths[0]) / "tokenizer", Path(path) / "tokenizer"):
+        if manifest["tokenizer"]["fingerprint"] != fingerprint and not same_tokenizer(
+            fingerprint, Path(paths[0]) / "tokenizer", Path(path) / "tokenizer"
+        ):
             raise UsageError(f"caches {paths[0]} and {path} disagree on tokenizer.fingerprint; preprocess them alike")
         for keys in COMPATIBLE_FIELDS:
             if _get(manifest, keys) != _get(manifests[0], keys):
@@ -210,13 +235,17 @@ def open_caches(paths: list[str], verify_all: bool = False):
             source = manifest["input"].get("sha256") or manifest["input"].get("path")  # a hub dataset has no hash
             key = (source, shard["index"], shard["count"])
             if key in slices:
-                raise UsageError(f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) of one input; pass each once")
+                raise UsageError(
+                    f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) of one input; pass each once"
+                )
             slices[key] = path
     datasets = [load_cache(Path(p), verify=True, full=verify_all) for p in paths]
     for path, manifest, dataset in zip(paths, manifests, datasets):
         if len(dataset) == 0:
             counts = manifest.get("counts", {})
-            raise UsageError(f"cache {path} holds no pairs (kept {counts.get('kept', 0)} of {counts.get('rows', '?')} rows; see {Path(path) / 'rejects.jsonl'})")
+            raise UsageError(
+                f"cache {path} holds no pairs (kept {counts.get('kept', 0)} of {counts.get('rows', '?')} rows; see {Path(path) / 'rejects.jsonl'})"
+            )
     check_reference_columns(paths, datasets)  # the collator cannot mix batches with and without them
     return (datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)), manifests[0]
 
@@ -227,15 +256,23 @@ def _get(d: dict, keys: tuple[str, ...]):
     return d
 
 
-def check_model_matches(manifest: dict, model_path: str | None, vocab_size: int, allow_mismatch: bool, cache: Path) -> None:
+def check_model_matches(
+    manifest: dict, model_path: str | None, vocab_size: int, allow_mismatch: bool, cache: Path
+) -> None:
     """Refuse a model whose tokenizer is not the one the cache was tokenized with."""
     cache_vocab = manifest["tokenizer"]["vocab_size"]
     if cache_vocab > vocab_size:
         hint = " (the tiny default model fits only the embedded tokenizer; pass --model)" if model_path is None else ""
-        raise UsageError(f"the cache uses token ids up to {cache_vocab - 1} but the model's vocabulary has {vocab_size}{hint}")
+        raise UsageError(
+            f"the cache uses token ids up to {cache_vocab - 1} but the model's vocabulary has {vocab_size}{hint}"
+        )
     tokenizer_dir = EMBEDDED_TOKENIZER if model_path is None else Path(model_path)
     fingerprint = manifest["tokenizer"]["fingerprint"]
-    if (tokenizer_dir / "tokenizer.json").is_file() and not allow_mismatch and not same_tokenizer(fingerprint, Path(cache) / "tokenizer", tokenizer_dir):
+    if (
+        (tokenizer_dir / "tokenizer.json").is_file()
+        and not allow_mismatch
+        and not same_tokenizer(fingerprint, Path(cache) / "tokenizer", tokenizer_dir)
+    ):
         raise UsageError(
             f"the model's tokenizer ({tokenizer_dir}) differs from the cache's ({manifest['tokenizer']['name_or_path']}): "
             "re-run `mtdpo preprocess --tokenizer` with the model's tokenizer, or pass --allow-mismatch"
@@ -284,7 +321,10 @@ def _check_shard(shard: Path) -> None:
 def write_checksums(directory: Path) -> None:
     """Record size and SHA-256 of the shards and datasets' JSON files (preprocess, at the end)."""
     names = [*sorted(p.name for p in Path(directory).glob("data-*.arrow")), *CHECKED_FILES]
-    sums = {name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": sha256_path(Path(directory) / name)} for name in names}
+    sums = {
+        name: {"bytes": (Path(directory) / name).stat().st_size, "sha256": sha256_path(Path(directory) / name)}
+        for name in names
+    }
     (Path(directory) / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
     write_stamp(directory)
 

@@ -51,7 +51,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Multi-turn DPO + NLL for chat models."""
 
@@ -60,11 +62,14 @@ def main(
 @user_errors
 def preprocess(
     input: Path = typer.Argument(
-        ..., help="Conversations: .jsonl, .json, .parquet, a saved `datasets` directory, a directory of such files "
+        ...,
+        help="Conversations: .jsonl, .json, .parquet, a saved `datasets` directory, a directory of such files "
         "(read in sorted order), or a `datasets` hub name (streamed).",
         readable=False,  # no click check (a boxed usage message): preprocess says "cannot read" in one line
-    ),  # fmt: skip
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. \\[default: data_cache/<input name>]"),
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Cache directory to write. \\[default: data_cache/<input name>]"
+    ),
     tokenizer: Optional[str] = typer.Option(
         None, help="Tokenizer name or path. \\[default: the embedded tiny Gemma-style tokenizer]"
     ),
@@ -73,29 +78,40 @@ def preprocess(
         help="Jinja chat template to use instead of the tokenizer's: a FILE, or the NAME of a packaged real template "
         "(gemma2, gemma3, llama3.1, llama3.2, qwen2.5, qwen3, mistral-v0.3, deepseek-v3, phi3.5). \\[default: the tokenizer's own]",
     ),
-    max_length: int = typer.Option(2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."),
+    max_length: int = typer.Option(
+        2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."
+    ),
     mask_mode: str = typer.Option(
         "assistant",
         help="assistant: train post-prompt assistant messages only. "
         "seed: the original research rule (mask user turns by marker, train the rest).",
     ),
-    user_marker: Optional[str] = typer.Option(None, help="seed mode: user-turn start marker. \\[default: from the template family]"),
-    end_marker: Optional[str] = typer.Option(None, help="seed mode: end-of-turn marker. \\[default: from the template family]"),
+    user_marker: Optional[str] = typer.Option(
+        None, help="seed mode: user-turn start marker. \\[default: from the template family]"
+    ),
+    end_marker: Optional[str] = typer.Option(
+        None, help="seed mode: end-of-turn marker. \\[default: from the template family]"
+    ),
     num_proc: int = typer.Option(1, help="Worker processes; the output is identical for any value."),
-    strict: bool = typer.Option(False, help="Stop at the first unusable row instead of writing it to rejects.jsonl.", show_default="off"),
+    strict: bool = typer.Option(
+        False, help="Stop at the first unusable row instead of writing it to rejects.jsonl.", show_default="off"
+    ),
     overwrite: bool = typer.Option(
         False, help="Replace an existing output directory (only once the new one is complete).", show_default="off"
     ),
     format: str = typer.Option("auto", help="Input format: auto (from the file name), jsonl, json, parquet, arrow."),
     max_shard_size: str = typer.Option("500MB", help="Largest Arrow shard written."),
     shard: Optional[str] = typer.Option(
-        None, help="I/N: process only rows [I*total/N, (I+1)*total/N) of the input (row numbers stay global), "
+        None,
+        help="I/N: process only rows [I*total/N, (I+1)*total/N) of the input (row numbers stay global), "
         "one slice per machine; `mtdpo train --data` takes the N caches together. \\[default: all rows]",
-    ),  # fmt: skip
+    ),
     split: str = typer.Option("train", help="Split to stream when INPUT is a `datasets` hub name."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table.", show_default="off"),
     trust_remote_code: bool = typer.Option(
-        False, help="Allow tokenizer code from the tokenizer's repository to run (off: only transformers' own).", show_default="off"
+        False,
+        help="Allow tokenizer code from the tokenizer's repository to run (off: only transformers' own).",
+        show_default="off",
     ),
 ) -> None:
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
@@ -106,10 +122,21 @@ def preprocess(
     out = out or default_output(input, shard)
     options = MaskOptions(mask_mode, max_length, user_marker, end_marker)
     stats = run(
-        input, out, tokenizer=tokenizer, chat_template=chat_template, options=options, num_proc=num_proc,
-        strict=strict, overwrite=overwrite, fmt=format, max_shard_size=max_shard_size, progress=not quiet,
-        trust_remote_code=trust_remote_code, split=split, shard=shard,
-    )  # fmt: skip
+        input,
+        out,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        options=options,
+        num_proc=num_proc,
+        strict=strict,
+        overwrite=overwrite,
+        fmt=format,
+        max_shard_size=max_shard_size,
+        progress=not quiet,
+        trust_remote_code=trust_remote_code,
+        split=split,
+        shard=shard,
+    )
     if not quiet:
         console.print(_summary(stats, out))
 
@@ -124,7 +151,9 @@ def _summary(stats: dict, out: Path) -> Table:
     for reason, count in stats["reasons"].items():
         table.add_row(f"  {escape(reason)}", f"{count:,}")
     table.add_row("tokens (chosen / rejected)", f"{stats['chosen_tokens']:,} / {stats['rejected_tokens']:,}")
-    table.add_row("trained (chosen / rejected)", f"{stats['chosen_trained_tokens']:,} / {stats['rejected_trained_tokens']:,}")
+    table.add_row(
+        "trained (chosen / rejected)", f"{stats['chosen_trained_tokens']:,} / {stats['rejected_trained_tokens']:,}"
+    )
     table.add_row("seconds", f"{stats['seconds']:.2f}")
     table.add_row("rows/s", f"{stats['rows_per_second']:,.1f}")
     return table
@@ -169,13 +198,21 @@ def train(ctx: typer.Context) -> None:
 @app.command("precompute-ref")
 @user_errors
 def precompute_ref(
-    cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess` (rewritten in place, atomically)."),
-    model: Optional[str] = typer.Option(None, help="Reference model name or path. \\[default: the tiny random model `mtdpo train` starts from]"),
+    cache: Path = typer.Argument(
+        ..., help="Cache directory written by `mtdpo preprocess` (rewritten in place, atomically)."
+    ),
+    model: Optional[str] = typer.Option(
+        None, help="Reference model name or path. \\[default: the tiny random model `mtdpo train` starts from]"
+    ),
     batch_size: int = typer.Option(8, help="Pairs per forward pass."),
     seed: int = typer.Option(42, help="Seed of the tiny random default model (must match `mtdpo train --seed`)."),
     attn_implementation: str = typer.Option("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2."),
-    allow_mismatch: bool = typer.Option(False, help="Use a model whose tokenizer differs from the cache's.", show_default="off"),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository to run.", show_default="off"),
+    allow_mismatch: bool = typer.Option(
+        False, help="Use a model whose tokenizer differs from the cache's.", show_default="off"
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, help="Allow model code from the model's repository to run.", show_default="off"
+    ),
 ) -> None:
     """Store the reference model's log-probs in the cache; training then loads no reference model."""
     from mtdpo.train.reference import precompute_reference
@@ -189,32 +226,60 @@ def precompute_ref(
 def show_sample(
     cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess`."),
     index: Optional[int] = typer.Option(
-        None, "--index", "-i", help="Which pair (0-based position in the cache); with --search, where the search starts. \\[default: 0]"
+        None,
+        "--index",
+        "-i",
+        help="Which pair (0-based position in the cache); with --search, where the search starts. \\[default: 0]",
     ),
     side: str = typer.Option("both", help="chosen, rejected or both."),
-    tokens: bool = typer.Option(False, "--tokens", help="Show token boundaries: each token followed by its id.", show_default="off"),
+    tokens: bool = typer.Option(
+        False, "--tokens", help="Show token boundaries: each token followed by its id.", show_default="off"
+    ),
     search: Optional[str] = typer.Option(
-        None, "--search", "-s", help="Show the first pair whose chosen or rejected text contains TEXT (ignoring case). \\[default: none]"
+        None,
+        "--search",
+        "-s",
+        help="Show the first pair whose chosen or rejected text contains TEXT (ignoring case). \\[default: none]",
     ),
-    pick_random: bool = typer.Option(False, "--random", help="Show a random pair (a random match with --search).", show_default="off"),
+    pick_random: bool = typer.Option(
+        False, "--random", help="Show a random pair (a random match with --search).", show_default="off"
+    ),
     html: Optional[Path] = typer.Option(
-        None, "--html", help="Write a standalone HTML page (same colours, no network) to FILE instead of printing. \\[default: none]"
+        None,
+        "--html",
+        help="Write a standalone HTML page (same colours, no network) to FILE instead of printing. \\[default: none]",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print ids, labels, decoded tokens and turns as JSON for scripts.", show_default="off"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print ids, labels, decoded tokens and turns as JSON for scripts.", show_default="off"
+    ),
 ) -> None:
     """Show one cached pair: chosen and rejected by turn, trained tokens green, masked ones grey."""
     from mtdpo import show
 
-    show.show_sample(cache, index, side, console, search=search, pick_random=pick_random, with_ids=tokens, html_file=html, as_json=as_json)
+    show.show_sample(
+        cache,
+        index,
+        side,
+        console,
+        search=search,
+        pick_random=pick_random,
+        with_ids=tokens,
+        html_file=html,
+        as_json=as_json,
+    )
 
 
 @app.command()
 @user_errors
 def stats(
     cache: Path = typer.Argument(..., help="Cache directory written by `mtdpo preprocess`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables.", show_default="off"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the numbers as JSON instead of tables.", show_default="off"
+    ),
     plot: Optional[Path] = typer.Option(
-        None, "--plot", help="Also draw length histograms, trained fraction per pair and turns to this PNG (needs mtdpo\\[plot]). \\[default: none]"
+        None,
+        "--plot",
+        help="Also draw length histograms, trained fraction per pair and turns to this PNG (needs mtdpo\\[plot]). \\[default: none]",
     ),
 ) -> None:
     """Rows, turns, lengths, trained-token fraction, truncation and reject reasons of a cache."""

@@ -105,5 +105,3 @@ def detect_family(chat_template: str | None) -> Family | None:
         if chat_template and family.signature in chat_template:
             return family
     return None
-
-

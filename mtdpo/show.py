@@ -23,9 +23,8 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from mtdpo.cache import load_cache
+from mtdpo.cache import IGNORE_INDEX, load_cache
 from mtdpo.errors import UsageError
-from mtdpo.cache import IGNORE_INDEX
 from mtdpo.families import Family, detect_family
 from mtdpo.turns import token_starts, turn_starts
 
@@ -99,7 +98,11 @@ def build_side(pair: dict, tokenizer, side: str, family: Family | None) -> Side:
     ]
     heads = turn_starts(text, starts, family) if family else []
     if not heads:  # unknown family: each run of trained or masked tokens is a "turn"
-        heads = [(t.position, "trained" if t.trained else "masked") for k, t in enumerate(tokens) if k == 0 or t.trained != tokens[k - 1].trained]
+        heads = [
+            (t.position, "trained" if t.trained else "masked")
+            for k, t in enumerate(tokens)
+            if k == 0 or t.trained != tokens[k - 1].trained
+        ]
     bounds = [first for first, _ in heads[1:]] + [len(tokens)]
     turns = [Turn(role, tokens[first:end]) for (first, role), end in zip(heads, bounds)]
     if family:  # name tool calls and tool results from the turn's text
@@ -110,7 +113,9 @@ def build_side(pair: dict, tokenizer, side: str, family: Family | None) -> Side:
 def build_view(pair: dict, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
     family = detect_family(tokenizer.chat_template)
     built = [build_side(pair, tokenizer, side, family) for side in sides]
-    has_turns = family is not None and any(turn.role not in ("trained", "masked") for side in built for turn in side.turns)
+    has_turns = family is not None and any(
+        turn.role not in ("trained", "masked") for side in built for turn in side.turns
+    )
     return PairView(index, pair["row"], pair["prompt_len"], family.name if has_turns else None, built, how)
 
 
@@ -155,7 +160,9 @@ def open_cache(cache: Path):
     return load_cache(cache), AutoTokenizer.from_pretrained(str(Path(cache) / "tokenizer"))
 
 
-def pick_index(ds, tokenizer, cache: Path, index: int | None, search: str | None, pick_random: bool, rng=random) -> tuple[int, str]:
+def pick_index(
+    ds, tokenizer, cache: Path, index: int | None, search: str | None, pick_random: bool, rng=random
+) -> tuple[int, str]:
     """The pair to show and, when not given by --index, how it was found."""
     if pick_random and index is not None:
         raise UsageError("--random picks the pair itself; drop --index")
@@ -206,7 +213,8 @@ def pair_as_json(pair: dict, tokenizer, index: int, sides: list[str]) -> dict:
             "labels": labels,
             "tokens": [tokenizer.decode([i]) for i in ids],
             "turns": [
-                {"role": t.role, "start": t.tokens[0].position, "tokens": len(t.tokens), "trained": t.trained} for t in side.turns
+                {"role": t.role, "start": t.tokens[0].position, "tokens": len(t.tokens), "trained": t.trained}
+                for t in side.turns
             ],
         }
     return out
@@ -259,8 +267,12 @@ def rich_view(view: PairView, width: int, with_ids: bool = False):
     header.append("trained", style=TRAINED).append(" · ").append("masked", style=MASKED).append(" · ")
     header.append("▶ diverges", style=DIVERGE)
     if view.family is None:
-        header.append("\nturns: template family unknown, each run of trained or masked tokens is shown as one", style="italic")
-    sides = [(Text(_side_title(side), style="bold"), _rich_side(side, view.prompt_len, with_ids)) for side in view.sides]
+        header.append(
+            "\nturns: template family unknown, each run of trained or masked tokens is shown as one", style="italic"
+        )
+    sides = [
+        (Text(_side_title(side), style="bold"), _rich_side(side, view.prompt_len, with_ids)) for side in view.sides
+    ]
     if len(sides) == 2 and width >= SIDE_BY_SIDE_WIDTH:
         table = Table(box=box.SIMPLE_HEAD, expand=True, padding=(0, 1))
         for title, _ in sides:
@@ -284,7 +296,9 @@ def _rich_side(side: Side, prompt_len: int, with_ids: bool) -> Group:
                 body.append("▶", style=DIVERGE)
             elif with_ids:  # each token in its colour, its id dim after it
                 for token in run:
-                    body.append(_visible(token.text), style=style).append(str(token.id).translate(SUBSCRIPT), style="dim")
+                    body.append(_visible(token.text), style=style).append(
+                        str(token.id).translate(SUBSCRIPT), style="dim"
+                    )
                     body.append("\n" if "\n" in token.text else "")
             else:
                 body.append(run_text(run, False), style=style)
@@ -304,14 +318,14 @@ h1 {{ font-size: 15px; margin: 0 0 4px; }}
 @media (max-width: 900px) {{ .sides {{ grid-template-columns: 1fr; }} }}
 h2 {{ font-size: 14px; border-bottom: 1px solid #374151; padding-bottom: 4px; }}
 .label {{ margin-top: 10px; font-size: 12px; font-style: italic; }}
-.role {{ background: {COLORS['role']}; color: #000; font-weight: bold; font-style: normal; padding: 0 6px; margin-right: 6px; }}
+.role {{ background: {COLORS["role"]}; color: #000; font-weight: bold; font-style: normal; padding: 0 6px; margin-right: 6px; }}
 pre {{ white-space: pre-wrap; overflow-wrap: anywhere; margin: 2px 0 0; font: inherit; }}
-.trained {{ color: {COLORS['trained']}; font-weight: bold; }}
-.masked {{ color: {COLORS['masked']}; }}
-.diverge {{ background: {COLORS['diverge']}; color: #000; font-weight: bold; padding: 0 2px; }}
+.trained {{ color: {COLORS["trained"]}; font-weight: bold; }}
+.masked {{ color: {COLORS["masked"]}; }}
+.diverge {{ background: {COLORS["diverge"]}; color: #000; font-weight: bold; padding: 0 2px; }}
 .tok {{ border: 1px solid #374151; border-radius: 3px; margin: 0 1px; }}
-.tok sub {{ color: {COLORS['masked']}; font-weight: normal; font-size: 9px; }}
-.note {{ color: {COLORS['masked']}; font-style: italic; }}
+.tok sub {{ color: {COLORS["masked"]}; font-weight: normal; font-size: 9px; }}
+.note {{ color: {COLORS["masked"]}; font-style: italic; }}
 """
 
 
@@ -319,7 +333,11 @@ def html_page(view: PairView, with_ids: bool = False) -> str:
     """A standalone page: inline CSS, no script, nothing fetched (a CSP forbids it)."""
     e = html.escape
     sides = "\n".join(_html_side(side, view.prompt_len, with_ids) for side in view.sides)
-    note = '<p class="note">turns: template family unknown, each run of trained or masked tokens is shown as one</p>' if view.family is None else ""
+    note = (
+        '<p class="note">turns: template family unknown, each run of trained or masked tokens is shown as one</p>'
+        if view.family is None
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -341,7 +359,9 @@ def _html_side(side: Side, prompt_len: int, with_ids: bool) -> str:
     e = html.escape
     parts = [f'<section class="side" id="{side.name}"><h2>{e(_side_title(side))}</h2>']
     for turn in side.turns:
-        parts.append(f'<div class="turn"><div class="label"><span class="role">{e(turn.role)}</span>{turn.trained} trained · {turn.masked} masked</div><pre>')
+        parts.append(
+            f'<div class="turn"><div class="label"><span class="role">{e(turn.role)}</span>{turn.trained} trained · {turn.masked} masked</div><pre>'
+        )
         for run in runs(turn, prompt_len):
             if run is None:
                 parts.append('<span class="diverge">▶</span>')
@@ -349,7 +369,8 @@ def _html_side(side: Side, prompt_len: int, with_ids: bool) -> str:
             kind = "trained" if run[0].trained else "masked"
             if with_ids:
                 tokens = "".join(
-                    f'<span class="tok" title="id {t.id}">{e(_visible(t.text))}<sub>{t.id}</sub></span>' + ("\n" if "\n" in t.text else "")
+                    f'<span class="tok" title="id {t.id}">{e(_visible(t.text))}<sub>{t.id}</sub></span>'
+                    + ("\n" if "\n" in t.text else "")
                     for t in run
                 )
                 parts.append(f'<span class="{kind}">{tokens}</span>')
@@ -369,7 +390,9 @@ def sides_of(side: str) -> list[str]:
     return ["chosen", "rejected"] if side == "both" else [side]
 
 
-def load_view(cache: Path, index: int | None, side: str, search: str | None = None, pick_random: bool = False) -> tuple[PairView, dict, object]:
+def load_view(
+    cache: Path, index: int | None, side: str, search: str | None = None, pick_random: bool = False
+) -> tuple[PairView, dict, object]:
     sides = sides_of(side)  # a bad --side is an error before anything is read
     ds, tokenizer = open_cache(cache)
     index, how = pick_index(ds, tokenizer, cache, index, search, pick_random)
@@ -377,8 +400,18 @@ def load_view(cache: Path, index: int | None, side: str, search: str | None = No
     return build_view(pair, tokenizer, index, sides, how), pair, tokenizer
 
 
-def show_sample(cache: Path, index: int | None, side: str, console: Console, *, search: str | None = None,
-                pick_random: bool = False, with_ids: bool = False, html_file: Path | None = None, as_json: bool = False) -> None:  # fmt: skip
+def show_sample(
+    cache: Path,
+    index: int | None,
+    side: str,
+    console: Console,
+    *,
+    search: str | None = None,
+    pick_random: bool = False,
+    with_ids: bool = False,
+    html_file: Path | None = None,
+    as_json: bool = False,
+) -> None:
     """The pair as JSON (for scripts), an HTML page, a coloured terminal view or plain text when piped."""
     if as_json and html_file is not None:
         raise UsageError("--json and --html are exclusive; pick one")

@@ -16,9 +16,8 @@ import pyarrow as pa
 from rich.table import Table
 from rich.text import Text
 
-from mtdpo.cache import load_cache, read_manifest
+from mtdpo.cache import IGNORE_INDEX, load_cache, read_manifest
 from mtdpo.errors import UsageError
-from mtdpo.cache import IGNORE_INDEX
 from mtdpo.families import detect_family
 
 SIDES = ("chosen", "rejected")
@@ -151,10 +150,13 @@ def cache_stats(cache: Path) -> dict:
         "max_length": manifest.get("max_length"),
         "counts": counts,
         "reasons": reject_reasons(cache, saved.get("reasons")),
-        "lengths": {side: summary(arrays[f"{side}_len"], 0) for side in SIDES} | {"prompt": summary(arrays["prompt_len"], 0)},
+        "lengths": {side: summary(arrays[f"{side}_len"], 0) for side in SIDES}
+        | {"prompt": summary(arrays["prompt_len"], 0)},
         "turns": {side: summary(arrays[f"{side}_turns"], 0) for side in SIDES} if "chosen_turns" in arrays else None,
         "trained_turns": {side: summary(arrays[f"{side}_trained_turns"], 0) for side in SIDES},
-        "tool_calls": {side: summary(arrays[f"{side}_tool_calls"], 0) for side in SIDES} if "chosen_tool_calls" in arrays else None,
+        "tool_calls": {side: summary(arrays[f"{side}_tool_calls"], 0) for side in SIDES}
+        if "chosen_tool_calls" in arrays
+        else None,
         "tokens": {},
         "trained_fraction": {},
         "trained_fraction_per_pair": {},
@@ -246,12 +248,19 @@ def stats_tables(stats: dict) -> list:
     for reason in stats["reasons"]:
         first = f", first row {reason['first_row']}" if reason["first_row"] is not None else ""
         totals.add_row(Text(f"  {reason['reason']}"), f"{reason['count']:,}{first}")  # text, not rich markup
-    share = f" ({counts['truncated'] / counts['kept']:.1%})" if counts["truncated"] is not None and counts["kept"] else ""
+    share = (
+        f" ({counts['truncated'] / counts['kept']:.1%})" if counts["truncated"] is not None and counts["kept"] else ""
+    )
     totals.add_row(f"kept pairs cut to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
-    totals.add_row("tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}")
+    totals.add_row(
+        "tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}"
+    )
     totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
     if "tool_calls" in tokens:
-        totals.add_row("tool calls trained chosen / rejected", f"{tokens['tool_calls']['chosen']:,} / {tokens['tool_calls']['rejected']:,}")
+        totals.add_row(
+            "tool calls trained chosen / rejected",
+            f"{tokens['tool_calls']['chosen']:,} / {tokens['tool_calls']['rejected']:,}",
+        )
     fraction = stats["trained_fraction"]
     totals.add_row(
         "trained chosen / rejected",
@@ -265,7 +274,13 @@ def _cells(values: dict | None, is_fraction: bool) -> list[str]:
         return ["-"] * 5
     if is_fraction:
         return [f"{values[k]:.3f}" for k in ("min", "mean", "median", "p95", "max")]
-    return [f"{values['min']:,}", f"{values['mean']:,.1f}", f"{values['median']:,.1f}", f"{values['p95']:,.1f}", f"{values['max']:,}"]
+    return [
+        f"{values['min']:,}",
+        f"{values['mean']:,.1f}",
+        f"{values['median']:,.1f}",
+        f"{values['p95']:,.1f}",
+        f"{values['max']:,}",
+    ]
 
 
 def _int(value) -> str:

@@ -1,4 +1,4 @@
-""""Did you mean …?" for `mtdpo train`, whose options argparse parses.
+""" "Did you mean …?" for `mtdpo train`, whose options argparse parses.
 
 typer already suggests the closest command or option for the other commands; argparse (through
 TRL's parser) only lists what it did not understand, so the closest option names are added here.
@@ -15,7 +15,10 @@ UNKNOWN_YAML = "Unknown arguments from config file"
 
 def explain_unknown_options(message: str, names: list[str]) -> str:
     """Rewrite TRL's unknown-option messages with the closest known option for each."""
-    for prefix, what, dash in ((UNKNOWN_CLI, "unknown option", "--"), (UNKNOWN_YAML, "unknown key in the config file", "")):
+    for prefix, what, dash in (
+        (UNKNOWN_CLI, "unknown option", "--"),
+        (UNKNOWN_YAML, "unknown key in the config file", ""),
+    ):
         if message.startswith(prefix):
             unknown = re.findall(r"'--([A-Za-z0-9_.-]+)", message)
             return f"{what}{'s' if len(unknown) > 1 else ''}: " + ", ".join(_with_hint(u, names, dash) for u in unknown)

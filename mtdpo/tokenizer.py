@@ -26,13 +26,17 @@ def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None =
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise UsageError(f"tokenizer not found or not loadable: {source} ({type(err).__name__}: {err})".splitlines()[0]) from None
+        raise UsageError(
+            f"tokenizer not found or not loadable: {source} ({type(err).__name__}: {err})".splitlines()[0]
+        ) from None
     if not tokenizer.is_fast:
         raise UsageError(f"{source} has no fast tokenizer; mtdpo needs character offsets to find assistant spans")
     if chat_template is not None:
         tokenizer.chat_template = chat_template_file(chat_template).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
-        raise UsageError(f"{source} has no chat template; pass one with --chat-template FILE or NAME ({', '.join(packaged_templates())})")
+        raise UsageError(
+            f"{source} has no chat template; pass one with --chat-template FILE or NAME ({', '.join(packaged_templates())})"
+        )
     check_template_compiles(tokenizer, chat_template or source)
     return tokenizer
 
@@ -48,7 +52,9 @@ def chat_template_file(value: str | Path) -> Path:
         return path
     if path.name == str(value) and (TEMPLATES / f"{value}.jinja").is_file():
         return TEMPLATES / f"{value}.jinja"
-    raise UsageError(f"chat template not found: {value} is neither a file nor a packaged template ({', '.join(packaged_templates())})")
+    raise UsageError(
+        f"chat template not found: {value} is neither a file nor a packaged template ({', '.join(packaged_templates())})"
+    )
 
 
 def check_template_compiles(tokenizer, where) -> None:

@@ -76,7 +76,10 @@ def runs(work: Path, tokenizers: dict[str, Path]) -> list[tuple[str, list[str]]]
         ("faults-gemma2", [str(REPO / "tests" / "data" / "gemma2_faults.jsonl"), "--chat-template", "gemma2"]),
     ]
     for family, path in tokenizers.items():
-        out += [(f"tools-{family}", [str(tools), "--tokenizer", str(path)]), (f"plain-{family}", [str(plain), "--tokenizer", str(path)])]
+        out += [
+            (f"tools-{family}", [str(tools), "--tokenizer", str(path)]),
+            (f"plain-{family}", [str(plain), "--tokenizer", str(path)]),
+        ]
     return out
 
 

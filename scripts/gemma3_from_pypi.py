@@ -46,7 +46,9 @@ def convert(out: Path, dtype: str = "float32") -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="directory to write (model.safetensors, config, tokenizer)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype on disk (default: float32)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype on disk (default: float32)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"wrote {convert(args.out, args.dtype)}")

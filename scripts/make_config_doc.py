@@ -48,7 +48,9 @@ def train_tables() -> str:
     for name in own:
         field = fields[name]
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        rows.append(f"| `--{name.replace('_', '-')}` | `{name}` | {cell(shown_default(default))} | {cell(field.metadata.get('help', ''))} |")
+        rows.append(
+            f"| `--{name.replace('_', '-')}` | `{name}` | {cell(shown_default(default))} | {cell(field.metadata.get('help', ''))} |"
+        )
 
     used = []
     for config in sorted((REPO / "configs").glob("*.yaml")):

@@ -38,8 +38,6 @@ PAIR = {
 }
 
 
-
-
 def agent_pair(family: str) -> dict:
     """PAIR with a tool call instead of a code block; DeepSeek-V3 takes null content and a JSON string."""
     arguments = {"code": "print(17 * 23 + 5)"}

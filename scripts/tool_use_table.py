@@ -44,7 +44,10 @@ def _message(m: dict, openai: bool, tool_role: str) -> dict:
     m = dict(m, role=tool_role) if m["role"] == "tool" else dict(m)
     if openai and m.get("tool_calls"):
         m["content"] = m["content"] or None
-        m["tool_calls"] = [dict(c, function=dict(c["function"], arguments=json.dumps(c["function"]["arguments"]))) for c in m["tool_calls"]]
+        m["tool_calls"] = [
+            dict(c, function=dict(c["function"], arguments=json.dumps(c["function"]["arguments"])))
+            for c in m["tool_calls"]
+        ]
     return m
 
 
@@ -64,8 +67,10 @@ def family_counts(family: str, rows: list[dict], style: str) -> dict:
 def markdown(rows: int, style: str) -> str:
     data = list(make_tool_pairs(rows))
     per_shape = Counter(row["shape"] for row in data)
-    lines = [f"| family | kept | rejected | kept per shape ({', '.join(f'{s}: {per_shape[s]}' for s in TOOL_SHAPES)}) | why rejected (rows) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| family | kept | rejected | kept per shape ({', '.join(f'{s}: {per_shape[s]}' for s in TOOL_SHAPES)}) | why rejected (rows) |",
+        "|---|---|---|---|---|",
+    ]
     for family in ORDER:
         c = family_counts(family, data, style)
         shapes = ", ".join(f"{s} {c['kept_by_shape'][s]}" for s in TOOL_SHAPES)

@@ -25,8 +25,16 @@ from mtdpo.train.run import train
 from mtdpo.train.trainer import fused_sequence_logps
 
 # fp32 (bf16 is the default on CPUs with bf16 matmul): updates are compared to 1e-6
-SGD = dict(optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-           train_sampling_strategy="sequential", max_steps=1, bf16=False)  # fmt: skip
+SGD = dict(
+    optim="sgd",
+    learning_rate=1.0,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    max_grad_norm=0.0,
+    train_sampling_strategy="sequential",
+    max_steps=1,
+    bf16=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +57,18 @@ def largest_difference(a: dict, b: dict) -> float:
 def one_sgd_step(setup, name: str, batch_size: int, accumulation: int, **options) -> Path:
     tmp, cache, init = setup
     out = tmp / name
-    train(run_config(cache, tmp, output_dir=str(out), model=str(init), per_device_train_batch_size=batch_size,
-                     gradient_accumulation_steps=accumulation, **SGD, **options))  # fmt: skip
+    train(
+        run_config(
+            cache,
+            tmp,
+            output_dir=str(out),
+            model=str(init),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            **SGD,
+            **options,
+        )
+    )
     return out
 
 
@@ -94,12 +112,23 @@ def test_batch_4_equals_batch_2_with_accumulation_2(setup, nll_norm):
 def test_an_uneven_last_micro_batch_weighs_by_its_pairs_and_tokens(setup, tmp_path):
     """6 pairs as micro-batches of 4 and 2 (batch 4 x accumulation 2) = one batch of 6."""
     _, full, init = setup
-    six = make_cache(tmp_path, rows=[json.loads(line) for line in (full.parent / "cache.jsonl").read_text().splitlines()[:6]])
+    six = make_cache(
+        tmp_path, rows=[json.loads(line) for line in (full.parent / "cache.jsonl").read_text().splitlines()[:6]]
+    )
     runs = {}
     for batch_size, accumulation in ((6, 1), (4, 2)):
         runs[batch_size] = tmp_path / f"b{batch_size}"
-        train(run_config(six, tmp_path, output_dir=str(runs[batch_size]), model=str(init), per_device_train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation, **SGD))  # fmt: skip
+        train(
+            run_config(
+                six,
+                tmp_path,
+                output_dir=str(runs[batch_size]),
+                model=str(init),
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                **SGD,
+            )
+        )
     assert largest_difference(weights(runs[6]), weights(runs[4])) < 1e-6
 
 
@@ -112,7 +141,10 @@ def test_micro_batch_scope_keeps_the_per_micro_batch_mean(setup):
     assert largest_difference(weights(whole), weights(old)) > 1e-4
     trainer = mtdpo_trainer(cache, AutoModelForCausalLM.from_pretrained(str(init)), None, tmp)
     with torch.no_grad():
-        means = [nll_loss(*(t.chunk(2)[0] for t in fused_sequence_logps(trainer.model, batch(cache, rows)))) for rows in ([0, 1], [2, 3])]
+        means = [
+            nll_loss(*(t.chunk(2)[0] for t in fused_sequence_logps(trainer.model, batch(cache, rows))))
+            for rows in ([0, 1], [2, 3])
+        ]
     assert logged(old, "nll")[1] == pytest.approx((means[0] + means[1]).item() / 2, rel=1e-5)
     assert logged(whole, "nll")[1] != pytest.approx(logged(old, "nll")[1], rel=1e-5)
 
@@ -122,10 +154,34 @@ def test_two_ranks_of_batch_2_with_accumulation_2_equal_one_batch_of_8(setup):
     tmp, cache, init = setup
     whole = one_sgd_step(setup, "whole-8", 8, 1)
     out = tmp / "ddp-2x2"
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29541", "-m", "mtdpo", "train",
-               "--data", str(cache), "--model", str(init), "--output-dir", str(out), "--use-cpu", "--per-device-train-batch-size", "2",
-               "--gradient-accumulation-steps", "2", "--logging-steps", "1", "--save-strategy", "no", "--report-to", "none",
-               *(f"--{key.replace('_', '-')}={value}" for key, value in SGD.items())]  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        "-m",
+        "mtdpo",
+        "train",
+        "--data",
+        str(cache),
+        "--model",
+        str(init),
+        "--output-dir",
+        str(out),
+        "--use-cpu",
+        "--per-device-train-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--save-strategy",
+        "no",
+        "--report-to",
+        "none",
+        *(f"--{key.replace('_', '-')}={value}" for key, value in SGD.items()),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

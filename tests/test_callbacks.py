@@ -18,21 +18,36 @@ def clock(monkeypatch):
 
 
 def step_logs(margin: float, accuracy: float, tokens_per_second: float, **extra) -> dict:
-    return {"loss": 1.0, "dpo_loss": 0.5, "nll": 0.5, "rewards/margins": margin, "rewards/accuracies": accuracy,
-            "tokens_per_second": tokens_per_second, **extra}  # fmt: skip
+    return {
+        "loss": 1.0,
+        "dpo_loss": 0.5,
+        "nll": 0.5,
+        "rewards/margins": margin,
+        "rewards/accuracies": accuracy,
+        "tokens_per_second": tokens_per_second,
+        **extra,
+    }
 
 
 def test_summary_reports_first_and_last_margin_accuracy_and_tokens_per_second(clock, capsys):
     line = callbacks.ProgressLine()
     state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10)
     line.on_train_begin(None, state, None)
-    for state.global_step, clock.t, tokens_per_second, margin, accuracy in ((5, 102.0, 1000.0, 0.1, 0.5), (10, 106.0, 500.0, 2.0, 1.0)):
+    for state.global_step, clock.t, tokens_per_second, margin, accuracy in (
+        (5, 102.0, 1000.0, 0.1, 0.5),
+        (10, 106.0, 500.0, 2.0, 1.0),
+    ):
         line.on_log(None, state, None, logs=step_logs(margin, accuracy, tokens_per_second))
     line.on_log(None, state, None, logs={"train_runtime": 6.2, "train_loss": 1.2345})
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "step  5/10  loss 1.0000  dpo 0.5000  nll 0.5000  margin +0.100  acc 0.50  1,000 tok/s  eta 0:00:02"
+    assert (
+        printed[0]
+        == "step  5/10  loss 1.0000  dpo 0.5000  nll 0.5000  margin +0.100  acc 0.50  1,000 tok/s  eta 0:00:02"
+    )
     # tokens: 1000/s over the first 2 s + 500/s over the next 4 s = 4000 in 6 s
-    assert printed[-1] == "done: 10 steps in 0:00:06, mean loss 1.2345, margin +0.100 → +2.000, acc 0.50 → 1.00, 667 tok/s"
+    assert (
+        printed[-1] == "done: 10 steps in 0:00:06, mean loss 1.2345, margin +0.100 → +2.000, acc 0.50 → 1.00, 667 tok/s"
+    )
 
 
 def test_eval_time_is_left_out_of_eta_and_tokens_per_second(clock, capsys):
@@ -49,8 +64,12 @@ def test_eval_time_is_left_out_of_eta_and_tokens_per_second(clock, capsys):
     bar = line._eval[0]
     assert bar.tasks[0].total == 3 and bar.tasks[0].completed == 3
     line.on_evaluate(None, state, None)
-    line.on_log(None, state, None, logs={"eval_loss": 0.7, "eval_rewards/margins": 0.0, "eval_rewards/accuracies": 0.0,
-                                          "eval_rewards/ties": 1.0})  # fmt: skip
+    line.on_log(
+        None,
+        state,
+        None,
+        logs={"eval_loss": 0.7, "eval_rewards/margins": 0.0, "eval_rewards/accuracies": 0.0, "eval_rewards/ties": 1.0},
+    )
     state.global_step, clock.t = 4, 204.0
     line.on_log(None, state, None, logs=step_logs(0.3, 1.0, 100.0))
     line.on_log(None, state, None, logs={"train_runtime": 104.0, "train_loss": 1.0})

@@ -11,20 +11,32 @@ from pathlib import Path
 
 import click
 import pytest
-from helpers import sample_rows, write_jsonl
-from helpers import assert_user_error, invoke
+from helpers import assert_user_error, invoke, sample_rows, write_jsonl
 from typer.main import get_command
 
 from mtdpo.cli import app
 from mtdpo.tokenizer import SAMPLE_DATA
 
 OPTIONS = {  # docs/DESIGN.md and docs/CONFIG.md (+ the options the commands document beyond it)
-    "preprocess": ["--out", "--tokenizer", "--chat-template", "--max-length", "--mask-mode", "--user-marker",
-                   "--end-marker", "--num-proc", "--strict", "--overwrite", "--format", "--max-shard-size", "--quiet"],
+    "preprocess": [
+        "--out",
+        "--tokenizer",
+        "--chat-template",
+        "--max-length",
+        "--mask-mode",
+        "--user-marker",
+        "--end-marker",
+        "--num-proc",
+        "--strict",
+        "--overwrite",
+        "--format",
+        "--max-shard-size",
+        "--quiet",
+    ],
     "show-sample": ["--index", "--side", "--tokens", "--search", "--random", "--html", "--json"],
     "stats": ["--json", "--plot"],
     "plot": ["--out"],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("command", list(OPTIONS))
@@ -47,8 +59,10 @@ def test_preprocess_help_shows_the_bracketed_defaults():
 
 
 def test_missing_input_file(tmp_path):
-    assert_user_error(invoke("preprocess", tmp_path / "nope.jsonl", "--out", tmp_path / "o"),
-                      f"input not found: {tmp_path / 'nope.jsonl'}")  # fmt: skip
+    assert_user_error(
+        invoke("preprocess", tmp_path / "nope.jsonl", "--out", tmp_path / "o"),
+        f"input not found: {tmp_path / 'nope.jsonl'}",
+    )
 
 
 def test_error_text_with_brackets_is_printed_as_is(tmp_path):
@@ -58,41 +72,63 @@ def test_error_text_with_brackets_is_printed_as_is(tmp_path):
 
 
 def test_existing_output(tmp_path, cli_cache):
-    assert_user_error(invoke("preprocess", SAMPLE_DATA, "--out", cli_cache),
-                      f"output {cli_cache} already exists; pass --overwrite to replace it")  # fmt: skip
+    assert_user_error(
+        invoke("preprocess", SAMPLE_DATA, "--out", cli_cache),
+        f"output {cli_cache} already exists; pass --overwrite to replace it",
+    )
 
 
 def test_unknown_format(tmp_path):
-    assert_user_error(invoke("preprocess", SAMPLE_DATA, "--out", tmp_path / "o", "--format", "xml"),
-                      "unknown format 'xml'; use one of: auto, jsonl, json, parquet, arrow")  # fmt: skip
-    assert_user_error(invoke("preprocess", write_jsonl(tmp_path / "rows.txt", sample_rows(1))),
-                      "unknown format for rows.txt; name it .jsonl/.json/.parquet or pass --format")  # fmt: skip
+    assert_user_error(
+        invoke("preprocess", SAMPLE_DATA, "--out", tmp_path / "o", "--format", "xml"),
+        "unknown format 'xml'; use one of: auto, jsonl, json, parquet, arrow",
+    )
+    assert_user_error(
+        invoke("preprocess", write_jsonl(tmp_path / "rows.txt", sample_rows(1))),
+        "unknown format for rows.txt; name it .jsonl/.json/.parquet or pass --format",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_index_and_side(cli_cache):
-    assert_user_error(invoke("show-sample", cli_cache, "--index", 240), f"--index 240 is out of range: {cli_cache} holds 240 pairs")
-    assert_user_error(invoke("show-sample", cli_cache, "--index", -1), f"--index -1 is out of range: {cli_cache} holds 240 pairs")
-    assert_user_error(invoke("show-sample", cli_cache, "--side", "both-ways"), "--side must be chosen, rejected or both, not 'both-ways'")
+    assert_user_error(
+        invoke("show-sample", cli_cache, "--index", 240), f"--index 240 is out of range: {cli_cache} holds 240 pairs"
+    )
+    assert_user_error(
+        invoke("show-sample", cli_cache, "--index", -1), f"--index -1 is out of range: {cli_cache} holds 240 pairs"
+    )
+    assert_user_error(
+        invoke("show-sample", cli_cache, "--side", "both-ways"),
+        "--side must be chosen, rejected or both, not 'both-ways'",
+    )
 
 
 def test_show_sample_of_a_non_cache(tmp_path):
-    assert_user_error(invoke("show-sample", tmp_path),
-                      f"{tmp_path} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first")  # fmt: skip
+    assert_user_error(
+        invoke("show-sample", tmp_path),
+        f"{tmp_path} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first",
+    )
 
 
 def test_strict_names_the_row(tmp_path):
     source = write_jsonl(tmp_path / "rows.jsonl", [*sample_rows(2), "oops"])
-    assert_user_error(invoke("preprocess", source, "--out", tmp_path / "o", "--strict", "-q"),
-                      "row 2: invalid JSON: Expecting value at column 1 (--strict stops at the first bad row)")  # fmt: skip
+    assert_user_error(
+        invoke("preprocess", source, "--out", tmp_path / "o", "--strict", "-q"),
+        "row 2: invalid JSON: Expecting value at column 1 (--strict stops at the first bad row)",
+    )
 
 
 def test_installed_entry_point_exits_2_with_one_line(tmp_path):
     """The real console script, in its own process: no traceback, one line on stderr."""
     mtdpo = Path(sys.executable).parent / "mtdpo"
     assert mtdpo.exists(), "the package is not installed in this environment"
-    proc = subprocess.run([str(mtdpo), "preprocess", str(tmp_path / "missing.jsonl")], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(mtdpo), "preprocess", str(tmp_path / "missing.jsonl")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stdout == "" and proc.stderr == f"error: input not found: {tmp_path / 'missing.jsonl'}\n"
 
@@ -101,7 +137,6 @@ def test_unknown_option_is_a_usage_error():
     result = invoke("show-sample", "x", "--colour")
     assert result.exit_code == 2 and "No such option" in result.output and "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit) and not isinstance(result.exception, click.ClickException)
-
 
 
 # ── help, typos, completion ──────────────────────────────────────────────────
@@ -171,7 +206,10 @@ def test_typos_of_commands_and_options_suggest_the_right_one(cli_cache, tmp_path
     assert result.exit_code == 2 and "No such option: --jsn" in result.output and "--json" in result.output
     result = invoke("train", "--data", cli_cache, "--bta", "0.2", "--nll-coeff=1", "--zzz", "1")
     assert result.exit_code == 2
-    assert result.stderr == "error: unknown options: --bta (did you mean --beta?), --nll-coeff (did you mean --nll-coef?), --zzz\n"
+    assert (
+        result.stderr
+        == "error: unknown options: --bta (did you mean --beta?), --nll-coeff (did you mean --nll-coef?), --zzz\n"
+    )
     config = tmp_path / "typo.yaml"
     config.write_text("nll_coeff: 0.5\nbeta: 0.2\n")
     result = invoke("train", "--data", cli_cache, "--config", config)
@@ -192,4 +230,3 @@ def test_shell_completion_of_commands_and_options():
     assert complete("mtdpo s") == ["show-sample", "stats"]
     assert complete("mtdpo show-sample data_cache/x --s") == ["--side", "--search"]
     assert "--install-completion" in invoke("--help").stdout and "--show-completion" in invoke("--help").stdout
-

@@ -61,7 +61,11 @@ def test_readme_show_sample_text_is_what_show_sample_prints(sample_cache):
 def test_every_readme_picture_is_committed_and_made_by_the_assets_script():
     script = (REPO / "scripts" / "make_readme_assets.sh").read_text()
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
-    assert sorted(pictures) == ["docs/images/show-sample.png", "docs/images/stats.png", "docs/images/training-curves.png"]
+    assert sorted(pictures) == [
+        "docs/images/show-sample.png",
+        "docs/images/stats.png",
+        "docs/images/training-curves.png",
+    ]
     for picture in pictures:
         assert (REPO / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
         assert picture in script, picture
@@ -71,7 +75,9 @@ def test_every_readme_picture_is_committed_and_made_by_the_assets_script():
 
 def test_config_doc_tables_are_generated_from_the_code():
     doc = (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")
-    assert script("make_config_doc").generated() in doc, "docs/CONFIG.md is stale: run .venv/bin/python scripts/make_config_doc.py --write"
+    assert script("make_config_doc").generated() in doc, (
+        "docs/CONFIG.md is stale: run .venv/bin/python scripts/make_config_doc.py --write"
+    )
     for option in ("--nll-coef", "--beta", "--max-length", "--mask-mode", "--search", "--html", "--plot"):
         assert f"`{option}`" in doc
 

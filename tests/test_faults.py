@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +47,9 @@ def rejects(cache: Path) -> list[dict]:
 
 
 def without_row(cache: Path) -> pa.Table:
-    table = pa.concat_tables(pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in sorted(cache.glob("data-*.arrow")))
+    table = pa.concat_tables(
+        pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in sorted(cache.glob("data-*.arrow"))
+    )
     return table.drop(["row"])
 
 
@@ -86,11 +88,19 @@ def test_the_reliability_doc_lists_every_fault():
 
 
 def test_the_corpus_covers_71_distinct_faults():
-    faults = {e["fault"] for e in expected("faults") + expected("gemma2_faults") if not e["fault"].startswith("good row")}
+    faults = {
+        e["fault"] for e in expected("faults") + expected("gemma2_faults") if not e["fault"].startswith("good row")
+    }
     outcomes = [e["outcome"] for e in expected("faults") if not e["fault"].startswith("good row")]
     # 67 between good rows, the cut-off last line, 5 run with the Gemma-2 template (2 names shared)
     assert len(faults) == 71
-    assert {o: outcomes.count(o) for o in set(outcomes)} == {"rejected": 49, "kept": 15, "truncated": 1, "dropped": 1, "skipped": 2}
+    assert {o: outcomes.count(o) for o in set(outcomes)} == {
+        "rejected": 49,
+        "kept": 15,
+        "truncated": 1,
+        "dropped": 1,
+        "skipped": 2,
+    }
 
 
 # ── every fault, every good row ───────────────────────────────────────────────
@@ -99,7 +109,9 @@ def test_the_corpus_covers_71_distinct_faults():
 def test_every_fault_gets_its_expected_outcome(faults):
     cache, _ = faults
     want = expected("faults")
-    assert rejects(cache) == [{"row": e["row"], "reason": e["reason"]} for e in want if e["outcome"] in ("rejected", "dropped")]
+    assert rejects(cache) == [
+        {"row": e["row"], "reason": e["reason"]} for e in want if e["outcome"] in ("rejected", "dropped")
+    ]
     assert list(load_cache(cache)["row"]) == [e["row"] for e in want if e["outcome"] in USED]
     truncated = [e["row"] for e in want if e["outcome"] == "truncated"]
     ds = load_cache(cache)
@@ -152,7 +164,10 @@ def test_strict_stops_at_the_first_bad_row(tmp_path):
     assert (first["row"], first["fault"]) == (1, "invalid JSON")
     result = runner.invoke(app, ["preprocess", str(DATA / "faults.jsonl"), "--out", str(tmp_path / "out"), "--strict"])
     assert result.exit_code == 2
-    assert result.stderr == "error: row 1: invalid JSON: Expecting value at column 13 (--strict stops at the first bad row)\n"
+    assert (
+        result.stderr
+        == "error: row 1: invalid JSON: Expecting value at column 13 (--strict stops at the first bad row)\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -163,19 +178,29 @@ def test_the_templates_own_errors_are_the_reasons(tmp_path):
     """Gemma-2 refuses a system role and turns that do not alternate: its message is the reason."""
     stats = run_preprocess(DATA / "gemma2_faults.jsonl", tmp_path / "out", chat_template=GEMMA2)
     want = expected("gemma2_faults")
-    assert rejects(tmp_path / "out") == [{"row": e["row"], "reason": e["reason"]} for e in want if e["outcome"] == "rejected"]
-    assert list(load_cache(tmp_path / "out")["row"]) == [e["row"] for e in want if e["outcome"] == "kept"] == [0, 2, 4, 6, 8, 10]
+    assert rejects(tmp_path / "out") == [
+        {"row": e["row"], "reason": e["reason"]} for e in want if e["outcome"] == "rejected"
+    ]
+    assert (
+        list(load_cache(tmp_path / "out")["row"])
+        == [e["row"] for e in want if e["outcome"] == "kept"]
+        == [0, 2, 4, 6, 8, 10]
+    )
     assert {k: stats[k] for k in COUNTS} == {"rows": 11, "kept": 6, "rejected": 5, "dropped": 0, "truncated": 0}
 
 
 def test_a_template_that_raises_rejects_only_its_rows(tmp_path):
     rows = sample_rows(3)
-    forbidden = {"chosen": [{"role": "user", "content": "Say FORBIDDEN."}, {"role": "assistant", "content": "No."}],
-                 "rejected": [{"role": "user", "content": "Say FORBIDDEN."}, {"role": "assistant", "content": "FORBIDDEN"}]}  # fmt: skip
+    forbidden = {
+        "chosen": [{"role": "user", "content": "Say FORBIDDEN."}, {"role": "assistant", "content": "No."}],
+        "rejected": [{"role": "user", "content": "Say FORBIDDEN."}, {"role": "assistant", "content": "FORBIDDEN"}],
+    }
     source = write_jsonl(tmp_path / "rows.jsonl", [rows[0], forbidden, rows[1], rows[2]])
     stats = run_preprocess(source, tmp_path / "out", chat_template=DATA / "templates" / "raises.jinja")
     assert (stats["kept"], stats["rejected"]) == (3, 1)
-    assert rejects(tmp_path / "out") == [{"row": 1, "reason": "chat template error: this template refuses the word FORBIDDEN"}]
+    assert rejects(tmp_path / "out") == [
+        {"row": 1, "reason": "chat template error: this template refuses the word FORBIDDEN"}
+    ]
 
 
 def test_a_template_cannot_leave_the_sandbox(tmp_path):
@@ -185,7 +210,12 @@ def test_a_template_cannot_leave_the_sandbox(tmp_path):
     marker.unlink(missing_ok=True)
     reason = "chat template error: access to attribute '__init__' of 'type' object is unsafe."
     with pytest.raises(UsageError, match=re.escape(f"row 0: {reason} (--strict stops at the first bad row)")):
-        run_preprocess(write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)), tmp_path / "out", chat_template=DATA / "templates" / "escape.jinja", strict=True)
+        run_preprocess(
+            write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)),
+            tmp_path / "out",
+            chat_template=DATA / "templates" / "escape.jinja",
+            strict=True,
+        )
     assert not marker.exists()
 
 
@@ -251,12 +281,28 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch):
         ("broken.parquet",): "broken.parquet is not a readable parquet file (Parquet magic bytes not found in footer. "
         "Either the file is corrupted or this is not a parquet file.)",
         (sample, "--out", "exists"): "output exists already exists; pass --overwrite to replace it",
-        (sample, "--tokenizer", "no/such-tokenizer"): "tokenizer not found or not loadable: no/such-tokenizer (OSError: "
+        (
+            sample,
+            "--tokenizer",
+            "no/such-tokenizer",
+        ): "tokenizer not found or not loadable: no/such-tokenizer (OSError: "
         "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.",
-        (sample, "--chat-template", "nope.jinja"): "chat template not found: nope.jinja is neither a file nor a packaged template (deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
-        (sample, "--tokenizer", no_template): "TMP/no-template has no chat template; pass one with --chat-template FILE or NAME "
+        (
+            sample,
+            "--chat-template",
+            "nope.jinja",
+        ): "chat template not found: nope.jinja is neither a file nor a packaged template (deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
+        (
+            sample,
+            "--tokenizer",
+            no_template,
+        ): "TMP/no-template has no chat template; pass one with --chat-template FILE or NAME "
         "(deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
-        (sample, "--chat-template", "syntax.jinja"): "the chat template of syntax.jinja does not compile: unexpected '}' (line 1)",
+        (
+            sample,
+            "--chat-template",
+            "syntax.jinja",
+        ): "the chat template of syntax.jinja does not compile: unexpected '}' (line 1)",
         (sample, "--max-length", "0"): "--max-length must be at least 1",
         (sample, "--num-proc", "0"): "--num-proc must be at least 1",
         (sample, "--mask-mode", "all"): "unknown --mask-mode 'all'; use assistant or seed",
@@ -278,7 +324,9 @@ def test_an_unreadable_input_is_one_line(tmp_path):
             pytest.skip("running as root without setpriv: cannot make a file unreadable")
         drop = "-dac_override,-dac_read_search"
         command = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *command]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120
+    )
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == f"error: cannot read {source}: Permission denied\n"
     assert not (tmp_path / "out").exists()

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hidden_leftovers, run_preprocess, write_jsonl
 from datasets import Value
+from helpers import hidden_leftovers, run_preprocess, write_jsonl
+from trainkit import logged
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
-from trainkit import logged
 from mtdpo.cache import load_cache, read_manifest
 from mtdpo.cli import app
 from mtdpo.errors import Interrupted, NonFiniteLoss, UsageError
@@ -49,7 +49,13 @@ def one_torch_thread():
 
 
 def mtdpo(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mtdpo", *map(str, args)], env=PYTHON_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtdpo", *map(str, args)],
+        env=PYTHON_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def preprocess_in_child(source: Path, out: Path) -> multiprocessing.Process:
@@ -121,7 +127,7 @@ def test_preprocess_survives_sigkill_at_four_moments(tmp_path):
     out, killed = tmp_path / "cache", []
     for moment, ready in kill_moments(tmp_path, size(tmp_path / "reference" / SHARD)).items():
         child, t0 = preprocess_in_child(source, out), time.monotonic()
-        if wait_until(child.is_alive, lambda: ready(child.pid, t0)):
+        if wait_until(child.is_alive, lambda: ready(child.pid, t0)):  # noqa: B023 (called before the loop moves on)
             os.kill(child.pid, signal.SIGKILL)
         child.join(300)
         check_killed(tmp_path, out, moment, child.exitcode, killed)
@@ -139,7 +145,7 @@ def test_preprocess_cli_survives_sigkill_at_four_moments(tmp_path):
     out, killed = tmp_path / "cache", []
     for moment, ready in kill_moments(tmp_path, size(tmp_path / "reference" / SHARD)).items():
         proc, t0 = mtdpo("preprocess", source, "--out", out, "--quiet"), time.monotonic()
-        if wait_until(lambda: proc.poll() is None, lambda: ready(proc.pid, t0)):
+        if wait_until(lambda: proc.poll() is None, lambda: ready(proc.pid, t0)):  # noqa: B023 (called before the loop moves on)
             proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=300)
         check_killed(tmp_path, out, moment, proc.returncode, killed)
@@ -168,18 +174,40 @@ STEPS = 6
 
 def config(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
     values = dict(
-        data=[str(cache)], output_dir=str(output_dir), use_cpu=True, max_steps=STEPS, logging_steps=1,
-        per_device_train_batch_size=2, save_strategy="no", report_to="none", learning_rate=1e-3,
-    )  # fmt: skip
+        data=[str(cache)],
+        output_dir=str(output_dir),
+        use_cpu=True,
+        max_steps=STEPS,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        learning_rate=1e-3,
+    )
     return MtdpoConfig(**{**values, **overrides})
 
 
 def cli_args(cfg: MtdpoConfig) -> list[str]:
-    return ["train", "--data", *cfg.data, "--output-dir", cfg.output_dir, "--use-cpu", "--max-steps", str(cfg.max_steps),
-            "--logging-steps", "1", "--per-device-train-batch-size", "2", "--save-strategy", "no", "--report-to", "none",
-            "--learning-rate", "1e-3"]  # fmt: skip
-
-
+    return [
+        "train",
+        "--data",
+        *cfg.data,
+        "--output-dir",
+        cfg.output_dir,
+        "--use-cpu",
+        "--max-steps",
+        str(cfg.max_steps),
+        "--logging-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "2",
+        "--save-strategy",
+        "no",
+        "--report-to",
+        "none",
+        "--learning-rate",
+        "1e-3",
+    ]
 
 
 def make_cache(tmp: Path, pairs: int) -> Path:
@@ -218,7 +246,9 @@ def check_resumed(small_cache: Path, straight: Path, stopped: Path, step: int, e
     assert logged(stopped) == (logged(straight) if exact else pytest.approx(logged(straight), abs=1e-6))
     # Weights only as safetensors. The checkpoint's optimizer/RNG state are torch files that
     # transformers loads with weights_only=True (no arbitrary unpickling).
-    weights = sorted(p.relative_to(stopped).as_posix() for p in stopped.rglob("*") if p.name.startswith(("model", "pytorch_model")))
+    weights = sorted(
+        p.relative_to(stopped).as_posix() for p in stopped.rglob("*") if p.name.startswith(("model", "pytorch_model"))
+    )
     assert weights == [f"checkpoint-{step}/model.safetensors", "model.safetensors"]
     assert AutoModelForCausalLM.from_pretrained(str(stopped), use_safetensors=True).config.vocab_size == 2048
 
@@ -231,7 +261,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(small_cache
         train(config(small_cache, stopped), callbacks=[SigtermAt(3)])  # the step in flight finishes
     assert signal.getsignal(signal.SIGTERM) is handler  # mtdpo's handler lives only while training
     assert err.value.exit_code == 128 + signal.SIGTERM
-    assert str(err.value) == f"stopped by SIGTERM after step 3; checkpoint saved to {stopped}/checkpoint-3; go on with --resume-from-checkpoint auto"
+    assert (
+        str(err.value)
+        == f"stopped by SIGTERM after step 3; checkpoint saved to {stopped}/checkpoint-3; go on with --resume-from-checkpoint auto"
+    )
     assert sorted(logged(stopped)) == [1, 2, 3]
     check_resumed(small_cache, straight, stopped, 3)
 
@@ -287,7 +320,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(small_cache, tmp_
     run = tmp_path / "run"
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29541"]
     args = cli_args(config(small_cache, run, max_steps=40))
-    proc = subprocess.Popen([*torchrun, "-m", "mtdpo", *args], env=PYTHON_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*torchrun, "-m", "mtdpo", *args], env=PYTHON_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = run / "metrics.jsonl"
     assert wait_until(lambda: proc.poll() is None, lambda: metrics.exists() and '"step": 2,' in metrics.read_text())
     os.kill(worker_of_rank(proc.pid, 1), signal.SIGTERM)
@@ -387,8 +422,14 @@ def test_a_damaged_shard_is_refused_naming_the_file(small_cache, tmp_path, how):
 MANIFESTS = {
     "truncated": (lambda text: text[: len(text) // 2], "manifest.json is corrupt: "),
     "not JSON": (lambda text: "\0" * 16, "manifest.json is corrupt: Expecting value: line 1 column 1 (char 0)"),
-    "a key lost": (lambda text: text.replace('"fingerprint"', '"fingerprnt"'), "manifest.json is corrupt: it lacks tokenizer.fingerprint"),
-    "wrong schema": (lambda text: text.replace('"schema_version": 1', '"schema_version": 9'), "manifest.json: schema version 9, this mtdpo reads 1"),
+    "a key lost": (
+        lambda text: text.replace('"fingerprint"', '"fingerprnt"'),
+        "manifest.json is corrupt: it lacks tokenizer.fingerprint",
+    ),
+    "wrong schema": (
+        lambda text: text.replace('"schema_version": 1', '"schema_version": 9'),
+        "manifest.json: schema version 9, this mtdpo reads 1",
+    ),
     "a JSON list": (lambda text: "[]", "manifest.json: schema version None, this mtdpo reads 1"),
 }
 
@@ -454,11 +495,18 @@ def test_remote_code_is_off_unless_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
     source = write_jsonl(tmp_path / "rows.jsonl", list(make_pairs(2)))
     assert CliRunner().invoke(app, ["preprocess", str(source), "--out", str(tmp_path / "a"), "-q"]).exit_code == 0
-    assert CliRunner().invoke(app, ["preprocess", str(source), "--out", str(tmp_path / "b"), "-q", "--trust-remote-code"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(app, ["preprocess", str(source), "--out", str(tmp_path / "b"), "-q", "--trust-remote-code"])
+        .exit_code
+        == 0
+    )
     assert seen[0] is False and True in seen
 
     assert MtdpoConfig(data=["x"], output_dir=str(tmp_path)).trust_remote_code is False
     models = []
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: models.append(kw["trust_remote_code"]))
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: models.append(kw["trust_remote_code"])
+    )
     load_policy("some/model", "eager", torch.float32, False)
     assert models == [False]

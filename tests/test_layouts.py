@@ -20,8 +20,14 @@ def cache(tmp_path_factory):
 
 def test_a_shared_pair_is_prompt_chosen_then_the_rejected_branch():
     # prompt 10 11 12 (its last token trained on both sides), chosen 13 14, rejected 15
-    row = dict(chosen_input_ids=[10, 11, 12, 13, 14], chosen_labels=[X, X, 12, 13, 14],
-               rejected_input_ids=[10, 11, 12, 15], rejected_labels=[X, X, 12, 15], prompt_len=3, row=0)  # fmt: skip
+    row = dict(
+        chosen_input_ids=[10, 11, 12, 13, 14],
+        chosen_labels=[X, X, 12, 13, 14],
+        rejected_input_ids=[10, 11, 12, 15],
+        rejected_labels=[X, X, 12, 15],
+        prompt_len=3,
+        row=0,
+    )
     pair = shared_pair(row)
     # the branch re-reads the prompt's last token (12) at its position (2), then rejected's own tokens
     assert pair["input_ids"] == [10, 11, 12, 13, 14, 12, 15]
@@ -45,10 +51,23 @@ def test_a_shared_pair_is_prompt_chosen_then_the_rejected_branch():
 
 def test_a_shared_batch_scores_each_sequence_once():
     rows = [
-        dict(chosen_input_ids=[1, 2, 3], chosen_labels=[X, X, 3], rejected_input_ids=[1, 2, 4, 5],
-             rejected_labels=[X, X, 4, 5], prompt_len=2, row=7),
-        dict(chosen_input_ids=[1, 6], chosen_labels=[X, 6], rejected_input_ids=[1, 8], rejected_labels=[X, 8], prompt_len=1, row=9),
-    ]  # fmt: skip
+        dict(
+            chosen_input_ids=[1, 2, 3],
+            chosen_labels=[X, X, 3],
+            rejected_input_ids=[1, 2, 4, 5],
+            rejected_labels=[X, X, 4, 5],
+            prompt_len=2,
+            row=7,
+        ),
+        dict(
+            chosen_input_ids=[1, 6],
+            chosen_labels=[X, 6],
+            rejected_input_ids=[1, 8],
+            rejected_labels=[X, 8],
+            prompt_len=1,
+            row=9,
+        ),
+    ]
     batch = PairCollator(0, prefix_sharing=True)(rows)
     # pair 0: 1 2 3 | 2 4 5 ; pair 1 (prompt of one token: the branch starts at it, no context): 1 6 | 1 8
     assert batch["input_ids"].tolist() == [[1, 2, 3, 2, 4, 5, 1, 6, 1, 8]]
@@ -70,25 +89,37 @@ def test_segment_attention_equals_attention_under_the_dense_mask():
     out, _ = segment_attention(module, q, k, v, None, scaling=dim**-0.5, segments=segments)
     mask = dense_segment_mask(segments, 2, length)
     scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * dim**-0.5
-    expected = (scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num() @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    expected = (
+        scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num() @ v.repeat_interleave(2, 1)
+    ).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert out[1, 7:].abs().sum() == 0  # padding is not computed
 
 
 def test_segment_attention_builds_no_dense_mask_and_without_segments_is_sdpa(monkeypatch):
     import transformers.masking_utils as masking
-
     from trl.trainer.utils import add_fused_lm_head
 
     model = tiny_model()
     model.set_attn_implementation(SEGMENT_ATTENTION)
     add_fused_lm_head(model)
-    rows = [dict(chosen_input_ids=[2, 5, 6, 7], chosen_labels=[X, X, 6, 7], rejected_input_ids=[2, 5, 8], rejected_labels=[X, X, 8],
-                 prompt_len=2, row=0)]  # fmt: skip
+    rows = [
+        dict(
+            chosen_input_ids=[2, 5, 6, 7],
+            chosen_labels=[X, X, 6, 7],
+            rejected_input_ids=[2, 5, 8],
+            rejected_labels=[X, X, 8],
+            prompt_len=2,
+            row=0,
+        )
+    ]
     built = []
     original = masking.sdpa_mask
-    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, SEGMENT_ATTENTION,
-                        lambda *a, **k: built.append(original(*a, **k)) or built[-1])  # fmt: skip
+    monkeypatch.setitem(
+        masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping,
+        SEGMENT_ATTENTION,
+        lambda *a, **k: built.append(original(*a, **k)) or built[-1],
+    )
     from mtdpo.train.trainer import fused_sequence_logps
 
     for options in ({"prefix_sharing": True}, {"padding_free": True}, {"segments": True}):
@@ -96,7 +127,9 @@ def test_segment_attention_builds_no_dense_mask_and_without_segments_is_sdpa(mon
     assert built and all(mask is None for mask in built)  # no [T, T] mask for any layout
     ids = torch.tensor([[2, 5, 6, 7]])
     reference = tiny_model()
-    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)  # a plain forward: an ordinary model
+    torch.testing.assert_close(
+        model(input_ids=ids).logits, reference(input_ids=ids).logits
+    )  # a plain forward: an ordinary model
 
 
 def shared_prompt_roles(n: int) -> list[tuple[str, ...]]:

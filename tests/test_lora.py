@@ -25,12 +25,22 @@ def cache(tmp_path_factory):
 
 def config(cache, out, **overrides):
     # fp32 (bf16 is the default on CPUs with AMX): the tests compare numbers
-    values = dict(data=[str(cache)], output_dir=str(out), use_cpu=True, max_steps=4, logging_steps=1, per_device_train_batch_size=2,
-                  save_strategy="no", report_to="none", learning_rate=5e-3, lora_r=4, lora_alpha=8, seed=5,
-                  bf16=False)  # fmt: skip
+    values = dict(
+        data=[str(cache)],
+        output_dir=str(out),
+        use_cpu=True,
+        max_steps=4,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        learning_rate=5e-3,
+        lora_r=4,
+        lora_alpha=8,
+        seed=5,
+        bf16=False,
+    )
     return MtdpoConfig(**{**values, **overrides})
-
-
 
 
 def sequence_logps_plain(model, mb):
@@ -56,7 +66,15 @@ def test_only_the_adapters_train_and_the_reference_is_the_base(lora_run, cache):
     model = trainer.model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear: attention and MLP
+    linear = {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }  # all-linear: attention and MLP
     assert {n.split(".")[-4] for n in trainable} == linear
     assert trainer.ref_model is None
     base = AutoModelForCausalLM.from_pretrained(out / "base-model")  # the seeded start, saved with the run
@@ -117,7 +135,9 @@ def test_precomputed_reference_with_lora_gives_the_same_losses(cache, tmp_path):
 
 def test_resume_with_lora_gives_the_same_losses(cache, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(config(cache, straight, max_steps=4, save_strategy="steps", save_steps=2, train_sampling_strategy="sequential"))
+    train(
+        config(cache, straight, max_steps=4, save_strategy="steps", save_steps=2, train_sampling_strategy="sequential")
+    )
     assert (straight / "checkpoint-2" / "adapter_model.safetensors").exists()
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")

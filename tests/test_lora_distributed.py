@@ -24,17 +24,28 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
-COMMON = ["--use-cpu", "--bf16", "false", "--logging-steps", "1", "--report-to", "none", "--learning-rate", "5e-3", "--train-sampling-strategy", "sequential", *LORA]
-
-
-
-
+COMMON = [
+    "--use-cpu",
+    "--bf16",
+    "false",
+    "--logging-steps",
+    "1",
+    "--report-to",
+    "none",
+    "--learning-rate",
+    "5e-3",
+    "--train-sampling-strategy",
+    "sequential",
+    *LORA,
+]
 
 
 def logps(model, cache) -> torch.Tensor:
     mb = batch(cache, range(4))
     with torch.no_grad():
-        return sequence_logps(model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"])[0]
+        return sequence_logps(
+            model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"]
+        )[0]
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +54,46 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora-dist")
     cache = make_cache(tmp, n=16)
     init = saved_start_model(tmp / "init")
-    train(MtdpoConfig(data=[str(cache)], model=str(init), output_dir=str(tmp / "single"), use_cpu=True, max_steps=4, logging_steps=1,
-                      per_device_train_batch_size=4, train_sampling_strategy="sequential", save_strategy="no", report_to="none",
-                      learning_rate=5e-3, lora_r=4, lora_alpha=8, bf16=False))  # fmt: skip
+    train(
+        MtdpoConfig(
+            data=[str(cache)],
+            model=str(init),
+            output_dir=str(tmp / "single"),
+            use_cpu=True,
+            max_steps=4,
+            logging_steps=1,
+            per_device_train_batch_size=4,
+            train_sampling_strategy="sequential",
+            save_strategy="no",
+            report_to="none",
+            learning_rate=5e-3,
+            lora_r=4,
+            lora_alpha=8,
+            bf16=False,
+        )
+    )
     return tmp, cache, init
 
 
 def launch(launcher: list[str], cache: Path, init: Path, out: Path, *extra: str) -> None:
-    command = [*launcher, "-m", "mtdpo", "train", "--data", str(cache), "--model", str(init), "--output-dir", str(out),
-               "--per-device-train-batch-size", "2", "--max-steps", "4", *COMMON, *extra]  # fmt: skip
+    command = [
+        *launcher,
+        "-m",
+        "mtdpo",
+        "train",
+        "--data",
+        str(cache),
+        "--model",
+        str(init),
+        "--output-dir",
+        str(out),
+        "--per-device-train-batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        *COMMON,
+        *extra,
+    ]
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as f:  # a file, not a pipe: no rank blocks on a full pipe while the other waits
         result = subprocess.run(command, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=900)
@@ -59,8 +101,18 @@ def launch(launcher: list[str], cache: Path, init: Path, out: Path, *extra: str)
 
 
 def accelerate(config: str) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / f"configs/accelerate/{config}.yaml"), "--num_processes", "2",
-            "--mixed_precision", "no", "--main_process_port", str(free_port())]  # fmt: skip
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / f"configs/accelerate/{config}.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 def torchrun() -> list[str]:
@@ -74,7 +126,11 @@ def test_lora_on_two_ranks_equals_one_rank_with_twice_the_batch(setup, system):
     tmp, cache, init = setup
     out = tmp / system
     launcher = torchrun() if system == "ddp" else accelerate(system)
-    extra = ["--save-strategy", "no", *(["--activation-checkpointing", "true", "--merge-adapters", "true"] if system == "zero3" else [])]
+    extra = [
+        "--save-strategy",
+        "no",
+        *(["--activation-checkpointing", "true", "--merge-adapters", "true"] if system == "zero3" else []),
+    ]
     launch(launcher, cache, init, out, *extra)
     single = logged(tmp / "single")
     assert sorted(logged(out)) == [1, 2, 3, 4]
@@ -83,9 +139,13 @@ def test_lora_on_two_ranks_equals_one_rank_with_twice_the_batch(setup, system):
 
     expected = logps(AutoPeftModelForCausalLM.from_pretrained(tmp / "single"), cache)
     adapter_dir = out / "adapter" if system == "zero3" else out
-    torch.testing.assert_close(logps(AutoPeftModelForCausalLM.from_pretrained(adapter_dir), cache), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        logps(AutoPeftModelForCausalLM.from_pretrained(adapter_dir), cache), expected, rtol=1e-5, atol=1e-4
+    )
     if system == "zero3":
-        torch.testing.assert_close(logps(AutoModelForCausalLM.from_pretrained(out), cache), expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            logps(AutoModelForCausalLM.from_pretrained(out), cache), expected, rtol=1e-5, atol=1e-4
+        )
     assert (logps(AutoModelForCausalLM.from_pretrained(init), cache) - expected).abs().max() > 1e-3  # training moved it
 
 

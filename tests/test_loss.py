@@ -119,15 +119,24 @@ def sigmoid(x: float) -> float:
 def test_reference_losses_by_hand(loss_type, expected):
     losses, chosen_rewards, rejected_rewards = dpo_loss(**PAIR, loss_type=loss_type, **TOKENS)
     assert losses.item() == pytest.approx(expected, abs=1e-6)
-    assert (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx((0.1, -0.1))  # beta * log-ratio, as TRL logs
+    assert (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx(
+        (0.1, -0.1)
+    )  # beta * log-ratio, as TRL logs
 
 
 def test_sigmoid_norm_ignores_length():
     # the same per-token log-ratios from sequences 10x as long: the same loss (sigmoid would not)
-    long = dict(policy_chosen=torch.tensor([-100.0]), policy_rejected=torch.tensor([-120.0]),
-                ref_chosen=torch.tensor([-110.0]), ref_rejected=torch.tensor([-110.0]), beta=0.1)  # fmt: skip
+    long = dict(
+        policy_chosen=torch.tensor([-100.0]),
+        policy_rejected=torch.tensor([-120.0]),
+        ref_chosen=torch.tensor([-110.0]),
+        ref_rejected=torch.tensor([-110.0]),
+        beta=0.1,
+    )
     short, _, _ = dpo_loss(**PAIR, loss_type="sigmoid_norm", **TOKENS)
-    longer, _, _ = dpo_loss(**long, loss_type="sigmoid_norm", chosen_tokens=torch.tensor([40]), rejected_tokens=torch.tensor([20]))
+    longer, _, _ = dpo_loss(
+        **long, loss_type="sigmoid_norm", chosen_tokens=torch.tensor([40]), rejected_tokens=torch.tensor([20])
+    )
     assert longer.item() == pytest.approx(short.item(), abs=1e-7)
 
 
@@ -135,7 +144,9 @@ def test_sigmoid_norm_ignores_length():
 def test_simpo_by_hand_and_reference_free(beta, gamma):
     # rewards beta * mean token log-prob: beta * -10/4 and beta * -12/2; loss -logsigmoid(margin - gamma)
     chosen_reward, rejected_reward = beta * -2.5, beta * -6.0
-    losses, c, r = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), None, None, beta, "simpo", simpo_gamma=gamma, **TOKENS)
+    losses, c, r = dpo_loss(
+        torch.tensor([-10.0]), torch.tensor([-12.0]), None, None, beta, "simpo", simpo_gamma=gamma, **TOKENS
+    )
     assert losses.item() == pytest.approx(softplus(-(chosen_reward - rejected_reward - gamma)), abs=1e-6)
     assert (c.item(), r.item()) == pytest.approx((chosen_reward, rejected_reward))
     with_ref, _, _ = dpo_loss(**{**PAIR, "beta": beta}, loss_type="simpo", simpo_gamma=gamma, **TOKENS)
@@ -186,7 +197,9 @@ def test_untrained_positions_leave_every_loss_bit_identical(loss_type, nll_norm)
     ref = torch.randn(4, 10, 8, generator=g)
     loss = objective_from_logits(policy, ref, loss_type, nll_norm)
     loss.backward()
-    untrained = torch.cat([LABELS[:, 1:] == -100, torch.ones(4, 1, dtype=torch.bool)], 1)  # the last position predicts nothing
+    untrained = torch.cat(
+        [LABELS[:, 1:] == -100, torch.ones(4, 1, dtype=torch.bool)], 1
+    )  # the last position predicts nothing
     assert untrained.sum() > 20 and (~untrained).sum() > 10
     noise = 50 * torch.randn(4, 10, 8, generator=g) * untrained[..., None]
     with torch.no_grad():

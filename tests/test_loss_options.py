@@ -36,8 +36,15 @@ def test_multi_turn_masking_holds_for_every_loss(cache, logits_batch, tmp_path, 
     trained = mb["labels"][:, 1:] != -100
     masked = ~trained & (mb["attention_mask"][:, 1:] == 1)
     assert masked.sum() > trained.sum() / 2  # multi-turn rows: many masked tokens inside the sequences
-    trainer = mtdpo_trainer(cache, tiny_model(), None, tmp_path, loss_type=loss_type, nll_norm=nll_norm,
-                            label_smoothing=0.1 if loss_type == "robust" else 0.0)  # fmt: skip
+    trainer = mtdpo_trainer(
+        cache,
+        tiny_model(),
+        None,
+        tmp_path,
+        loss_type=loss_type,
+        nll_norm=nll_norm,
+        label_smoothing=0.1 if loss_type == "robust" else 0.0,
+    )
     # a reference close to the policy, so that no loss is saturated and a trained position matters
     ref_logps = sequence_logps(logits, mb["labels"])[0] + torch.randn(8, generator=torch.Generator().manual_seed(1))
 
@@ -67,8 +74,17 @@ def test_sequence_nll_weighs_each_conversation_alike(cache, logits_batch, tmp_pa
 
 
 def config(cache, tmp_path, **overrides):
-    values = dict(data=[str(cache)], output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=3, logging_steps=1,
-                  per_device_train_batch_size=2, save_strategy="no", report_to="none", learning_rate=1e-3)  # fmt: skip
+    values = dict(
+        data=[str(cache)],
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        learning_rate=1e-3,
+    )
     return MtdpoConfig(**{**values, **overrides})
 
 

@@ -97,7 +97,7 @@ def test_family_tool_roles_are_rendered_as_such():
     """The data really exercises each family's tool turn (not a silently dropped message)."""
     row = math_agent_pairs()["shared_code_and_tool_exchange"]
     headers = {
-        "llama3": "<|start_header_id|>ipython<|end_header_id|>\n\n\"```output\\n8\\n```\"<|eot_id|>",  # JSON-encoded
+        "llama3": '<|start_header_id|>ipython<|end_header_id|>\n\n"```output\\n8\\n```"<|eot_id|>',  # JSON-encoded
         "qwen2": "<|im_start|>user\n<tool_response>\n```output\n8\n```\n</tool_response><|im_end|>",
         "gemma": "<start_of_turn>user\n```output\n8\n```<end_of_turn>",
         "mistral": " [INST] ```output\n8\n``` [/INST]",
@@ -136,7 +136,9 @@ def test_common_token_prefix_past_the_prompt_stays_trained():
     for side in ("chosen", "rejected"):
         ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
         first = next(i for i, label in enumerate(labels) if label != IGNORE)
-        assert tok.decode(ids[:first]).endswith("```output\n8\n```\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        assert tok.decode(ids[:first]).endswith(
+            "```output\n8\n```\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        )
         assert ids[first : first + len(shared)] == labels[first : first + len(shared)] == shared
     assert record["prompt_len"] >= first + len(shared)
 
@@ -200,8 +202,12 @@ ALTERING = """
 
 def thinking_pair(follow_up: bool) -> dict:
     q = msg("user", "What is 6 × 7?")
-    chosen = [q, msg("assistant", "<think>Multiply.</think>\n```python\nprint(6 * 7)\n```"), msg("tool", "```output\n42\n```"),
-              msg("assistant", "<think>The tool says 42.</think>\nThe answer is $\\boxed{42}$.")]  # fmt: skip
+    chosen = [
+        q,
+        msg("assistant", "<think>Multiply.</think>\n```python\nprint(6 * 7)\n```"),
+        msg("tool", "```output\n42\n```"),
+        msg("assistant", "<think>The tool says 42.</think>\nThe answer is $\\boxed{42}$."),
+    ]
     rejected = [q, msg("assistant", "<think>Add them.</think>\nThe answer is $\\boxed{13}$.")]
     if follow_up:  # a second user question after the first answers
         chosen += [msg("user", "And 6 × 8?"), msg("assistant", "<think>42 + 6.</think>\n$\\boxed{48}$")]
@@ -252,7 +258,10 @@ def test_system_moved_into_last_user_turn_is_rejected():
 
 def test_template_altering_assistant_text_is_rejected():
     tok = with_template("qwen2", ALTERING)
-    with pytest.raises(RowError, match=r"^message 3 \(assistant\): its text is not in the rendered turn \(the template drops or alters it\)$"):
+    with pytest.raises(
+        RowError,
+        match=r"^message 3 \(assistant\): its text is not in the rendered turn \(the template drops or alters it\)$",
+    ):
         PairEncoder(tok, MaskOptions())(math_agent_pairs()["shared_code_and_tool_exchange"])
 
 

@@ -44,14 +44,24 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
     cache = make_cache(tmp, n=16)
     init = saved_start_model(tmp / "init")
-    train(MtdpoConfig(data=[str(cache)], model=str(init), output_dir=str(tmp / "single"), use_cpu=True, max_steps=2,
-                      logging_steps=1, per_device_train_batch_size=8, train_sampling_strategy="sequential",
-                      save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-4, bf16=False))  # fmt: skip
+    train(
+        MtdpoConfig(
+            data=[str(cache)],
+            model=str(init),
+            output_dir=str(tmp / "single"),
+            use_cpu=True,
+            max_steps=2,
+            logging_steps=1,
+            per_device_train_batch_size=8,
+            train_sampling_strategy="sequential",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            learning_rate=1e-4,
+            bf16=False,
+        )
+    )
     return tmp, cache, init
-
-
-
-
 
 
 def run_all(commands: list[list[str]], logs: list[Path], env=ENV) -> None:
@@ -75,15 +85,45 @@ def test_two_machines_of_two_ranks_equal_one_rank_with_four_times_the_batch(setu
     tmp, cache, init = setup
     out, port = tmp / config, free_port()
     commands = [
-        [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / f"configs/accelerate/{config}.yaml"),
-         "--num_machines", "2", "--machine_rank", str(machine), "--num_processes", "4",  # processes of all machines
-         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
-         *(FSDP_ON_CPU if config == "fsdp" else []),
-         "-m", "mtdpo", "train", "--data", str(cache), "--model", str(init), "--output-dir", str(out),
-         "--per-device-train-batch-size", "2", "--max-steps", "2", "--train-sampling-strategy", "sequential",
-         "--save-strategy", "no", *COMMON]
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / f"configs/accelerate/{config}.yaml"),
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(machine),
+            "--num_processes",
+            "4",  # processes of all machines
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            *(FSDP_ON_CPU if config == "fsdp" else []),
+            "-m",
+            "mtdpo",
+            "train",
+            "--data",
+            str(cache),
+            "--model",
+            str(init),
+            "--output-dir",
+            str(out),
+            "--per-device-train-batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--train-sampling-strategy",
+            "sequential",
+            "--save-strategy",
+            "no",
+            *COMMON,
+        ]
         for machine in (0, 1)
-    ]  # fmt: skip
+    ]
     run_all(commands, [tmp / f"{config}-machine-{machine}.log" for machine in (0, 1)])
 
     single = logged(tmp / "single")
@@ -104,9 +144,31 @@ def test_two_machines_of_two_ranks_equal_one_rank_with_four_times_the_batch(setu
 
 def torchrun_two_ranks(cache: Path, init: Path, out: Path, rows_dir: Path, *extra: str) -> None:
     rows_dir.mkdir(parents=True, exist_ok=True)
-    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "tests/record_rows.py"),
-               "train", "--data", str(cache), "--model", str(init), "--output-dir", str(out), "--per-device-train-batch-size", "2",
-               "--max-steps", "8", "--save-strategy", "steps", "--save-steps", "3", *COMMON, *extra]  # fmt: skip
+    command = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests/record_rows.py"),
+        "train",
+        "--data",
+        str(cache),
+        "--model",
+        str(init),
+        "--output-dir",
+        str(out),
+        "--per-device-train-batch-size",
+        "2",
+        "--max-steps",
+        "8",
+        "--save-strategy",
+        "steps",
+        "--save-steps",
+        "3",
+        *COMMON,
+        *extra,
+    ]
     run_all([command], [out.parent / f"{out.name}.log"], env={**ENV, "MTDPO_ROWS_DIR": str(rows_dir)})
 
 
@@ -136,7 +198,9 @@ def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
 
     ds = load_cache(cache)
     length = dict(zip(ds["row"], (max(c, r) for c, r in zip(ds["chosen_len"], ds["rejected_len"]))))
-    epochs = [[seen[step][0] + seen[step][1] for step in steps] for steps in ((1, 2, 3, 4), (5, 6, 7, 8))]  # 4 steps x 2 ranks x 2 pairs
+    epochs = [
+        [seen[step][0] + seen[step][1] for step in steps] for steps in ((1, 2, 3, 4), (5, 6, 7, 8))
+    ]  # 4 steps x 2 ranks x 2 pairs
     for epoch in epochs:
         assert sorted(row for batch in epoch for row in batch) == sorted(ds["row"])  # every pair once: ranks disjoint
         assert [row for batch in epoch for row in batch] != sorted(ds["row"])  # not the sequential order
@@ -148,7 +212,9 @@ def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
 
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-6", resumed / "checkpoint-6")  # what a run stopped after step 6 leaves
-    torchrun_two_ranks(cache, init, resumed, tmp / f"rows-resumed-{strategy}", *sampling, "--resume-from-checkpoint", "auto")
+    torchrun_two_ranks(
+        cache, init, resumed, tmp / f"rows-resumed-{strategy}", *sampling, "--resume-from-checkpoint", "auto"
+    )
     again = rows_by_step(tmp / f"rows-resumed-{strategy}")
     assert sorted(again) == [7, 8]
     assert {step: again[step] for step in (7, 8)} == {step: seen[step] for step in (7, 8)}

@@ -31,9 +31,18 @@ def awkward_rows() -> list[dict]:
         "two\n\nparagraphs",
     ]
     rows = [{"chosen": [q, msg("assistant", a)], "rejected": [q, msg("assistant", "It is 5.")]} for a in answers]
-    rows.append({"chosen": [q, msg("assistant", "4"), msg("user", "Sure?"), msg("assistant", "Yes, 4.")],
-                 "rejected": [q, msg("assistant", "4"), msg("user", "Sure?"), msg("assistant", "No, 5.")]})  # fmt: skip
-    rows.append({"chosen": [msg("system", "Be brief."), q, msg("assistant", "4")], "rejected": [msg("system", "Be brief."), q, msg("assistant", "5")]})
+    rows.append(
+        {
+            "chosen": [q, msg("assistant", "4"), msg("user", "Sure?"), msg("assistant", "Yes, 4.")],
+            "rejected": [q, msg("assistant", "4"), msg("user", "Sure?"), msg("assistant", "No, 5.")],
+        }
+    )
+    rows.append(
+        {
+            "chosen": [msg("system", "Be brief."), q, msg("assistant", "4")],
+            "rejected": [msg("system", "Be brief."), q, msg("assistant", "5")],
+        }
+    )
     return rows
 
 

@@ -28,8 +28,18 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def step(n: int, loss: float, margin: float, accuracy: float, **extra) -> dict:
-    return {"step": n, "loss": loss, "dpo_loss": loss / 2, "nll": loss / 2, "rewards/chosen": margin, "rewards/rejected": 0.0,
-            "rewards/margins": margin, "rewards/accuracies": accuracy, "tokens_per_second": 1000.0, **extra}  # fmt: skip
+    return {
+        "step": n,
+        "loss": loss,
+        "dpo_loss": loss / 2,
+        "nll": loss / 2,
+        "rewards/chosen": margin,
+        "rewards/rejected": 0.0,
+        "rewards/margins": margin,
+        "rewards/accuracies": accuracy,
+        "tokens_per_second": 1000.0,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -53,7 +63,12 @@ def run_dir(tmp_path) -> Path:
 
 def test_read_metrics_keeps_the_last_line_of_each_step(run_dir):
     train, evals = read_metrics(run_dir)
-    assert [(e["step"], e["loss"], e["rewards/margins"]) for e in train] == [(5, 2.0, 0.1), (10, 1.5, 0.8), (15, 1.2, 1.5), (20, 1.0, 2.0)]
+    assert [(e["step"], e["loss"], e["rewards/margins"]) for e in train] == [
+        (5, 2.0, 0.1),
+        (10, 1.5, 0.8),
+        (15, 1.2, 1.5),
+        (20, 1.0, 2.0),
+    ]
     assert [(e["step"], e["eval_loss"]) for e in evals] == [(10, 1.7)]
     assert read_metrics(run_dir / "metrics.jsonl") == (train, evals)  # the file itself works too
 
@@ -71,10 +86,16 @@ def test_plot_command_draws_the_curves(run_dir, tmp_path):
 def test_plot_errors(tmp_path, run_dir, monkeypatch):
     result = invoke("plot", tmp_path)
     assert result.exit_code == 2
-    assert result.stderr == f"error: no metrics file at {tmp_path / 'metrics.jsonl'}; `mtdpo train --output-dir {tmp_path}` writes it\n"
+    assert (
+        result.stderr
+        == f"error: no metrics file at {tmp_path / 'metrics.jsonl'}; `mtdpo train --output-dir {tmp_path}` writes it\n"
+    )
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "train_runtime": 1.0, "train_loss": 1.0}\n')
     result = invoke("plot", tmp_path)
-    assert result.stderr == f"error: {tmp_path / 'metrics.jsonl'} holds no training step yet (a line is written every --logging-steps)\n"
+    assert (
+        result.stderr
+        == f"error: {tmp_path / 'metrics.jsonl'} holds no training step yet (a line is written every --logging-steps)\n"
+    )
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{oops\n')
     assert invoke("plot", tmp_path).stderr == f"error: {tmp_path / 'metrics.jsonl'}, line 2: not JSON\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -92,8 +113,17 @@ def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
     from mtdpo.train.run import train
 
     cache = make_cache(tmp_path, n=8)
-    config = MtdpoConfig(data=[str(cache)], output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=3, logging_steps=1,
-                         per_device_train_batch_size=2, save_strategy="no", report_to="none", learning_rate=1e-3)  # fmt: skip
+    config = MtdpoConfig(
+        data=[str(cache)],
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        learning_rate=1e-3,
+    )
     train(config)
     steps, _ = read_metrics(tmp_path / "run")
     assert [e["step"] for e in steps] == [1, 2, 3]

@@ -17,7 +17,16 @@ from mtdpo.errors import UsageError
 from mtdpo.preprocess import pipeline
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
 from mtdpo.synthetic import make_pairs
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint_dir, load_tokenizer, sha256_path, sha256_text, vocabulary_hash, vocabulary_hash_dir
+from mtdpo.tokenizer import (
+    EMBEDDED_TOKENIZER,
+    SAMPLE_DATA,
+    fingerprint_dir,
+    load_tokenizer,
+    sha256_path,
+    sha256_text,
+    vocabulary_hash,
+    vocabulary_hash_dir,
+)
 
 LIST_INT32 = pa.list_(pa.int32())
 SCHEMA_1 = {  # docs/DESIGN.md, "The cache contract"
@@ -117,12 +126,18 @@ def test_fingerprint_changes_with_an_added_special_token(tmp_path, sample_cache)
     tok = load_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>", "<tool_call>"]})
     tok.save_pretrained(str(tmp_path / "tok"))
-    run_preprocess(write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)), tmp_path / "out", tokenizer=str(tmp_path / "tok"))
+    run_preprocess(
+        write_jsonl(tmp_path / "rows.jsonl", sample_rows(3)), tmp_path / "out", tokenizer=str(tmp_path / "tok")
+    )
     manifest = read_json(tmp_path / "out" / "manifest.json")["tokenizer"]
     assert manifest["vocab_size"] == 2049
     assert manifest["fingerprint"] == fingerprint_dir(tmp_path / "tok")
     assert manifest["fingerprint"] != read_json(sample_cache / "manifest.json")["tokenizer"]["fingerprint"]
-    assert vocabulary_hash_dir(tmp_path / "out" / "tokenizer") == vocabulary_hash(tok) != vocabulary_hash_dir(sample_cache / "tokenizer")
+    assert (
+        vocabulary_hash_dir(tmp_path / "out" / "tokenizer")
+        == vocabulary_hash(tok)
+        != vocabulary_hash_dir(sample_cache / "tokenizer")
+    )
 
 
 def test_shards_have_the_schema_1_column_types(sample_cache):
@@ -160,15 +175,20 @@ def expected_after_truncation(full: datasets.Dataset, max_length: int) -> tuple[
     """From the untruncated cache: kept records cut to max_length, dropped rows, truncated count."""
     kept, dropped, truncated = [], [], 0
     for record in full:
-        cut = {k: record[k][:max_length] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
+        cut = {
+            k: record[k][:max_length]
+            for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+        }
         if not all(n_trained(cut[f"{side}_labels"]) for side in SIDES):
             dropped.append(record["row"])
             continue
         truncated += max(record["chosen_len"], record["rejected_len"]) > max_length
         cut.update(
-            chosen_len=len(cut["chosen_input_ids"]), rejected_len=len(cut["rejected_input_ids"]), row=record["row"],
+            chosen_len=len(cut["chosen_input_ids"]),
+            rejected_len=len(cut["rejected_input_ids"]),
+            row=record["row"],
             prompt_len=common_prefix(cut["chosen_input_ids"], cut["rejected_input_ids"]),
-        )  # fmt: skip
+        )
         kept.append(cut)
     return kept, dropped, truncated
 
@@ -178,10 +198,18 @@ def expected_after_truncation(full: datasets.Dataset, max_length: int) -> tuple[
     [(200, 240, 0, 127), (128, 191, 49, 173)],
     ids=["truncate", "truncate-and-drop"],
 )
-def test_truncation_keeps_the_start_and_drops_untrainable_pairs(tmp_path, sample_cache, max_length, kept, dropped, truncated):
+def test_truncation_keeps_the_start_and_drops_untrainable_pairs(
+    tmp_path, sample_cache, max_length, kept, dropped, truncated
+):
     out = tmp_path / "cut"
     stats = run_preprocess(SAMPLE_DATA, out, options=MaskOptions(max_length=max_length))
-    assert {k: stats[k] for k in COUNTS} == {"rows": 240, "kept": kept, "rejected": 0, "dropped": dropped, "truncated": truncated}
+    assert {k: stats[k] for k in COUNTS} == {
+        "rows": 240,
+        "kept": kept,
+        "rejected": 0,
+        "dropped": dropped,
+        "truncated": truncated,
+    }
     want_records, want_dropped, want_truncated = expected_after_truncation(load(sample_cache), max_length)
     assert (len(want_records), len(want_dropped), want_truncated) == (kept, dropped, truncated)
 
@@ -192,7 +220,9 @@ def test_truncation_keeps_the_start_and_drops_untrainable_pairs(tmp_path, sample
     rejects = read_rejects(out)
     assert [r["row"] for r in rejects] == want_dropped
     reasons = {r["reason"] for r in rejects}
-    assert reasons <= {f"{side} has no trained token left after truncation to --max-length {max_length}" for side in SIDES}
+    assert reasons <= {
+        f"{side} has no trained token left after truncation to --max-length {max_length}" for side in SIDES
+    }
     assert sum(stats["reasons"].values()) == dropped
     assert read_json(out / "manifest.json")["max_length"] == max_length
 
@@ -417,7 +447,12 @@ def test_the_forked_tokenizer_copy_equals_the_in_process_one(tmp_path, monkeypat
     run_preprocess(SAMPLE_DATA, tmp_path / "here")
     monkeypatch.setattr(pipeline, "BACKGROUND_SAVE_VOCAB", 0)
     run_preprocess(SAMPLE_DATA, tmp_path / "forked")
-    for name in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja", "manifest.json"):
+    for name in (
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/chat_template.jinja",
+        "manifest.json",
+    ):
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "forked" / name).read_bytes(), name
 
 

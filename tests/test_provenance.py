@@ -63,7 +63,10 @@ def no_reference_model(monkeypatch):
 def test_precompute_records_the_reference_path_and_weights(setup):
     _, _, models, precomputed = setup
     recorded = json.loads((precomputed["A"] / "manifest.json").read_text())["reference"]
-    assert recorded["path"] == str(models["A"].resolve()) and recorded["columns"] == ["ref_chosen_logp", "ref_rejected_logp"]
+    assert recorded["path"] == str(models["A"].resolve()) and recorded["columns"] == [
+        "ref_chosen_logp",
+        "ref_rejected_logp",
+    ]
     assert recorded["weights_sha256"] == reference_identity(str(models["A"]), 42)["weights_sha256"]
     assert recorded["weights_sha256"] != reference_identity(str(models["B"]), 42)["weights_sha256"]
     default = json.loads((precomputed["default"] / "manifest.json").read_text())["reference"]
@@ -76,13 +79,24 @@ def test_the_recorded_reference_is_used_without_loading_a_model(setup, tmp_path,
     no_reference_model(monkeypatch)
     train(run_config(precomputed["default"], tmp_path, output_dir=str(tmp_path / "default"), max_steps=1))
     # Model B trained against model A's log-probs: allowed when --ref-model says so.
-    train(run_config(precomputed["A"], tmp_path, output_dir=str(tmp_path / "a"), model=str(models["B"]), ref_model=str(models["A"]), max_steps=1))
+    train(
+        run_config(
+            precomputed["A"],
+            tmp_path,
+            output_dir=str(tmp_path / "a"),
+            model=str(models["B"]),
+            ref_model=str(models["A"]),
+            max_steps=1,
+        )
+    )
     assert logged(tmp_path / "a")
 
 
 def test_a_ref_model_that_differs_from_the_recorded_one_is_refused(setup):
     tmp, _, models, precomputed = setup
-    line = one_line_error(train_cli(tmp, "--data", precomputed["A"], "--model", models["A"], "--ref-model", models["B"]))
+    line = one_line_error(
+        train_cli(tmp, "--data", precomputed["A"], "--model", models["A"], "--ref-model", models["B"])
+    )
     assert f"cache {precomputed['A']} holds reference log-probs of {models['A'].resolve()}" in line
     assert f"not of --ref-model {models['B']}" in line and f"--ref-model {models['A'].resolve()}" in line
     # No --ref-model: the reference is --model (here B), not the model that made the columns.
@@ -106,7 +120,9 @@ def test_caches_with_and_without_reference_columns_are_not_mixed(setup):
 def test_caches_of_different_references_are_not_mixed(setup):
     tmp, _, _, precomputed = setup
     line = one_line_error(train_cli(tmp, "--data", precomputed["default"], precomputed["A"]))
-    assert f"caches {precomputed['default']} and {precomputed['A']} hold reference log-probs of different models" in line
+    assert (
+        f"caches {precomputed['default']} and {precomputed['A']} hold reference log-probs of different models" in line
+    )
 
 
 def test_reference_columns_without_a_record_are_refused(setup, tmp_path):
@@ -114,7 +130,10 @@ def test_reference_columns_without_a_record_are_refused(setup, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(precomputed["default"], old)
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["reference"] = {"model": "tiny random Gemma (seeded)", "columns": manifest["reference"]["columns"]}  # as before
+    manifest["reference"] = {
+        "model": "tiny random Gemma (seeded)",
+        "columns": manifest["reference"]["columns"],
+    }  # as before
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match=f"cache {old} holds reference log-probs with no record of the model"):
         train(run_config(old, tmp_path, max_steps=1))
@@ -127,8 +146,14 @@ def test_an_eval_cache_without_reference_columns_loads_the_reference(setup, tmp_
     runs = {}
     for name, data in (("mixed", precomputed["default"]), ("live", cache)):
         runs[name] = tmp_path / name
-        train(run_config(data, tmp_path, output_dir=str(runs[name]), eval_data=str(cache), eval_strategy="steps", eval_steps=2))
-    assert logged(runs["mixed"], "eval_loss") and logged(runs["mixed"], "eval_loss") == pytest.approx(logged(runs["live"], "eval_loss"), abs=1e-5)
+        train(
+            run_config(
+                data, tmp_path, output_dir=str(runs[name]), eval_data=str(cache), eval_strategy="steps", eval_steps=2
+            )
+        )
+    assert logged(runs["mixed"], "eval_loss") and logged(runs["mixed"], "eval_loss") == pytest.approx(
+        logged(runs["live"], "eval_loss"), abs=1e-5
+    )
     assert logged(runs["mixed"]) == pytest.approx(logged(runs["live"]), abs=1e-5)
 
 
@@ -145,7 +170,9 @@ def test_a_preprocess_that_keeps_no_pair_fails_and_leaves_no_cache(tmp_path):
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     result = invoke("preprocess", source, "--out", tmp_path / "cache")
     line = one_line_error(result)
-    assert line.startswith(f"error: {source}: kept 0 of 5 rows (3 chosen and rejected are identical, ") and line.endswith("); no cache written")
+    assert line.startswith(
+        f"error: {source}: kept 0 of 5 rows (3 chosen and rejected are identical, "
+    ) and line.endswith("); no cache written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nor any temporary directory
 
 

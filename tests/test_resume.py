@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers.trainer_pt_utils import get_length_grouped_indices
 from test_train import logged, run_config
 from trainkit import make_cache
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from mtdpo.train.run import train
 from mtdpo.train.trainer import (
@@ -49,12 +49,15 @@ def train_recording_rows(config, monkeypatch) -> dict[int, list[int]]:
 
 @pytest.mark.parametrize(
     "strategy, checkpoints", [("group_by_length", (10, 8)), ("random", (10,)), ("sequential", (10,))]
-)  # fmt: skip
+)
 def test_resume_replays_the_same_rows_and_losses(cache, tmp_path, monkeypatch, strategy, checkpoints):
     """Checkpoint 10 lies inside epoch 2, checkpoint 8 on the epoch boundary."""
     straight = tmp_path / "straight"
     options = dict(max_steps=-1, num_train_epochs=2, train_sampling_strategy=strategy)
-    rows = train_recording_rows(run_config(cache, tmp_path, output_dir=str(straight), save_strategy="steps", save_steps=2, **options), monkeypatch)
+    rows = train_recording_rows(
+        run_config(cache, tmp_path, output_dir=str(straight), save_strategy="steps", save_steps=2, **options),
+        monkeypatch,
+    )
     assert sorted(rows) == list(range(1, 17))
     epochs = [sorted(r for step in steps for r in rows[step]) for steps in (range(1, 9), range(9, 17))]
     assert epochs[0] == epochs[1] == list(range(16))  # every pair once per epoch
@@ -64,7 +67,9 @@ def test_resume_replays_the_same_rows_and_losses(cache, tmp_path, monkeypatch, s
         resumed = tmp_path / f"resumed-{checkpoint}"
         resumed.mkdir()
         shutil.copytree(straight / f"checkpoint-{checkpoint}", resumed / f"checkpoint-{checkpoint}")
-        again = train_recording_rows(run_config(cache, tmp_path, output_dir=str(resumed), resume_from_checkpoint="auto", **options), monkeypatch)
+        again = train_recording_rows(
+            run_config(cache, tmp_path, output_dir=str(resumed), resume_from_checkpoint="auto", **options), monkeypatch
+        )
         later = range(checkpoint + 1, 17)
         assert sorted(again) == list(later)
         assert {step: again[step] for step in later} == {step: rows[step] for step in later}

@@ -28,23 +28,50 @@ BAD_ROWS = {
     "missing rejected": ({"chosen": [Q, A]}, "missing key 'rejected' (row keys: ['chosen'])"),
     "missing chosen": ({"prompt": "Hi", "rejected": "x"}, "missing key 'chosen' (row keys: ['prompt', 'rejected'])"),
     "unknown role": (good(rejected=[Q, msg("bot", "6")]), f"rejected[1] has unknown role 'bot' (known: {KNOWN})"),
-    "null role": (good(chosen=[{"role": None, "content": "x"}, A]), f"chosen[0] role is null, expected a string (one of: {KNOWN})"),
+    "null role": (
+        good(chosen=[{"role": None, "content": "x"}, A]),
+        f"chosen[0] role is null, expected a string (one of: {KNOWN})",
+    ),
     "no role": (good(chosen=[{"content": "What?"}, A]), "chosen[0] has no 'role'"),
     "no content": (good(rejected=[Q, {"role": "assistant"}]), "rejected[1] (assistant) has no 'content'"),
-    "null content": (good(chosen=[Q, {"role": "assistant", "content": None}]), "chosen[1] (assistant) content is null, expected a string or a list of text parts (null only with tool_calls)"),
-    "int content": (good(chosen=[{"role": "user", "content": 5}, A]), "chosen[0] (user) content is a number, expected a string or a list of text parts"),
-    "float content": (good(chosen=[Q, {"role": "assistant", "content": 5.5}]), "chosen[1] (assistant) content is a number, expected a string or a list of text parts"),
-    "NaN content": (good(chosen=[Q, {"role": "assistant", "content": math.nan}]), "chosen[1] (assistant) content is NaN, expected a string or a list of text parts"),
-    "list content": (good(rejected=[Q, {"role": "assistant", "content": ["It", "is"]}]), "rejected[1] (assistant) content part 0 is a string, expected {\"type\": \"text\", \"text\": ...}"),
-    "message is a string": (good(chosen=["What?", A]), "chosen[0] is a string, expected an object with 'role' and 'content'"),
+    "null content": (
+        good(chosen=[Q, {"role": "assistant", "content": None}]),
+        "chosen[1] (assistant) content is null, expected a string or a list of text parts (null only with tool_calls)",
+    ),
+    "int content": (
+        good(chosen=[{"role": "user", "content": 5}, A]),
+        "chosen[0] (user) content is a number, expected a string or a list of text parts",
+    ),
+    "float content": (
+        good(chosen=[Q, {"role": "assistant", "content": 5.5}]),
+        "chosen[1] (assistant) content is a number, expected a string or a list of text parts",
+    ),
+    "NaN content": (
+        good(chosen=[Q, {"role": "assistant", "content": math.nan}]),
+        "chosen[1] (assistant) content is NaN, expected a string or a list of text parts",
+    ),
+    "list content": (
+        good(rejected=[Q, {"role": "assistant", "content": ["It", "is"]}]),
+        'rejected[1] (assistant) content part 0 is a string, expected {"type": "text", "text": ...}',
+    ),
+    "message is a string": (
+        good(chosen=["What?", A]),
+        "chosen[0] is a string, expected an object with 'role' and 'content'",
+    ),
     "side is a number": (good(chosen=7), "chosen is a number, expected a list of messages or a string"),
     "prompt is a dict": (good(prompt={"role": "user"}), "prompt is an object, expected a list of messages or a string"),
     "empty side": (good(chosen=[]), "empty conversation: chosen has no messages"),
     "identical": (good(rejected=[Q, A]), "chosen and rejected are identical"),
     "identical TRL": ({"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}, "chosen and rejected are identical"),
-    "no assistant after prompt": (good(chosen=[Q, A, B], rejected=[Q, A, msg("user", "Sure?")]), "rejected has no assistant message after the shared prompt (2 messages)"),
-    "only users": (good(chosen=[msg("user", "a")], rejected=[msg("user", "b")]), "chosen has no assistant message after the shared prompt (0 messages)"),
-}  # fmt: skip
+    "no assistant after prompt": (
+        good(chosen=[Q, A, B], rejected=[Q, A, msg("user", "Sure?")]),
+        "rejected has no assistant message after the shared prompt (2 messages)",
+    ),
+    "only users": (
+        good(chosen=[msg("user", "a")], rejected=[msg("user", "b")]),
+        "chosen has no assistant message after the shared prompt (0 messages)",
+    ),
+}
 
 
 @pytest.mark.parametrize("row, reason", list(BAD_ROWS.values()), ids=list(BAD_ROWS))

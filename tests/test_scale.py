@@ -8,18 +8,26 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_preprocess, sample_rows, write_jsonl
 from datasets import Dataset, SplitDict, SplitInfo
+from helpers import run_preprocess, sample_rows, write_jsonl
 from trainkit import REPO, logged
 
-from mtdpo.cache import load_cache
+from mtdpo.cache import expand_cache_paths, load_cache, open_caches
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.sources import Source, _load_hub, open_source
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.cache import expand_cache_paths, open_caches
 from mtdpo.train.run import train
 
-COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "prompt_len", "chosen_len", "rejected_len", "row"]
+COLUMNS = [
+    "chosen_input_ids",
+    "chosen_labels",
+    "rejected_input_ids",
+    "rejected_labels",
+    "prompt_len",
+    "chosen_len",
+    "rejected_len",
+    "row",
+]
 
 
 def columns(cache_or_dataset) -> dict:
@@ -45,11 +53,19 @@ def split_input(tmp_path_factory):
 
 
 def run_config(data, out, **overrides):
-    values = dict(data=data, output_dir=str(out), use_cpu=True, max_steps=3, logging_steps=1, per_device_train_batch_size=2,
-                  save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3)  # fmt: skip
+    values = dict(
+        data=data,
+        output_dir=str(out),
+        use_cpu=True,
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
     return MtdpoConfig(**{**values, **overrides})
-
-
 
 
 def test_three_slices_are_the_whole_input_in_order(split_input):
@@ -83,7 +99,10 @@ def test_training_on_the_slices_equals_training_on_the_whole(split_input):
 
 def test_glob_expands_in_name_order_and_must_match(split_input, tmp_path):
     tmp, _ = split_input
-    assert expand_cache_paths([str(tmp / "part-*"), str(tmp / "whole")]) == [*(str(tmp / f"part-{i}") for i in range(3)), str(tmp / "whole")]
+    assert expand_cache_paths([str(tmp / "part-*"), str(tmp / "whole")]) == [
+        *(str(tmp / f"part-{i}") for i in range(3)),
+        str(tmp / "whole"),
+    ]
     with pytest.raises(UsageError, match=r"^--data .*/nothing-\*: no cache matches this pattern$"):
         expand_cache_paths([str(tmp_path / "nothing-*")])
 
@@ -98,7 +117,10 @@ def test_caches_that_disagree_are_refused_naming_both(split_input):
         assert str(err.value) == f"caches {tmp / 'part-0'} and {tmp / other} disagree on {field}; preprocess them alike"
     with pytest.raises(UsageError) as err:
         open_caches([str(tmp / "part-0"), str(tmp / "part-1"), str(tmp / "part-0")])
-    assert str(err.value) == f"caches {tmp / 'part-0'} and {tmp / 'part-0'} are the same slice (0/3) of one input; pass each once"
+    assert (
+        str(err.value)
+        == f"caches {tmp / 'part-0'} and {tmp / 'part-0'} are the same slice (0/3) of one input; pass each once"
+    )
 
 
 def _options(**kwargs):
@@ -135,7 +157,9 @@ def test_bad_shard_values(tmp_path):
     for bad in ("3/3", "1", "-1/2", "a/b", "1/0"):
         with pytest.raises(UsageError, match=r"^--shard takes I/N with 0 <= I < N"):
             run_preprocess(data, tmp_path / "out", shard=bad)
-    with pytest.raises(UsageError, match=r"--shard 0/3 holds no rows; no cache written$"):  # 2 rows in 3 slices: the first is empty
+    with pytest.raises(
+        UsageError, match=r"--shard 0/3 holds no rows; no cache written$"
+    ):  # 2 rows in 3 slices: the first is empty
         run_preprocess(data, tmp_path / "empty-slice", shard="0/3")
     assert not (tmp_path / "empty-slice").exists()
 
@@ -157,8 +181,11 @@ def test_directory_of_files_reads_as_their_concatenation(tmp_path):
     manifest = json.loads((tmp_path / "dir" / "manifest.json").read_text())
     assert manifest["input"]["format"] == "directory"
     assert [(f["name"], f["format"], f["first_row"], f["rows"]) for f in manifest["input"]["files"]] == [
-        ("a-00.jsonl", "jsonl", 0, 12), ("a-01.parquet", "parquet", 12, 8), ("b/c.json", "json", 20, 6), ("b/d.ndjson", "jsonl", 26, 6),
-    ]  # fmt: skip
+        ("a-00.jsonl", "jsonl", 0, 12),
+        ("a-01.parquet", "parquet", 12, 8),
+        ("b/c.json", "json", 20, 6),
+        ("b/d.ndjson", "jsonl", 26, 6),
+    ]
     reject = json.loads((tmp_path / "dir" / "rejects.jsonl").read_text())
     assert reject["row"] == 22 and reject["file"] == "b/c.json" and reject["file_row"] == 2
     with pytest.raises(UsageError, match=r"^row 22 \(b/c.json row 2\): missing key 'rejected'"):
@@ -214,7 +241,10 @@ def test_hub_stream_without_a_row_count(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split, streaming: streamed_pairs(5, announce_rows=False))
     stats = run_preprocess("someone/math-pairs", tmp_path / "hub")
     assert stats["rows"] == stats["kept"] == 5
-    with pytest.raises(UsageError, match=r"^--shard needs the row count of the input, which the streamed dataset someone/math-pairs does not give"):
+    with pytest.raises(
+        UsageError,
+        match=r"^--shard needs the row count of the input, which the streamed dataset someone/math-pairs does not give",
+    ):
         run_preprocess("someone/math-pairs", tmp_path / "hub-0", shard="0/2")
 
 
@@ -225,8 +255,10 @@ def test_unknown_hub_name_and_missing_files_say_input_not_found(tmp_path, monkey
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UsageError) as err:
         run_preprocess("nobody/nothing", tmp_path / "out")
-    assert str(err.value) == ("input not found: nobody/nothing is not a local path, and `datasets` cannot load it "
-                              "(ConnectionError: Couldn't reach 'nobody/nothing' on the Hub (OfflineModeIsEnabled))")  # fmt: skip
+    assert str(err.value) == (
+        "input not found: nobody/nothing is not a local path, and `datasets` cannot load it "
+        "(ConnectionError: Couldn't reach 'nobody/nothing' on the Hub (OfflineModeIsEnabled))"
+    )
     for local in ("missing.jsonl", str(tmp_path / "missing"), "./missing"):
         with pytest.raises(UsageError, match=f"^input not found: {Path(local)}$"):
             run_preprocess(local, tmp_path / "out")
@@ -252,5 +284,10 @@ def test_preprocess_cli_names_slices_so_they_sort(tmp_path, monkeypatch):
     for i in (10, 2):
         result = CliRunner().invoke(app, ["preprocess", "pairs.jsonl", "--shard", f"{i}/12", "--quiet"])
         assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "data_cache").iterdir()) == ["pairs-shard-02-of-12", "pairs-shard-10-of-12"]
-    assert json.loads((tmp_path / "data_cache" / "pairs-shard-10-of-12" / "manifest.json").read_text())["shard"]["rows"] == [10, 11]
+    assert sorted(p.name for p in (tmp_path / "data_cache").iterdir()) == [
+        "pairs-shard-02-of-12",
+        "pairs-shard-10-of-12",
+    ]
+    assert json.loads((tmp_path / "data_cache" / "pairs-shard-10-of-12" / "manifest.json").read_text())["shard"][
+        "rows"
+    ] == [10, 11]

@@ -12,10 +12,19 @@ from pathlib import Path
 import datasets
 import pytest
 from helpers import (
-    FAMILIES, IGNORE, decoded_runs, embedded_tokenizer, family_tokenizer, for_family, math_agent_pairs, n_prompt_messages,
-    sample_rows, with_template,
-)  # fmt: skip
-from helpers import assert_user_error, invoke
+    FAMILIES,
+    IGNORE,
+    assert_user_error,
+    decoded_runs,
+    embedded_tokenizer,
+    family_tokenizer,
+    for_family,
+    invoke,
+    math_agent_pairs,
+    n_prompt_messages,
+    sample_rows,
+    with_template,
+)
 
 from mtdpo import show
 from mtdpo.preprocess.encode import MaskOptions, PairEncoder
@@ -23,13 +32,16 @@ from mtdpo.turns import token_starts
 
 INDEX = 3  # a sample pair with several assistant turns on both sides
 
+
 def test_show_sample_plain_brackets_the_trained_text(cli_cache):
     result = invoke("show-sample", cli_cache, "--index", INDEX)
     assert result.exit_code == 0, result.output
     text = result.stdout
     record = datasets.load_from_disk(str(cli_cache))[INDEX]
     row = sample_rows()[record["row"]]
-    assert text.startswith(f"pair {INDEX} (source row {record['row']}), shared prompt {record['prompt_len']} tokens; trained text is [[bracketed]]\n")
+    assert text.startswith(
+        f"pair {INDEX} (source row {record['row']}), shared prompt {record['prompt_len']} tokens; trained text is [[bracketed]]\n"
+    )
     assert text.count("<<diverges here>>") == 2  # once per side
     chosen, rejected = text.split("── rejected: ")
     # The last assistant turn of each side comes after the divergence: one whole bracketed run,
@@ -85,7 +97,10 @@ def test_show_sample_json_matches_the_cache(cli_cache):
 FAMILY_TURNS = {
     "gemma": ("gemma", ["user", "model", "user", "model", "user", "model"]),
     "llama3": ("llama3", ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]),  # ipython turns
-    "qwen2": ("chatml", ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]),  # user + <tool_response>
+    "qwen2": (
+        "chatml",
+        ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"],
+    ),  # user + <tool_response>
     "mistral": ("mistral", ["user", "assistant", "user", "assistant", "user", "assistant"]),
     "phi3": ("phi3", ["user", "assistant", "user", "assistant", "user", "assistant"]),
 }
@@ -124,7 +139,13 @@ def test_turns_and_roles_come_from_the_template_markers(family):
     for k, turn in enumerate(chosen.turns):
         text = "".join(t.text for t in turn.tokens)
         text = text.removeprefix(bos) if k == 0 else text
-        header = MISTRAL_MARKER[turn.role] if family == "mistral" else TOOL_HEADER[family] if turn.role == "tool" else turn.role
+        header = (
+            MISTRAL_MARKER[turn.role]
+            if family == "mistral"
+            else TOOL_HEADER[family]
+            if turn.role == "tool"
+            else turn.role
+        )
         assert text.lstrip(" ").startswith(TURN_HEADER[family].format(header)), (k, text)
     # Exactly the assistant turns after the shared prompt hold trained tokens: the message and its
     # end-of-turn marker (Mistral: with the space after [/INST]).
@@ -145,7 +166,9 @@ def test_mistral_turns_starting_mid_line_get_their_label_on_a_new_line():
     text = show.plain_text(show.build_view(record, tok, 0, ["rejected"]))
     assert "``` [/INST]" not in text  # the turn boundary sits between them
     assert "```\n▸ assistant: 0 trained, 28 masked\n [/INST] Let me double-check." in text
-    assert text.endswith("▸ assistant: 16 trained, 7 masked\n [/INST][[ The]]<<diverges here>>[[ output is 16.\n\nThe answer is $\\boxed{16}$.</s>]]\n")
+    assert text.endswith(
+        "▸ assistant: 16 trained, 7 masked\n [/INST][[ The]]<<diverges here>>[[ output is 16.\n\nThe answer is $\\boxed{16}$.</s>]]\n"
+    )
 
 
 def test_unknown_template_family_falls_back_to_trained_and_masked_runs():
@@ -159,10 +182,14 @@ def test_unknown_template_family_falls_back_to_trained_and_masked_runs():
     assert view.family is None
     turns = view.sides[0].turns
     assert [turn.role for turn in turns] == ["masked", "trained", "masked", "trained", "masked", "trained", "masked"]
-    assert [turn.trained for turn in turns if turn.role == "trained"] == [len(t.tokens) for t in turns if t.role == "trained"]
+    assert [turn.trained for turn in turns if turn.role == "trained"] == [
+        len(t.tokens) for t in turns if t.role == "trained"
+    ]
     assert sum(turn.trained for turn in turns) == sum(label != IGNORE for label in record["chosen_labels"])
     text = show.plain_text(view)
-    assert text.splitlines()[1] == "turns: template family unknown, each run of trained or masked tokens is shown as one"
+    assert (
+        text.splitlines()[1] == "turns: template family unknown, each run of trained or masked tokens is shown as one"
+    )
 
 
 def test_token_starts_split_characters_and_tokens_that_do_not_round_trip():
@@ -205,7 +232,12 @@ def expected_matches(cache: Path, needle: str) -> list[int]:
     """Brute force: decode every pair (the code under test decodes in batches)."""
     tok, ds = embedded_tokenizer(), datasets.load_from_disk(str(cache))
     needle = needle.casefold()
-    return [n for n, r in enumerate(ds) if needle in tok.decode(r["chosen_input_ids"]).casefold() or needle in tok.decode(r["rejected_input_ids"]).casefold()]
+    return [
+        n
+        for n, r in enumerate(ds)
+        if needle in tok.decode(r["chosen_input_ids"]).casefold()
+        or needle in tok.decode(r["rejected_input_ids"]).casefold()
+    ]
 
 
 def test_search_finds_the_first_pair_then_the_next(cli_cache):
@@ -215,24 +247,36 @@ def test_search_finds_the_first_pair_then_the_next(cli_cache):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["index"] == matches[0]
     after = invoke("show-sample", cli_cache, "--search", "nameerror", "--index", matches[0] + 1, "--side", "chosen")
-    assert after.stdout.startswith(f"pair {matches[1]} (source row {matches[1]}; first match for 'nameerror'), shared prompt ")
-    assert_user_error(invoke("show-sample", cli_cache, "-s", "no such words anywhere"), f"no pair in {cli_cache} contains 'no such words anywhere'")
-    assert_user_error(invoke("show-sample", cli_cache, "-s", "nameerror", "-i", matches[-1] + 1),
-                      f"no pair in {cli_cache} contains 'nameerror' at or after --index {matches[-1] + 1}")  # fmt: skip
+    assert after.stdout.startswith(
+        f"pair {matches[1]} (source row {matches[1]}; first match for 'nameerror'), shared prompt "
+    )
+    assert_user_error(
+        invoke("show-sample", cli_cache, "-s", "no such words anywhere"),
+        f"no pair in {cli_cache} contains 'no such words anywhere'",
+    )
+    assert_user_error(
+        invoke("show-sample", cli_cache, "-s", "nameerror", "-i", matches[-1] + 1),
+        f"no pair in {cli_cache} contains 'nameerror' at or after --index {matches[-1] + 1}",
+    )
 
 
 def test_random_pick(cli_cache):
     import random
 
     ds, tok = show.open_cache(cli_cache)
-    assert show.pick_index(ds, tok, cli_cache, None, None, True, rng=random.Random(7)) == (random.Random(7).randrange(240), "random")
+    assert show.pick_index(ds, tok, cli_cache, None, None, True, rng=random.Random(7)) == (
+        random.Random(7).randrange(240),
+        "random",
+    )
     matches = expected_matches(cli_cache, "NameError")
     index, how = show.pick_index(ds, tok, cli_cache, None, "NameError", True, rng=random.Random(7))
     assert index == random.Random(7).choice(matches) and how == f"random match for 'NameError', 1 of {len(matches)}"
     shown = json.loads(invoke("show-sample", cli_cache, "--random", "--json").stdout)
     record = datasets.load_from_disk(str(cli_cache))[shown["index"]]
     assert shown["chosen"]["input_ids"] == record["chosen_input_ids"] and shown["row"] == record["row"]
-    assert_user_error(invoke("show-sample", cli_cache, "--random", "--index", 3), "--random picks the pair itself; drop --index")
+    assert_user_error(
+        invoke("show-sample", cli_cache, "--random", "--index", 3), "--random picks the pair itself; drop --index"
+    )
 
 
 def test_json_lists_the_turns(cli_cache):
@@ -261,11 +305,15 @@ def test_terminal_side_by_side_when_wide_and_stacked_when_narrow(cli_cache):
     rejected = f"rejected: {record['rejected_len']} tokens"
     _, wide = terminal_output(cli_cache, 160)
     assert any(chosen in line and rejected in line for line in wide.splitlines())
-    assert sum(" model " in line and line.count(" model ") == 2 for line in wide.splitlines()) >= 2  # labels face each other
+    assert (
+        sum(" model " in line and line.count(" model ") == 2 for line in wide.splitlines()) >= 2
+    )  # labels face each other
     _, narrow = terminal_output(cli_cache, 100)
     lines = narrow.splitlines()
     assert not any(chosen in line and rejected in line for line in lines)
-    assert next(n for n, line in enumerate(lines) if chosen in line) < next(n for n, line in enumerate(lines) if rejected in line)
+    assert next(n for n, line in enumerate(lines) if chosen in line) < next(
+        n for n, line in enumerate(lines) if rejected in line
+    )
     assert sum(line.startswith(" user ") for line in lines) == 4 + 2  # user turns of chosen + rejected, each labelled
 
 
@@ -286,7 +334,6 @@ def test_terminal_and_html_use_the_same_colours(cli_cache, tmp_path):
 
 
 # ── --html ────────────────────────────────────────────────────────────────────
-
 
 
 class SpansByClass(HTMLParser):
@@ -341,7 +388,9 @@ def test_html_page_is_standalone_and_shows_the_mask(cli_cache, tmp_path):
         ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
         assert "".join(parsed.text[(side, "trained")]) == "".join(decoded_runs(tok, ids, labels))
         assert parsed.text[(side, "diverge")] == ["▶"]
-        whole = "".join(piece for (s, kind), pieces in parsed.text.items() if s == side and kind != "diverge" for piece in pieces)
+        whole = "".join(
+            piece for (s, kind), pieces in parsed.text.items() if s == side and kind != "diverge" for piece in pieces
+        )
         assert sorted(whole) == sorted(tok.decode(ids))  # every character once (runs interleave)
         assert parsed.roles[side] == [t["role"] for t in shown[side]["turns"]]
 
@@ -356,8 +405,14 @@ def test_html_tokens_option_boxes_each_token(cli_cache, tmp_path):
 
 
 def test_html_needs_an_existing_folder(cli_cache, tmp_path):
-    assert_user_error(invoke("show-sample", cli_cache, "--html", tmp_path / "nope" / "p.html"), f"--html: folder {tmp_path / 'nope'} does not exist")
-    assert_user_error(invoke("show-sample", cli_cache, "--html", tmp_path / "p.html", "--json"), "--json and --html are exclusive; pick one")
+    assert_user_error(
+        invoke("show-sample", cli_cache, "--html", tmp_path / "nope" / "p.html"),
+        f"--html: folder {tmp_path / 'nope'} does not exist",
+    )
+    assert_user_error(
+        invoke("show-sample", cli_cache, "--html", tmp_path / "p.html", "--json"),
+        "--json and --html are exclusive; pick one",
+    )
 
 
 SCREENSHOT = Path(__file__).parents[1] / "scripts" / "screenshot_html.sh"
@@ -373,7 +428,12 @@ def test_html_renders_in_headless_chromium_with_the_colours(cli_cache, tmp_path)
     image = pytest.importorskip("PIL.Image")
     html_of(cli_cache, tmp_path)
     png = tmp_path / "pair.png"
-    proc = subprocess.run([str(SCREENSHOT), str(tmp_path / "pair.html"), str(png), "1400,900"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(SCREENSHOT), str(tmp_path / "pair.html"), str(png), "1400,900"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     import numpy as np
 
@@ -388,5 +448,3 @@ def test_html_renders_in_headless_chromium_with_the_colours(cli_cache, tmp_path)
         assert near(show.COLORS[name], picture) > 100, name
     for half in (picture[:, :700], picture[:, 700:]):  # side by side: trained text in both columns
         assert near(show.COLORS["trained"], half) > 100
-
-

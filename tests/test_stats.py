@@ -84,7 +84,10 @@ def test_numbers_match_a_row_by_row_recount(messy_cache):
     assert stats["tokens"]["prompt"] == sum(rows["prompt_len"])
     # and the totals agree with what preprocess counted while writing
     saved = json.loads((messy_cache / "stats.json").read_text())
-    assert (stats["tokens"]["chosen"], stats["tokens"]["chosen_trained"]) == (saved["chosen_tokens"], saved["chosen_trained_tokens"])
+    assert (stats["tokens"]["chosen"], stats["tokens"]["chosen_trained"]) == (
+        saved["chosen_tokens"],
+        saved["chosen_trained_tokens"],
+    )
     assert stats["lengths"]["chosen"]["max"] == 160  # truncated rows are cut to --max-length
 
 
@@ -92,9 +95,12 @@ def test_reject_reasons_with_their_first_row(messy_cache):
     assert cache_stats(messy_cache)["reasons"] == [
         {"reason": "invalid JSON", "count": 2, "first_row": 40},
         {"reason": "chosen has no trained token left after truncation to --max-length 160", "count": 1, "first_row": 5},
-        {"reason": "chosen[0] has unknown role 'robot' (known: system, user, assistant, tool, observation, ipython, function)",
-         "count": 1, "first_row": 41},
-    ]  # fmt: skip
+        {
+            "reason": "chosen[0] has unknown role 'robot' (known: system, user, assistant, tool, observation, ipython, function)",
+            "count": 1,
+            "first_row": 41,
+        },
+    ]
 
 
 def test_reasons_from_rejects_jsonl_when_stats_json_is_missing(messy_cache, tmp_path):
@@ -104,11 +110,21 @@ def test_reasons_from_rejects_jsonl_when_stats_json_is_missing(messy_cache, tmp_
     shutil.copytree(messy_cache, copy)
     (copy / "stats.json").unlink()
     stats = cache_stats(copy)
-    assert stats["counts"] == {"rows": 43, "kept": 39, "rejected": 3, "dropped": 1, "truncated": 29}  # from manifest.json
+    assert stats["counts"] == {
+        "rows": 43,
+        "kept": 39,
+        "rejected": 3,
+        "dropped": 1,
+        "truncated": 29,
+    }  # from manifest.json
     assert [(r["reason"], r["count"], r["first_row"]) for r in stats["reasons"]] == [
         ("chosen has no trained token left after truncation to --max-length 160", 1, 5),
         ("invalid JSON: Expecting value at column 1", 2, 40),
-        ("chosen[0] has unknown role 'robot' (known: system, user, assistant, tool, observation, ipython, function)", 1, 41),
+        (
+            "chosen[0] has unknown role 'robot' (known: system, user, assistant, tool, observation, ipython, function)",
+            1,
+            41,
+        ),
     ]
 
 
@@ -137,14 +153,22 @@ def test_table_in_the_terminal(messy_cache):
         if len(parts) >= 2:
             cells[parts[0]] = parts[1:]
     chosen = stats["lengths"]["chosen"]
-    assert cells["chosen tokens"] == [f"{chosen['min']:,}", f"{chosen['mean']:,.1f}", f"{chosen['median']:,.1f}", f"{chosen['p95']:,.1f}", f"{chosen['max']:,}"]
+    assert cells["chosen tokens"] == [
+        f"{chosen['min']:,}",
+        f"{chosen['mean']:,.1f}",
+        f"{chosen['median']:,.1f}",
+        f"{chosen['p95']:,.1f}",
+        f"{chosen['max']:,}",
+    ]
     assert cells["trained fraction (rejected)"][0] == f"{stats['trained_fraction_per_pair']['rejected']['min']:.3f}"
     assert cells["input rows"] == ["43"] and cells["kept pairs"] == ["39"]
     assert cells["rejected (unusable rows)"] == ["3"] and cells["dropped (nothing trained after truncation)"] == ["1"]
     assert cells["invalid JSON"] == ["2, first row 40"]
     assert cells["kept pairs cut to 160 tokens"] == ["29 (74.4%)"]
     tokens = stats["tokens"]
-    assert cells["tokens chosen / rejected / total"] == [f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}"]
+    assert cells["tokens chosen / rejected / total"] == [
+        f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}"
+    ]
 
 
 def test_json_is_the_same_numbers(messy_cache):
@@ -164,7 +188,11 @@ def test_unknown_template_family_has_no_turn_counts(tmp_path):
     assert stats["template_family"] is None and stats["turns"] is None
     assert stats["trained_turns"]["chosen"] == summary(recount(tmp_path / "cache")["chosen_trained_turns"])
     out = invoke("stats", tmp_path / "cache").stdout
-    assert "template unknown" in out.splitlines()[0] and "│ turns (chosen)" not in out and "│ trained turns (chosen)" in out
+    assert (
+        "template unknown" in out.splitlines()[0]
+        and "│ turns (chosen)" not in out
+        and "│ trained turns (chosen)" in out
+    )
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -193,7 +221,9 @@ def test_plot_without_matplotlib_says_how_to_get_it(messy_cache, tmp_path, monke
 def test_stats_of_a_non_cache(tmp_path):
     result = invoke("stats", tmp_path)
     assert result.exit_code == 2
-    assert result.stderr == f"error: {tmp_path} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first\n"
+    assert (
+        result.stderr == f"error: {tmp_path} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first\n"
+    )
 
 
 def test_numpy_views_do_not_copy_the_shards(messy_cache):

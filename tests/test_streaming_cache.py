@@ -14,11 +14,10 @@ import pytest
 from helpers import run_preprocess, write_jsonl
 
 from mtdpo import cache as cache_module
-from mtdpo.cache import load_cache
+from mtdpo.cache import check_model_matches, load_cache, open_caches
 from mtdpo.errors import UsageError
 from mtdpo.synthetic import make_pairs
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint_dir, same_tokenizer, vocabulary_hash_dir
-from mtdpo.cache import check_model_matches, open_caches
 
 SHARD = "data-00000-of-00001.arrow"
 
@@ -43,7 +42,9 @@ def test_small_shards_hold_the_same_pairs_for_any_num_proc(tmp_path, monkeypatch
     run_preprocess(source, tmp_path / "small2", max_shard_size="500KB", num_proc=2)
     names = sorted(p.name for p in (tmp_path / "small").glob("data-*.arrow"))
     assert len(names) > 2 and names == [f"data-{i:05d}-of-{len(names):05d}.arrow" for i in range(len(names))]
-    assert json.loads((tmp_path / "small" / "state.json").read_text())["_data_files"] == [{"filename": n} for n in names]
+    assert json.loads((tmp_path / "small" / "state.json").read_text())["_data_files"] == [
+        {"filename": n} for n in names
+    ]
     assert all((tmp_path / "small" / n).stat().st_size <= 500_000 for n in names)
     assert columns(tmp_path / "small") == columns(tmp_path / "one")
     assert len(columns(tmp_path / "one")["row"]) == 600
@@ -54,7 +55,12 @@ def test_small_shards_hold_the_same_pairs_for_any_num_proc(tmp_path, monkeypatch
 def test_a_run_that_keeps_nothing_writes_no_cache(tmp_path):
     """Train would refuse an empty cache: preprocess says why there is none (the top reasons)."""
     source = write_jsonl(tmp_path / "bad.jsonl", ["{broken", "[]"])
-    with pytest.raises(UsageError, match=re.escape(f"{source}: kept 0 of 2 rows (1 invalid JSON, 1 row is a list, expected a JSON object); no cache written")):
+    with pytest.raises(
+        UsageError,
+        match=re.escape(
+            f"{source}: kept 0 of 2 rows (1 invalid JSON, 1 row is a list, expected a JSON object); no cache written"
+        ),
+    ):
         run_preprocess(source, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 

@@ -78,7 +78,9 @@ def test_a_short_shared_prefix_is_not_reused():
 
     tok = family_tokenizer("gemma")
     encoder = PrefixReusingEncoder(tok, reuse_rule(tok))
-    head = "<bos><start_of_turn>user\nPlease tell me, what is "  # the texts part after it, so the cut is <start_of_turn>
+    head = (
+        "<bos><start_of_turn>user\nPlease tell me, what is "  # the texts part after it, so the cut is <start_of_turn>
+    )
     cut = len("<bos><start_of_turn>")
     long_rest = "x" * (REUSE_MIN_SHARE * cut + 40)  # the rest is more than REUSE_MIN_SHARE times the cut
     encoder.encode(head + "2 + 2?" + long_rest)
@@ -175,7 +177,9 @@ def test_surfaces_rebuild_offsets_by_hand():
 def test_surfaces_refuse_tokens_that_cover_different_text():
     surfaces = TokenSurfaces(8)
     assert surfaces.learn("ab", Tokens([1, 2], [0, 1], [1, 2]))
-    assert not surfaces.learn("Ab", Tokens([1, 2], [0, 1], [1, 2]))  # token 1 covered "a", now "A" (a folding normalizer)
+    assert not surfaces.learn(
+        "Ab", Tokens([1, 2], [0, 1], [1, 2])
+    )  # token 1 covered "a", now "A" (a folding normalizer)
     assert not surfaces.learn("a b", Tokens([1, 2], [0, 2], [1, 3]))  # a gap: the space is in no token
     assert not surfaces.learn("ab", Tokens([5, 6], [0, 0], [1, 2]))  # two ASCII tokens overlap
     assert not surfaces.learn("abc", Tokens([1, 2], [0, 1], [1, 2]))  # the tokens stop short of the end

@@ -79,7 +79,9 @@ def test_content_repeated_inside_the_arguments_is_trained_where_it_is():
     ids, labels = record["chosen_input_ids"], record["chosen_labels"]
     first = next(k for k, label in enumerate(labels) if label != IGNORE)
     assert tok.decode(ids[:first]).endswith("<|im_start|>user\nWhat is 17 * 23?<|im_end|>\n<|im_start|>assistant\n")
-    assert decoded_runs(tok, ids, labels)[0].startswith('17*23\n<tool_call>\n{"name": "python", "arguments": {"code": "print(17*23)"}}')
+    assert decoded_runs(tok, ids, labels)[0].startswith(
+        '17*23\n<tool_call>\n{"name": "python", "arguments": {"code": "print(17*23)"}}'
+    )
 
 
 @pytest.mark.parametrize("content", ["", None])
@@ -87,7 +89,10 @@ def test_call_only_turn_is_kept(content):
     """Failure 3: `"content": ""` plus tool_calls was rejected as empty content."""
     tok = family_tokenizer("qwen2")
     row = agent_pair(calling(content, call("python", {"code": "print(17 * 23)"})))
-    assert chosen_runs(tok, row)[0] == '<tool_call>\n{"name": "python", "arguments": {"code": "print(17 * 23)"}}\n</tool_call><|im_end|>'
+    assert (
+        chosen_runs(tok, row)[0]
+        == '<tool_call>\n{"name": "python", "arguments": {"code": "print(17 * 23)"}}\n</tool_call><|im_end|>'
+    )
 
 
 def test_row_tools_are_rendered_into_the_system_block_and_masked():
@@ -98,7 +103,9 @@ def test_row_tools_are_rendered_into_the_system_block_and_masked():
     for side in ("chosen", "rejected"):
         ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
         text = tok.decode(ids)
-        assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n")
+        assert text.startswith(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n"
+        )
         assert '{"type": "function", "function": {"name": "python", "description": "Run Python code' in text
         assert not any("# Tools" in run or "description" in run for run in decoded_runs(tok, ids, labels))
     without = encode(tok, {key: value for key, value in row.items() if key != "tools"})
@@ -116,12 +123,18 @@ def test_content_as_text_parts_equals_the_joined_string():
 
 @pytest.mark.parametrize(
     "family, header, eot",
-    [("gemma", "<start_of_turn>model\n", "<end_of_turn>"), ("llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")],
+    [
+        ("gemma", "<start_of_turn>model\n", "<end_of_turn>"),
+        ("llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    ],
 )
 def test_trimming_template_does_not_train_the_header_newline(family, header, eot):
     """Failure 6: content starting with "\\n" trained the role header's own newline."""
     tok = family_tokenizer(family)
-    row = {"chosen": [msg("user", "What is 2 + 3?"), msg("assistant", "\nIt is 5.")], "rejected": [msg("user", "What is 2 + 3?"), msg("assistant", "\n\nIt is 6.")]}
+    row = {
+        "chosen": [msg("user", "What is 2 + 3?"), msg("assistant", "\nIt is 5.")],
+        "rejected": [msg("user", "What is 2 + 3?"), msg("assistant", "\n\nIt is 6.")],
+    }
     record = encode(tok, row)
     for side, answer in (("chosen", "It is 5."), ("rejected", "It is 6.")):
         ids, labels = record[f"{side}_input_ids"], record[f"{side}_labels"]
@@ -134,20 +147,57 @@ def test_trimming_template_does_not_train_the_header_newline(family, header, eot
 
 BAD_AGENT_ROWS = {
     "image part": (
-        agent_pair(msg("assistant", "x"), chosen=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, msg("assistant", "x")]),
+        agent_pair(
+            msg("assistant", "x"),
+            chosen=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]},
+                msg("assistant", "x"),
+            ],
+        ),
         "chosen[0] (user) content part 0 has type 'image_url': only text parts can be trained (mtdpo is text-only)",
     ),
-    "call without function": (agent_pair(calling("", {"name": "python"})), 'chosen[1] tool_calls[0] has no "function" object (expected {"type": "function", "function": {"name": ..., "arguments": ...}})'),
-    "bad JSON arguments": (agent_pair(calling("", call("python", "{code: 1"))), "chosen[1] tool_calls[0] arguments is a string that is not valid JSON"),
-    "number arguments": (agent_pair(calling("", call("python", 5))), "chosen[1] tool_calls[0] arguments is a number, expected an object or a JSON string"),
-    "tool_calls not a list": (agent_pair(calling("", call("python", {}))) | {"chosen": [QUESTION, {"role": "assistant", "content": "", "tool_calls": {"a": 1}}]}, "chosen[1] tool_calls is an object, expected a list"),
-    "null user content": (agent_pair(msg("assistant", "x"), chosen=[{"role": "user", "content": None}, msg("assistant", "x")]), "chosen[0] (user) content is null, expected a string or a list of text parts (null only with tool_calls)"),
-    "tools differ": (agent_pair(msg("assistant", "x"), chosen_tools=[PYTHON_TOOL], rejected_tools=[]), "chosen_tools and rejected_tools differ: both sides must answer with the same tools"),
-    "tools not a list": (agent_pair(msg("assistant", "x"), tools={"python": 1}), "tools is an object, expected a list of JSON schema objects"),
-    "kwargs not an object": (agent_pair(msg("assistant", "x"), chat_template_kwargs=True), "chat_template_kwargs is a boolean, expected an object"),
-    "kwargs set tools": (agent_pair(msg("assistant", "x"), chat_template_kwargs={"tools": []}), "chat_template_kwargs may not set tools: mtdpo renders those itself"),
-    "reasoning not a string": (agent_pair({"role": "assistant", "content": "x", "reasoning_content": 3}), "chosen[1] reasoning_content is a number, expected a string"),
-}  # fmt: skip
+    "call without function": (
+        agent_pair(calling("", {"name": "python"})),
+        'chosen[1] tool_calls[0] has no "function" object (expected {"type": "function", "function": {"name": ..., "arguments": ...}})',
+    ),
+    "bad JSON arguments": (
+        agent_pair(calling("", call("python", "{code: 1"))),
+        "chosen[1] tool_calls[0] arguments is a string that is not valid JSON",
+    ),
+    "number arguments": (
+        agent_pair(calling("", call("python", 5))),
+        "chosen[1] tool_calls[0] arguments is a number, expected an object or a JSON string",
+    ),
+    "tool_calls not a list": (
+        agent_pair(calling("", call("python", {})))
+        | {"chosen": [QUESTION, {"role": "assistant", "content": "", "tool_calls": {"a": 1}}]},
+        "chosen[1] tool_calls is an object, expected a list",
+    ),
+    "null user content": (
+        agent_pair(msg("assistant", "x"), chosen=[{"role": "user", "content": None}, msg("assistant", "x")]),
+        "chosen[0] (user) content is null, expected a string or a list of text parts (null only with tool_calls)",
+    ),
+    "tools differ": (
+        agent_pair(msg("assistant", "x"), chosen_tools=[PYTHON_TOOL], rejected_tools=[]),
+        "chosen_tools and rejected_tools differ: both sides must answer with the same tools",
+    ),
+    "tools not a list": (
+        agent_pair(msg("assistant", "x"), tools={"python": 1}),
+        "tools is an object, expected a list of JSON schema objects",
+    ),
+    "kwargs not an object": (
+        agent_pair(msg("assistant", "x"), chat_template_kwargs=True),
+        "chat_template_kwargs is a boolean, expected an object",
+    ),
+    "kwargs set tools": (
+        agent_pair(msg("assistant", "x"), chat_template_kwargs={"tools": []}),
+        "chat_template_kwargs may not set tools: mtdpo renders those itself",
+    ),
+    "reasoning not a string": (
+        agent_pair({"role": "assistant", "content": "x", "reasoning_content": 3}),
+        "chosen[1] reasoning_content is a number, expected a string",
+    ),
+}
 
 
 @pytest.mark.parametrize("row, reason", list(BAD_AGENT_ROWS.values()), ids=list(BAD_AGENT_ROWS))
@@ -164,7 +214,9 @@ def test_reasoning_names_are_aliased_as_transformers_does():
 
 
 def test_tools_and_template_kwargs_reach_the_pair():
-    pair = to_pair(agent_pair(msg("assistant", "x"), tools=[PYTHON_TOOL], chat_template_kwargs={"enable_thinking": False}))
+    pair = to_pair(
+        agent_pair(msg("assistant", "x"), tools=[PYTHON_TOOL], chat_template_kwargs={"enable_thinking": False})
+    )
     assert pair.tools == [PYTHON_TOOL] and pair.template_kwargs == {"enable_thinking": False}
     same = to_pair(agent_pair(msg("assistant", "x"), chosen_tools=[PYTHON_TOOL], rejected_tools=[PYTHON_TOOL]))
     assert same.tools == [PYTHON_TOOL]
@@ -209,7 +261,10 @@ def test_span_functions_on_one_conversation():
     text = render(messages)
     spans = assistant_spans(render, messages, 1, text, chat.markers, chat.closing)
     assert [s.message for s in spans] == [1, 3]
-    assert text[spans[0].start : spans[0].end] == '<tool_call>\n{"name": "python", "arguments": {"code": "1"}}\n</tool_call><|im_end|>'
+    assert (
+        text[spans[0].start : spans[0].end]
+        == '<tool_call>\n{"name": "python", "arguments": {"code": "1"}}\n</tool_call><|im_end|>'
+    )
     assert text[spans[0].end : spans[0].turn_end] == "\n"  # the template's newline after the marker
     assert text[: spans[0].start].endswith("<|im_start|>assistant\n") and spans[0].header_end == spans[0].start
     encoded = chat.tokenize(text)
@@ -228,8 +283,12 @@ def test_span_functions_on_one_conversation():
 def qwen3_trajectory(reasoning: bool) -> dict:
     think = {"reasoning_content": "Multiply."} if reasoning else {}
     answer = {"reasoning_content": "The tool says 391."} if reasoning else {}
-    chosen = [QUESTION, {**calling("", call("python", {"code": "print(17 * 23)"})), **think}, tool_result("391"),
-              {**msg("assistant", "It is $\\boxed{391}$."), **answer}]  # fmt: skip
+    chosen = [
+        QUESTION,
+        {**calling("", call("python", {"code": "print(17 * 23)"})), **think},
+        tool_result("391"),
+        {**msg("assistant", "It is $\\boxed{391}$."), **answer},
+    ]
     return {"chosen": chosen, "rejected": [QUESTION, msg("assistant", "It is $\\boxed{401}$.")], "tools": [PYTHON_TOOL]}
 
 
@@ -262,7 +321,10 @@ def test_qwen3_enable_thinking_false_puts_the_empty_block_in_the_prompt():
     first = next(k for k, label in enumerate(labels) if label != IGNORE)
     assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # the generation prompt
     assert decoded_runs(tok, ids, labels) == ["It is $\\boxed{401}$.<|im_end|>"]
-    assert decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"]) == [QWEN3_CALL, "It is $\\boxed{391}$.<|im_end|>"]
+    assert decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"]) == [
+        QWEN3_CALL,
+        "It is $\\boxed{391}$.<|im_end|>",
+    ]
 
 
 def test_qwen3_dropping_reasoning_across_user_turns_is_rejected():
@@ -294,7 +356,9 @@ def test_llama31_json_call_ipython_result_and_eot():
     assert decoded_runs(tok, ids, labels) == [LLAMA_CALL + "<|eot_id|>", "It is $\\boxed{391}$.<|eot_id|>"]
     text = tok.decode(ids)
     assert '<|start_header_id|>ipython<|end_header_id|>\n\n"391"<|eot_id|>' in text  # JSON-encoded, masked
-    assert "Given the following functions" in text and '"name": "python"' in text.split("<|eot_id|>")[1]  # tools in the first user turn
+    assert (
+        "Given the following functions" in text and '"name": "python"' in text.split("<|eot_id|>")[1]
+    )  # tools in the first user turn
 
 
 def test_llama31_builtin_tool_call_ends_with_eom():
@@ -302,7 +366,10 @@ def test_llama31_builtin_tool_call_ends_with_eom():
     tok = family_tokenizer("llama3")
     kwargs = {"builtin_tools": ["brave_search"]}
     row = agent_pair(calling("", call("brave_search", {"query": "17 * 23"})), chat_template_kwargs=kwargs)
-    assert chosen_runs(tok, row) == ['<|python_tag|>brave_search.call(query="17 * 23")<|eom_id|>', "It is $\\boxed{391}$.<|eot_id|>"]
+    assert chosen_runs(tok, row) == [
+        '<|python_tag|>brave_search.call(query="17 * 23")<|eom_id|>',
+        "It is $\\boxed{391}$.<|eot_id|>",
+    ]
 
 
 def test_llama31_drops_the_content_of_a_calling_turn_so_the_row_is_rejected():
@@ -356,7 +423,9 @@ def test_turn_view_labels_tool_calls_and_tool_results():
     for family, roles in expected.items():
         tok = family_tokenizer(family)
         arguments = '{"code": "print(17 * 23)"}' if family == "deepseek3" else {"code": "print(17 * 23)"}
-        row = agent_pair(calling(None if family == "deepseek3" else "", call("python", arguments, "abc123xyz")), tools=[PYTHON_TOOL])
+        row = agent_pair(
+            calling(None if family == "deepseek3" else "", call("python", arguments, "abc123xyz")), tools=[PYTHON_TOOL]
+        )
         row["chosen"][2] = tool_result("391", "abc123xyz")
         record = {**encode(tok, row), "row": 0}
         view = show.build_view(record, tok, 0, ["chosen"])
@@ -382,8 +451,17 @@ def test_stats_counts_trained_tool_calls_per_side(tmp_path):
 
 # ── packaged templates: --chat-template NAME ──────────────────────────────────
 
-PACKAGED = {"gemma2": "gemma", "gemma3": "gemma3", "llama3.1": "llama3", "llama3.2": "llama3.2", "qwen2.5": "qwen2", "qwen3": "qwen3",
-            "mistral-v0.3": "mistral3", "deepseek-v3": "deepseek3", "phi3.5": "phi3"}  # fmt: skip
+PACKAGED = {
+    "gemma2": "gemma",
+    "gemma3": "gemma3",
+    "llama3.1": "llama3",
+    "llama3.2": "llama3.2",
+    "qwen2.5": "qwen2",
+    "qwen3": "qwen3",
+    "mistral-v0.3": "mistral3",
+    "deepseek-v3": "deepseek3",
+    "phi3.5": "phi3",
+}
 
 
 def test_packaged_templates_are_the_tested_real_ones():
@@ -407,16 +485,24 @@ def test_chat_template_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gemma3").write_text("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
     assert load_tokenizer(None, "gemma3").chat_template.startswith("{{ bos_token }}{% for m")
-    with pytest.raises(UsageError, match=r"^chat template not found: gemma4 is neither a file nor a packaged template \(deepseek-v3, gemma2"):
+    with pytest.raises(
+        UsageError,
+        match=r"^chat template not found: gemma4 is neither a file nor a packaged template \(deepseek-v3, gemma2",
+    ):
         load_tokenizer(None, "gemma4")
 
 
 def test_gemma3_template_masks_like_gemma2():
     """Gemma 3: a system message folded into the first user turn, trimmed contents, no tool role."""
     tok = family_tokenizer("gemma3")
-    row = {"chosen": [msg("system", "Be brief."), QUESTION, msg("assistant", "\n391\n")], "rejected": [msg("system", "Be brief."), QUESTION, msg("assistant", "401")]}
+    row = {
+        "chosen": [msg("system", "Be brief."), QUESTION, msg("assistant", "\n391\n")],
+        "rejected": [msg("system", "Be brief."), QUESTION, msg("assistant", "401")],
+    }
     record = encode(tok, row)
-    assert tok.decode(record["chosen_input_ids"]).startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat is 17 * 23?<end_of_turn>\n<start_of_turn>model\n")
+    assert tok.decode(record["chosen_input_ids"]).startswith(
+        "<bos><start_of_turn>user\nBe brief.\n\nWhat is 17 * 23?<end_of_turn>\n<start_of_turn>model\n"
+    )
     assert decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"]) == ["391<end_of_turn>"]
     with pytest.raises(RowError, match="^chat template error: Conversation roles must alternate"):
         encode(tok, agent_pair(calling("", call("python", {"code": "1"}))))
@@ -434,7 +520,13 @@ def reference_runs(tok, row: dict, side: str, n_prompt: int) -> list[str] | None
 
     def render(messages, add_generation_prompt=False):  # transformers' renderer, keeping a null content
         variables = {**tok.special_tokens_map, **row.get("chat_template_kwargs", {})}
-        return render_jinja_template([messages], tools=row.get("tools"), chat_template=tok.chat_template, add_generation_prompt=add_generation_prompt, **variables)[0][0]
+        return render_jinja_template(
+            [messages],
+            tools=row.get("tools"),
+            chat_template=tok.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )[0][0]
 
     messages = to_pair(row).chosen if side == "chosen" else to_pair(row).rejected
     text = render(messages)
@@ -467,7 +559,9 @@ def test_generated_tool_use_rows_train_what_the_template_renders(family):
         for side in ("chosen", "rejected"):
             runs = decoded_runs(tok, record[f"{side}_input_ids"], record[f"{side}_labels"])
             schema = PYTHON_TOOL["function"]["description"]
-            assert not any(schema in run or "tool_response" in run or "TOOL_RESULTS" in run or "tool▁output" in run for run in runs)
+            assert not any(
+                schema in run or "tool_response" in run or "TOOL_RESULTS" in run or "tool▁output" in run for run in runs
+            )
             expected = reference_runs(tok, row, side, n_prompt)
             if expected is not None:
                 assert runs == expected, (family, row["shape"], side)
@@ -516,7 +610,9 @@ def test_generation_prompt_that_is_not_a_prefix_falls_back_to_locating_the_conte
 
     tok = with_template("qwen2", OPENS_THINK)
     row = {"chosen": [QUESTION, msg("assistant", "391")], "rejected": [QUESTION, msg("assistant", "401")]}
-    assert decoded_runs(tok, encode(tok, row)["chosen_input_ids"], encode(tok, row)["chosen_labels"]) == ["391<|im_end|>"]
+    assert decoded_runs(tok, encode(tok, row)["chosen_input_ids"], encode(tok, row)["chosen_labels"]) == [
+        "391<|im_end|>"
+    ]
     thinking = {"chosen": [QUESTION, msg("assistant", "<think>Multiply.</think>391")], "rejected": row["rejected"]}
     with pytest.raises(RowError, match=r"^message 1 \(assistant\): its text is not in the rendered turn"):
         encode(tok, thinking)  # the template drops the reasoning: the row is rejected, not trained without it

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mtdpo.errors import UsageError
 from mtdpo.train.config import MtdpoConfig
@@ -58,7 +58,9 @@ def test_trainer_log_probs_equal_the_definition(cache, tmp_path):
     mb = batch(cache, range(4))
     model = tiny_model()
     with torch.no_grad():
-        expected, counts = sequence_logps(model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"])
+        expected, counts = sequence_logps(
+            model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"]
+        )
     trainer = mtdpo_trainer(cache, model, None, tmp_path)
     with torch.no_grad():
         fused, fused_counts = fused_sequence_logps(trainer.model, mb)
@@ -68,12 +70,19 @@ def test_trainer_log_probs_equal_the_definition(cache, tmp_path):
 
 def run_config(cache, tmp_path, **overrides):
     values = dict(
-        data=[str(cache)], output_dir=str(tmp_path / "run"), use_cpu=True, max_steps=4, logging_steps=1,
-        per_device_train_batch_size=2, save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3, bf16=False,
-    )  # fmt: skip
+        data=[str(cache)],
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        max_steps=4,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        bf16=False,
+    )
     return MtdpoConfig(**{**values, **overrides})
-
-
 
 
 def test_training_never_loads_a_tokenizer(cache, tmp_path, monkeypatch):
@@ -94,7 +103,9 @@ def test_training_never_loads_a_tokenizer(cache, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(str(run))
     tok = AutoTokenizer.from_pretrained(str(run))
     assert model.config.vocab_size == 2048 and len(tok) == 2048
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<bos><start_of_turn>user")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(
+        "<bos><start_of_turn>user"
+    )
 
 
 def test_tokenizer_mismatch_is_refused_unless_allowed(cache, tmp_path):
@@ -143,12 +154,21 @@ def test_yaml_config_then_command_line_overrides(tmp_path):
     from mtdpo.train.config import parse_train_args
 
     config_file = tmp_path / "run.yaml"
-    config_file.write_text("beta: 0.25\nnll_coef: 0.5\nlearning_rate: 4.0e-7\nlr_scheduler_type: cosine\ndata: [a, b]\n")
-    config = parse_train_args(["--config", str(config_file), "--learning-rate", "1e-6", "--max-steps", "10", "--output-dir", str(tmp_path)])
+    config_file.write_text(
+        "beta: 0.25\nnll_coef: 0.5\nlearning_rate: 4.0e-7\nlr_scheduler_type: cosine\ndata: [a, b]\n"
+    )
+    config = parse_train_args(
+        ["--config", str(config_file), "--learning-rate", "1e-6", "--max-steps", "10", "--output-dir", str(tmp_path)]
+    )
     assert (config.beta, config.nll_coef, config.learning_rate, config.max_steps) == (0.25, 0.5, 1e-6, 10)
     assert config.data == ["a", "b"] and config.lr_scheduler_type == "cosine"
     defaults = parse_train_args(["--data", "x", "--output-dir", str(tmp_path)])
-    assert (defaults.beta, defaults.nll_coef, defaults.loss_type, defaults.train_sampling_strategy) == (0.1, 1.0, "sigmoid", "group_by_length")
+    assert (defaults.beta, defaults.nll_coef, defaults.loss_type, defaults.train_sampling_strategy) == (
+        0.1,
+        1.0,
+        "sigmoid",
+        "group_by_length",
+    )
 
 
 def test_train_help_lists_every_option():
@@ -158,9 +178,23 @@ def test_train_help_lists_every_option():
 
     mtdpo = Path(sys.executable).parent / "mtdpo"
     out = subprocess.run([str(mtdpo), "train", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--data", "--model", "--ref-model", "--beta", "--nll-coef", "--loss-type", "--label-smoothing",
-                 "--eval-data", "--allow-mismatch", "--attn-implementation", "--learning-rate", "--max-steps",
-                 "--per-device-train-batch-size", "--resume-from-checkpoint", "--config"):  # fmt: skip
+    for flag in (
+        "--data",
+        "--model",
+        "--ref-model",
+        "--beta",
+        "--nll-coef",
+        "--loss-type",
+        "--label-smoothing",
+        "--eval-data",
+        "--allow-mismatch",
+        "--attn-implementation",
+        "--learning-rate",
+        "--max-steps",
+        "--per-device-train-batch-size",
+        "--resume-from-checkpoint",
+        "--config",
+    ):
         assert flag in out, flag
 
 
@@ -175,7 +209,10 @@ def test_precomputed_reference_gives_the_same_losses_without_a_reference_model(c
     shutil.copytree(cache, cached)
     precompute_reference(cached, progress=False)
     assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(load_cache(cached).column_names)
-    assert json.loads((cached / "manifest.json").read_text())["reference"]["columns"] == ["ref_chosen_logp", "ref_rejected_logp"]
+    assert json.loads((cached / "manifest.json").read_text())["reference"]["columns"] == [
+        "ref_chosen_logp",
+        "ref_rejected_logp",
+    ]
 
     def no_reference(*args, **kwargs):
         raise AssertionError("a precomputed cache must not load a reference model")

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trainkit import batch, make_cache, mtdpo_trainer, single_turn_rows, tiny_model
+from transformers import AutoTokenizer
 
 from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train.loss import dpo_loss, nll_loss, sequence_logps
@@ -50,7 +50,9 @@ def setup(tmp_path_factory):
             p.add_(0.02 * torch.randn_like(p))
     mb = batch(cache, range(B))
     with torch.no_grad():
-        ref_logps, _ = sequence_logps(reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"])
+        ref_logps, _ = sequence_logps(
+            reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, mb["labels"]
+        )
     return tmp, rows, cache, reference, policy, mb, ref_logps
 
 
@@ -58,12 +60,23 @@ def run_trl(tmp, rows, reference, policy, ref_logps, cache_batch):
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
     tok.eos_token = "<end_of_turn>"
     args = trl.DPOConfig(
-        output_dir=str(tmp / "trl"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=0.1,
-        per_device_train_batch_size=B, use_cpu=True, report_to="none", max_length=None,
-    )  # fmt: skip
+        output_dir=str(tmp / "trl"),
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 1.0],
+        beta=0.1,
+        per_device_train_batch_size=B,
+        use_cpu=True,
+        report_to="none",
+        max_length=None,
+    )
     model = copy.deepcopy(policy)
-    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(reference), args=args,
-                             train_dataset=Dataset.from_list(trl_rows(rows, tok)), processing_class=tok)  # fmt: skip
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=Dataset.from_list(trl_rows(rows, tok)),
+        processing_class=tok,
+    )
     examples = [trainer.train_dataset[i] for i in range(B)]
     for i, ex in enumerate(examples):  # the same tokens, less mtdpo's untrained trailing "\n"
         n = len(ex["prompt_ids"]) + len(ex["chosen_ids"])
@@ -90,7 +103,14 @@ def test_step0_loss_rewards_and_gradients_match_trl(setup):
     # TRL logs the summed loss; its parts: sigmoid DPO and sft (= mean chosen-token NLL)
     assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
     assert ours["dpo_loss"] + ours["nll"] == pytest.approx(trl_loss, abs=1e-5)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
     assert abs(ours["rewards/margins"]) > 1e-3  # a real comparison, not zeros against zeros
     worst = max((a.grad - b.grad).abs().max().item() for a, b in zip(trl_model.parameters(), model.parameters()))
@@ -150,17 +170,29 @@ def logprobs():
 def trl_trainer(setup):
     tmp, rows, _, reference, policy, _, _ = setup
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
-    args = trl.DPOConfig(output_dir=str(tmp / "trl-losses"), beta=0.1, use_cpu=True, bf16=False, report_to="none", max_length=None)
-    return trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                          train_dataset=Dataset.from_list(trl_rows(rows, tok)), processing_class=tok)  # fmt: skip
+    args = trl.DPOConfig(
+        output_dir=str(tmp / "trl-losses"), beta=0.1, use_cpu=True, bf16=False, report_to="none", max_length=None
+    )
+    return trl.DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=Dataset.from_list(trl_rows(rows, tok)),
+        processing_class=tok,
+    )
 
 
 def trl_loss(trainer, loss_type, smoothing, trained, per_token, ref):
     trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], smoothing
     trainer.precompute_ref_logps = True
     completion_mask = torch.cat([torch.zeros(2 * P, 1, dtype=torch.long), trained.long()], 1)
-    inputs = {"input_ids": torch.ones(2 * P, T, dtype=torch.long), "attention_mask": torch.ones(2 * P, T, dtype=torch.long),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref[:P], "ref_rejected_logps": ref[P:]}  # fmt: skip
+    inputs = {
+        "input_ids": torch.ones(2 * P, T, dtype=torch.long),
+        "attention_mask": torch.ones(2 * P, T, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref[:P],
+        "ref_rejected_logps": ref[P:],
+    }
     return trainer._compute_loss(GivenLogProbs(per_token), inputs, return_outputs=False)
 
 
@@ -175,7 +207,9 @@ def loss_and_grad(compute, per_token, trained):
 def report(name, ours, theirs):
     (loss_a, grad_a), (loss_b, grad_b) = ours, theirs
     diffs = (loss_a - loss_b).abs().item(), (grad_a - grad_b).abs().max().item()
-    print(f"TRL parity {name:>12}: loss {loss_a.item():.6f}, |loss diff| {diffs[0]:.1e}, max |grad diff| {diffs[1]:.1e}")
+    print(
+        f"TRL parity {name:>12}: loss {loss_a.item():.6f}, |loss diff| {diffs[0]:.1e}, max |grad diff| {diffs[1]:.1e}"
+    )
     return diffs
 
 
@@ -187,10 +221,14 @@ def test_every_loss_matches_trl_on_the_same_logprobs(trl_trainer, logprobs, loss
 
     def ours(leaf):
         logps = leaf.sum(1)
-        losses, _, _ = dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], 0.1, loss_type, smoothing, tokens[:P], tokens[P:])
+        losses, _, _ = dpo_loss(
+            logps[:P], logps[P:], ref[:P], ref[P:], 0.1, loss_type, smoothing, tokens[:P], tokens[P:]
+        )
         return losses.mean()
 
-    theirs = loss_and_grad(lambda leaf: trl_loss(trl_trainer, trl_type, smoothing, trained, leaf, ref), per_token, trained)
+    theirs = loss_and_grad(
+        lambda leaf: trl_loss(trl_trainer, trl_type, smoothing, trained, leaf, ref), per_token, trained
+    )
     loss_diff, grad_diff = report(loss_type, loss_and_grad(ours, per_token, trained), theirs)
     assert loss_diff < 1e-6 and grad_diff < 1e-6
     assert theirs[0].item() != 0 and theirs[1].abs().sum() > 0  # a real comparison
@@ -200,7 +238,9 @@ def test_nll_per_token_matches_trl_sft(trl_trainer, logprobs):
     trained, per_token, ref = logprobs
     tokens = trained.sum(1)
     theirs = loss_and_grad(lambda leaf: trl_loss(trl_trainer, "sft", 0.0, trained, leaf, ref), per_token, trained)
-    loss_diff, grad_diff = report("nll (token)", loss_and_grad(lambda leaf: nll_loss(leaf.sum(1)[:P], tokens[:P]), per_token, trained), theirs)
+    loss_diff, grad_diff = report(
+        "nll (token)", loss_and_grad(lambda leaf: nll_loss(leaf.sum(1)[:P], tokens[:P]), per_token, trained), theirs
+    )
     assert loss_diff < 1e-6 and grad_diff < 1e-6
 
 
@@ -211,8 +251,14 @@ def test_simpo_matches_trl_cpo(logprobs, beta, gamma):
 
     trained, per_token, _ = logprobs
     tokens = trained.sum(1)
-    cpo = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=0.0, loss_type="simpo",
-                          accelerator=SimpleNamespace(device=torch.device("cpu")))  # fmt: skip
+    cpo = SimpleNamespace(
+        alpha=0.0,
+        beta=beta,
+        simpo_gamma=gamma,
+        label_smoothing=0.0,
+        loss_type="simpo",
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
 
     def theirs(leaf):
         mean = leaf.sum(1) / tokens
@@ -222,5 +268,7 @@ def test_simpo_matches_trl_cpo(logprobs, beta, gamma):
         logps = leaf.sum(1)
         return dpo_loss(logps[:P], logps[P:], None, None, beta, "simpo", 0.0, tokens[:P], tokens[P:], gamma)[0].mean()
 
-    loss_diff, grad_diff = report(f"simpo b={beta}", loss_and_grad(ours, per_token, trained), loss_and_grad(theirs, per_token, trained))
+    loss_diff, grad_diff = report(
+        f"simpo b={beta}", loss_and_grad(ours, per_token, trained), loss_and_grad(theirs, per_token, trained)
+    )
     assert loss_diff < 1e-6 and grad_diff < 1e-6

@@ -56,7 +56,9 @@ def tiny_model(seed: int = 0, dtype=torch.float32):
 
 def mtdpo_trainer(cache: Path, policy, ref, tmp: Path, **config) -> MultiTurnDPOTrainer:
     # fp32 unless a test asks: the numbers tests compare are fp32 ones (bf16 is auto on CPUs that have it)
-    defaults = dict(output_dir=str(tmp / "run"), data=[str(cache)], use_cpu=True, per_device_train_batch_size=4, bf16=False)
+    defaults = dict(
+        output_dir=str(tmp / "run"), data=[str(cache)], use_cpu=True, per_device_train_batch_size=4, bf16=False
+    )
     args = MtdpoConfig(**{**defaults, **config})
     ref = None if ref is None else copy.deepcopy(ref).eval().requires_grad_(False)
     return MultiTurnDPOTrainer(policy, ref, args, train_dataset=load_cache(cache), data_collator=PairCollator(0))

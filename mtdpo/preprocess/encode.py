@@ -53,7 +53,15 @@ class PairEncoder:
     def _mask(self, pair: Pair, messages: list[dict]) -> Encoded:
         if self.options.mode == "seed":
             options = self.options
-            return seed_mask(self.chat, messages, pair.n_prompt, options.user_marker, options.end_marker, pair.tools, pair.template_kwargs)
+            return seed_mask(
+                self.chat,
+                messages,
+                pair.n_prompt,
+                options.user_marker,
+                options.end_marker,
+                pair.tools,
+                pair.template_kwargs,
+            )
         return render_and_mask(self.chat, messages, pair.n_prompt, pair.tools, pair.template_kwargs)
 
 

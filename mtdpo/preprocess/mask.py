@@ -38,7 +38,6 @@ from mtdpo.cache import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, TokenSurfaces, common_prefix_length, reuse_rule
 
-
 # Replaces a message's content to see where its render starts to depend on it.
 STAND_IN = "\x00mtdpo stand-in\x00"
 # A render of the conversation so far: (messages, add_generation_prompt) -> text.
@@ -89,14 +88,18 @@ class ChatTemplate:
         variables = {**self._variables, **template_kwargs} if template_kwargs else dict(self._variables)
         variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt)
         try:
-            context = new_context(template.environment, template.name, template.blocks, variables, shared=True, globals=self._globals)
+            context = new_context(
+                template.environment, template.name, template.blocks, variables, shared=True, globals=self._globals
+            )
             return template.environment.concat(template.root_render_func(context))
         except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
             raise RowError(f"chat template error: {err}") from None
 
     def renderer(self, tools=None, template_kwargs=None) -> Render:
         """`render` bound to one row's tools and template arguments."""
-        return lambda messages, generation_prompt=False: self.render(messages, generation_prompt, tools, template_kwargs)
+        return lambda messages, generation_prompt=False: self.render(
+            messages, generation_prompt, tools, template_kwargs
+        )
 
     def tokenize(self, text: str) -> Tokens:
         """Token ids and where each token starts and ends, as the tokenizer encodes the whole
@@ -108,13 +111,17 @@ class ChatTemplate:
     def _closing(self) -> str:
         """A token the template appends to every render and the next message replaces
         (Phi-3 closes each render with <|endoftext|>): not part of the last message."""
-        one, two = [{"role": "user", "content": "x"}], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        one, two = (
+            [{"role": "user", "content": "x"}],
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        )
         try:
             short, long = self.render(one), self.render(two)
         except RowError:
             return ""
-        return next((m for m in self.markers if short.endswith(m) and long.endswith(m) and not long.startswith(short)), "")
-
+        return next(
+            (m for m in self.markers if short.endswith(m) and long.endswith(m) and not long.startswith(short)), ""
+        )
 
     def _end_of_turn(self) -> str:
         """The marker that closes an assistant turn (`<|im_end|>`, `<end_of_turn>` …), from a probe."""
@@ -123,7 +130,9 @@ class ChatTemplate:
             rendered = self.render(two)
         except RowError:
             return ""
-        body = (rendered[: -len(self.closing)] if self.closing and rendered.endswith(self.closing) else rendered).rstrip()
+        body = (
+            rendered[: -len(self.closing)] if self.closing and rendered.endswith(self.closing) else rendered
+        ).rstrip()
         return next((m for m in self.markers if body.endswith(m)), "")
 
 
@@ -166,7 +175,9 @@ def end_markers(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(added, key=len, reverse=True))
 
 
-def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, tools=None, template_kwargs=None) -> Encoded:
+def render_and_mask(
+    chat: ChatTemplate, messages: list[dict], n_prompt: int, tools=None, template_kwargs=None
+) -> Encoded:
     """Assistant mode: train what the model generates for each post-prompt assistant message."""
     render = chat.renderer(tools, template_kwargs)
     text = render(messages)
@@ -183,7 +194,13 @@ def render_and_mask(chat: ChatTemplate, messages: list[dict], n_prompt: int, too
 
 
 def assistant_spans(
-    render: Render, messages: list[dict], n_prompt: int, text: str, markers: tuple[str, ...], closing: str = "", end_of_turn_marker: str = ""
+    render: Render,
+    messages: list[dict],
+    n_prompt: int,
+    text: str,
+    markers: tuple[str, ...],
+    closing: str = "",
+    end_of_turn_marker: str = "",
 ) -> list[TurnSpan]:
     """One span per assistant message after the shared prompt, from renders of prefixes."""
     spans = []
@@ -237,7 +254,9 @@ def prefix_end(rendered: str, text: str, closing: str, n: int) -> int:
     )
 
 
-def generation_start(render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int, markers: tuple[str, ...]) -> tuple[int, int]:
+def generation_start(
+    render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int, markers: tuple[str, ...]
+) -> tuple[int, int]:
     """(end of the generation prompt, first trained character) for assistant message i."""
     try:
         prompted = render(messages[:i], True)
@@ -259,7 +278,9 @@ def generation_start(render: Render, messages: list[dict], i: int, text: str, cl
         if needle and (found := text.find(needle, header_end, turn_end)) != -1:
             return header_end, found
     if content.strip():
-        raise RowError(f"message {i} (assistant): its text is not in the rendered turn (the template drops or alters it)")
+        raise RowError(
+            f"message {i} (assistant): its text is not in the rendered turn (the template drops or alters it)"
+        )
     return header_end, header_end
 
 
@@ -267,7 +288,9 @@ def end_of_turn(text: str, start: int, turn_end: int, markers: tuple[str, ...], 
     """The end of the turn's end-of-turn marker: the template's whitespace after it is not trained."""
     body = text[start:turn_end].rstrip()
     if not body.endswith(markers):
-        raise RowError(f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})")
+        raise RowError(
+            f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})"
+        )
     return start + len(body)
 
 
@@ -289,7 +312,9 @@ class Skeleton:
     spans: list[tuple[int, tuple[int, int], tuple[int, int], tuple[int, int]]]  # message, start, end, turn end
 
 
-def skeleton_spans(chat: ChatTemplate, messages: list[dict], n_prompt: int, text: str, tools, template_kwargs) -> list[TurnSpan] | None:
+def skeleton_spans(
+    chat: ChatTemplate, messages: list[dict], n_prompt: int, text: str, tools, template_kwargs
+) -> list[TurnSpan] | None:
     """The rule's spans for a row whose real render `text` equals its shape's skeleton with the
     real contents filled in, byte for byte; None for any other row (the prefix renders decide).
 
@@ -323,10 +348,14 @@ def skeleton_spans(chat: ChatTemplate, messages: list[dict], n_prompt: int, text
     def real(at: tuple[int, int]) -> int:
         return starts[at[0]] + at[1]
 
-    return [TurnSpan(i, real(start), real(start), real(end), real(turn_end)) for i, start, end, turn_end in skeleton.spans]
+    return [
+        TurnSpan(i, real(start), real(start), real(end), real(turn_end)) for i, start, end, turn_end in skeleton.spans
+    ]
 
 
-def render_skeleton(chat: ChatTemplate, roles: tuple[str, ...], n_prompt: int, tools, template_kwargs) -> Skeleton | None:
+def render_skeleton(
+    chat: ChatTemplate, roles: tuple[str, ...], n_prompt: int, tools, template_kwargs
+) -> Skeleton | None:
     """Render a shape with placeholder contents and find its spans by the rule's main path:
     every prefix stable, each generation prompt a prefix of the conversation."""
     render = chat.renderer(tools, template_kwargs)
@@ -354,7 +383,9 @@ def render_skeleton(chat: ChatTemplate, roles: tuple[str, ...], n_prompt: int, t
         for i in range(n_prompt, len(messages)):
             if roles[i] != "assistant":
                 continue
-            turn_end = prefix_end(text if i + 1 == len(messages) else render(messages[: i + 1]), text, chat.closing, i + 1)
+            turn_end = prefix_end(
+                text if i + 1 == len(messages) else render(messages[: i + 1]), text, chat.closing, i + 1
+            )
             prompted = render(messages[:i], True)
             if not text.startswith(prompted) or len(prompted) > turn_end:
                 return None
@@ -421,14 +452,22 @@ def check_spans(text: str, tokens: TokenBounds, messages: list[dict], spans: lis
     for span in spans:
         i, trained = span.message, text[span.start : span.end]
         if text[span.header_end : span.start].strip():
-            raise RowError(f"message {i} (assistant): the template renders text before its content that the mask would skip")
+            raise RowError(
+                f"message {i} (assistant): the template renders text before its content that the mask would skip"
+            )
         for what, needles in message_parts(messages[i]):
             if not any(needle in trained for needle in needles):
-                raise RowError(f"message {i} (assistant): its {what} is not in the rendered turn (the template drops or alters it)")
+                raise RowError(
+                    f"message {i} (assistant): its {what} is not in the rendered turn (the template drops or alters it)"
+                )
         if tokens.cuts_a_token(span.start):
-            raise RowError(f"message {i} (assistant): its first character shares a token with the generation prompt; the mask would cut it")
+            raise RowError(
+                f"message {i} (assistant): its first character shares a token with the generation prompt; the mask would cut it"
+            )
         if tokens.cuts_a_token(span.end):
-            raise RowError(f"message {i} (assistant): its end-of-turn marker shares a token with the next text; the mask would cut it")
+            raise RowError(
+                f"message {i} (assistant): its end-of-turn marker shares a token with the next text; the mask would cut it"
+            )
 
 
 def message_parts(message: dict) -> list[tuple[str, list[str]]]:
@@ -493,7 +532,13 @@ def rendered_forms(leaf) -> list[str]:
 
 
 def seed_mask(
-    chat: ChatTemplate, messages: list[dict], n_prompt: int, user_marker: str, end_marker: str, tools=None, template_kwargs=None
+    chat: ChatTemplate,
+    messages: list[dict],
+    n_prompt: int,
+    user_marker: str,
+    end_marker: str,
+    tools=None,
+    template_kwargs=None,
 ) -> Encoded:
     """The original research rule: mask the shared prompt and every span from a user-turn
     start marker through the next end-of-turn marker (both inclusive); train the rest.

@@ -30,8 +30,8 @@ from datasets.utils.py_utils import convert_file_size_to_int
 
 from mtdpo.cache import IGNORE_INDEX, build_manifest, features, write_checksums, write_json, writing
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.families import detect_family
+from mtdpo.preprocess.encode import Dropped, MaskOptions, PairEncoder
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.sources import open_source, parse_line
 from mtdpo.tokenizer import load_tokenizer, sha256_text
@@ -157,7 +157,12 @@ def preprocess(
                         raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
                     shards.write(result.table)
                     for reject in result.rejects:
-                        rejects.write(json.dumps({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}) + "\n")
+                        rejects.write(
+                            json.dumps(
+                                {"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]}
+                            )
+                            + "\n"
+                        )
                     tally.merge(result.tally)
             if tally.kept == 0:  # a cache of no pairs would only fail later, in train
                 top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
@@ -168,7 +173,9 @@ def preprocess(
             seconds = time.perf_counter() - started
             stats = _stats(tally, seconds)
             write_json(tmp / "stats.json", stats)
-            write_json(tmp / "manifest.json", build_manifest(tok, tmp / "tokenizer", options, source, tally, chat_template))
+            write_json(
+                tmp / "manifest.json", build_manifest(tok, tmp / "tokenizer", options, source, tally, chat_template)
+            )
             return stats
     finally:
         _encoder = None
@@ -278,14 +285,18 @@ class BackgroundSave:
                 self.failure = str(err)
             return
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
-        self.process = multiprocessing.get_context("fork").Process(target=_save, args=(tokenizer, directory), daemon=True)
+        self.process = multiprocessing.get_context("fork").Process(
+            target=_save, args=(tokenizer, directory), daemon=True
+        )
         self.process.start()
 
     def __enter__(self) -> BackgroundSave:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.is_alive():  # the run failed: stop it before the directory is removed
+        if (
+            self.process is not None and self.process.is_alive()
+        ):  # the run failed: stop it before the directory is removed
             self.process.terminate()
             self.process.join()
 
@@ -294,7 +305,9 @@ class BackgroundSave:
             self.process.join()  # the child said why on stderr
             self.failure = self.failure or (f"exit code {self.process.exitcode}" if self.process.exitcode else "")
         if self.failure or not (self.directory / "tokenizer_config.json").is_file():
-            raise UsageError(f"could not write the tokenizer copy to {self.directory} ({self.failure or 'no tokenizer_config.json'}); is the disk full?")
+            raise UsageError(
+                f"could not write the tokenizer copy to {self.directory} ({self.failure or 'no tokenizer_config.json'}); is the disk full?"
+            )
 
 
 def _save(tokenizer, directory: Path) -> None:
@@ -339,7 +352,14 @@ def _with_progress(results: Iterator[ChunkResult], total: int | None, enabled: b
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("preprocess"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("rows", total=total)
         for result in results:

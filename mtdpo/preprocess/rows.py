@@ -64,7 +64,9 @@ def to_pair(row: object) -> Pair:
             raise RowError(f"empty conversation: {side} has no messages" + (" after the prompt" if prompt else ""))
         sides[side] = prompt + own
         if len(sides[side]) > MAX_MESSAGES:
-            raise RowError(f"{side} has {len(sides[side]):,} messages, more than the {MAX_MESSAGES} mtdpo renders per row")
+            raise RowError(
+                f"{side} has {len(sides[side]):,} messages, more than the {MAX_MESSAGES} mtdpo renders per row"
+            )
     chosen, rejected = sides["chosen"], sides["rejected"]
     if chosen == rejected:
         raise RowError("chosen and rejected are identical")
@@ -134,13 +136,21 @@ def _messages(value: object, side: str, shorthand_role: str) -> list[dict]:
 
 
 def _message(msg: object, where: str) -> dict:
-    if type(msg) is dict and len(msg) == 2 and type(msg.get("content")) is str and msg.get("role") in ROLES and msg["content"].isascii():
+    if (
+        type(msg) is dict
+        and len(msg) == 2
+        and type(msg.get("content")) is str
+        and msg.get("role") in ROLES
+        and msg["content"].isascii()
+    ):
         return dict(msg)  # the common case, {"role", "content": plain text}: nothing below can object
     if not isinstance(msg, dict):
         raise RowError(f"{where} is {json_type(msg)}, expected an object with 'role' and 'content'")
     role, content = msg.get("role"), msg.get("content")
     if "role" not in msg:
-        hint = " (ShareGPT-style 'from'/'value' messages must be converted to 'role'/'content')" if "from" in msg else ""
+        hint = (
+            " (ShareGPT-style 'from'/'value' messages must be converted to 'role'/'content')" if "from" in msg else ""
+        )
         raise RowError(f"{where} has no 'role'{hint}")
     if not isinstance(role, str):
         raise RowError(f"{where} role is {json_type(role)}, expected a string (one of: {', '.join(ROLES)})")
@@ -197,7 +207,9 @@ def _tool_calls(calls: object, where: str) -> list[dict] | None:
         at = f"{where} tool_calls[{k}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
-            raise RowError(f'{at} has no "function" object (expected {{"type": "function", "function": {{"name": ..., "arguments": ...}}}})')
+            raise RowError(
+                f'{at} has no "function" object (expected {{"type": "function", "function": {{"name": ..., "arguments": ...}}}})'
+            )
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise RowError(f"{at} function name is {json_type(function.get('name'))}, expected a non-empty string")
         arguments = function.get("arguments")

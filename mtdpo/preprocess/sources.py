@@ -118,7 +118,9 @@ def parse_line(raw: bytes) -> object:
     except json.JSONDecodeError as err:
         return RowError(f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}")
     except RecursionError:
-        return RowError("invalid JSON: nested too deeply (more levels of lists or objects than Python's recursion limit)")
+        return RowError(
+            "invalid JSON: nested too deeply (more levels of lists or objects than Python's recursion limit)"
+        )
 
 
 def _parse_int(digits: str) -> int:
@@ -161,7 +163,9 @@ def _load_arrow(path: Path):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # a damaged or foreign directory: datasets raises many kinds
-        raise UsageError(f"cannot open {path} as a saved `datasets` dataset: {type(err).__name__}: {err}".splitlines()[0]) from None
+        raise UsageError(
+            f"cannot open {path} as a saved `datasets` dataset: {type(err).__name__}: {err}".splitlines()[0]
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise UsageError(f"{path} is a DatasetDict without a 'train' split (has {list(ds)})")
@@ -238,7 +242,11 @@ class Source:
             stop = min(wanted.stop - file.first_row, file.rows)
             if start >= stop:
                 continue  # the slice holds none of this file: not opened
-            rows = read_jsonl(file.path, start, stop, parse) if file.fmt == "jsonl" else READERS[file.fmt](file.path, start, stop)
+            rows = (
+                read_jsonl(file.path, start, stop, parse)
+                if file.fmt == "jsonl"
+                else READERS[file.fmt](file.path, start, stop)
+            )
             for n, row in rows:
                 yield file.first_row + n, row
 
@@ -257,7 +265,9 @@ class Source:
         else:
             info["sha256"] = _sha256_files(self.files)
         if self.fmt == "directory":
-            info["files"] = [{"name": f.name, "format": f.fmt, "first_row": f.first_row, "rows": f.rows} for f in self.files]
+            info["files"] = [
+                {"name": f.name, "format": f.fmt, "first_row": f.first_row, "rows": f.rows} for f in self.files
+            ]
         return info
 
     def shard_info(self) -> dict | None:
@@ -265,7 +275,12 @@ class Source:
         if self.shard is None:
             return None
         wanted = self.row_range
-        return {"index": self.shard[0], "count": self.shard[1], "rows": [wanted.start, wanted.stop], "input_rows": self.total}
+        return {
+            "index": self.shard[0],
+            "count": self.shard[1],
+            "rows": [wanted.start, wanted.stop],
+            "input_rows": self.total,
+        }
 
 
 def open_source(spec: str | Path, fmt: str = "auto", split: str = "train", shard: str | None = None) -> Source:
@@ -358,7 +373,9 @@ def _load_hub(name: str, split: str):
         return datasets.load_dataset(name, split=split, streaming=True)
     except Exception as err:  # offline, no such dataset, no such split: datasets raises many kinds
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        raise UsageError(f"input not found: {name} is not a local path, and `datasets` cannot load it ({reason})") from None
+        raise UsageError(
+            f"input not found: {name} is not a local path, and `datasets` cannot load it ({reason})"
+        ) from None
 
 
 def _announced_rows(dataset, split: str) -> int | None:

@@ -35,8 +35,32 @@ from typing import NamedTuple
 
 # Stages of `tokenizers` that see only one piece at a time (nothing of the text before it).
 PIECE_LOCAL = {
-    "normalizer": {"Replace", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Strip", "StripAccents", "BertNormalizer", "Nmt", "Precompiled"},
-    "pre_tokenizer": {"ByteLevel", "Split", "Whitespace", "WhitespaceSplit", "Punctuation", "Digits", "CharDelimiterSplit", "BertPreTokenizer", "UnicodeScripts", "Metaspace"},
+    "normalizer": {
+        "Replace",
+        "NFC",
+        "NFD",
+        "NFKC",
+        "NFKD",
+        "Lowercase",
+        "Prepend",
+        "Strip",
+        "StripAccents",
+        "BertNormalizer",
+        "Nmt",
+        "Precompiled",
+    },
+    "pre_tokenizer": {
+        "ByteLevel",
+        "Split",
+        "Whitespace",
+        "WhitespaceSplit",
+        "Punctuation",
+        "Digits",
+        "CharDelimiterSplit",
+        "BertPreTokenizer",
+        "UnicodeScripts",
+        "Metaspace",
+    },
     "model": {"BPE", "WordPiece", "WordLevel", "Unigram"},
 }
 
@@ -230,7 +254,9 @@ class PrefixReusingEncoder:
                 self.surfaces = fast_ids = None
         tokens = Tokens.of(self.backend.encode(text, add_special_tokens=False), shift)
         if fast_ids is not None and (fast_ids != tokens.ids or not self.surfaces.learn(text, tokens, shift)):
-            self.surfaces = None  # a token that covers different text in different places: offsets from the tokenizer from now on
+            self.surfaces = (
+                None  # a token that covers different text in different places: offsets from the tokenizer from now on
+            )
         return tokens
 
     def reusable(self, text: str) -> int:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SEGMENT_ATTENTION = "sdpa_segments"
 
@@ -30,7 +30,9 @@ SEGMENT_ATTENTION = "sdpa_segments"
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segments=None, **kwargs):
     """query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None), like transformers' sdpa."""
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise ValueError(f"attention {SEGMENT_ATTENTION!r} supports neither logit soft-capping nor sliding windows")
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # padding stays 0
@@ -40,10 +42,16 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             k, v, mask = key[row : row + 1, :, start:end], value[row : row + 1, :, start:end], None
         else:
             k = torch.cat([key[row : row + 1, :, context_start:context_end], key[row : row + 1, :, start:end]], dim=2)
-            v = torch.cat([value[row : row + 1, :, context_start:context_end], value[row : row + 1, :, start:end]], dim=2)
-            context = context_end - context_start  # all of the context, then causal (a bool mask: autocast casts q, k, v alike)
+            v = torch.cat(
+                [value[row : row + 1, :, context_start:context_end], value[row : row + 1, :, start:end]], dim=2
+            )
+            context = (
+                context_end - context_start
+            )  # all of the context, then causal (a bool mask: autocast casts q, k, v alike)
             mask = torch.ones(end - start, k.shape[2], dtype=torch.bool, device=q.device).tril(context)
-        attended, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)
+        attended, _ = sdpa_attention_forward(
+            module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None
+        )
         out[row, start:end] = attended[0]
     return out, None
 

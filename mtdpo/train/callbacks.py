@@ -55,9 +55,17 @@ class ProgressLine(TrainerCallback):
         if self._eval is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeElapsedColumn())
+            columns = (
+                TextColumn("eval"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("batches"),
+                TimeElapsedColumn(),
+            )
             bar = Progress(*columns, transient=True, disable=not sys.stdout.isatty())  # piped: no bar, no blank line
-            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+            total = (
+                len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+            )
             bar.start()
             self._eval = (bar, bar.add_task("eval", total=total), time.perf_counter())
         bar, task, _ = self._eval
@@ -101,7 +109,10 @@ class ProgressLine(TrainerCallback):
                 flush=True,
             )
         elif "train_runtime" in logs:
-            print(f"done: {state.global_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}{self._trend()}", flush=True)
+            print(
+                f"done: {state.global_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}{self._trend()}",
+                flush=True,
+            )
 
     def _trend(self) -> str:
         """First → last logged margin and accuracy, and the mean training tokens/s of the run."""

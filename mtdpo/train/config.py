@@ -14,14 +14,19 @@ from transformers import TrainingArguments
 
 @dataclass
 class MtdpoConfig(TrainingArguments):
-    data: list[str] = field(default_factory=list, metadata={"help": "Cache directory (or several) written by `mtdpo preprocess`."})
+    data: list[str] = field(
+        default_factory=list, metadata={"help": "Cache directory (or several) written by `mtdpo preprocess`."}
+    )
     model: str | None = field(
-        default=None, metadata={"help": "Policy model name or path. Default: a tiny random Gemma-architecture model (offline demo)."}
+        default=None,
+        metadata={"help": "Policy model name or path. Default: a tiny random Gemma-architecture model (offline demo)."},
     )
     ref_model: str | None = field(
         default=None, metadata={"help": "Frozen reference model. Default: a copy of --model as loaded."}
     )
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature: larger keeps the policy closer to the reference."})
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO temperature: larger keeps the policy closer to the reference."}
+    )
     nll_coef: float = field(
         default=1.0,
         metadata={"help": "Weight of the NLL term on chosen tokens (1.0: the math-agent recipe; 0: plain DPO)."},
@@ -40,55 +45,73 @@ class MtdpoConfig(TrainingArguments):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin."})
     nll_norm: str = field(
         default="token",
-        metadata={"help": "token: NLL over all trained chosen tokens; sequence: mean of each chosen sequence's NLL per token."},
+        metadata={
+            "help": "token: NLL over all trained chosen tokens; sequence: mean of each chosen sequence's NLL per token."
+        },
     )
     loss_scope: str = field(
         # step: DPO = mean over the step's pairs, NLL over its trained chosen tokens, all micro-batches and ranks
         # together, so batch x accumulation x ranks never changes the update (docs/FAQ.md).
-        default="step", metadata={"help": "step: means over the whole optimizer step; micro_batch: per micro-batch (the original recipe)."}
+        default="step",
+        metadata={
+            "help": "step: means over the whole optimizer step; micro_batch: per micro-batch (the original recipe)."
+        },
     )
     eval_data: str | None = field(default=None, metadata={"help": "A second cache to evaluate on."})
     allow_mismatch: bool = field(
-        default=False, metadata={"help": "Train even if the model's tokenizer differs from the one the cache was made with."}
+        default=False,
+        metadata={"help": "Train even if the model's tokenizer differs from the one the cache was made with."},
     )
     verify_cache: bool = field(
         default=False,
         metadata={"help": "SHA-256 every shard first, not only changed ones (~1 s/GB)."},
     )
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."}
-    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
     padding_free: bool = field(
         default=False,
         metadata={"help": "One row per batch, no padding (else padded, said at start)."},
     )
     prefix_sharing: bool | None = field(
         default=None,
-        metadata={"help": "A pair as one sequence: the shared prompt is computed once, same losses. [default: on where sdpa fits]"},
+        metadata={
+            "help": "A pair as one sequence: the shared prompt is computed once, same losses. [default: on where sdpa fits]"
+        },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model's repository to run (off: only transformers' own)."}
+        default=False,
+        metadata={"help": "Allow model code from the model's repository to run (off: only transformers' own)."},
     )
     skip_nonfinite: bool = field(
         default=False,
-        metadata={"help": "Skip (zero gradient, counted as nonfinite_skipped) a batch whose loss is NaN or infinite, instead of stopping."},
+        metadata={
+            "help": "Skip (zero gradient, counted as nonfinite_skipped) a batch whose loss is NaN or infinite, instead of stopping."
+        },
     )
     lora_r: int = field(
         default=0,
-        metadata={"help": "LoRA rank: > 0 trains peft LoRA adapters only; the reference is the model with its adapters off (no second copy). 0: full fine-tune."},
+        metadata={
+            "help": "LoRA rank: > 0 trains peft LoRA adapters only; the reference is the model with its adapters off (no second copy). 0: full fine-tune."
+        },
     )
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: adapter updates are scaled by alpha / r."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scale numerator: adapter updates are scaled by alpha / r."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
     lora_target_modules: str = field(
         default="all-linear",
-        metadata={"help": "Layers that get adapters: all-linear (every linear layer of attention and MLP) or names, e.g. q_proj,v_proj."},
+        metadata={
+            "help": "Layers that get adapters: all-linear (every linear layer of attention and MLP) or names, e.g. q_proj,v_proj."
+        },
     )
     merge_adapters: bool = field(
         default=False,
-        metadata={"help": "Also write the adapters merged into the weights (output dir, loads with AutoModelForCausalLM); the adapters go to <output dir>/adapter."},
+        metadata={
+            "help": "Also write the adapters merged into the weights (output dir, loads with AutoModelForCausalLM); the adapters go to <output dir>/adapter."
+        },
     )
     load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: load --model in 4-bit NF4 (CUDA GPU and the qlora extra only); needs --lora-r."}
+        default=False,
+        metadata={"help": "QLoRA: load --model in 4-bit NF4 (CUDA GPU and the qlora extra only); needs --lora-r."},
     )
     # TrainingArguments whose defaults differ for DPO
     bf16: bool | None = field(
@@ -99,14 +122,20 @@ class MtdpoConfig(TrainingArguments):
         },
     )
     output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})
-    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."})
+    learning_rate: float = field(
+        default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     train_sampling_strategy: str = field(
         default="group_by_length",
         metadata={"help": "group_by_length (pairs of similar length together: less padding), random, sequential."},
     )
-    disable_tqdm: bool = field(default=True, metadata={"help": "Hide the tqdm bar (mtdpo prints a line per logging step)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cache's columns (the collator needs them)."})
+    disable_tqdm: bool = field(
+        default=True, metadata={"help": "Hide the tqdm bar (mtdpo prints a line per logging step)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the cache's columns (the collator needs them)."}
+    )
 
     def __post_init__(self):
         if self.bf16 is None:  # decided here, before TrainingArguments checks it against the device
@@ -136,7 +165,11 @@ def cpu_has_bf16_matmul() -> str | None:
 def _has_accelerator() -> bool:
     import torch
 
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
 
 
 def auto_bf16(use_cpu: bool) -> tuple[bool, str]:
@@ -150,7 +183,11 @@ def auto_bf16(use_cpu: bool) -> tuple[bool, str]:
     if not use_cpu and _has_accelerator():
         return False, "auto: no bf16 rule for this accelerator, --bf16 turns it on"
     flag = cpu_has_bf16_matmul()
-    return (True, f"auto: this CPU has bf16 matmul ({flag})") if flag else (False, "auto: this CPU has no bf16 matmul (AMX, avx512_bf16)")
+    return (
+        (True, f"auto: this CPU has bf16 matmul ({flag})")
+        if flag
+        else (False, "auto: this CPU has no bf16 matmul (AMX, avx512_bf16)")
+    )
 
 
 # Options that default to "auto" (None): a bare flag turns them on, --no-X off.
@@ -179,6 +216,8 @@ def parse_train_args(argv: list[str]) -> MtdpoConfig:
         "(YAML keys are the option names with underscores); flags on the command line override it."
     )
     argv = _tristate(argv)
-    parser = TrlParser([MtdpoConfig], prog="mtdpo train", description=description, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+    parser = TrlParser(
+        [MtdpoConfig], prog="mtdpo train", description=description, allow_abbrev=False
+    )  # --learning_rat is a typo, not --learning_rate
     (config,) = parser.parse_args_and_config(argv)
     return config

@@ -21,6 +21,7 @@ from trl.trainer.utils import pad
 
 from mtdpo.cache import IGNORE_INDEX, REF_COLUMNS
 
+
 @dataclass
 class PairCollator:
     """rows -> a batch whose sequences are B chosen, then B rejected (indices 0..2B-1)."""
@@ -38,17 +39,23 @@ class PairCollator:
             ids = [torch.tensor(r[side.format("input_ids")]) for side in sides for r in rows]
             labels = [torch.tensor(r[side.format("labels")]) for side in sides for r in rows]
             batch = packed(ids, labels) if self.padding_free else padded(ids, labels, self.pad_token_id, self.segments)
-        batch["pair_tokens"] = torch.tensor(sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows))
+        batch["pair_tokens"] = torch.tensor(
+            sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+        )
         batch["rows"] = torch.tensor([r["row"] for r in rows])
         if all(column in rows[0] for column in REF_COLUMNS):
             batch["ref_logps"] = torch.tensor([r[c] for c in REF_COLUMNS for r in rows], dtype=torch.float32)
         # Trained chosen tokens (a label predicts from the token before it: never the first), in
         # every layout: Trainer sums them over an optimizer step to normalise the NLL.
-        batch["chosen_tokens"] = torch.tensor(sum(int(np.count_nonzero(np.asarray(r["chosen_labels"][1:]) != IGNORE_INDEX)) for r in rows))
+        batch["chosen_tokens"] = torch.tensor(
+            sum(int(np.count_nonzero(np.asarray(r["chosen_labels"][1:]) != IGNORE_INDEX)) for r in rows)
+        )
         return batch
 
 
-def padded(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int, segments: bool = False) -> dict[str, torch.Tensor]:
+def padded(
+    ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int, segments: bool = False
+) -> dict[str, torch.Tensor]:
     batch = {
         "input_ids": pad(ids, padding_value=pad_token_id),
         "labels": pad(labels, padding_value=IGNORE_INDEX),
@@ -66,7 +73,11 @@ def packed(ids: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, tor
     starts = torch.tensor([0, *(len(t) for t in ids)]).cumsum(0).tolist()
     # A sequence's first token is never predicted from the previous sequence's last one.
     labels = [torch.cat([torch.tensor([IGNORE_INDEX]), t[1:]]) for t in labels]
-    index = [(start + t, seq) for seq, (start, lab) in enumerate(zip(starts, labels)) for t in (lab != IGNORE_INDEX).nonzero()[:, 0].tolist()]
+    index = [
+        (start + t, seq)
+        for seq, (start, lab) in enumerate(zip(starts, labels))
+        for t in (lab != IGNORE_INDEX).nonzero()[:, 0].tolist()
+    ]
     return {
         "input_ids": torch.cat(ids)[None],
         "labels": torch.cat(labels)[None],
@@ -127,7 +138,9 @@ def shared(rows: list[dict]) -> dict[str, torch.Tensor]:
         ids += pair["input_ids"]
         labels += pair["labels"]
         positions += pair["position_ids"]
-        segments += [[0, start + offset, end + offset, cs + offset, ce + offset] for start, end, cs, ce in pair["segments"]]
+        segments += [
+            [0, start + offset, end + offset, cs + offset, ce + offset] for start, end, cs, ce in pair["segments"]
+        ]
         index += [(t + offset, i + side * b) for t, side in pair["score"]]
     return {
         "input_ids": torch.tensor([ids]),

@@ -22,13 +22,20 @@ OPTION_GROUPS = {
     "Reference": ("ref_model",),
     "Model": ("model", "attn_implementation", "prefix_sharing", "padding_free", "trust_remote_code"),
     "Run": (
-        "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-        "gradient_accumulation_steps", "bf16", "activation_checkpointing", "seed", "skip_nonfinite",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "bf16",
+        "activation_checkpointing",
+        "seed",
+        "skip_nonfinite",
         "resume_from_checkpoint",
     ),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapters", "load_in_4bit"),
     "Output": ("output_dir", "logging_steps", "eval_strategy", "eval_steps", "save_steps", "report_to"),
-}  # fmt: skip
+}
 # TrainingArguments' own help runs to several lines each: one line here (`--help-all` has theirs).
 SHORT_HELP = {
     "data": "Caches from `mtdpo preprocess` (or globs).",

@@ -35,7 +35,10 @@ def qlora_config() -> dict:
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
     return {"quantization_config": quantization, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
 
@@ -48,7 +51,11 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: str, g
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    targets = "all-linear" if target_modules.strip() == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
+    targets = (
+        "all-linear"
+        if target_modules.strip() == "all-linear"
+        else [m.strip() for m in target_modules.split(",") if m.strip()]
+    )
     if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms in fp32, inputs that carry gradients
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")

@@ -84,9 +84,9 @@ def dpo_loss(
     elif loss_type == "robust":  # unbiased under label noise (Chowdhury et al. 2024, arXiv 2403.00409)
         if not 0 <= label_smoothing < 0.5:
             raise ValueError("robust DPO needs 0 <= label_smoothing < 0.5")
-        losses = (-F.logsigmoid(beta * delta) * (1 - label_smoothing) + F.logsigmoid(-beta * delta) * label_smoothing) / (
-            1 - 2 * label_smoothing
-        )
+        losses = (
+            -F.logsigmoid(beta * delta) * (1 - label_smoothing) + F.logsigmoid(-beta * delta) * label_smoothing
+        ) / (1 - 2 * label_smoothing)
     elif loss_type == "hinge":  # SLiC (Zhao et al. 2023, arXiv 2305.10425)
         losses = torch.relu(1 - beta * delta)
     elif loss_type == "ipo":
@@ -111,7 +111,9 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
+def nll_loss(
+    chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_tokens: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """Mean negative log-likelihood per trained chosen token (`--nll-norm token`, the default).
 
     `total_tokens` is the count to divide by when it differs from this batch's (e.g. all
@@ -123,7 +125,9 @@ def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_toke
     return -chosen_logps.sum() / total
 
 
-def sequence_nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_pairs: torch.Tensor | int | None = None) -> torch.Tensor:
+def sequence_nll_loss(
+    chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, total_pairs: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """Mean over chosen sequences of each one's per-token NLL (`--nll-norm sequence`): every
     conversation weighs the same, however many tokens it trains. `total_pairs` is the count to
     divide by when it differs from this batch's (all micro-batches and ranks of a step)."""

@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mtdpo.errors import UsageError
-from mtdpo.train.attention import SEGMENT_ATTENTION
 from mtdpo.tokenizer import ASSETS
+from mtdpo.train.attention import SEGMENT_ATTENTION
 from mtdpo.train.lora import qlora_config
 
 TINY_MODEL = ASSETS / "tiny-gemma"  # config.json of a 0.5M-parameter Gemma sized to the embedded tokenizer
@@ -21,7 +21,9 @@ TINY_MODEL = ASSETS / "tiny-gemma"  # config.json of a 0.5M-parameter Gemma size
 
 def attention_kernel(requested: str) -> str:
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UsageError("--attn-implementation flash_attention_2 needs flash-attn: pip install 'mtdpo[gpu]' (or use sdpa)")
+        raise UsageError(
+            "--attn-implementation flash_attention_2 needs flash-attn: pip install 'mtdpo[gpu]' (or use sdpa)"
+        )
     return requested
 
 
@@ -43,7 +45,11 @@ class Layout:
 
     def collator_options(self) -> dict:
         """Keyword arguments of data.PairCollator for this layout."""
-        return {"padding_free": self.padding_free, "prefix_sharing": self.prefix_sharing, "segments": self.attention == SEGMENT_ATTENTION}
+        return {
+            "padding_free": self.padding_free,
+            "prefix_sharing": self.prefix_sharing,
+            "segments": self.attention == SEGMENT_ATTENTION,
+        }
 
 
 def choose_layout(requested_attention: str, prefix_sharing: bool | None, padding_free: bool, model_config) -> Layout:
@@ -53,8 +59,14 @@ def choose_layout(requested_attention: str, prefix_sharing: bool | None, padding
     segment attention does not fit) cannot pack without a dense mask, so it gets padded batches."""
     segments = requested_attention == "sdpa" and segments_fit(model_config)
     if prefix_sharing and not segments:
-        why = "this model's attention (soft-capping or sliding window)" if requested_attention == "sdpa" else f"--attn-implementation {requested_attention}"
-        raise UsageError(f"--prefix-sharing needs segment attention (sdpa on a plain causal model), not {why}; pass --no-prefix-sharing")
+        why = (
+            "this model's attention (soft-capping or sliding window)"
+            if requested_attention == "sdpa"
+            else f"--attn-implementation {requested_attention}"
+        )
+        raise UsageError(
+            f"--prefix-sharing needs segment attention (sdpa on a plain causal model), not {why}; pass --no-prefix-sharing"
+        )
     share = segments if prefix_sharing is None else prefix_sharing
     pack = padding_free and not share  # a prefix-shared row is already packed
     attention = SEGMENT_ATTENTION if segments else requested_attention
@@ -72,7 +84,13 @@ def choose_layout(requested_attention: str, prefix_sharing: bool | None, padding
     return Layout(attention, share, pack, note)
 
 
-def load_policy(name_or_path: str | None, attn_implementation: str, dtype: torch.dtype, trust_remote_code: bool, load_in_4bit: bool = False):
+def load_policy(
+    name_or_path: str | None,
+    attn_implementation: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    load_in_4bit: bool = False,
+):
     attn = attention_kernel(attn_implementation)
     if name_or_path is None:  # random init: the seed (set by the caller) makes it reproducible
         if load_in_4bit:
@@ -96,7 +114,14 @@ def looks_local(name_or_path: str) -> bool:
 
 
 def load_reference(
-    policy, name_or_path: str | None, attn_implementation: str, dtype, trust_remote_code: bool, *, policy_path: str | None = None, seed: int = 42
+    policy,
+    name_or_path: str | None,
+    attn_implementation: str,
+    dtype,
+    trust_remote_code: bool,
+    *,
+    policy_path: str | None = None,
+    seed: int = 42,
 ):
     """A frozen copy of the policy as loaded, or a separate --ref-model."""
     if name_or_path is not None:

@@ -26,7 +26,11 @@ def reference_identity(name_or_path: str | None, seed: int) -> dict:
         return {"path": None, "seed": seed, "weights_sha256": tiny_model_sha256(seed)}
     local = Path(name_or_path).expanduser()
     directory = local if local.is_dir() else hub_snapshot(name_or_path)
-    return {"path": str(local.resolve()) if local.is_dir() else name_or_path, "seed": None, "weights_sha256": files_sha256(directory)}
+    return {
+        "path": str(local.resolve()) if local.is_dir() else name_or_path,
+        "seed": None,
+        "weights_sha256": files_sha256(directory),
+    }
 
 
 def files_sha256(directory: Path) -> str:
@@ -60,7 +64,9 @@ def hub_snapshot(name: str) -> Path:
     try:
         return Path(snapshot_download(name, local_files_only=True))
     except (OSError, ValueError) as err:  # not downloaded (LocalEntryNotFoundError), or not a repository id
-        raise UsageError(f"cannot find the weights of {name} to check the cache's reference ({type(err).__name__})") from None
+        raise UsageError(
+            f"cannot find the weights of {name} to check the cache's reference ({type(err).__name__})"
+        ) from None
 
 
 def describe(identity: dict) -> str:
@@ -82,11 +88,19 @@ def check_provenance(caches: list[tuple[str, dict]], ref_model: str | None, mode
     (first, recorded), *others = [(path, manifest["reference"]) for path, manifest in caches]
     for path, other in others:
         if other["weights_sha256"] != recorded["weights_sha256"]:
-            raise UsageError(f"caches {first} and {path} hold reference log-probs of different models: {describe(recorded)} and {describe(other)}; precompute both with one")
+            raise UsageError(
+                f"caches {first} and {path} hold reference log-probs of different models: {describe(recorded)} and {describe(other)}; precompute both with one"
+            )
     name = ref_model or model
     identity = reference_identity(name, seed)
     if identity["weights_sha256"] != recorded["weights_sha256"]:
-        run_reference = f"--ref-model {ref_model}" if ref_model else f"--model {model} (the default reference)" if model else f"the tiny random model of --seed {seed}"
+        run_reference = (
+            f"--ref-model {ref_model}"
+            if ref_model
+            else f"--model {model} (the default reference)"
+            if model
+            else f"the tiny random model of --seed {seed}"
+        )
         use_them = f"--ref-model {recorded['path']}" if recorded.get("path") else f"--seed {recorded.get('seed')}"
         raise UsageError(
             f"cache {first} holds reference log-probs of {describe(recorded)}, not of {run_reference} (weights "

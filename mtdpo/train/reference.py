@@ -13,14 +13,24 @@ import torch
 from transformers import set_seed
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import REF_COLUMNS, check_model_matches, load_cache, read_manifest, write_checksums, write_json, writing
+from mtdpo.cache import (
+    REF_COLUMNS,
+    check_model_matches,
+    load_cache,
+    read_manifest,
+    write_checksums,
+    write_json,
+    writing,
+)
 from mtdpo.train.data import PairCollator
 from mtdpo.train.model import load_policy
 from mtdpo.train.provenance import reference_identity
 from mtdpo.train.trainer import fused_sequence_logps
 
 
-def reference_logps(model, dataset, pad_token_id: int, batch_size: int, progress: bool = True) -> tuple[list[float], list[float]]:
+def reference_logps(
+    model, dataset, pad_token_id: int, batch_size: int, progress: bool = True
+) -> tuple[list[float], list[float]]:
     """Summed log-probs of the trained tokens of every chosen and rejected sequence."""
     from rich.progress import Progress
 
@@ -66,7 +76,9 @@ def precompute_reference(
 
     base = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
     float32 = Value("float32")
-    with_ref = base.add_column(REF_COLUMNS[0], chosen, feature=float32).add_column(REF_COLUMNS[1], rejected, feature=float32)
+    with_ref = base.add_column(REF_COLUMNS[0], chosen, feature=float32).add_column(
+        REF_COLUMNS[1], rejected, feature=float32
+    )
     with writing(cache, kind="ref") as tmp:
         with_ref.save_to_disk(str(tmp))
         for extra in ("stats.json", "rejects.jsonl", "tokenizer"):  # checksums.json is rewritten below
@@ -76,7 +88,11 @@ def precompute_reference(
             elif source.exists():
                 shutil.copy2(source, tmp / extra)
         # Which model made the columns: train uses them only with the same reference (provenance.py).
-        manifest["reference"] = {"model": model_name or "tiny random Gemma (seeded)", **identity, "columns": list(REF_COLUMNS)}
+        manifest["reference"] = {
+            "model": model_name or "tiny random Gemma (seeded)",
+            **identity,
+            "columns": list(REF_COLUMNS),
+        }
         write_json(tmp / "manifest.json", manifest)
         write_checksums(tmp)  # the new shards' sizes and SHA-256, checked when the cache is opened
         del dataset, base, with_ref  # release the memory maps of the old shards before replacing them

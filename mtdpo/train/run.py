@@ -17,12 +17,13 @@ from mtdpo.errors import Interrupted, UsageError
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
-from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 from mtdpo.train.lora import add_lora, finish_adapters
+from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 from mtdpo.train.model import choose_layout, load_policy, load_reference
 from mtdpo.train.provenance import check_provenance
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
+
 
 def check_lora_options(config: MtdpoConfig) -> None:
     if config.lora_r < 0:
@@ -32,7 +33,9 @@ def check_lora_options(config: MtdpoConfig) -> None:
             if value:
                 raise UsageError(f"{flag} needs LoRA adapters: pass --lora-r (e.g. 16)")
     if config.lora_r > 0 and config.model is None and is_deepspeed_zero3_enabled():
-        raise UsageError("LoRA with ZeRO-3 needs a saved --model: ZeRO-3 builds the random default model shard by shard")
+        raise UsageError(
+            "LoRA with ZeRO-3 needs a saved --model: ZeRO-3 builds the random default model shard by shard"
+        )
 
 
 def save_random_base(policy, path: Path, config: MtdpoConfig) -> str:
@@ -50,7 +53,9 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     if config.loss_scope not in ("step", "micro_batch"):
         raise UsageError(f"unknown --loss-scope {config.loss_scope!r}; use step or micro_batch")
     if config.loss_type in REFERENCE_FREE and config.ref_model:
-        raise UsageError(f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them")
+        raise UsageError(
+            f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them"
+        )
     check_lora_options(config)
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
     train_data, manifest = open_caches(config.data, config.verify_cache)
@@ -66,7 +71,14 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     lora = config.lora_r > 0
     if lora:
         base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
-        policy = add_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, config.activation_checkpointing)
+        policy = add_lora(
+            policy,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.lora_target_modules,
+            config.activation_checkpointing,
+        )
     precomputed = has_reference_columns(train_data)
     if config.loss_type not in REFERENCE_FREE:  # use reference columns only if they come from this run's reference
         used = list(config.data) if precomputed else []
@@ -75,9 +87,21 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         check_provenance([(p, read_manifest(Path(p))) for p in used], config.ref_model, config.model, config.seed)
     # An eval cache without reference columns needs the reference even if the train cache has them.
     needs_reference = not precomputed or (eval_data is not None and not has_reference_columns(eval_data))
-    no_reference_model = not needs_reference or config.loss_type in REFERENCE_FREE or (lora and not config.ref_model)  # LoRA: adapters off
-    ref = None if no_reference_model else load_reference(
-        policy, config.ref_model, config.attn_implementation, dtype, config.trust_remote_code, policy_path=config.model, seed=config.seed
+    no_reference_model = (
+        not needs_reference or config.loss_type in REFERENCE_FREE or (lora and not config.ref_model)
+    )  # LoRA: adapters off
+    ref = (
+        None
+        if no_reference_model
+        else load_reference(
+            policy,
+            config.ref_model,
+            config.attn_implementation,
+            dtype,
+            config.trust_remote_code,
+            policy_path=config.model,
+            seed=config.seed,
+        )
     )
     if ref is not None:
         ref.set_attn_implementation(layout.attention)
@@ -94,7 +118,9 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         data_collator=PairCollator(manifest["tokenizer"]["pad_token_id"] or 0, **layout.collator_options()),
         callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
     )
-    progress.header = f"precision: {'bf16' if config.bf16 else 'fp32'} ({config.precision_note}); {layout.note}; {trainer.mfu_note}"
+    progress.header = (
+        f"precision: {'bf16' if config.bf16 else 'fp32'} ({config.precision_note}); {layout.note}; {trainer.mfu_note}"
+    )
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
     if resume == "auto":

@@ -77,14 +77,20 @@ class NonFiniteGuard:
         if not bool(accelerator.gather(torch.tensor([int(here)], device=loss.device)).any()):
             return True
         value = f"{loss.item():g}" if here else "not finite"
-        source = f"source rows {', '.join(map(str, rows.tolist()))}" if here and rows is not None else "a batch on another rank"
+        source = (
+            f"source rows {', '.join(map(str, rows.tolist()))}"
+            if here and rows is not None
+            else "a batch on another rank"
+        )
         if not self.skip:
             raise NonFiniteLoss(
                 f"the loss is {value} at step {step} ({source}); check those rows or lower the learning rate, "
                 "or pass --skip-nonfinite to skip such batches"
             )
         self.skipped += 1
-        logger.warning("step %d: skipped a batch whose loss is %s (%s); %d skipped so far", step, value, source, self.skipped)
+        logger.warning(
+            "step %d: skipped a batch whose loss is %s (%s); %d skipped so far", step, value, source, self.skipped
+        )
         return False
 
 

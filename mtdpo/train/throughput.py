@@ -26,7 +26,9 @@ def peak_flops(device: torch.device, bf16: bool) -> tuple[float | None, str]:
     return peak, f"MFU against {name}'s {dtype} peak of {peak / 1e12:,.0f} TFLOP/s"
 
 
-def mfu_percent(model_config, tokens_per_second: float, mean_sequence_length: float, peak: float, world_size: int) -> float:
+def mfu_percent(
+    model_config, tokens_per_second: float, mean_sequence_length: float, peak: float, world_size: int
+) -> float:
     from trl.trainer.utils import compute_flops_per_token, compute_mfu
 
     flops = compute_flops_per_token(model_config.get_text_config(), max(int(mean_sequence_length), 1))

@@ -16,13 +16,13 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
+from mtdpo.cache import IGNORE_INDEX
 from mtdpo.train.attention import SEGMENT_ATTENTION
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.cache import IGNORE_INDEX
-from mtdpo.train.loss import REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
 from mtdpo.train.lora import adapters_disabled, is_lora
-from mtdpo.train.throughput import mfu_percent, peak_flops
+from mtdpo.train.loss import REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
+from mtdpo.train.throughput import mfu_percent, peak_flops
 
 
 class MultiTurnDPOTrainer(Trainer):
@@ -62,7 +62,9 @@ class MultiTurnDPOTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if self._groups_by_length(dataset):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            self._epoch_sampler = EpochSeededSampler(length_grouped_order(pair_lengths(dataset), batch), len(dataset), seed)
+            self._epoch_sampler = EpochSeededSampler(
+                length_grouped_order(pair_lengths(dataset), batch), len(dataset), seed
+            )
         elif self.args.train_sampling_strategy == "random":
             self._epoch_sampler = EpochSeededSampler(random_order, len(dataset), seed)
         else:
@@ -80,15 +82,23 @@ class MultiTurnDPOTrainer(Trainer):
         if not self._groups_by_length(eval_dataset):
             return super()._get_eval_sampler(eval_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return LengthGroupedSampler(self.args.eval_batch_size, lengths=pair_lengths(eval_dataset).tolist(), generator=torch.Generator().manual_seed(seed))
+        return LengthGroupedSampler(
+            self.args.eval_batch_size,
+            lengths=pair_lengths(eval_dataset).tolist(),
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def _groups_by_length(self, dataset) -> bool:
-        return self.args.train_sampling_strategy == "group_by_length" and "chosen_len" in getattr(dataset, "column_names", ())
+        return self.args.train_sampling_strategy == "group_by_length" and "chosen_len" in getattr(
+            dataset, "column_names", ()
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         loss, metrics = self.pair_loss(model, inputs, step_counts=num_items_in_batch if mode == "train" else None)
-        if mode == "train" and not self.nonfinite.finite(loss, inputs.get("rows"), self.state.global_step + 1, self.accelerator):
+        if mode == "train" and not self.nonfinite.finite(
+            loss, inputs.get("rows"), self.state.global_step + 1, self.accelerator
+        ):
             loss, metrics = zero_gradient(model, loss), {}  # --skip-nonfinite: the batch moves no weight
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
@@ -141,9 +151,17 @@ class MultiTurnDPOTrainer(Trainer):
         ref_chosen, ref_rejected = (None, None) if ref_logps is None else ref_logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing, chosen_tokens, rejected_tokens,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            args.beta,
+            args.loss_type,
+            args.label_smoothing,
+            chosen_tokens,
+            rejected_tokens,
             args.simpo_gamma,
-        )  # fmt: skip
+        )
         if step_counts is None:  # this micro-batch alone, of every rank
             micro_batches = 1
             counts = torch.tensor([len(chosen_tokens), int(chosen_tokens.sum())], device=tokens.device)
@@ -202,7 +220,16 @@ class MultiTurnDPOTrainer(Trainer):
             logs["tokens_per_second"] = round(tokens_per_second, 1)
             if self.peak_flops and self._sequences_since_log:
                 mean_length = self._tokens_since_log / self._sequences_since_log
-                logs["mfu"] = round(mfu_percent(self.model.config, tokens_per_second, mean_length, self.peak_flops, self.accelerator.num_processes), 2)
+                logs["mfu"] = round(
+                    mfu_percent(
+                        self.model.config,
+                        tokens_per_second,
+                        mean_length,
+                        self.peak_flops,
+                        self.accelerator.num_processes,
+                    ),
+                    2,
+                )
             self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, now
         super().log(logs, start_time)
 
@@ -244,7 +271,9 @@ def real_tokens(inputs: dict) -> torch.Tensor:
     if "pair_tokens" in inputs:
         return inputs["pair_tokens"]
     mask = inputs.get("attention_mask")
-    return mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+    return (
+        mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+    )
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
@@ -289,7 +318,9 @@ def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torc
     size = max(min(n // (batch_size * 4), 50), 1) * batch_size
     shuffled = torch.randperm(n, generator=generator).numpy()
     order = shuffled[np.lexsort((-lengths[shuffled], np.arange(n) // size))]  # by megabatch, then longest first
-    longest = int(np.argmax(lengths[order[::size]])) * size  # the first element of the megabatch holding the longest pair
+    longest = (
+        int(np.argmax(lengths[order[::size]])) * size
+    )  # the first element of the megabatch holding the longest pair
     order[0], order[longest] = order[longest], order[0]
     return order.tolist()
 

@@ -66,97 +66,284 @@ JINJA = "{{ raise_exception('pwned') }}{% for x in range(10**9) %}x{% endfor %}{
 FAULTS: list[tuple[str, bytes, dict]] = [
     # ── not a JSON object ──
     ("invalid JSON", b'{"chosen": [', rejected("invalid JSON: Expecting value at column 13")),
-    ("JSON with single quotes (a Python dict)", str(pair([Q, A], [Q, B])).encode(),
-     rejected("invalid JSON: Expecting property name enclosed in double quotes at column 2")),
-    ("trailing garbage after the row", GOOD_LINE + b" x", rejected(f"invalid JSON: Extra data at column {len(GOOD_LINE) + 2}")),
-    ("two rows on one line", GOOD_LINE + GOOD_LINE, rejected(f"invalid JSON: Extra data at column {len(GOOD_LINE) + 1}")),
+    (
+        "JSON with single quotes (a Python dict)",
+        str(pair([Q, A], [Q, B])).encode(),
+        rejected("invalid JSON: Expecting property name enclosed in double quotes at column 2"),
+    ),
+    (
+        "trailing garbage after the row",
+        GOOD_LINE + b" x",
+        rejected(f"invalid JSON: Extra data at column {len(GOOD_LINE) + 2}"),
+    ),
+    (
+        "two rows on one line",
+        GOOD_LINE + GOOD_LINE,
+        rejected(f"invalid JSON: Extra data at column {len(GOOD_LINE) + 1}"),
+    ),
     ("row is a list", b"[1, 2]", rejected("row is a list, expected a JSON object")),
     ("row is a string", b'"chosen"', rejected("row is a string, expected a JSON object")),
     ("row is null", b"null", rejected("row is null, expected a JSON object")),
     ("row is a number", b"42", rejected("row is a number, expected a JSON object")),
     ("invalid UTF-8", b'{"chosen": "\xff\xfe"}', rejected("line is not valid UTF-8 (byte 12)")),
-    ("duplicated keys", b'{"chosen": [], "rejected": [], "chosen": []}', rejected("duplicated key(s) in one object: chosen")),
-    ("JSON nested 100,000 levels deep", b'{"chosen": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-     rejected("invalid JSON: nested too deeply (more levels of lists or objects than Python's recursion limit)")),
-    ("a 5,000-digit number", b'{"chosen": [], "rejected": [], "id": ' + b"7" * 5000 + b"}",
-     rejected("invalid JSON: a number has 5,000 digits, more than 4,300")),
+    (
+        "duplicated keys",
+        b'{"chosen": [], "rejected": [], "chosen": []}',
+        rejected("duplicated key(s) in one object: chosen"),
+    ),
+    (
+        "JSON nested 100,000 levels deep",
+        b'{"chosen": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        rejected("invalid JSON: nested too deeply (more levels of lists or objects than Python's recursion limit)"),
+    ),
+    (
+        "a 5,000-digit number",
+        b'{"chosen": [], "rejected": [], "id": ' + b"7" * 5000 + b"}",
+        rejected("invalid JSON: a number has 5,000 digits, more than 4,300"),
+    ),
     # ── missing or empty parts ──
     ("empty object", b"{}", rejected("missing key 'chosen' (row keys: [])")),
     ("missing chosen", line({"rejected": [Q, B]}), rejected("missing key 'chosen' (row keys: ['rejected'])")),
     ("missing rejected", line({"chosen": [Q, A]}), rejected("missing key 'rejected' (row keys: ['chosen'])")),
     ("prompt only", line({"prompt": [Q]}), rejected("missing key 'chosen' (row keys: ['prompt'])")),
-    ("prompt with empty sides", line({"prompt": [Q], "chosen": [], "rejected": []}),
-     rejected("empty conversation: chosen has no messages after the prompt")),
+    (
+        "prompt with empty sides",
+        line({"prompt": [Q], "chosen": [], "rejected": []}),
+        rejected("empty conversation: chosen has no messages after the prompt"),
+    ),
     ("empty conversation", line(pair([], [])), rejected("empty conversation: chosen has no messages")),
     ("empty rejected conversation", line(pair([Q, A], [])), rejected("empty conversation: rejected has no messages")),
     # ── bad messages ──
     ("message without role", line(pair([{"content": "Hi"}, A], [Q, B])), rejected("chosen[0] has no 'role'")),
-    ("ShareGPT-style message", line(pair([{"from": "human", "value": "Hi"}, A], [Q, B])),
-     rejected("chosen[0] has no 'role' (ShareGPT-style 'from'/'value' messages must be converted to 'role'/'content')")),
-    ("message without content", line(pair([Q, {"role": "assistant"}], [Q, B])), rejected("chosen[1] (assistant) has no 'content'")),
-    ("unknown role", line(pair([Q, msg("model", "396")], [Q, B])), rejected(f"chosen[1] has unknown role 'model' (known: {ROLES})")),
-    ("capitalised role", line(pair([msg("User", "Hi"), A], [Q, B])),
-     rejected(f"chosen[0] has unknown role 'User' (known: {ROLES}; roles are lower-case)")),
-    ("role is a number", line(pair([Q, {"role": 1, "content": "x"}], [Q, B])), rejected(f"chosen[1] role is a number, expected a string (one of: {ROLES})")),
-    ("rich markup in a role", line(pair([Q, msg("[/bold]", "x")], [Q, B])), rejected(f"chosen[1] has unknown role '[/bold]' (known: {ROLES})")),
-    ("None content", line(pair([Q, {"role": "assistant", "content": None}], [Q, B])),
-     rejected("chosen[1] (assistant) content is null, expected a string or a list of text parts (null only with tool_calls)")),
-    ("number content", line(pair([Q, A], [Q, {"role": "assistant", "content": 386}])),
-     rejected("rejected[1] (assistant) content is a number, expected a string or a list of text parts")),
-    ("NaN content", b'{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": NaN}], "rejected": []}',
-     rejected("chosen[1] (assistant) content is NaN, expected a string or a list of text parts")),
-    ("Infinity content", b'{"chosen": [{"role": "user", "content": Infinity}], "rejected": []}',
-     rejected("chosen[0] (user) content is Infinity, expected a string or a list of text parts")),
-    ("boolean content", line(pair([Q, {"role": "assistant", "content": True}], [Q, B])),
-     rejected("chosen[1] (assistant) content is a boolean, expected a string or a list of text parts")),
-    ("content part that is not text", line(pair([Q, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}], [Q, B])),
-     rejected("chosen[1] (assistant) content part 0 has type 'image_url': only text parts can be trained (mtdpo is text-only)")),
-    ("content as an object", line(pair([{"role": "user", "content": {"text": "Hi"}}, A], [Q, B])),
-     rejected("chosen[0] (user) content is an object, expected a string or a list of text parts")),
-    ("lone UTF-16 surrogate in content", b'{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x\\ud800y"}], "rejected": []}',
-     rejected("chosen[1] (assistant) content is not valid Unicode (a lone surrogate at character 1)")),
-    ("nested lists of messages", line(pair([[Q, A]], [[Q, B]])),
-     rejected("chosen[0] is a list, expected an object with 'role' and 'content'")),
-    ("message is a string", line(pair(["What is 17 * 23 + 5?", A], [Q, B])),
-     rejected("chosen[0] is a string, expected an object with 'role' and 'content'")),
-    ("side is a number", line(pair(396, [Q, B])), rejected("chosen is a number, expected a list of messages or a string")),
+    (
+        "ShareGPT-style message",
+        line(pair([{"from": "human", "value": "Hi"}, A], [Q, B])),
+        rejected(
+            "chosen[0] has no 'role' (ShareGPT-style 'from'/'value' messages must be converted to 'role'/'content')"
+        ),
+    ),
+    (
+        "message without content",
+        line(pair([Q, {"role": "assistant"}], [Q, B])),
+        rejected("chosen[1] (assistant) has no 'content'"),
+    ),
+    (
+        "unknown role",
+        line(pair([Q, msg("model", "396")], [Q, B])),
+        rejected(f"chosen[1] has unknown role 'model' (known: {ROLES})"),
+    ),
+    (
+        "capitalised role",
+        line(pair([msg("User", "Hi"), A], [Q, B])),
+        rejected(f"chosen[0] has unknown role 'User' (known: {ROLES}; roles are lower-case)"),
+    ),
+    (
+        "role is a number",
+        line(pair([Q, {"role": 1, "content": "x"}], [Q, B])),
+        rejected(f"chosen[1] role is a number, expected a string (one of: {ROLES})"),
+    ),
+    (
+        "rich markup in a role",
+        line(pair([Q, msg("[/bold]", "x")], [Q, B])),
+        rejected(f"chosen[1] has unknown role '[/bold]' (known: {ROLES})"),
+    ),
+    (
+        "None content",
+        line(pair([Q, {"role": "assistant", "content": None}], [Q, B])),
+        rejected(
+            "chosen[1] (assistant) content is null, expected a string or a list of text parts (null only with tool_calls)"
+        ),
+    ),
+    (
+        "number content",
+        line(pair([Q, A], [Q, {"role": "assistant", "content": 386}])),
+        rejected("rejected[1] (assistant) content is a number, expected a string or a list of text parts"),
+    ),
+    (
+        "NaN content",
+        b'{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": NaN}], "rejected": []}',
+        rejected("chosen[1] (assistant) content is NaN, expected a string or a list of text parts"),
+    ),
+    (
+        "Infinity content",
+        b'{"chosen": [{"role": "user", "content": Infinity}], "rejected": []}',
+        rejected("chosen[0] (user) content is Infinity, expected a string or a list of text parts"),
+    ),
+    (
+        "boolean content",
+        line(pair([Q, {"role": "assistant", "content": True}], [Q, B])),
+        rejected("chosen[1] (assistant) content is a boolean, expected a string or a list of text parts"),
+    ),
+    (
+        "content part that is not text",
+        line(
+            pair([Q, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}], [Q, B])
+        ),
+        rejected(
+            "chosen[1] (assistant) content part 0 has type 'image_url': only text parts can be trained (mtdpo is text-only)"
+        ),
+    ),
+    (
+        "content as an object",
+        line(pair([{"role": "user", "content": {"text": "Hi"}}, A], [Q, B])),
+        rejected("chosen[0] (user) content is an object, expected a string or a list of text parts"),
+    ),
+    (
+        "lone UTF-16 surrogate in content",
+        b'{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x\\ud800y"}], "rejected": []}',
+        rejected("chosen[1] (assistant) content is not valid Unicode (a lone surrogate at character 1)"),
+    ),
+    (
+        "nested lists of messages",
+        line(pair([[Q, A]], [[Q, B]])),
+        rejected("chosen[0] is a list, expected an object with 'role' and 'content'"),
+    ),
+    (
+        "message is a string",
+        line(pair(["What is 17 * 23 + 5?", A], [Q, B])),
+        rejected("chosen[0] is a string, expected an object with 'role' and 'content'"),
+    ),
+    (
+        "side is a number",
+        line(pair(396, [Q, B])),
+        rejected("chosen is a number, expected a list of messages or a string"),
+    ),
     # ── conversations that are not a preference pair ──
     ("chosen identical to rejected", line(pair([Q, A], [Q, A])), rejected("chosen and rejected are identical")),
-    ("identical once the template trims spaces", line(pair([Q, A], [Q, dict(A, content=A["content"] + "  ")])),
-     rejected("chosen and rejected render to the same tokens")),
-    ("no assistant turn after the prompt", line(pair([Q, A, msg("user", "Sure?")], [Q, A, msg("user", "Why?")])),
-     rejected("chosen has no assistant message after the shared prompt (2 messages)")),
-    ("sides disagree on a tool output", line(pair([Q, A, msg("tool", "396"), A], [Q, A, msg("tool", "386"), B])),
-     rejected("the sides disagree on the prompt: they first differ at message 2 (tool in chosen, tool in rejected), not at an assistant message")),
-    ("one side ends at the prompt", line(pair([Q, A], [Q, A, msg("user", "Sure?"), B])),
-     rejected("chosen has no assistant message after the shared prompt (2 messages)")),
-    ("only user messages", line(pair([msg("user", "a")], [msg("user", "b")])),
-     rejected("chosen has no assistant message after the shared prompt (0 messages)")),
-    ("sides disagree on the question", line(pair([Q, A], [msg("user", "What is 17 * 23?"), B])),
-     rejected("the sides disagree on the prompt: they first differ at message 0 (user in chosen, user in rejected), not at an assistant message")),
-    ("sides disagree on the system prompt", line(pair([SYSTEM, Q, A], [msg("system", "Be brief."), Q, B])),
-     rejected("the sides disagree on the prompt: they first differ at message 0 (system in chosen, system in rejected), not at an assistant message")),
-    ("empty assistant message", line(pair([Q, msg("assistant", "  ")], [Q, B])), rejected("message 1 (assistant) is empty: no content, reasoning or tool calls")),
-    ("tool call in a template that cannot render one", line(pair(
-        [Q, {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "python", "arguments": {"code": "print(17 * 23 + 5)"}}}]},
-         msg("tool", "396"), A], [Q, B])),
-     rejected("message 1 (assistant): its tool call 0 name is not in the rendered turn (the template drops or alters it)")),
-    ("more than 512 messages", line(pair(TOO_MANY + [A], TOO_MANY + [B])),
-     rejected("chosen has 602 messages, more than the 512 mtdpo renders per row")),
+    (
+        "identical once the template trims spaces",
+        line(pair([Q, A], [Q, dict(A, content=A["content"] + "  ")])),
+        rejected("chosen and rejected render to the same tokens"),
+    ),
+    (
+        "no assistant turn after the prompt",
+        line(pair([Q, A, msg("user", "Sure?")], [Q, A, msg("user", "Why?")])),
+        rejected("chosen has no assistant message after the shared prompt (2 messages)"),
+    ),
+    (
+        "sides disagree on a tool output",
+        line(pair([Q, A, msg("tool", "396"), A], [Q, A, msg("tool", "386"), B])),
+        rejected(
+            "the sides disagree on the prompt: they first differ at message 2 (tool in chosen, tool in rejected), not at an assistant message"
+        ),
+    ),
+    (
+        "one side ends at the prompt",
+        line(pair([Q, A], [Q, A, msg("user", "Sure?"), B])),
+        rejected("chosen has no assistant message after the shared prompt (2 messages)"),
+    ),
+    (
+        "only user messages",
+        line(pair([msg("user", "a")], [msg("user", "b")])),
+        rejected("chosen has no assistant message after the shared prompt (0 messages)"),
+    ),
+    (
+        "sides disagree on the question",
+        line(pair([Q, A], [msg("user", "What is 17 * 23?"), B])),
+        rejected(
+            "the sides disagree on the prompt: they first differ at message 0 (user in chosen, user in rejected), not at an assistant message"
+        ),
+    ),
+    (
+        "sides disagree on the system prompt",
+        line(pair([SYSTEM, Q, A], [msg("system", "Be brief."), Q, B])),
+        rejected(
+            "the sides disagree on the prompt: they first differ at message 0 (system in chosen, system in rejected), not at an assistant message"
+        ),
+    ),
+    (
+        "empty assistant message",
+        line(pair([Q, msg("assistant", "  ")], [Q, B])),
+        rejected("message 1 (assistant) is empty: no content, reasoning or tool calls"),
+    ),
+    (
+        "tool call in a template that cannot render one",
+        line(
+            pair(
+                [
+                    Q,
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "type": "function",
+                                "function": {"name": "python", "arguments": {"code": "print(17 * 23 + 5)"}},
+                            }
+                        ],
+                    },
+                    msg("tool", "396"),
+                    A,
+                ],
+                [Q, B],
+            )
+        ),
+        rejected(
+            "message 1 (assistant): its tool call 0 name is not in the rendered turn (the template drops or alters it)"
+        ),
+    ),
+    (
+        "more than 512 messages",
+        line(pair(TOO_MANY + [A], TOO_MANY + [B])),
+        rejected("chosen has 602 messages, more than the 512 mtdpo renders per row"),
+    ),
     # ── accepted: valid data that looks odd ──
-    ("shared prefix ends inside an assistant message", line(pair([Q, msg("assistant", "17 * 23 = 391, plus 5 is 396.")],
-                                                               [Q, msg("assistant", "17 * 23 = 391, plus 5 is 397.")])), KEPT),
-    ("sides diverge after a shared assistant/tool exchange", line(pair(
-        [Q, msg("assistant", "```python\nprint(17 * 23 + 5)\n```"), msg("tool", "396"), A],
-        [Q, msg("assistant", "```python\nprint(17 * 23 + 5)\n```"), msg("tool", "396"), B])), KEPT),
+    (
+        "shared prefix ends inside an assistant message",
+        line(
+            pair(
+                [Q, msg("assistant", "17 * 23 = 391, plus 5 is 396.")],
+                [Q, msg("assistant", "17 * 23 = 391, plus 5 is 397.")],
+            )
+        ),
+        KEPT,
+    ),
+    (
+        "sides diverge after a shared assistant/tool exchange",
+        line(
+            pair(
+                [Q, msg("assistant", "```python\nprint(17 * 23 + 5)\n```"), msg("tool", "396"), A],
+                [Q, msg("assistant", "```python\nprint(17 * 23 + 5)\n```"), msg("tool", "396"), B],
+            )
+        ),
+        KEPT,
+    ),
     ("one side has an extra tool turn before its answer", line(pair([Q, msg("tool", "396"), A], [Q, B])), KEPT),
-    ("system message in the middle", line(pair([Q, A, msg("system", "Now be brief."), msg("user", "And 2 + 2?"), msg("assistant", "4")],
-                                              [Q, A, msg("system", "Now be brief."), msg("user", "And 2 + 2?"), msg("assistant", "5")])), KEPT),
-    ("consecutive user turns", line(pair([Q, msg("user", "Please hurry."), A], [Q, msg("user", "Please hurry."), B])), KEPT),
-    ("consecutive assistant turns", line(pair([Q, A, msg("assistant", "Done.")], [Q, B, msg("assistant", "Done.")])), KEPT),
-    ("extra keys in the row and in messages", line(pair([Q, dict(A, name="solver", tool_calls=None)], [Q, B], id="r1", score=0.9)), KEPT),
-    ("content as a list of text parts", line(pair([Q, {"role": "assistant", "content": [{"type": "text", "text": "396"}]}], [Q, B])), KEPT),
-    ("TRL shape with string shorthands", line({"prompt": "What is 17 * 23 + 5?", "chosen": "396", "rejected": "386"}), KEPT),
+    (
+        "system message in the middle",
+        line(
+            pair(
+                [Q, A, msg("system", "Now be brief."), msg("user", "And 2 + 2?"), msg("assistant", "4")],
+                [Q, A, msg("system", "Now be brief."), msg("user", "And 2 + 2?"), msg("assistant", "5")],
+            )
+        ),
+        KEPT,
+    ),
+    (
+        "consecutive user turns",
+        line(pair([Q, msg("user", "Please hurry."), A], [Q, msg("user", "Please hurry."), B])),
+        KEPT,
+    ),
+    (
+        "consecutive assistant turns",
+        line(pair([Q, A, msg("assistant", "Done.")], [Q, B, msg("assistant", "Done.")])),
+        KEPT,
+    ),
+    (
+        "extra keys in the row and in messages",
+        line(pair([Q, dict(A, name="solver", tool_calls=None)], [Q, B], id="r1", score=0.9)),
+        KEPT,
+    ),
+    (
+        "content as a list of text parts",
+        line(pair([Q, {"role": "assistant", "content": [{"type": "text", "text": "396"}]}], [Q, B])),
+        KEPT,
+    ),
+    (
+        "TRL shape with string shorthands",
+        line({"prompt": "What is 17 * 23 + 5?", "chosen": "396", "rejected": "386"}),
+        KEPT,
+    ),
     ("CRLF line end", GOOD_LINE + b"\r", KEPT),  # written with "\n" after it: the line ends in \r\n
     ("byte-order mark at the start of a later line", b"\xef\xbb\xbf" + GOOD_LINE, KEPT),
     ("NUL and control characters in content", line(pair([Q, msg("assistant", "a\u0000b\u001b[31mc")], [Q, B])), KEPT),
@@ -164,8 +351,11 @@ FAULTS: list[tuple[str, bytes, dict]] = [
     ("a pickle payload in content is text", line(pair([Q, msg("assistant", PICKLE)], [Q, B])), KEPT),
     ("121 messages (60 tool-use turns)", line(pair(MANY_TURNS + [A], MANY_TURNS + [B])), KEPT),
     ("extremely long answer (105,000 characters)", line(pair([Q, msg("assistant", LONG)], [Q, B])), TRUNCATED),
-    ("prompt longer than --max-length", line(pair([msg("user", LONG), A], [msg("user", LONG), B])),
-     dropped(f"chosen has no trained token left after truncation to --max-length {MAX_LENGTH}")),
+    (
+        "prompt longer than --max-length",
+        line(pair([msg("user", LONG), A], [msg("user", LONG), B])),
+        dropped(f"chosen has no trained token left after truncation to --max-length {MAX_LENGTH}"),
+    ),
     ("blank line", b"", SKIPPED),
     ("whitespace-only line", b" \t ", SKIPPED),
 ]
@@ -180,11 +370,19 @@ def write_corpus(path: Path, faults, good_rows: list[dict], first: bytes = b"", 
         lines.append(raw)
 
     for i, (name, raw, outcome) in enumerate(faults):
-        add((first if i == 0 else b"") + line(good_rows[i]), "good row" + (" after a byte-order mark" if i == 0 and first else ""), KEPT)
+        add(
+            (first if i == 0 else b"") + line(good_rows[i]),
+            "good row" + (" after a byte-order mark" if i == 0 and first else ""),
+            KEPT,
+        )
         add(raw, name, outcome)
     add(line(good_rows[len(faults)]), "good row", KEPT)
     if last:
-        add(last, "last line cut off without a newline", rejected("invalid JSON: Unterminated string starting at column 41"))
+        add(
+            last,
+            "last line cut off without a newline",
+            rejected("invalid JSON: Unterminated string starting at column 41"),
+        )
     path.write_bytes(b"\n".join(lines) + (b"" if last else b"\n"))
     return expected
 
@@ -205,16 +403,31 @@ def gemma2_rows(n: int) -> list[dict]:
 
 
 GEMMA2_FAULTS = [
-    ("system message (Gemma-2 has no system role)", line(pair([SYSTEM, Q, A], [SYSTEM, Q, B])),
-     rejected("chat template error: System role not supported")),
-    ("system message in the middle", line(pair([Q, A, msg("system", "Be brief."), Q, A], [Q, A, msg("system", "Be brief."), Q, B])),
-     rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/...")),
-    ("consecutive user turns", line(pair([Q, msg("user", "Please hurry."), A], [Q, msg("user", "Please hurry."), B])),
-     rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/...")),
-    ("conversation starting with the assistant", line(pair([A, Q, A], [A, Q, B])),
-     rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/...")),
-    ("tool role after an assistant turn", line(pair([Q, A, msg("tool", "396"), A], [Q, A, msg("tool", "396"), B])),
-     rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/...")),
+    (
+        "system message (Gemma-2 has no system role)",
+        line(pair([SYSTEM, Q, A], [SYSTEM, Q, B])),
+        rejected("chat template error: System role not supported"),
+    ),
+    (
+        "system message in the middle",
+        line(pair([Q, A, msg("system", "Be brief."), Q, A], [Q, A, msg("system", "Be brief."), Q, B])),
+        rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/..."),
+    ),
+    (
+        "consecutive user turns",
+        line(pair([Q, msg("user", "Please hurry."), A], [Q, msg("user", "Please hurry."), B])),
+        rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/..."),
+    ),
+    (
+        "conversation starting with the assistant",
+        line(pair([A, Q, A], [A, Q, B])),
+        rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/..."),
+    ),
+    (
+        "tool role after an assistant turn",
+        line(pair([Q, A, msg("tool", "396"), A], [Q, A, msg("tool", "396"), B])),
+        rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/..."),
+    ),
 ]
 
 RAISES = """{{ bos_token }}{% for message in messages %}\
@@ -235,8 +448,10 @@ BEGIN, END = "<!-- BEGIN generated by tests/data/make_faults.py --doc -->", "<!-
 def markdown() -> str:
     """The fault tables of docs/RELIABILITY.md, from the expectations written by main()."""
     out = [BEGIN, ""]
-    for corpus, title in (("faults", "`tests/data/faults.jsonl`, embedded Gemma-style template"),
-                          ("gemma2_faults", "`tests/data/gemma2_faults.jsonl`, `--chat-template tests/templates/gemma.jinja`")):
+    for corpus, title in (
+        ("faults", "`tests/data/faults.jsonl`, embedded Gemma-style template"),
+        ("gemma2_faults", "`tests/data/gemma2_faults.jsonl`, `--chat-template tests/templates/gemma.jinja`"),
+    ):
         out += [f"#### {title}", "", "| line | fault | outcome | what rejects.jsonl says |", "|---:|---|---|---|"]
         for e in json.loads((HERE / f"{corpus}.expected.json").read_text()):
             if not e["fault"].startswith("good row"):
@@ -258,14 +473,22 @@ def main() -> None:
         print(f"wrote the fault tables of {DOC}")
         return
     good = list(make_pairs(len(FAULTS) + 1, seed=11))
-    expected = write_corpus(HERE / "faults.jsonl", FAULTS, good, first=b"\xef\xbb\xbf", last=b'{"chosen": [{"role": "user", "content": "What is 1')
+    expected = write_corpus(
+        HERE / "faults.jsonl",
+        FAULTS,
+        good,
+        first=b"\xef\xbb\xbf",
+        last=b'{"chosen": [{"role": "user", "content": "What is 1',
+    )
     (HERE / "faults.expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
     expected = write_corpus(HERE / "gemma2_faults.jsonl", GEMMA2_FAULTS, gemma2_rows(len(GEMMA2_FAULTS) + 1))
     (HERE / "gemma2_faults.expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
     (HERE / "templates").mkdir(exist_ok=True)
     (HERE / "templates" / "raises.jinja").write_text(RAISES)
     (HERE / "templates" / "escape.jinja").write_text(ESCAPE)
-    print(f"faults.jsonl: {len(FAULTS)} faults between {len(FAULTS) + 1} good rows; gemma2_faults.jsonl: {len(GEMMA2_FAULTS)}")
+    print(
+        f"faults.jsonl: {len(FAULTS)} faults between {len(FAULTS) + 1} good rows; gemma2_faults.jsonl: {len(GEMMA2_FAULTS)}"
+    )
 
 
 if __name__ == "__main__":
