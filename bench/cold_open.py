@@ -28,15 +28,14 @@ def read_bytes() -> int:
 
 
 def worker(cache: str) -> dict:
-    from mtdpo.cache import load_cache
-    from mtdpo.train.trainer import pair_lengths
+    from mtdpo.cache import open_cache, pair_lengths
 
     subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
     before, started = read_bytes(), time.perf_counter()
-    pairs = len(pair_lengths(load_cache(cache)))
+    pairs = len(pair_lengths(open_cache(cache).dataset))
     cold, read = time.perf_counter() - started, read_bytes() - before
     started = time.perf_counter()
-    pair_lengths(load_cache(cache))
+    pair_lengths(open_cache(cache).dataset)
     return {
         "cache": cache,
         "pairs": pairs,
@@ -52,7 +51,7 @@ def rebatch(cache: Path, rows: int) -> Path:
 
     import pyarrow as pa
 
-    from mtdpo.cache import write_checksums
+    from mtdpo.cache.files import write_checksums
 
     copy = cache.with_name(f"{cache.name}-batches-{rows}")
     shutil.copytree(cache, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("data-*.arrow"))
@@ -62,7 +61,9 @@ def rebatch(cache: Path, rows: int) -> Path:
         with pa.OSFile(str(copy / shard.name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             for batch in table.to_batches(max_chunksize=rows):
                 writer.write_batch(batch)
-    write_checksums(copy)  # and the verified.json stamp, as preprocess leaves a cache: not walked at open
+    write_checksums(
+        copy, [shard.name for shard in sorted(copy.glob("data-*.arrow"))]
+    )  # and the verified.json stamp, as preprocess leaves a cache: not walked at open
     return copy
 
 

@@ -84,10 +84,11 @@ def worker(
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     clock = StepClock(time.time())
     if system == "mtdpo":
-        from mtdpo.cache import load_cache
+        from mtdpo.cache import open_cache
         from mtdpo.train.attention import SEGMENT_ATTENTION
         from mtdpo.train.config import MtdpoConfig
         from mtdpo.train.data import PairCollator
+        from mtdpo.train.plan import make_plan
         from mtdpo.train.trainer import MultiTurnDPOTrainer
 
         if (
@@ -97,13 +98,16 @@ def worker(
             ref.set_attn_implementation(SEGMENT_ATTENTION)
         options = {"padding-free": {"padding_free": True}, "prefix-sharing": {"prefix_sharing": True}}.get(layout, {})
         counter = TokenCounter(PairCollator(0, segments=layout != "padded-sdpa", **options))
+        args = MtdpoConfig(
+            data=[cache], nll_coef=1.0, train_sampling_strategy=sampling, **common_args(tiny, steps, batch)
+        )
+        data = open_cache(Path(cache))
         trainer = MultiTurnDPOTrainer(
             model,
             ref,
-            MtdpoConfig(
-                data=[cache], nll_coef=1.0, train_sampling_strategy=sampling, **common_args(tiny, steps, batch)
-            ),
-            train_dataset=load_cache(Path(cache)),
+            args,
+            make_plan(args, data, None, model.config),
+            train_dataset=data.dataset,
             data_collator=counter,
             callbacks=[clock.callback],
         )
@@ -112,7 +116,7 @@ def worker(
         from transformers import AutoTokenizer
         from trl import DPOConfig, DPOTrainer
 
-        from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+        from mtdpo.assets import EMBEDDED_TOKENIZER
 
         args = DPOConfig(
             loss_type=["sigmoid", "sft"],

@@ -55,8 +55,7 @@ def base_model() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
-    from mtdpo.train.model import TINY_MODEL
+    from mtdpo.assets import EMBEDDED_TOKENIZER, TINY_MODEL
 
     out = WORK / "lora-base"
     if not (out / "model.safetensors").exists():

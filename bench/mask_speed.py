@@ -19,8 +19,9 @@ import json
 import statistics
 import time
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-from mtdpo.tokenizer import SAMPLE_DATA, load_tokenizer
+from mtdpo.assets import SAMPLE_DATA
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder
+from mtdpo.preprocess.tokenizer import load_tokenizer
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.data, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    encoder = PairEncoder(load_tokenizer(args.tokenizer, args.chat_template), MaskOptions())
+    encoder = RecordBuilder(load_tokenizer(args.tokenizer, args.chat_template), MaskOptions())
     renders = count_renders(encoder, rows)
     rates = []
     for _ in range(args.repeats):
@@ -54,26 +55,26 @@ def main() -> None:
 
 
 def count_renders(encoder, rows) -> int:
-    """Template renders for one pass over the rows (both mask rules render through chat._template)."""
-    template, calls = encoder.chat._template, [0]
-    render = template.render
+    """Template renders for one pass over the rows (both mask rules render through chat.render)."""
+    chat, calls = encoder.chat, [0]
+    render = chat.render
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return render(*args, **kwargs)
 
-    template.render = counting
+    chat.render = counting
     try:
         encode_all(encoder, rows)
     finally:
-        del template.render
+        del chat.render
     return calls[0]
 
 
 def encode_all(encoder, rows) -> None:
-    for row in rows:
+    for n, row in enumerate(rows):
         try:
-            encoder(row)
+            encoder(n, row)
         except ValueError:  # rejected rows cost time too
             pass
 

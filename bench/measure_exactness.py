@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from mtdpo.assets import EMBEDDED_TOKENIZER
 from mtdpo.preprocess.pipeline import preprocess
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train import run as run_module
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.model import load_policy

@@ -31,16 +31,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import mtdpo.preprocess.tokens as tokens
-    from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-    from mtdpo.tokenizer import load_tokenizer
+    from mtdpo.preprocess.records import MaskOptions, RecordBuilder
+    from mtdpo.preprocess.tokenizer import load_tokenizer
 
     if args.reuse_min_share is not None:
         tokens.REUSE_MIN_SHARE = args.reuse_min_share
-    encoder = PairEncoder(load_tokenizer(args.tokenizer), MaskOptions())
+    encoder = RecordBuilder(load_tokenizer(args.tokenizer), MaskOptions())
     with open(write_rows(args.rows, 2000)) as f:
         rows = [json.loads(line) for _, line in zip(range(WARM_UP + args.pairs), f)]
-    for row in rows:
-        encoder(row)
+    for n, row in enumerate(rows):
+        encoder(n, row)
 
 
 if __name__ == "__main__":

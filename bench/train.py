@@ -203,7 +203,7 @@ def _train_trl(model: str, rows: str, steps: int, batch: int, bf16: bool, clock,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+    from mtdpo.assets import EMBEDDED_TOKENIZER
 
     datasets.disable_progress_bars()
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
@@ -268,9 +268,9 @@ def run_worker(threads: int, **kwargs) -> dict:
 
 def cache_stats(cache: Path) -> dict:
     """Token counts of the cache: what a padded batch computes vs a prefix-shared one."""
-    from mtdpo.cache import load_cache
+    from mtdpo.cache import open_cache
 
-    columns = load_cache(cache).with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
+    columns = open_cache(cache).dataset.with_format("numpy", columns=["prompt_len", "chosen_len", "rejected_len"])[:]
     both = int(columns["chosen_len"].sum() + columns["rejected_len"].sum())
     prompt = int(columns["prompt_len"].sum())
     return {

@@ -115,13 +115,13 @@ def preprocess(
     ),
 ) -> None:
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
-    from mtdpo.preprocess.encode import MaskOptions
-    from mtdpo.preprocess.pipeline import preprocess as run
+    from mtdpo.preprocess.pipeline import preprocess as preprocess_input
+    from mtdpo.preprocess.records import MaskOptions
     from mtdpo.preprocess.sources import default_output
 
     out = out or default_output(input, shard)
     options = MaskOptions(mask_mode, max_length, user_marker, end_marker)
-    stats = run(
+    stats = preprocess_input(
         input,
         out,
         tokenizer=tokenizer,
@@ -176,12 +176,21 @@ def train(ctx: typer.Context) -> None:
 
         print_help(console)
         return
-    from mtdpo.train.config import parse_train_args
-    from mtdpo.train.run import train as run
+    from mtdpo.train.run import train as train_model
 
     args = ["--help" if arg == "--help-all" else arg for arg in ctx.args]  # argparse's full listing
+    config = _train_config(args)
+    trainer = train_model(config)
+    if trainer.is_world_process_zero():
+        console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
+
+
+def _train_config(args: list[str]):
+    """`mtdpo train`'s options (also what precompute-ref reads), with unknown ones explained."""
+    from mtdpo.train.config import parse_train_args
+
     try:
-        config = parse_train_args(args)
+        return parse_train_args(args)
     except ValueError as err:
         from dataclasses import fields
 
@@ -190,35 +199,40 @@ def train(ctx: typer.Context) -> None:
 
         names = [f.name for f in fields(MtdpoConfig)] + ["config"]
         raise UsageError(explain_unknown_options(str(err).splitlines()[0], names)) from None
-    trainer = run(config)
-    if trainer.is_world_process_zero():
-        console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
 
 
-@app.command("precompute-ref")
+@app.command(
+    "precompute-ref",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
 @user_errors
-def precompute_ref(
-    cache: Path = typer.Argument(
-        ..., help="Cache directory written by `mtdpo preprocess` (rewritten in place, atomically)."
-    ),
-    model: Optional[str] = typer.Option(
-        None, help="Reference model name or path. \\[default: the tiny random model `mtdpo train` starts from]"
-    ),
-    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
-    seed: int = typer.Option(42, help="Seed of the tiny random default model (must match `mtdpo train --seed`)."),
-    attn_implementation: str = typer.Option("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2."),
-    allow_mismatch: bool = typer.Option(
-        False, help="Use a model whose tokenizer differs from the cache's.", show_default="off"
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, help="Allow model code from the model's repository to run.", show_default="off"
-    ),
-) -> None:
-    """Store the reference model's log-probs in the cache; training then loads no reference model."""
+def precompute_ref(ctx: typer.Context) -> None:
+    """Store the reference model's log-probs in a cache; training then loads no reference model.
+
+    Usage: mtdpo precompute-ref CACHE [--model M | --ref-model R] [--seed S] [--bf16] [--config X.yaml]:
+    the options of `mtdpo train` that decide the reference's log-probs (`mtdpo precompute-ref --help`).
+    """
+    from mtdpo.train.help import print_precompute_help
+
+    if {"-h", "--help"} & set(ctx.args) or not ctx.args:
+        print_precompute_help(console)
+        return
     from mtdpo.train.reference import precompute_reference
 
-    precompute_reference(cache, model, batch_size, seed, attn_implementation, allow_mismatch, trust_remote_code)
-    console.print(f"added ref_chosen_logp and ref_rejected_logp to [bold]{cache}[/]")
+    cache, *options = ctx.args
+    if cache.startswith("-"):
+        raise UsageError("precompute-ref takes the cache first: mtdpo precompute-ref CACHE [options]")
+    # --batch-size: the name this command has always had for the forward's batch
+    options = ["--per-device-eval-batch-size" if arg == "--batch-size" else arg for arg in options]
+    config = _train_config(["--data", cache, *options])
+    manifest = precompute_reference(config)
+    reference = manifest.reference
+    console.print(
+        f"stored {reference.precision} reference log-probs of {reference.model} in [bold]{escape(cache)}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("show-sample")

@@ -23,7 +23,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from mtdpo.cache import IGNORE_INDEX, load_cache
+from mtdpo.cache import IGNORE_INDEX, OpenCache, PairRecord, open_cache
 from mtdpo.errors import UsageError
 from mtdpo.families import Family, detect_family
 from mtdpo.turns import token_starts, turn_starts
@@ -88,8 +88,8 @@ class PairView:
     how: str = ""  # how the pair was picked, when not by --index ("random", "first match for …")
 
 
-def build_side(pair: dict, tokenizer, side: str, family: Family | None) -> Side:
-    ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
+def build_side(pair: PairRecord, tokenizer, side: str, family: Family | None) -> Side:
+    ids, labels = pair.side(side).input_ids, pair.side(side).labels
     text, starts = token_starts(tokenizer, ids)
     ends = starts[1:] + [len(text)]
     tokens = [
@@ -110,13 +110,13 @@ def build_side(pair: dict, tokenizer, side: str, family: Family | None) -> Side:
     return Side(side, turns)
 
 
-def build_view(pair: dict, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
+def build_view(pair: PairRecord, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
     family = detect_family(tokenizer.chat_template)
     built = [build_side(pair, tokenizer, side, family) for side in sides]
     has_turns = family is not None and any(
         turn.role not in ("trained", "masked") for side in built for turn in side.turns
     )
-    return PairView(index, pair["row"], pair["prompt_len"], family.name if has_turns else None, built, how)
+    return PairView(index, pair.row, pair.prompt_len, family.name if has_turns else None, built, how)
 
 
 def runs(turn: Turn, prompt_len: int):
@@ -154,44 +154,37 @@ def run_text(run: list[Token], with_ids: bool) -> str:
 # ── picking a pair ────────────────────────────────────────────────────────────
 
 
-def open_cache(cache: Path):
-    from transformers import AutoTokenizer
-
-    return load_cache(cache), AutoTokenizer.from_pretrained(str(Path(cache) / "tokenizer"))
-
-
 def pick_index(
-    ds, tokenizer, cache: Path, index: int | None, search: str | None, pick_random: bool, rng=random
+    cache: OpenCache, tokenizer, index: int | None, search: str | None, pick_random: bool, rng=random
 ) -> tuple[int, str]:
     """The pair to show and, when not given by --index, how it was found."""
     if pick_random and index is not None:
         raise UsageError("--random picks the pair itself; drop --index")
     if search is not None:
-        matches = find_pairs(ds, tokenizer, search, start=index or 0, first_only=not pick_random)
+        matches = find_pairs(cache, tokenizer, search, start=index or 0, first_only=not pick_random)
         if not matches:
             where = f" at or after --index {index}" if index else ""
-            raise UsageError(f"no pair in {cache} contains {search!r}{where}")
+            raise UsageError(f"no pair in {cache.path} contains {search!r}{where}")
         if pick_random:
             return rng.choice(matches), f"random match for {search!r}, 1 of {len(matches)}"
         return matches[0], f"first match for {search!r}"
     if pick_random:
-        if len(ds) == 0:
-            raise UsageError(f"{cache} holds no pairs")
-        return rng.randrange(len(ds)), "random"
+        if len(cache) == 0:
+            raise UsageError(f"{cache.path} holds no pairs")
+        return rng.randrange(len(cache)), "random"
     index = 0 if index is None else index
-    if not 0 <= index < len(ds):
-        raise UsageError(f"--index {index} is out of range: {cache} holds {len(ds)} pairs")
+    if not 0 <= index < len(cache):
+        raise UsageError(f"--index {index} is out of range: {cache.path} holds {len(cache)} pairs")
     return index, ""
 
 
-def find_pairs(ds, tokenizer, text: str, start: int = 0, first_only: bool = True) -> list[int]:
+def find_pairs(cache: OpenCache, tokenizer, text: str, start: int = 0, first_only: bool = True) -> list[int]:
     """Positions of the pairs whose chosen or rejected text contains `text`, ignoring case."""
     needle, found = text.casefold(), []
-    columns = ds.select_columns(["chosen_input_ids", "rejected_input_ids"])
-    for begin in range(max(start, 0), len(ds), SEARCH_BATCH):
-        batch = columns[begin : begin + SEARCH_BATCH]
-        chosen = tokenizer.batch_decode(batch["chosen_input_ids"])
-        rejected = tokenizer.batch_decode(batch["rejected_input_ids"])
+    for begin in range(max(start, 0), len(cache), SEARCH_BATCH):
+        batch = cache.token_ids_of(begin, begin + SEARCH_BATCH)
+        chosen = tokenizer.batch_decode(batch["chosen"])
+        rejected = tokenizer.batch_decode(batch["rejected"])
         for offset, (c, r) in enumerate(zip(chosen, rejected)):
             if needle in c.casefold() or needle in r.casefold():
                 found.append(begin + offset)
@@ -203,11 +196,11 @@ def find_pairs(ds, tokenizer, text: str, start: int = 0, first_only: bool = True
 # ── JSON ──────────────────────────────────────────────────────────────────────
 
 
-def pair_as_json(pair: dict, tokenizer, index: int, sides: list[str]) -> dict:
+def pair_as_json(pair: PairRecord, tokenizer, index: int, sides: list[str]) -> dict:
     view = build_view(pair, tokenizer, index, sides)
-    out = {"index": index, "row": pair["row"], "prompt_len": pair["prompt_len"]}
+    out = {"index": index, "row": pair.row, "prompt_len": pair.prompt_len}
     for side in view.sides:
-        ids, labels = pair[f"{side.name}_input_ids"], pair[f"{side.name}_labels"]
+        ids, labels = pair.side(side.name).input_ids, pair.side(side.name).labels
         out[side.name] = {
             "input_ids": ids,
             "labels": labels,
@@ -392,11 +385,12 @@ def sides_of(side: str) -> list[str]:
 
 def load_view(
     cache: Path, index: int | None, side: str, search: str | None = None, pick_random: bool = False
-) -> tuple[PairView, dict, object]:
+) -> tuple[PairView, PairRecord, object]:
     sides = sides_of(side)  # a bad --side is an error before anything is read
-    ds, tokenizer = open_cache(cache)
-    index, how = pick_index(ds, tokenizer, cache, index, search, pick_random)
-    pair = ds[index]
+    opened = open_cache(cache)
+    tokenizer = opened.load_tokenizer()
+    index, how = pick_index(opened, tokenizer, index, search, pick_random)
+    pair = opened.record(index)
     return build_view(pair, tokenizer, index, sides, how), pair, tokenizer
 
 

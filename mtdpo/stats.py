@@ -16,19 +16,11 @@ import pyarrow as pa
 from rich.table import Table
 from rich.text import Text
 
-from mtdpo.cache import IGNORE_INDEX, load_cache, read_manifest
+from mtdpo.cache import IGNORE_INDEX, SIDES, OpenCache, open_cache
+from mtdpo.cache.manifest import COUNTS
 from mtdpo.errors import UsageError
-from mtdpo.families import detect_family
-
-SIDES = ("chosen", "rejected")
-COUNTS = ("rows", "kept", "rejected", "dropped", "truncated")
-
 
 # ── per-row numbers, column-wise ──────────────────────────────────────────────
-
-
-def column(ds, name: str) -> np.ndarray:
-    return ds.data.column(name).to_numpy()
 
 
 def per_row(list_column: pa.ChunkedArray, flags) -> np.ndarray:
@@ -47,7 +39,10 @@ def _sum_between(marks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def trained_tokens(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    return values != IGNORE_INDEX
+    """Trained labels, not counting a row's first token (nothing predicts it: cache.trained_tokens)."""
+    trained = values != IGNORE_INDEX
+    trained[offsets[:-1][offsets[:-1] < len(values)]] = False
+    return trained
 
 
 def trained_run_starts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -65,39 +60,6 @@ def tokens_among(ids: list[int]):
         return np.isin(values, ids)
 
     return flags
-
-
-def turn_token_ids(cache: Path) -> list[int] | None:
-    """Ids of the special tokens that open a turn in this cache's template, or None when the
-    family is unknown or its markers are not single tokens (Mistral's [INST])."""
-    return _family_token_ids(cache, "start_tokens")
-
-
-def tool_call_token_ids(cache: Path) -> list[int] | None:
-    """Ids of the tokens that open one tool call (Qwen's <tool_call>), or None when the family
-    writes calls without one (Llama 3's JSON) or the vocabulary does not hold it as a token."""
-    return _family_token_ids(cache, "call_tokens")
-
-
-def _family_token_ids(cache: Path, which: str) -> list[int] | None:
-    from tokenizers import Tokenizer
-
-    folder = Path(cache) / "tokenizer"
-    family = detect_family(_chat_template(folder))
-    tokens = getattr(family, which, ()) if family else ()
-    if not tokens or not (folder / "tokenizer.json").is_file():
-        return None
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids = [tokenizer.token_to_id(token) for token in tokens]
-    return None if None in ids else ids
-
-
-def _chat_template(folder: Path) -> str | None:
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
-    return template if isinstance(template, str) else None
 
 
 def summary(values: np.ndarray, digits: int = 1) -> dict | None:
@@ -118,14 +80,18 @@ def summary(values: np.ndarray, digits: int = 1) -> dict | None:
 # ── the whole cache ───────────────────────────────────────────────────────────
 
 
-def per_row_arrays(cache: Path) -> dict[str, np.ndarray]:
+def per_row_arrays(cache: OpenCache) -> dict[str, np.ndarray]:
     """Every per-pair number, one numpy array each (what --plot draws)."""
-    ds = load_cache(cache)
-    arrays = {"prompt_len": column(ds, "prompt_len"), "row": column(ds, "row")}
-    start_ids, call_ids = turn_token_ids(cache), tool_call_token_ids(cache)
+    arrays = {"prompt_len": cache.prompt_lengths(), "row": cache.source_rows()}
+    family = cache.family()
+    # Ids of the tokens that open a turn (None: the family is unknown or its markers are not single
+    # tokens, as Mistral's [INST]), and of those that open one tool call (Qwen's <tool_call>; None
+    # when the family writes calls without one, as Llama 3's JSON).
+    start_ids = cache.token_ids(family.start_tokens) if family else None
+    call_ids = cache.token_ids(family.call_tokens) if family else None
     for side in SIDES:
-        labels, ids = ds.data.column(f"{side}_labels"), ds.data.column(f"{side}_input_ids")
-        arrays[f"{side}_len"] = column(ds, f"{side}_len")
+        ids, labels = cache.token_columns(side)
+        arrays[f"{side}_len"] = cache.lengths(side)
         arrays[f"{side}_trained"] = per_row(labels, trained_tokens)
         arrays[f"{side}_trained_turns"] = per_row(labels, trained_run_starts)
         if start_ids is not None:
@@ -135,21 +101,21 @@ def per_row_arrays(cache: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def cache_stats(cache: Path) -> dict:
-    cache = Path(cache)
-    manifest = read_manifest(cache)
+def cache_stats(path: Path) -> dict:
+    cache = open_cache(path)
+    manifest = cache.manifest
     arrays = per_row_arrays(cache)
-    saved = _read_json(cache / "stats.json") or {}
-    counts = {name: saved.get(name, manifest.get("counts", {}).get(name)) for name in COUNTS}
+    saved = _read_json(cache.stats_file) or {}
+    counts = {name: saved.get(name, manifest.counts.get(name)) for name in COUNTS}
     pairs = len(arrays["row"])
     out = {
-        "cache": str(cache),
+        "cache": str(path),
         "pairs": pairs,
-        "template_family": (detect_family(_chat_template(cache / "tokenizer")) or _NoFamily).name,
-        "mask_mode": manifest.get("mask_mode"),
-        "max_length": manifest.get("max_length"),
+        "template_family": family.name if (family := cache.family()) else None,
+        "mask_mode": manifest.mask_mode,
+        "max_length": manifest.max_length,
         "counts": counts,
-        "reasons": reject_reasons(cache, saved.get("reasons")),
+        "reasons": reject_reasons(cache.rejects_file, saved.get("reasons")),
         "lengths": {side: summary(arrays[f"{side}_len"], 0) for side in SIDES}
         | {"prompt": summary(arrays["prompt_len"], 0)},
         "turns": {side: summary(arrays[f"{side}_turns"], 0) for side in SIDES} if "chosen_turns" in arrays else None,
@@ -174,20 +140,15 @@ def cache_stats(cache: Path) -> dict:
     return out
 
 
-class _NoFamily:
-    name = None
-
-
 def _fraction(arrays: dict, side: str) -> np.ndarray:
     lengths = arrays[f"{side}_len"]
     return np.divide(arrays[f"{side}_trained"], lengths, out=np.zeros(len(lengths)), where=lengths > 0)
 
 
-def reject_reasons(cache: Path, reasons: dict | None) -> list[dict]:
+def reject_reasons(path: Path, reasons: dict | None) -> list[dict]:
     """[{reason, count, first_row}] from stats.json's grouped reasons, with the first row of
     each found in rejects.jsonl (grouped by full reason when stats.json is missing)."""
     lines = []
-    path = cache / "rejects.jsonl"
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -299,7 +260,7 @@ def plot_stats(cache: Path, out: Path) -> None:
     from mtdpo.plot import pyplot
 
     plt = pyplot()
-    arrays = per_row_arrays(cache)
+    arrays = per_row_arrays(open_cache(cache))
     turns_key = "turns" if "chosen_turns" in arrays else "trained_turns"
     fig, (lengths, fraction, turns) = plt.subplots(1, 3, figsize=(16, 4.5))
     longest = max(int(arrays["chosen_len"].max(initial=1)), int(arrays["rejected_len"].max(initial=1)))

@@ -11,7 +11,8 @@ Inputs: the bundled sample (assistant and seed mode, --num-proc 1 and 2), the fa
 (embedded template and Gemma 2's), and synthetic tool-use pairs and the sample's conversations
 (tool results as user turns) through every family tokenizer
 of tests/templates (built once into --tokenizers, from this tree's tests/helpers.py). stats.json
-is digested without its timing fields; manifest.json without mtdpo_version.
+is digested without its timing fields; manifest.json without mtdpo_version and with the scratch
+directory's path replaced by WORK.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def digest(cache: Path) -> dict[str, str]:
         elif name == "manifest.json":
             manifest = json.loads(data)
             manifest.pop("mtdpo_version", None)
-            data = json.dumps(manifest, sort_keys=True).encode()
+            data = json.dumps(manifest, sort_keys=True).replace(str(cache.parent), "WORK").encode()
         sums[name] = hashlib.sha256(data).hexdigest()[:16]
     return sums
 
@@ -114,7 +115,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "mtdpo", "preprocess", *argv, "--out", str(cache), "--overwrite", "-q"]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            print(f"{name}: exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+            message = result.stderr.strip().splitlines()[-1:]
+            print(f"{name}: exit {result.returncode}: {str(message).replace(str(args.work), 'WORK')}")
             continue
         for file, value in digest(cache).items():
             print(f"{name}/{file} {value}")

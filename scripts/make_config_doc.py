@@ -83,6 +83,9 @@ def command_tables() -> str:
     for name, command in get_command(app).commands.items():
         if name == "train":
             continue
+        if name == "precompute-ref":
+            out.append(precompute_table(command))
+            continue
         rows = ["| option | default | meaning |", "|---|---|---|"]
         for param in command.params:
             if param.param_type_name != "option" or "--help" in param.opts:
@@ -101,6 +104,28 @@ def command_tables() -> str:
         summary = (command.help or "").split("\n")[0].replace(chr(92) + "[", "[")
         out.append(f"### `mtdpo {name} {arguments}`\n\n{summary}\n\n" + "\n".join(rows) + "\n")
     return "\n".join(out)
+
+
+def precompute_table(command) -> str:
+    """precompute-ref reads `mtdpo train`'s options: the ones that decide the reference's log-probs."""
+    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.help import PRECOMPUTE_OPTIONS
+
+    fields = {f.name: f for f in dataclasses.fields(MtdpoConfig)}
+    rows = ["| option | YAML key | default | meaning |", "|---|---|---|---|"]
+    for name in PRECOMPUTE_OPTIONS:
+        field = fields[name]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        meaning = field.metadata.get("help", "").split(". ")[0].rstrip(".")
+        rows.append(f"| `--{name.replace('_', '-')}` | `{name}` | {cell(shown_default(default))} | {cell(meaning)}. |")
+    summary = (command.help or "").split("\n")[0]
+    return (
+        f"### `mtdpo precompute-ref CACHE`\n\n{summary} It takes the options of `mtdpo train` (and its\n"
+        "`--config FILE.yaml`) that decide the reference's log-probs, so the same flags give the training\n"
+        "run's reference, layout and precision; `--batch-size` is `--per-device-eval-batch-size`.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def generated() -> str:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import family_tokenizer, for_family, msg  # noqa: E402
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder  # noqa: E402
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder  # noqa: E402
 from mtdpo.show import build_view, plain_text  # noqa: E402
 from mtdpo.synthetic import PYTHON_TOOL  # noqa: E402
 
@@ -53,8 +53,8 @@ def agent_pair(family: str) -> dict:
 def example(key: str) -> str:
     family, agent = key.removesuffix(" with a tool call"), key.endswith(" with a tool call")
     tok = family_tokenizer(family)
-    record, _ = PairEncoder(tok, MaskOptions())(agent_pair(family) if agent else for_family(PAIR, family))
-    text = plain_text(build_view({**record, "row": 0}, tok, 0, ["chosen"]))
+    record, _ = RecordBuilder(tok, MaskOptions())(0, agent_pair(family) if agent else for_family(PAIR, family))
+    text = plain_text(build_view(record, tok, 0, ["chosen"]))
     return text.split("\n", 1)[1].rstrip("\n")  # without the "pair 0 (source row 0) …" title
 
 

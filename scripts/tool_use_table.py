@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from helpers import FAMILIES, family_tokenizer  # noqa: E402
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder  # noqa: E402
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder  # noqa: E402
 from mtdpo.preprocess.rows import RowError  # noqa: E402
 from mtdpo.synthetic import TOOL_SHAPES, make_tool_pairs  # noqa: E402
 
@@ -52,11 +52,11 @@ def _message(m: dict, openai: bool, tool_role: str) -> dict:
 
 
 def family_counts(family: str, rows: list[dict], style: str) -> dict:
-    encoder = PairEncoder(family_tokenizer(family), MaskOptions(max_length=1 << 20))
+    encoder = RecordBuilder(family_tokenizer(family), MaskOptions(max_length=1 << 20))
     kept, reasons, by_shape = 0, Counter(), Counter()
     for row in rows:
         try:
-            encoder(restyle(row, family, style))
+            encoder(0, restyle(row, family, style))
             kept += 1
             by_shape[row["shape"]] += 1
         except RowError as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import invoke, run_preprocess
 
-from mtdpo.tokenizer import SAMPLE_DATA
+from mtdpo.assets import SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from mtdpo.cache import IGNORE_INDEX
+from mtdpo.assets import EMBEDDED_TOKENIZER, SAMPLE_DATA
+from mtdpo.cache import IGNORE_INDEX, open_cache
 from mtdpo.cli import app
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 
 TESTS = Path(__file__).parent
 TEMPLATES = TESTS / "templates"
@@ -59,9 +60,26 @@ def with_template(family: str, template: str):
 @functools.cache
 def embedded_tokenizer():
     """The embedded tiny Gemma-style tokenizer with its own template (the CLI default)."""
-    from mtdpo.tokenizer import load_tokenizer
+    from mtdpo.preprocess.tokenizer import load_tokenizer
 
     return load_tokenizer()
+
+
+class RowEncoder:
+    """RecordBuilder for tests: a row in, its record as the shards hold it (a dict of columns) and
+    whether it was truncated out; `builder` is the RecordBuilder (its chat template, encoder …)."""
+
+    def __init__(self, tokenizer, options: MaskOptions = MaskOptions(), one_render: bool = True):
+        self.builder = RecordBuilder(tokenizer, options, one_render)
+
+    def __call__(self, row, n: int = 0) -> tuple[dict, bool]:
+        record, truncated = self.builder(n, row)
+        return record.to_row(), truncated
+
+
+def cache_dataset(path, **options):
+    """A cache's memory-mapped pairs as a datasets.Dataset (open_cache(...).dataset)."""
+    return open_cache(path, **options).dataset
 
 
 # ── rows ──────────────────────────────────────────────────────────────────────

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cache_dataset
 from test_train import logged, run_config
 from trainkit import REPO, batch, make_cache, mtdpo_trainer, saved_start_model, tiny_model
 from transformers import AutoModelForCausalLM
 
-from mtdpo.cache import load_cache
 from mtdpo.train.data import PairCollator
+from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.loss import nll_loss, sequence_nll_loss
 from mtdpo.train.run import train
-from mtdpo.train.trainer import fused_sequence_logps
 
 # fp32 (bf16 is the default on CPUs with bf16 matmul): updates are compared to 1e-6
 SGD = dict(
@@ -87,7 +87,7 @@ def test_the_nll_shares_of_micro_batches_sum_to_the_whole_batch_nll():
 
 def test_the_collator_counts_the_trained_chosen_tokens_of_every_layout(setup, tmp_path):
     _, cache, _ = setup
-    rows = [load_cache(cache)[i] for i in range(5)]
+    rows = [cache_dataset(cache)[i] for i in range(5)]
     trainer = mtdpo_trainer(cache, tiny_model(), None, tmp_path)
     for padding_free in (False, True):
         mb = PairCollator(0, padding_free)(rows)

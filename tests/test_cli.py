@@ -14,8 +14,8 @@ import pytest
 from helpers import assert_user_error, invoke, sample_rows, write_jsonl
 from typer.main import get_command
 
+from mtdpo.assets import SAMPLE_DATA
 from mtdpo.cli import app
-from mtdpo.tokenizer import SAMPLE_DATA
 
 OPTIONS = {  # docs/DESIGN.md and docs/CONFIG.md (+ the options the commands document beyond it)
     "preprocess": [
@@ -148,8 +148,8 @@ def test_every_option_says_what_it_does_and_its_default():
     commands = get_command(app).commands
     assert {"preprocess", "show-sample", "stats", "plot", "train"} <= set(commands)
     for name, command in commands.items():
-        if name == "train":
-            continue  # argparse help, next test
+        if name in ("train", "precompute-ref"):
+            continue  # argparse help (the train options), next tests
         options = [p for p in command.params if p.param_type_name == "option" and "--help" not in p.opts]
         assert all(option.help for option in options), name
         flat = " ".join(invoke(name, "--help").stdout.replace("│", " ").split())
@@ -230,3 +230,39 @@ def test_shell_completion_of_commands_and_options():
     assert complete("mtdpo s") == ["show-sample", "stats"]
     assert complete("mtdpo show-sample data_cache/x --s") == ["--side", "--search"]
     assert "--install-completion" in invoke("--help").stdout and "--show-completion" in invoke("--help").stdout
+
+
+def test_precompute_ref_help_lists_the_train_options_it_reads():
+    from mtdpo.train.help import PRECOMPUTE_OPTIONS
+
+    flat = " ".join(invoke("precompute-ref", "--help").stdout.replace("│", " ").split())
+    assert flat.startswith("Usage: mtdpo precompute-ref CACHE [OPTIONS]")
+    for name in PRECOMPUTE_OPTIONS:
+        assert f"--{name.replace('_', '-')}" in flat, name
+    assert flat.count("[default:") == len(PRECOMPUTE_OPTIONS)
+
+
+def test_precompute_ref_takes_train_options_and_says_what_it_stored(tmp_path):
+    import json
+    import shutil
+
+    from helpers import run_preprocess
+
+    cache = tmp_path / "cache"
+    run_preprocess(write_jsonl(tmp_path / "rows.jsonl", sample_rows(6)), cache)
+    result = invoke("precompute-ref", cache, "--batch-size", "4", "--no-bf16", "--seed", "7")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"stored fp32 reference log-probs of tiny random Gemma (seeded) in {cache}"
+    reference = json.loads((cache / "manifest.json").read_text())["reference"]
+    assert (reference["seed"], reference["precision"], reference["path"]) == (7, "fp32", None)
+    assert_user_error(
+        invoke("precompute-ref", "--seed", "7", cache),
+        "precompute-ref takes the cache first: mtdpo precompute-ref CACHE [options]",
+    )
+    assert_user_error(
+        invoke("precompute-ref", tmp_path / "nope"),
+        f"{tmp_path / 'nope'} is not an mtdpo cache (no manifest.json); run `mtdpo preprocess` first",
+    )
+    shutil.rmtree(cache / "reference")  # the files checksums.json lists are gone: refused, not recomputed over
+    result = invoke("precompute-ref", cache)
+    assert result.exit_code == 2 and "is missing (listed in checksums.json)" in result.stderr

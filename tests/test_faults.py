@@ -18,14 +18,13 @@ import datasets
 import pyarrow as pa
 import pytest
 import transformers
-from helpers import hidden_leftovers, run_preprocess, sample_rows, write_jsonl
+from helpers import cache_dataset, hidden_leftovers, run_preprocess, sample_rows, write_jsonl
 from typer.testing import CliRunner
 
-from mtdpo.cache import load_cache
+from mtdpo.assets import EMBEDDED_TOKENIZER, SAMPLE_DATA
 from mtdpo.cli import app
 from mtdpo.errors import UsageError
 from mtdpo.preprocess import pipeline
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA
 
 DATA = Path(__file__).parent / "data"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -112,9 +111,9 @@ def test_every_fault_gets_its_expected_outcome(faults):
     assert rejects(cache) == [
         {"row": e["row"], "reason": e["reason"]} for e in want if e["outcome"] in ("rejected", "dropped")
     ]
-    assert list(load_cache(cache)["row"]) == [e["row"] for e in want if e["outcome"] in USED]
+    assert list(cache_dataset(cache)["row"]) == [e["row"] for e in want if e["outcome"] in USED]
     truncated = [e["row"] for e in want if e["outcome"] == "truncated"]
-    ds = load_cache(cache)
+    ds = cache_dataset(cache)
     lengths = {r: (c, j) for r, c, j in zip(ds["row"], ds["chosen_len"], ds["rejected_len"])}
     assert [r for r, lens in lengths.items() if max(lens) == 2048] == truncated
 
@@ -123,7 +122,7 @@ def test_no_row_is_lost(faults):
     """Each non-blank line is in the shards or in rejects.jsonl, exactly once."""
     cache, _ = faults
     rows = [e["row"] for e in expected("faults") if e["outcome"] != "skipped"]
-    placed = list(load_cache(cache)["row"]) + [r["row"] for r in rejects(cache)]
+    placed = list(cache_dataset(cache)["row"]) + [r["row"] for r in rejects(cache)]
     assert sorted(placed) == rows and len(rows) == 134
 
 
@@ -145,7 +144,7 @@ def test_good_rows_come_out_as_if_the_bad_rows_were_absent(faults, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_bytes(b"\n".join(lines[e["row"]] for e in expected("faults") if e["outcome"] in USED) + b"\n")
     run_preprocess(good, tmp_path / "good")
-    assert list(load_cache(tmp_path / "good")["row"]) == list(range(84))
+    assert list(cache_dataset(tmp_path / "good")["row"]) == list(range(84))
     assert without_row(tmp_path / "good").equals(without_row(cache))
 
 
@@ -182,7 +181,7 @@ def test_the_templates_own_errors_are_the_reasons(tmp_path):
         {"row": e["row"], "reason": e["reason"]} for e in want if e["outcome"] == "rejected"
     ]
     assert (
-        list(load_cache(tmp_path / "out")["row"])
+        list(cache_dataset(tmp_path / "out")["row"])
         == [e["row"] for e in want if e["outcome"] == "kept"]
         == [0, 2, 4, 6, 8, 10]
     )
@@ -231,7 +230,7 @@ def test_input_data_is_never_executed_or_unpickled(faults, monkeypatch, tmp_path
         monkeypatch.setattr(pickle, name, refuse)
     by_fault = {e["fault"]: e["row"] for e in expected("faults")}
     run_preprocess(DATA / "faults.jsonl", tmp_path / "again")
-    ds = load_cache(tmp_path / "again", verify=True)
+    ds = cache_dataset(tmp_path / "again", verify=True)
     monkeypatch.undo()
     from transformers import AutoTokenizer
 
@@ -286,7 +285,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch):
             "--tokenizer",
             "no/such-tokenizer",
         ): "tokenizer not found or not loadable: no/such-tokenizer (OSError: "
-        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.",
+        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.)",
         (
             sample,
             "--chat-template",

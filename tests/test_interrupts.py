@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Value
-from helpers import hidden_leftovers, run_preprocess, write_jsonl
+from helpers import cache_dataset, hidden_leftovers, run_preprocess, write_jsonl
 from trainkit import logged
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
-from mtdpo.cache import load_cache, read_manifest
+from mtdpo.cache import read_manifest
 from mtdpo.cli import app
 from mtdpo.errors import Interrupted, NonFiniteLoss, UsageError
 from mtdpo.synthetic import make_pairs
@@ -113,7 +113,7 @@ def check_killed(tmp_path: Path, out: Path, moment: str, exit_code: int, killed:
 
 def check_rerun(tmp_path: Path, out: Path, rows: int) -> None:
     assert hidden_leftovers(tmp_path) == []  # the killed runs' temporary directories are gone
-    assert len(load_cache(out, verify=True)) == rows
+    assert len(cache_dataset(out, verify=True)) == rows
     for name in (SHARD, "rejects.jsonl", "checksums.json", "manifest.json"):
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
 
@@ -340,7 +340,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(small_cache, tmp_
 
 def with_reference(cache: Path, out: Path, bad_row: int, value: float) -> Path:
     """The cache with precomputed reference log-probs; the pair of source row `bad_row` gets `value`."""
-    ds = load_cache(cache)
+    ds = cache_dataset(cache)
     chosen = [value if row == bad_row else -300.0 for row in ds["row"]]
     ds = ds.add_column("ref_chosen_logp", chosen, feature=Value("float32"))
     ds = ds.add_column("ref_rejected_logp", [-300.0] * len(ds), feature=Value("float32"))
@@ -440,7 +440,7 @@ def test_a_damaged_manifest_is_refused_naming_the_file(small_cache, tmp_path, ho
     damage, message = MANIFESTS[how]
     (cache / "manifest.json").write_text(damage((cache / "manifest.json").read_text()))
     with pytest.raises(UsageError) as err:
-        load_cache(cache)
+        cache_dataset(cache)
     assert str(err.value).startswith(f"{cache}/{message}")
 
 
@@ -448,13 +448,13 @@ def test_damaged_state_and_count_are_refused(small_cache, tmp_path):
     cache = shutil.copytree(small_cache, tmp_path / "cache")
     (cache / "state.json").write_text('{"_data_files": [')
     with pytest.raises(UsageError, match=f"^{cache}/state.json is corrupt: "):
-        load_cache(cache)
+        cache_dataset(cache)
     cache = shutil.copytree(small_cache, tmp_path / "other")
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["counts"]["kept"] = 25
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match=f"^the shards in {cache} hold 24 pairs but manifest.json says 25$"):
-        load_cache(cache)
+        cache_dataset(cache)
 
 
 def test_train_cli_names_the_damaged_file_in_one_line(small_cache, tmp_path):

@@ -4,11 +4,12 @@ import pytest
 import torch
 from trainkit import loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
 
+from mtdpo.cache import PairRecord
 from mtdpo.errors import UsageError
 from mtdpo.synthetic import make_pairs
 from mtdpo.train.attention import SEGMENT_ATTENTION, dense_segment_mask, segment_attention
 from mtdpo.train.data import PairCollator, shared_pair
-from mtdpo.train.model import choose_layout
+from mtdpo.train.layout import choose_layout
 
 X = -100
 
@@ -28,7 +29,7 @@ def test_a_shared_pair_is_prompt_chosen_then_the_rejected_branch():
         prompt_len=3,
         row=0,
     )
-    pair = shared_pair(row)
+    pair = shared_pair(PairRecord.from_row(row))
     # the branch re-reads the prompt's last token (12) at its position (2), then rejected's own tokens
     assert pair["input_ids"] == [10, 11, 12, 13, 14, 12, 15]
     assert pair["position_ids"] == [0, 1, 2, 3, 4, 2, 3]
@@ -120,7 +121,7 @@ def test_segment_attention_builds_no_dense_mask_and_without_segments_is_sdpa(mon
         SEGMENT_ATTENTION,
         lambda *a, **k: built.append(original(*a, **k)) or built[-1],
     )
-    from mtdpo.train.trainer import fused_sequence_logps
+    from mtdpo.train.forward import fused_sequence_logps
 
     for options in ({"prefix_sharing": True}, {"padding_free": True}, {"segments": True}):
         fused_sequence_logps(model, PairCollator(0, **options)(rows))
@@ -144,11 +145,11 @@ def shared_prompt_roles(n: int) -> list[tuple[str, ...]]:
 def test_layouts_give_the_padded_losses_and_gradients(cache, tmp_path, layout):
     """fp32, a live reference, multi-turn pairs whose shared prompt holds earlier assistant and tool
     turns, plus one pair with trained tokens inside its shared prompt."""
-    from mtdpo.cache import load_cache
+    from helpers import cache_dataset
 
     indices = [i for i, roles in enumerate(shared_prompt_roles(24)) if "tool" in roles][:2] + [0, 1]
     assert len(indices) == 4 and "assistant" in shared_prompt_roles(24)[indices[0]]
-    rows = [load_cache(cache)[i] for i in indices]
+    rows = [cache_dataset(cache)[i] for i in indices]
     p = rows[3]["prompt_len"]
     for side in ("chosen", "rejected"):  # a common token prefix past the prompt messages is trained on both sides
         rows[3][f"{side}_labels"][p - 3 : p] = rows[3][f"{side}_input_ids"][p - 3 : p]

@@ -7,15 +7,16 @@ import shutil
 
 import pytest
 import torch
-from trainkit import batch, logged, make_cache, tiny_model
+from trainkit import batch, logged, make_cache, precompute, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.errors import UsageError
 from mtdpo.train import run as run_module
 from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.loss import sequence_logps
+from mtdpo.train.plan import Reference
 from mtdpo.train.run import train
-from mtdpo.train.trainer import fused_sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_only_the_adapters_train_and_the_reference_is_the_base(lora_run, cache):
     assert trainer.ref_model is None
     base = AutoModelForCausalLM.from_pretrained(out / "base-model")  # the seeded start, saved with the run
     mb = batch(cache, range(4))
-    with torch.no_grad(), trainer.reference(model) as reference:
+    with torch.no_grad(), trainer.reference_model(model, Reference.ADAPTERS_OFF) as reference:
         adapters_off = fused_sequence_logps(reference, mb)[0]
     adapters_on = fused_sequence_logps(model, mb)[0].detach()
     torch.testing.assert_close(adapters_off, sequence_logps_plain(base, mb), rtol=1e-6, atol=1e-4)
@@ -120,13 +121,11 @@ def test_without_merge_the_output_dir_is_the_adapter(cache, tmp_path):
 
 
 def test_precomputed_reference_with_lora_gives_the_same_losses(cache, tmp_path):
-    from mtdpo.train.reference import precompute_reference
-
     live = tmp_path / "live"
     train(config(cache, live, seed=42))
     cached = tmp_path / "cached"
     shutil.copytree(cache, cached)
-    precompute_reference(cached, progress=False)  # the seed-42 tiny model: the LoRA run's base
+    precompute(cached)  # the seed-42 tiny model: the LoRA run's base
     pre = tmp_path / "pre"
     train(config(cached, pre, seed=42))
     for step, loss in logged(live, "loss").items():

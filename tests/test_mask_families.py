@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     FAMILIES,
     IGNORE,
+    RowEncoder,
     decoded_runs,
     family_tokenizer,
     for_family,
@@ -22,7 +23,7 @@ from helpers import (
     with_template,
 )
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.preprocess.rows import RowError
 
 FAMILY_NAMES = ["gemma", "llama3", "qwen2", "mistral", "phi3"]
@@ -32,7 +33,7 @@ LEAD = {"mistral": " "}
 
 
 def encode(tok, row: dict) -> dict:
-    record, truncated = PairEncoder(tok, MaskOptions())(row)
+    record, truncated = RowEncoder(tok, MaskOptions())(row)
     assert not truncated
     return record
 
@@ -230,7 +231,7 @@ def test_template_dropping_earlier_think_blocks_is_rejected():
     row = thinking_pair(follow_up=True)
     assert "<think>Multiply." not in tok.apply_chat_template(row["chosen"], tokenize=False)  # it does drop it
     with pytest.raises(RowError, match="not prefix-stable"):
-        PairEncoder(tok, MaskOptions())(row)
+        RowEncoder(tok, MaskOptions())(row)
 
 
 def test_qwen25_consecutive_tool_messages_are_merged_and_masked():
@@ -253,7 +254,7 @@ def test_system_moved_into_last_user_turn_is_rejected():
     tok = with_template("mistral", SYSTEM_IN_LAST_USER)
     row = for_family(math_agent_pairs()["diverge_at_first_assistant"], "mistral")
     with pytest.raises(RowError, match="not prefix-stable"):
-        PairEncoder(tok, MaskOptions())(row)
+        RowEncoder(tok, MaskOptions())(row)
 
 
 def test_template_altering_assistant_text_is_rejected():
@@ -262,20 +263,20 @@ def test_template_altering_assistant_text_is_rejected():
         RowError,
         match=r"^message 3 \(assistant\): its text is not in the rendered turn \(the template drops or alters it\)$",
     ):
-        PairEncoder(tok, MaskOptions())(math_agent_pairs()["shared_code_and_tool_exchange"])
+        RowEncoder(tok, MaskOptions())(math_agent_pairs()["shared_code_and_tool_exchange"])
 
 
 def test_template_error_is_a_row_error():
     """Gemma's real template has no system role and raises: the reason says so."""
     row = math_agent_pairs()["diverge_at_first_assistant"]  # starts with a system message
     with pytest.raises(RowError, match="^chat template error: System role not supported$"):
-        PairEncoder(family_tokenizer("gemma"), MaskOptions())(row)
+        RowEncoder(family_tokenizer("gemma"), MaskOptions())(row)
 
 
 @pytest.mark.parametrize("family", ["gemma", "llama3", "qwen2", "mistral", "phi3"])
 def test_fast_renderer_equals_apply_chat_template(family):
     """ChatTemplate.render skips apply_chat_template's per-call overhead, not its output."""
-    from mtdpo.preprocess.mask import ChatTemplate
+    from mtdpo.preprocess.template import ChatTemplate
 
     tok = family_tokenizer(family)
     chat = ChatTemplate(tok)

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cache_dataset
 from trainkit import REPO, free_port, logged, make_cache, saved_start_model
 from transformers import AutoModelForCausalLM
 
-from mtdpo.cache import load_cache
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.run import train
 
@@ -196,7 +196,7 @@ def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
     seen = rows_by_step(tmp / f"rows-straight-{strategy}")
     assert sorted(seen) == [1, 2, 3, 4, 5, 6, 7, 8]
 
-    ds = load_cache(cache)
+    ds = cache_dataset(cache)
     length = dict(zip(ds["row"], (max(c, r) for c, r in zip(ds["chosen_len"], ds["rejected_len"]))))
     epochs = [
         [seen[step][0] + seen[step][1] for step in steps] for steps in ((1, 2, 3, 4), (5, 6, 7, 8))

@@ -1,4 +1,4 @@
-"""One render per side (mask.skeleton_spans) gives exactly what the prefix renders give.
+"""One render per side (preprocess/skeleton.py) gives exactly what the prefix renders give.
 
 A row's spans come from its conversation shape, rendered once with placeholder contents,
 only when the row's real render equals that skeleton filled with its contents byte for byte;
@@ -9,12 +9,21 @@ record, or the same reason for rejecting the row.
 from __future__ import annotations
 
 import pytest
-from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, msg, run_preprocess, sample_rows
+from helpers import (
+    FAMILIES,
+    RowEncoder,
+    family_tokenizer,
+    for_family,
+    math_agent_pairs,
+    msg,
+    run_preprocess,
+    sample_rows,
+)
 
-from mtdpo.preprocess import mask
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.assets import SAMPLE_DATA
+from mtdpo.preprocess import records
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.preprocess.rows import RowError
-from mtdpo.tokenizer import SAMPLE_DATA
 
 
 def awkward_rows() -> list[dict]:
@@ -46,25 +55,35 @@ def awkward_rows() -> list[dict]:
     return rows
 
 
-def outcome(tok, row: dict, one_render: bool, monkeypatch, used: list):
-    monkeypatch.setattr(mask, "ONE_RENDER", one_render)
-    encoder = PairEncoder(tok, MaskOptions())
+class NoSkeletons:
+    """A SkeletonCache that never has a skeleton: every row takes the prefix renders."""
+
+    def __init__(self, chat):
+        self.skeletons = {}
+
+    def spans(self, *args):
+        return None
+
+
+def outcome(tok, row: dict, one_render: bool, used: list):
+    encoder = RowEncoder(tok, MaskOptions(), one_render=one_render)
     try:
         result = encoder(row)
     except RowError as err:
         result = f"RowError: {err}"
-    used.append(any(s is not None for s in encoder.chat.skeletons.values()))
+    skeletons = encoder.builder.skeletons.skeletons if one_render else {}
+    used.append(any(s is not None for s in skeletons.values()))
     return result
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_one_render_equals_the_prefix_renders_on_every_family(family, monkeypatch):
+def test_one_render_equals_the_prefix_renders_on_every_family(family):
     tok = family_tokenizer(family)
     rows = [for_family(r, family) for r in [*sample_rows(40), *math_agent_pairs().values(), *awkward_rows()]]
     used = []
     for n, row in enumerate(rows):
-        slow = outcome(tok, row, False, monkeypatch, [])
-        fast = outcome(tok, row, True, monkeypatch, used)
+        slow = outcome(tok, row, False, [])
+        fast = outcome(tok, row, True, used)
         assert fast == slow, (family, n)
     if family in ("gemma", "llama3", "qwen2", "mistral", "phi3", "gemma3"):
         assert sum(used) >= len(rows) // 2, (family, sum(used))  # the fast path did serve rows
@@ -72,7 +91,7 @@ def test_one_render_equals_the_prefix_renders_on_every_family(family, monkeypatc
 
 def test_one_render_writes_byte_identical_shards(tmp_path, monkeypatch):
     run_preprocess(SAMPLE_DATA, tmp_path / "fast")
-    monkeypatch.setattr(mask, "ONE_RENDER", False)
+    monkeypatch.setattr(records, "SkeletonCache", NoSkeletons)
     run_preprocess(SAMPLE_DATA, tmp_path / "slow")
     for name in ("data-00000-of-00001.arrow", "rejects.jsonl", "checksums.json"):
         assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
@@ -81,10 +100,10 @@ def test_one_render_writes_byte_identical_shards(tmp_path, monkeypatch):
 def test_a_row_that_differs_from_its_skeleton_takes_the_prefix_renders(monkeypatch):
     """A trimming template renders "  x  " as "x": the filled skeleton differs, so no fast path."""
     tok = family_tokenizer("gemma3")
-    encoder = PairEncoder(tok, MaskOptions())
+    encoder = RowEncoder(tok, MaskOptions())
     calls = []
-    original = mask.assistant_spans
-    monkeypatch.setattr(mask, "assistant_spans", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = records.assistant_spans
+    monkeypatch.setattr(records, "assistant_spans", lambda *a, **k: calls.append(1) or original(*a, **k))
     q = msg("user", "Hi")
     encoder({"chosen": [q, msg("assistant", "Hello.")], "rejected": [q, msg("assistant", "Go away.")]})
     assert calls == []

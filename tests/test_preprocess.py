@@ -10,23 +10,25 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import pytest
-from helpers import IGNORE, embedded_tokenizer, hidden_leftovers, msg, run_preprocess, sample_rows, write_jsonl
+from helpers import (
+    IGNORE,
+    RowEncoder,
+    embedded_tokenizer,
+    hidden_leftovers,
+    msg,
+    run_preprocess,
+    sample_rows,
+    write_jsonl,
+)
 
 from mtdpo import __version__
+from mtdpo.assets import EMBEDDED_TOKENIZER, SAMPLE_DATA
 from mtdpo.errors import UsageError
+from mtdpo.fingerprint import sha256_file, sha256_text, tokenizer_fingerprint, vocabulary_hash, vocabulary_hash_dir
 from mtdpo.preprocess import pipeline
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.preprocess.records import MaskOptions
+from mtdpo.preprocess.tokenizer import load_tokenizer
 from mtdpo.synthetic import make_pairs
-from mtdpo.tokenizer import (
-    EMBEDDED_TOKENIZER,
-    SAMPLE_DATA,
-    fingerprint_dir,
-    load_tokenizer,
-    sha256_path,
-    sha256_text,
-    vocabulary_hash,
-    vocabulary_hash_dir,
-)
 
 LIST_INT32 = pa.list_(pa.int32())
 SCHEMA_1 = {  # docs/DESIGN.md, "The cache contract"
@@ -101,7 +103,7 @@ def test_sample_manifest(sample_cache, tmp_path):
     assert manifest["schema_version"] == 1 and manifest["mtdpo_version"] == __version__
     assert manifest["tokenizer"] == {
         "name_or_path": str(EMBEDDED_TOKENIZER),
-        "fingerprint": sha256_path(sample_cache / "tokenizer" / "tokenizer.json"),
+        "fingerprint": sha256_file(sample_cache / "tokenizer" / "tokenizer.json"),
         "vocab_size": 2048,
         "bos_token_id": tok.convert_tokens_to_ids("<bos>"),
         "eos_token_id": tok.convert_tokens_to_ids("<eos>"),
@@ -111,14 +113,14 @@ def test_sample_manifest(sample_cache, tmp_path):
     assert manifest["chat_template_file"] is None
     assert (manifest["mask_mode"], manifest["seed_markers"]) == ("assistant", None)
     assert (manifest["max_length"], manifest["truncation"]) == (2048, "keep_start")
-    assert manifest["input"] == {"path": str(SAMPLE_DATA), "format": "jsonl", "sha256": sha256_path(SAMPLE_DATA)}
+    assert manifest["input"] == {"path": str(SAMPLE_DATA), "format": "jsonl", "sha256": sha256_file(SAMPLE_DATA)}
     stats = read_json(sample_cache / "stats.json")
     assert manifest["counts"] == {k: stats[k] for k in COUNTS}
     assert manifest["tokens"] == {k: stats[k] for k in TOKEN_TOTALS}
     # The fingerprint is the bytes of the cache's tokenizer copy (what show-sample and train read):
     # saving the same tokenizer again gives the same bytes, and the copy has its vocabulary.
     tok.save_pretrained(str(tmp_path / "again"))
-    assert fingerprint_dir(tmp_path / "again") == manifest["tokenizer"]["fingerprint"]
+    assert tokenizer_fingerprint(tmp_path / "again") == manifest["tokenizer"]["fingerprint"]
     assert vocabulary_hash_dir(sample_cache / "tokenizer") == vocabulary_hash(tok)
 
 
@@ -131,7 +133,7 @@ def test_fingerprint_changes_with_an_added_special_token(tmp_path, sample_cache)
     )
     manifest = read_json(tmp_path / "out" / "manifest.json")["tokenizer"]
     assert manifest["vocab_size"] == 2049
-    assert manifest["fingerprint"] == fingerprint_dir(tmp_path / "tok")
+    assert manifest["fingerprint"] == tokenizer_fingerprint(tmp_path / "tok")
     assert manifest["fingerprint"] != read_json(sample_cache / "manifest.json")["tokenizer"]["fingerprint"]
     assert (
         vocabulary_hash_dir(tmp_path / "out" / "tokenizer")
@@ -161,7 +163,7 @@ def test_records_are_consistent(sample_cache):
 
 
 def test_shards_equal_the_pair_encoder(sample_cache):
-    encoder = PairEncoder(embedded_tokenizer(), MaskOptions())
+    encoder = RowEncoder(embedded_tokenizer(), MaskOptions())
     ds = load(sample_cache)
     for n, row in enumerate(sample_rows(30)):
         record, _ = encoder(row)
@@ -427,16 +429,16 @@ def test_a_failed_tokenizer_copy_fails_the_run_and_leaves_nothing(tmp_path, monk
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     """A crash after some chunks were written leaves no output and no temporary directory."""
     calls = []
-    encode_chunk = pipeline.encode_chunk
+    process_chunk = pipeline.process_chunk
 
     def crash_on_third_chunk(chunk):
         calls.append(len(chunk))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return encode_chunk(chunk)
+        return process_chunk(chunk)
 
     monkeypatch.setattr(pipeline, "CHUNK_ROWS", 64)
-    monkeypatch.setattr(pipeline, "encode_chunk", crash_on_third_chunk)
+    monkeypatch.setattr(pipeline, "process_chunk", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         run_preprocess(SAMPLE_DATA, tmp_path / "out")
     assert calls == [64, 64, 64]

@@ -12,14 +12,13 @@ import shutil
 import pytest
 from helpers import invoke
 from test_train import logged, run_config
-from trainkit import make_cache, single_turn_rows, tiny_model
+from trainkit import make_cache, precompute, single_turn_rows, tiny_model
 
-from mtdpo.cache import write_checksums
+from mtdpo.assets import EMBEDDED_TOKENIZER
+from mtdpo.cache.files import write_checksums, write_dataset_files
 from mtdpo.errors import UsageError
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train import run as run_module
 from mtdpo.train.provenance import reference_identity, tiny_model_sha256
-from mtdpo.train.reference import precompute_reference
 from mtdpo.train.run import train
 
 
@@ -38,7 +37,7 @@ def setup(tmp_path_factory):
     for name, model in (("default", None), ("A", models["A"])):
         precomputed[name] = tmp / f"precomputed-{name}"
         shutil.copytree(cache, precomputed[name])
-        precompute_reference(precomputed[name], None if model is None else str(model), progress=False)
+        precompute(precomputed[name], None if model is None else str(model))
     return tmp, cache, models, precomputed
 
 
@@ -178,17 +177,17 @@ def test_a_preprocess_that_keeps_no_pair_fails_and_leaves_no_cache(tmp_path):
 
 def test_train_on_an_empty_cache_is_one_line(setup, tmp_path):
     _, cache, _, _ = setup
-    from mtdpo.preprocess.pipeline import ShardWriter, write_dataset_files
+    from mtdpo.cache.schema import pair_features
+    from mtdpo.cache.writer import ShardWriter
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with ShardWriter(empty, 1 << 30) as shards:  # one shard with the schema and no rows, as preprocess wrote
-        pass
-    write_dataset_files(empty, shards.names)
+    names = ShardWriter(empty, 1 << 30, pair_features()).close(complete=True)  # the schema, no rows
+    write_dataset_files(empty, names, pair_features())
     shutil.copytree(cache / "tokenizer", empty / "tokenizer")
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["counts"].update(rows=3, kept=0, rejected=3)  # what an older mtdpo wrote when it kept nothing
     (empty / "manifest.json").write_text(json.dumps(manifest))
-    write_checksums(empty)
+    write_checksums(empty, [p.name for p in empty.glob("data-*.arrow")])
     line = one_line_error(train_cli(tmp_path, "--data", empty))
     assert line == f"error: cache {empty} holds no pairs (kept 0 of 3 rows; see {empty / 'rejects.jsonl'})"

@@ -13,6 +13,7 @@ from helpers import (
     GEMMA_END,
     GEMMA_USER,
     IGNORE,
+    RowEncoder,
     decoded_runs,
     math_agent_pairs,
     n_prompt_messages,
@@ -20,9 +21,9 @@ from helpers import (
     seed_reference,
 )
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.assets import chat_template_file
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.preprocess.rows import RowError
-from mtdpo.tokenizer import chat_template_file
 
 pytestmark = pytest.mark.real
 
@@ -52,11 +53,11 @@ def as_gemma(row: dict) -> dict:
 
 def test_real_gemma_template_raises_on_the_tool_role(gemma3):
     with pytest.raises(RowError, match="^chat template error: Conversation roles must alternate"):
-        PairEncoder(gemma3, MaskOptions())(sample_rows(1)[0])
+        RowEncoder(gemma3, MaskOptions())(sample_rows(1)[0])
 
 
 def test_real_gemma_masks_sample_rows(gemma3):
-    encoder = PairEncoder(gemma3, MaskOptions())
+    encoder = RowEncoder(gemma3, MaskOptions())
     bos, start = gemma3.convert_tokens_to_ids("<bos>"), gemma3.convert_tokens_to_ids("<start_of_turn>")
     rows = [as_gemma(row) for row in [*sample_rows(), *math_agent_pairs().values()]]
     for row in rows:
@@ -80,12 +81,12 @@ def test_real_gemma_masks_sample_rows(gemma3):
             assert all(labels[i] == IGNORE for i, t in enumerate(ids) if t == start)  # headers never trained
         assert record["prompt_len"] >= first
     assert (
-        encoder.chat.encoder.reused_tokens > 0
+        encoder.builder.encoder.reused_tokens > 0
     )  # the ids above equal whole encodings with the shared prompt encoded once
 
 
 def test_real_gemma_seed_mode_equals_the_reference(gemma3):
-    encoder = PairEncoder(gemma3, MaskOptions("seed", 4096, GEMMA_USER, GEMMA_END))
+    encoder = RowEncoder(gemma3, MaskOptions("seed", 4096, GEMMA_USER, GEMMA_END))
     for row in map(as_gemma, sample_rows()):
         record, _ = encoder(row)
         n_prompt = n_prompt_messages(row)

@@ -15,15 +15,10 @@ from test_train import logged, run_config
 from trainkit import make_cache
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from mtdpo.cache import pair_lengths
 from mtdpo.train.run import train
-from mtdpo.train.trainer import (
-    EpochSeededSampler,
-    MultiTurnDPOTrainer,
-    length_grouped_indices,
-    length_grouped_order,
-    pair_lengths,
-    random_order,
-)
+from mtdpo.train.sampler import EpochSeededSampler, length_grouped_indices, length_grouped_order, random_order
+from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +113,9 @@ def test_length_grouping_equals_transformers(n, batch):
 
 
 def test_pair_lengths_reads_the_longer_side_with_and_without_an_index_mapping(cache):
-    from mtdpo.cache import load_cache
+    from helpers import cache_dataset
 
-    dataset = load_cache(cache)
+    dataset = cache_dataset(cache)
     longer = [max(a, b) for a, b in zip(dataset["chosen_len"], dataset["rejected_len"])]
     assert pair_lengths(dataset).tolist() == longer
     picked = [5, 0, 11, 3]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import embedded_tokenizer, family_tokenizer, math_agent_pairs, msg
+from helpers import RowEncoder, embedded_tokenizer, family_tokenizer, math_agent_pairs, msg
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.preprocess.rows import ROLES, RowError, to_pair
 
 Q, A, B = msg("user", "What is 2 + 3?"), msg("assistant", "It is 5."), msg("assistant", "It is 6.")
@@ -119,12 +119,12 @@ def test_trl_shape_masks_like_full_conversations():
     trl = {"prompt": [question], "chosen": chosen_tail, "rejected": full["rejected"][1:]}
     assert to_pair(trl) == to_pair(full)  # the shared code/tool exchange joins the prompt
     for tok in (embedded_tokenizer(), family_tokenizer("qwen2")):
-        encoder = PairEncoder(tok, MaskOptions())
+        encoder = RowEncoder(tok, MaskOptions())
         assert encoder(trl) == encoder(full)
 
 
 def test_trl_string_shape_masks_like_full_conversations():
-    encoder = PairEncoder(embedded_tokenizer(), MaskOptions())
+    encoder = RowEncoder(embedded_tokenizer(), MaskOptions())
     shorthand = {"prompt": "What is 2 + 3?", "chosen": "It is 5.", "rejected": "It is 6."}
     record, truncated = encoder(shorthand)
     assert (record, truncated) == encoder(good())
@@ -136,10 +136,10 @@ def test_sides_that_render_the_same_are_rejected():
     """Gemma trims contents: "It is 5." and " It is 5. " are the same tokens."""
     row = good(rejected=[Q, msg("assistant", " It is 5. ")])
     with pytest.raises(RowError, match="^chosen and rejected render to the same tokens$"):
-        PairEncoder(embedded_tokenizer(), MaskOptions())(row)
+        RowEncoder(embedded_tokenizer(), MaskOptions())(row)
 
 
 def test_empty_assistant_message_is_rejected():
     row = good(chosen=[Q, msg("assistant", "  ")])
     with pytest.raises(RowError, match=r"^message 1 \(assistant\) is empty: no content, reasoning or tool calls$"):
-        PairEncoder(embedded_tokenizer(), MaskOptions())(row)
+        RowEncoder(embedded_tokenizer(), MaskOptions())(row)

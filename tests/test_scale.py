@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, SplitDict, SplitInfo
-from helpers import run_preprocess, sample_rows, write_jsonl
+from helpers import cache_dataset, run_preprocess, sample_rows, write_jsonl
 from trainkit import REPO, logged
 
-from mtdpo.cache import expand_cache_paths, load_cache, open_caches
+from mtdpo.cache import expand_cache_paths, open_caches
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.sources import Source, _load_hub, open_source
 from mtdpo.train.config import MtdpoConfig
@@ -31,7 +31,7 @@ COLUMNS = [
 
 
 def columns(cache_or_dataset) -> dict:
-    ds = load_cache(cache_or_dataset) if not isinstance(cache_or_dataset, Dataset) else cache_or_dataset
+    ds = cache_dataset(cache_or_dataset) if not isinstance(cache_or_dataset, Dataset) else cache_or_dataset
     return ds.select_columns(COLUMNS).to_dict()
 
 
@@ -84,7 +84,7 @@ def test_three_slices_are_the_whole_input_in_order(split_input):
     whole = json.loads((tmp / "whole" / "manifest.json").read_text())
     assert whole["shard"] is None and {m["input"]["sha256"] for m in manifests} == {whole["input"]["sha256"]}
 
-    joined, _ = open_caches([str(tmp / f"part-{i}") for i in range(3)])
+    joined = open_caches([str(tmp / f"part-{i}") for i in range(3)]).dataset
     assert len(joined) == 30 and columns(joined) == columns(tmp / "whole")  # row numbers stay global
 
 
@@ -124,7 +124,7 @@ def test_caches_that_disagree_are_refused_naming_both(split_input):
 
 
 def _options(**kwargs):
-    from mtdpo.preprocess.encode import MaskOptions
+    from mtdpo.preprocess.records import MaskOptions
 
     return MaskOptions(**kwargs)
 

@@ -9,6 +9,7 @@ from helpers import (
     GEMMA_END,
     GEMMA_USER,
     IGNORE,
+    RowEncoder,
     decoded_runs,
     embedded_tokenizer,
     math_agent_pairs,
@@ -20,12 +21,12 @@ from helpers import (
 )
 
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.preprocess.rows import to_pair
 
 
-def seed_encoder(user: str = GEMMA_USER, end: str = GEMMA_END) -> PairEncoder:
-    return PairEncoder(embedded_tokenizer(), MaskOptions("seed", 4096, user, end))
+def seed_encoder(user: str = GEMMA_USER, end: str = GEMMA_END) -> RowEncoder:
+    return RowEncoder(embedded_tokenizer(), MaskOptions("seed", 4096, user, end))
 
 
 def test_seed_mode_equals_the_reference_on_the_sample():
@@ -48,7 +49,7 @@ def test_seed_mode_trains_later_model_headers():
         f"<start_of_turn>model\n{final}<end_of_turn>\n",
     ]
     # The assistant mode trains a subset: the same turns without headers and trailing newlines.
-    assistant, _ = PairEncoder(tok, MaskOptions())(row)
+    assistant, _ = RowEncoder(tok, MaskOptions())(row)
     assert decoded_runs(tok, assistant["chosen_input_ids"], assistant["chosen_labels"]) == [
         f"{check}<end_of_turn>",
         f"{final}<end_of_turn>",
@@ -56,7 +57,7 @@ def test_seed_mode_trains_later_model_headers():
 
 
 def test_seed_mode_is_a_superset_of_assistant_mode_by_headers_only():
-    tok, seed, assistant = embedded_tokenizer(), seed_encoder(), PairEncoder(embedded_tokenizer(), MaskOptions())
+    tok, seed, assistant = embedded_tokenizer(), seed_encoder(), RowEncoder(embedded_tokenizer(), MaskOptions())
     extra_tokens = set()
     for row in sample_rows(60):
         a, s = assistant(row)[0], seed(row)[0]
@@ -118,7 +119,7 @@ def test_seed_mode_finds_markers_that_merge_into_tokens():
 
     tok = family_tokenizer("mistral")
     row = for_family(math_agent_pairs()["shared_code_and_tool_exchange"], "mistral")
-    record, _ = PairEncoder(tok, MaskOptions("seed", 4096, *detect_family(tok.chat_template).seed_markers))(row)
+    record, _ = RowEncoder(tok, MaskOptions("seed", 4096, *detect_family(tok.chat_template).seed_markers))(row)
     runs = decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"])
     assert runs and all(run.endswith("</s>") for run in runs)  # the " [" token of " [INST]" is masked too
     trained = "".join(runs)

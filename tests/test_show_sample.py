@@ -14,6 +14,7 @@ import pytest
 from helpers import (
     FAMILIES,
     IGNORE,
+    RowEncoder,
     assert_user_error,
     decoded_runs,
     embedded_tokenizer,
@@ -27,7 +28,8 @@ from helpers import (
 )
 
 from mtdpo import show
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
+from mtdpo.cache import PairRecord, open_cache
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.turns import token_starts
 
 INDEX = 3  # a sample pair with several assistant turns on both sides
@@ -116,7 +118,7 @@ TOOL_HEADER = {"llama3": "ipython", "qwen2": "user"}  # the header of a turn sho
 
 
 def cached_record(tok, row: dict) -> dict:
-    record, truncated = PairEncoder(tok, MaskOptions())(row)
+    record, truncated = RowEncoder(tok, MaskOptions())(row)
     assert not truncated
     return {**record, "row": 0}
 
@@ -126,7 +128,7 @@ def test_turns_and_roles_come_from_the_template_markers(family):
     tok = family_tokenizer(family)
     row = for_family(math_agent_pairs()["shared_code_and_tool_exchange"], family)
     record = cached_record(tok, row)
-    view = show.build_view(record, tok, 0, ["chosen", "rejected"])
+    view = show.build_view(PairRecord.from_row(record), tok, 0, ["chosen", "rejected"])
     name, roles = FAMILY_TURNS[family]
     assert view.family == name
     chosen = view.sides[0]
@@ -163,7 +165,7 @@ def test_turns_and_roles_come_from_the_template_markers(family):
 def test_mistral_turns_starting_mid_line_get_their_label_on_a_new_line():
     tok = family_tokenizer("mistral")
     record = cached_record(tok, for_family(math_agent_pairs()["diverge_at_last_assistant"], "mistral"))
-    text = show.plain_text(show.build_view(record, tok, 0, ["rejected"]))
+    text = show.plain_text(show.build_view(PairRecord.from_row(record), tok, 0, ["rejected"]))
     assert "``` [/INST]" not in text  # the turn boundary sits between them
     assert "```\n▸ assistant: 0 trained, 28 masked\n [/INST] Let me double-check." in text
     assert text.endswith(
@@ -178,7 +180,7 @@ def test_unknown_template_family_falls_back_to_trained_and_masked_runs():
     )
     tok = with_template("gemma", template)
     record = cached_record(tok, math_agent_pairs()["diverge_at_first_assistant"])  # 3 assistant turns to train
-    view = show.build_view(record, tok, 0, ["chosen"])
+    view = show.build_view(PairRecord.from_row(record), tok, 0, ["chosen"])
     assert view.family is None
     turns = view.sides[0].turns
     assert [turn.role for turn in turns] == ["masked", "trained", "masked", "trained", "masked", "trained", "masked"]
@@ -263,13 +265,14 @@ def test_search_finds_the_first_pair_then_the_next(cli_cache):
 def test_random_pick(cli_cache):
     import random
 
-    ds, tok = show.open_cache(cli_cache)
-    assert show.pick_index(ds, tok, cli_cache, None, None, True, rng=random.Random(7)) == (
+    cache = open_cache(cli_cache)
+    tok = cache.load_tokenizer()
+    assert show.pick_index(cache, tok, None, None, True, rng=random.Random(7)) == (
         random.Random(7).randrange(240),
         "random",
     )
     matches = expected_matches(cli_cache, "NameError")
-    index, how = show.pick_index(ds, tok, cli_cache, None, "NameError", True, rng=random.Random(7))
+    index, how = show.pick_index(cache, tok, None, "NameError", True, rng=random.Random(7))
     assert index == random.Random(7).choice(matches) and how == f"random match for 'NameError', 1 of {len(matches)}"
     shown = json.loads(invoke("show-sample", cli_cache, "--random", "--json").stdout)
     record = datasets.load_from_disk(str(cli_cache))[shown["index"]]

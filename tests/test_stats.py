@@ -16,7 +16,7 @@ from helpers import IGNORE, embedded_tokenizer, run_preprocess, sample_rows, tra
 from typer.testing import CliRunner
 
 from mtdpo.cli import app
-from mtdpo.preprocess.encode import MaskOptions
+from mtdpo.preprocess.records import MaskOptions
 from mtdpo.stats import cache_stats, per_row, trained_run_starts, trained_tokens
 
 runner = CliRunner()
@@ -129,14 +129,15 @@ def test_reasons_from_rejects_jsonl_when_stats_json_is_missing(messy_cache, tmp_
 
 
 def test_per_row_counts_on_sliced_chunks():
-    """Column-wise counting honours chunk boundaries, slices and empty lists."""
+    """Column-wise counting honours chunk boundaries, slices and empty lists. A row's first label
+    is never a trained token (nothing predicts it): the count the collator normalises the NLL by."""
     values = [[1, -100, 2, 3], [], [-100, -100], [4, -100, 5], [-100, 6]]
     whole = pa.array(values, type=pa.list_(pa.int32()))
     chunked = pa.chunked_array([whole.slice(0, 2), whole.slice(2, 3)])
-    assert per_row(chunked, trained_tokens).tolist() == [3, 0, 0, 2, 1]
+    assert per_row(chunked, trained_tokens).tolist() == [2, 0, 0, 1, 1]
     assert per_row(chunked, trained_run_starts).tolist() == [2, 0, 0, 2, 1]
     sliced = pa.chunked_array([whole.slice(1, 4)])  # offsets that do not start at 0
-    assert per_row(sliced, trained_tokens).tolist() == [0, 0, 2, 1]
+    assert per_row(sliced, trained_tokens).tolist() == [0, 0, 1, 1]
     assert per_row(sliced, trained_run_starts).tolist() == [0, 0, 2, 1]
     assert per_row(pa.chunked_array([], type=whole.type), trained_tokens).tolist() == []
 

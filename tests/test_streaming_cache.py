@@ -11,13 +11,16 @@ from pathlib import Path
 
 import datasets
 import pytest
-from helpers import run_preprocess, write_jsonl
+from helpers import cache_dataset, run_preprocess, write_jsonl
 
-from mtdpo import cache as cache_module
-from mtdpo.cache import check_model_matches, load_cache, open_caches
+from mtdpo.assets import EMBEDDED_TOKENIZER, SAMPLE_DATA
+from mtdpo.cache import check_model_matches, open_cache, open_caches
+from mtdpo.cache import files as cache_files
+from mtdpo.cache import reader as cache_reader
+from mtdpo.cache import writer as cache_writer
 from mtdpo.errors import UsageError
+from mtdpo.fingerprint import same_tokenizer, tokenizer_fingerprint, vocabulary_hash_dir
 from mtdpo.synthetic import make_pairs
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER, SAMPLE_DATA, fingerprint_dir, same_tokenizer, vocabulary_hash_dir
 
 SHARD = "data-00000-of-00001.arrow"
 
@@ -33,9 +36,8 @@ def test_small_shards_hold_the_same_pairs_for_any_num_proc(tmp_path, monkeypatch
     """600 pairs in record batches of 64 (~180 kB) into 500 kB shards: several files, named as
     save_to_disk names them, each under the limit, the same rows in the same order as one big
     shard, byte-equal for 1 and 2 processes."""
-    from mtdpo.preprocess import pipeline
 
-    monkeypatch.setattr(pipeline, "BATCH_ROWS", 64)
+    monkeypatch.setattr(cache_writer, "BATCH_ROWS", 64)
     source = write_jsonl(tmp_path / "rows.jsonl", list(make_pairs(600, seed=7)))
     run_preprocess(source, tmp_path / "one")
     run_preprocess(source, tmp_path / "small", max_shard_size="500KB")
@@ -99,13 +101,13 @@ def cache(sample_cache, tmp_path) -> Path:
 def hashed(monkeypatch) -> list[str]:
     """Names of the files load_cache reads in full to hash them."""
     names = []
-    original = cache_module.sha256_path
+    original = cache_files.sha256_file
 
     def counting(path):
         names.append(Path(path).name)
         return original(path)
 
-    monkeypatch.setattr(cache_module, "sha256_path", counting)
+    monkeypatch.setattr(cache_files, "sha256_file", counting)
     return names
 
 
@@ -119,34 +121,34 @@ def flip_bytes_keep_mtime(file: Path) -> None:
 
 
 def test_a_cache_as_preprocess_left_it_is_not_hashed_again(cache, hashed):
-    assert len(load_cache(cache, verify=True)) == 240
+    assert len(cache_dataset(cache, verify=True)) == 240
     assert hashed == []
 
 
 def test_shards_are_read_to_their_end_only_when_a_file_changed(cache, monkeypatch):
     walked = []
-    original = cache_module._check_shard
-    monkeypatch.setattr(cache_module, "_check_shard", lambda shard: walked.append(shard.name) or original(shard))
-    load_cache(cache, verify=True)
+    original = cache_reader.check_shard
+    monkeypatch.setattr(cache_reader, "check_shard", lambda shard: walked.append(shard.name) or original(shard))
+    cache_dataset(cache, verify=True)
     assert walked == []  # as preprocess stamped it: stat calls only, whatever the cache's size
     os.utime(cache / SHARD)
-    load_cache(cache, verify=True)
+    cache_dataset(cache, verify=True)
     assert walked == [SHARD]
 
 
 def test_a_changed_file_is_hashed_and_a_good_one_stamped_again(cache, hashed):
     os.utime(cache / SHARD)  # touched: same bytes, new modification time
-    load_cache(cache, verify=True)
+    cache_dataset(cache, verify=True)
     assert hashed == [SHARD, "dataset_info.json"]  # every listed file, once
-    load_cache(cache, verify=True)
+    cache_dataset(cache, verify=True)
     assert hashed == [SHARD, "dataset_info.json"]  # stamped again: not hashed a second time
 
 
 def test_full_verification_sees_what_the_stamp_cannot(cache, hashed):
     flip_bytes_keep_mtime(cache / SHARD)
-    load_cache(cache, verify=True)  # size and mtime unchanged: trusted (the stamp's limit)
+    cache_dataset(cache, verify=True)  # size and mtime unchanged: trusted (the stamp's limit)
     with pytest.raises(UsageError, match=f"^{cache}/{SHARD} is corrupt: its SHA-256 differs"):
-        load_cache(cache, verify=True, full=True)
+        cache_dataset(cache, verify=True, full=True)
     with pytest.raises(UsageError, match=f"^{cache}/{SHARD} is corrupt: its SHA-256 differs"):
         open_caches([str(cache)], verify_all=True)  # mtdpo train --verify-cache
 
@@ -155,10 +157,10 @@ def test_a_missing_or_damaged_stamp_means_a_full_check(cache, hashed):
     flip_bytes_keep_mtime(cache / SHARD)
     (cache / "verified.json").write_text("{")
     with pytest.raises(UsageError, match="is corrupt: its SHA-256 differs"):
-        load_cache(cache, verify=True)
+        cache_dataset(cache, verify=True)
     (cache / "verified.json").unlink()
     with pytest.raises(UsageError, match="is corrupt: its SHA-256 differs"):
-        load_cache(cache, verify=True)
+        cache_dataset(cache, verify=True)
 
 
 def test_rewritten_checksums_invalidate_the_stamp(cache, hashed):
@@ -166,7 +168,7 @@ def test_rewritten_checksums_invalidate_the_stamp(cache, hashed):
     sums[SHARD]["sha256"] = "0" * 64
     (cache / "checksums.json").write_text(json.dumps(sums))
     with pytest.raises(UsageError, match="is corrupt: its SHA-256 differs"):
-        load_cache(cache, verify=True)
+        cache_dataset(cache, verify=True)
 
 
 # ── fingerprints from file bytes ──────────────────────────────────────────────
@@ -183,11 +185,11 @@ def resaved(source: Path, target: Path, indent: int | None) -> Path:
 def test_the_fingerprint_is_the_copy_s_bytes_and_a_layout_change_is_no_mismatch(cache, tmp_path):
     manifest = json.loads((cache / "manifest.json").read_text())
     fingerprint = manifest["tokenizer"]["fingerprint"]
-    assert fingerprint == fingerprint_dir(cache / "tokenizer") == fingerprint_dir(EMBEDDED_TOKENIZER)
+    assert fingerprint == tokenizer_fingerprint(cache / "tokenizer") == tokenizer_fingerprint(EMBEDDED_TOKENIZER)
     other_layout = resaved(EMBEDDED_TOKENIZER, tmp_path / "compact", indent=None)
-    assert fingerprint_dir(other_layout) != fingerprint
+    assert tokenizer_fingerprint(other_layout) != fingerprint
     assert same_tokenizer(fingerprint, cache / "tokenizer", other_layout)  # vocabulary hash decides
-    check_model_matches(manifest, str(other_layout), 2048, False, cache)
+    check_model_matches(open_cache(cache), str(other_layout), 2048, False)
 
 
 def test_a_different_vocabulary_is_refused(cache, tmp_path):
@@ -203,7 +205,7 @@ def test_a_different_vocabulary_is_refused(cache, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(data))
     assert not same_tokenizer(manifest["tokenizer"]["fingerprint"], cache / "tokenizer", other)
     with pytest.raises(UsageError, match="differs from the cache's"):
-        check_model_matches(manifest, str(other), 2048, False, cache)
+        check_model_matches(open_cache(cache), str(other), 2048, False)
 
 
 def test_a_manifest_holding_the_old_vocabulary_hash_still_matches(cache, tmp_path):

@@ -10,11 +10,12 @@ import random
 import re
 
 import pytest
-from helpers import FAMILIES, family_tokenizer, for_family, math_agent_pairs, sample_rows
+from helpers import FAMILIES, RowEncoder, family_tokenizer, for_family, math_agent_pairs, sample_rows
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, end_markers, labels_for, trained_ranges
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 from mtdpo.preprocess.rows import RowError
+from mtdpo.preprocess.spans import TokenBounds, TurnSpan, labels_for, trained_ranges
+from mtdpo.preprocess.template import end_markers
 from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, TokenSurfaces, common_prefix_length, reuse_rule
 
 
@@ -98,8 +99,9 @@ def test_every_pair_encodes_as_if_whole_on_every_family(family):
     """Both sides of many pairs (multi-turn, tool turns, awkward whitespace) and pairs in a row:
     the reused encodings equal the whole ones token for token, offsets included."""
     tok = family_tokenizer(family)
-    chat = ChatTemplate(tok)
-    assert chat.encoder.rule is not None  # every family's tokenizer qualifies
+    builder = RecordBuilder(tok, MaskOptions())
+    chat, encoder = builder.chat, builder.encoder
+    assert encoder.rule is not None  # every family's tokenizer qualifies
     rows = [for_family(r, family) for r in [*sample_rows(60), *math_agent_pairs().values()]]
     rng = random.Random(0)
     texts = []
@@ -114,16 +116,16 @@ def test_every_pair_encodes_as_if_whole_on_every_family(family):
         at = rng.randrange(len(text))
         texts += [text, text[:at] + "\n\n" + text[at:], text[:at] + tok.eos_token + text[at:], text[:at] + "  x"]
     for text in texts:
-        assert chat.tokenize(text) == whole(tok, text)
-    assert chat.encoder.reused_tokens > 0
-    before = chat.encoder.rebuilt_offsets
+        assert encoder.encode(text) == whole(tok, text)
+    assert encoder.reused_tokens > 0
+    before = encoder.rebuilt_offsets
     for text in texts:  # again: every token is known now, so the offsets are rebuilt
-        assert chat.tokenize(text) == whole(tok, text)
+        assert encoder.encode(text) == whole(tok, text)
     # ... for every text whose tokens hold whole characters (an added token cut open above,
     # DeepSeek's "<｜User｜>" with "\n\n" inside, leaves "｜" to byte-level pieces).
     whole_characters = [t for t in texts if not splits_a_character(whole(tok, t))]
     assert len(whole_characters) > len(texts) * 0.9
-    assert chat.encoder.surfaces is not None and chat.encoder.rebuilt_offsets - before >= len(whole_characters)
+    assert encoder.surfaces is not None and encoder.rebuilt_offsets - before >= len(whole_characters)
 
 
 def test_the_rule_refuses_tokenizers_it_cannot_show_exact():
@@ -145,8 +147,8 @@ def test_the_rule_refuses_tokenizers_it_cannot_show_exact():
 def test_pairs_are_the_same_with_and_without_reuse():
     tok = family_tokenizer("qwen2")
     rows = [for_family(r, "qwen2") for r in [*sample_rows(40), *math_agent_pairs().values()]]
-    fast, slow = PairEncoder(tok, MaskOptions()), PairEncoder(tok, MaskOptions())
-    slow.chat.encoder.rule = None
+    fast, slow = RowEncoder(tok, MaskOptions()), RowEncoder(tok, MaskOptions())
+    slow.builder.encoder.rule = None
     for row in rows:
         try:
             expected = slow(row)
@@ -155,7 +157,7 @@ def test_pairs_are_the_same_with_and_without_reuse():
                 fast(row)
             continue
         assert fast(row) == expected
-    assert fast.chat.encoder.reused_tokens > 0 and slow.chat.encoder.reused_tokens == 0
+    assert fast.builder.encoder.reused_tokens > 0 and slow.builder.encoder.reused_tokens == 0
 
 
 # ── TokenSurfaces: offsets rebuilt from what each token covered before ──────
@@ -197,7 +199,7 @@ def test_a_character_split_between_tokens_is_never_learned():
 
 
 def surfaces_for(tok) -> TokenSurfaces:
-    """A table for `tok`, as ChatTemplate builds its encoder's."""
+    """A table for `tok`, as RecordBuilder builds its encoder's."""
     return TokenSurfaces(tok.backend_tokenizer.get_vocab_size(with_added_tokens=True), end_markers(tok))
 
 
@@ -250,8 +252,6 @@ def test_token_bounds_by_hand():
 
 
 def test_trained_ranges_and_labels_by_hand():
-    from mtdpo.preprocess.mask import TurnSpan
-
     starts = [0, 5, 9, 12, 20, 24]
     spans = [TurnSpan(1, 9, 9, 20, 21), TurnSpan(3, 24, 24, 30, 30)]
     assert trained_ranges(starts, spans) == [(2, 4), (5, 6)]  # tokens starting at 9, 12; and 24

@@ -12,11 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import IGNORE, decoded_runs, family_tokenizer, msg
+from helpers import IGNORE, RowEncoder, decoded_runs, family_tokenizer, msg
 
-from mtdpo.preprocess.encode import MaskOptions, PairEncoder
-from mtdpo.preprocess.mask import ChatTemplate, TokenBounds, assistant_spans, check_spans
+from mtdpo.cache import PairRecord
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 from mtdpo.preprocess.rows import RowError, to_pair
+from mtdpo.preprocess.spans import TokenBounds, assistant_spans, check_spans
+from mtdpo.preprocess.template import ChatTemplate
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # tool_use_table, the generated set's table
 QUESTION = msg("user", "What is 17 * 23?")
@@ -49,7 +51,7 @@ def agent_pair(first: dict, **row) -> dict:
 
 
 def encode(tok, row: dict) -> dict:
-    record, _ = PairEncoder(tok, MaskOptions())(row)
+    record, _ = RowEncoder(tok, MaskOptions())(row)
     return record
 
 
@@ -267,7 +269,7 @@ def test_span_functions_on_one_conversation():
     )
     assert text[spans[0].end : spans[0].turn_end] == "\n"  # the template's newline after the marker
     assert text[: spans[0].start].endswith("<|im_start|>assistant\n") and spans[0].header_end == spans[0].start
-    encoded = chat.tokenize(text)
+    encoded = RecordBuilder(tok, MaskOptions()).encoder.encode(text)
     tokens = TokenBounds.of(encoded.starts, encoded.ends)
     check_spans(text, tokens, messages, spans)  # passes
     inside_a_token = replace(spans[0], header_end=spans[0].start + 1, start=spans[0].start + 1)  # inside <tool_call>
@@ -428,7 +430,7 @@ def test_turn_view_labels_tool_calls_and_tool_results():
         )
         row["chosen"][2] = tool_result("391", "abc123xyz")
         record = {**encode(tok, row), "row": 0}
-        view = show.build_view(record, tok, 0, ["chosen"])
+        view = show.build_view(PairRecord.from_row(record), tok, 0, ["chosen"])
         assert [turn.role for turn in view.sides[0].turns] == roles, family
 
 
@@ -467,8 +469,8 @@ PACKAGED = {
 def test_packaged_templates_are_the_tested_real_ones():
     from helpers import TEMPLATES
 
-    from mtdpo.tokenizer import TEMPLATES as PACKAGED_DIR
-    from mtdpo.tokenizer import packaged_templates
+    from mtdpo.assets import TEMPLATES as PACKAGED_DIR
+    from mtdpo.assets import packaged_templates
 
     assert packaged_templates() == sorted(PACKAGED)
     for name, family in PACKAGED.items():
@@ -476,9 +478,9 @@ def test_packaged_templates_are_the_tested_real_ones():
 
 
 def test_chat_template_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    from mtdpo.assets import TEMPLATES as PACKAGED_DIR
     from mtdpo.errors import UsageError
-    from mtdpo.tokenizer import TEMPLATES as PACKAGED_DIR
-    from mtdpo.tokenizer import load_tokenizer
+    from mtdpo.preprocess.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None, "gemma3")
     assert tok.chat_template == (PACKAGED_DIR / "gemma3.jinja").read_text()
@@ -547,7 +549,7 @@ def test_generated_tool_use_rows_train_what_the_template_renders(family):
 
     from mtdpo.synthetic import make_tool_pairs
 
-    tok, encoder = family_tokenizer(family), PairEncoder(family_tokenizer(family), MaskOptions(max_length=1 << 20))
+    tok, encoder = family_tokenizer(family), RowEncoder(family_tokenizer(family), MaskOptions(max_length=1 << 20))
     checked = 0
     for row in make_tool_pairs(35):
         row = tool_use_table.restyle(row, family, "native")

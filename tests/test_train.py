@@ -6,14 +6,14 @@ import shutil
 import pytest
 import torch
 import transformers
-from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
+from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, precompute, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mtdpo.errors import UsageError
 from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.loss import sequence_logps
 from mtdpo.train.run import train
-from mtdpo.train.trainer import fused_sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -199,16 +199,16 @@ def test_train_help_lists_every_option():
 
 
 def test_precomputed_reference_gives_the_same_losses_without_a_reference_model(cache, tmp_path, monkeypatch):
-    from mtdpo.cache import load_cache
+    from helpers import cache_dataset
+
     from mtdpo.train import run as run_module
-    from mtdpo.train.reference import precompute_reference
 
     live = tmp_path / "live"
     train(run_config(cache, tmp_path, output_dir=str(live)))
     cached = tmp_path / "cached"
     shutil.copytree(cache, cached)
-    precompute_reference(cached, progress=False)
-    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(load_cache(cached).column_names)
+    precompute(cached)
+    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(cache_dataset(cached).column_names)
     assert json.loads((cached / "manifest.json").read_text())["reference"]["columns"] == [
         "ref_chosen_logp",
         "ref_rejected_logp",
@@ -226,10 +226,11 @@ def test_precomputed_reference_gives_the_same_losses_without_a_reference_model(c
 
 
 def test_padding_free_batches_give_the_padded_losses_and_gradients(cache, tmp_path):
-    from mtdpo.cache import load_cache
+    from helpers import cache_dataset
+
     from mtdpo.train.data import PairCollator
 
-    rows = [load_cache(cache)[i] for i in range(4)]
+    rows = [cache_dataset(cache)[i] for i in range(4)]
     padded, packed = PairCollator(0)(rows), PairCollator(0, padding_free=True)(rows)
     assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))  # not one pad token
     results = []

@@ -17,8 +17,9 @@ from datasets import Dataset
 from trainkit import batch, make_cache, mtdpo_trainer, single_turn_rows, tiny_model
 from transformers import AutoTokenizer
 
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+from mtdpo.assets import EMBEDDED_TOKENIZER
 from mtdpo.train.loss import dpo_loss, nll_loss, sequence_logps
+from mtdpo.train.plan import Reference
 
 trl = pytest.importorskip("trl")
 B = 4
@@ -95,7 +96,9 @@ def test_step0_loss_rewards_and_gradients_match_trl(setup):
     trl_loss, trl_metrics, trl_model = run_trl(tmp, rows, reference, policy, ref_logps, mb)
 
     model = copy.deepcopy(policy)
-    trainer = mtdpo_trainer(cache, model, None, tmp, beta=0.1, nll_coef=1.0, per_device_train_batch_size=B)
+    trainer = mtdpo_trainer(
+        cache, model, None, tmp, Reference.COLUMNS, beta=0.1, nll_coef=1.0, per_device_train_batch_size=B
+    )
     loss = trainer.compute_loss(model, {**mb, "ref_logps": ref_logps})
     loss.backward()
     ours = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -121,7 +124,7 @@ def test_live_reference_equals_precomputed(setup):
     tmp, _, cache, reference, policy, mb, ref_logps = setup
     live = mtdpo_trainer(cache, copy.deepcopy(policy), reference, tmp)
     loss_live = live.compute_loss(live.model, mb)
-    pre = mtdpo_trainer(cache, copy.deepcopy(policy), None, tmp)
+    pre = mtdpo_trainer(cache, copy.deepcopy(policy), None, tmp, Reference.COLUMNS)
     loss_pre = pre.compute_loss(pre.model, {**mb, "ref_logps": ref_logps})
     assert loss_live.item() == pytest.approx(loss_pre.item(), abs=1e-6)
 

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import socket
 from pathlib import Path
 
 import torch
-from helpers import run_preprocess, write_jsonl
+from helpers import cache_dataset, run_preprocess, write_jsonl
 from transformers import set_seed
 
-from mtdpo.cache import load_cache
+from mtdpo.assets import EMBEDDED_TOKENIZER
+from mtdpo.cache import open_caches
 from mtdpo.synthetic import make_pairs
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.model import load_policy
+from mtdpo.train.plan import Reference, make_plan
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,14 +56,21 @@ def tiny_model(seed: int = 0, dtype=torch.float32):
     return load_policy(None, "eager", dtype, False)
 
 
-def mtdpo_trainer(cache: Path, policy, ref, tmp: Path, **config) -> MultiTurnDPOTrainer:
+def mtdpo_trainer(
+    cache: Path, policy, ref, tmp: Path, reference: Reference | None = None, **config
+) -> MultiTurnDPOTrainer:
+    """A trainer on `cache` with `ref` as its reference model, or (`reference`=Reference.COLUMNS)
+    none: the batches then carry the reference log-probs."""
     # fp32 unless a test asks: the numbers tests compare are fp32 ones (bf16 is auto on CPUs that have it)
     defaults = dict(
         output_dir=str(tmp / "run"), data=[str(cache)], use_cpu=True, per_device_train_batch_size=4, bf16=False
     )
     args = MtdpoConfig(**{**defaults, **config})
     ref = None if ref is None else copy.deepcopy(ref).eval().requires_grad_(False)
-    return MultiTurnDPOTrainer(policy, ref, args, train_dataset=load_cache(cache), data_collator=PairCollator(0))
+    data = open_caches([str(cache)])
+    plan = make_plan(args, data, None, policy.config)
+    plan = plan if reference is None else dataclasses.replace(plan, reference=reference)
+    return MultiTurnDPOTrainer(policy, ref, args, plan, train_dataset=data.dataset, data_collator=PairCollator(0))
 
 
 def loss_metrics_grads(trainer: MultiTurnDPOTrainer, inputs: dict) -> tuple[float, dict, list[torch.Tensor]]:
@@ -73,8 +82,16 @@ def loss_metrics_grads(trainer: MultiTurnDPOTrainer, inputs: dict) -> tuple[floa
 
 
 def batch(cache: Path, indices) -> dict:
-    ds = load_cache(cache)
+    ds = cache_dataset(cache)
     return PairCollator(0)([ds[i] for i in indices])
+
+
+def precompute(cache: Path, model: str | None = None, **options) -> None:
+    """`mtdpo precompute-ref CACHE [--model M]` as a library call, fp32 (as the tests train)."""
+    from mtdpo.train.reference import precompute_reference
+
+    config = MtdpoConfig(data=[str(cache)], model=model, use_cpu=True, bf16=False, **options)
+    precompute_reference(config, progress=False)
 
 
 def logged(run_dir: Path, key: str = "loss") -> dict[int, float]:

@@ -19,7 +19,6 @@ their global row numbers, so N machines can each preprocess one slice; the cache
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -29,8 +28,8 @@ from itertools import islice
 from pathlib import Path
 
 from mtdpo.errors import UsageError
+from mtdpo.fingerprint import sha256_file, sha256_files
 from mtdpo.preprocess.rows import RowError
-from mtdpo.tokenizer import sha256_path
 
 # File suffix -> format; "arrow" is a saved `datasets` directory, never a file in a directory input.
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -263,12 +262,21 @@ class Source:
         if self.hub is not None:
             info["split"] = self.split
         else:
-            info["sha256"] = _sha256_files(self.files)
+            info["sha256"] = self.sha256()
         if self.fmt == "directory":
             info["files"] = [
                 {"name": f.name, "format": f.fmt, "first_row": f.first_row, "rows": f.rows} for f in self.files
             ]
         return info
+
+    def sha256(self) -> str:
+        """The input's content hash: a file's bytes, or every file under the input with its name."""
+        if self.fmt == "directory":
+            return sha256_files([f.path for f in self.files], Path(self.spec))
+        path = self.files[0].path
+        if path.is_dir():  # a saved datasets directory
+            return sha256_files(sorted(p for p in path.rglob("*") if p.is_file()), path)
+        return sha256_file(path)
 
     def shard_info(self) -> dict | None:
         """The manifest's "shard": which slice of the input this cache holds (None: all of it)."""
@@ -383,11 +391,3 @@ def _announced_rows(dataset, split: str) -> int | None:
     splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
     info = splits.get(split) if hasattr(splits, "get") else None
     return getattr(info, "num_examples", None) or None
-
-
-def _sha256_files(files: list[InputFile]) -> str:
-    """The input's content hash: the file's (as before), or a hash of each file's name and hash."""
-    if len(files) == 1 and files[0].name == files[0].path.name:
-        return sha256_path(files[0].path)
-    lines = "".join(f"{file.name}\0{sha256_path(file.path)}\n" for file in files)
-    return hashlib.sha256(lines.encode()).hexdigest()

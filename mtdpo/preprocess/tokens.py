@@ -15,8 +15,8 @@ any other (then every text is encoded whole). "Well past q": the two texts agree
 length of the longest added token after q, so no added-token match near q can differ.
 
 Offsets are the other cost: `tokenizers` converts every token's byte offsets to character
-offsets through a map of the whole text, which makes an encoding with offsets ~1.4x one
-without (`encode_batch_fast`). So a text is encoded without them, and its offsets are rebuilt
+offsets through a map of the whole text, which makes an encoding with offsets dearer than one
+without (`encode_batch_fast`; docs/PERFORMANCE.md has the figures). So a text is encoded without them, and its offsets are rebuilt
 from what each token id covered in earlier encodings (TokenSurfaces): the tokens' texts, one
 after another, must spell the text exactly, or the offsets come from the tokenizer. That gives
 the tokenizer's offsets where a token covers the same characters wherever it appears; every
@@ -67,7 +67,7 @@ PIECE_LOCAL = {
 
 # Reuse a prefix only if it is at least 1/REUSE_MIN_SHARE of the text left to encode. Moving the
 # rest's offsets costs time in proportion to the rest: consecutive rows that share only
-# "<bos><start_of_turn>" cost 3 % more with reuse than without (bench data, embedded tokenizer).
+# "<bos><start_of_turn>" cost more with reuse than without (bench data, embedded tokenizer).
 REUSE_MIN_SHARE = 8
 
 
@@ -75,7 +75,7 @@ class Tokens(NamedTuple):
     """A text's token ids, and where each token starts and ends in it (character offsets): what
     the mask bisects. Two lists, not (start, end) pairs: the rest after a reused prefix has its
     offsets moved as they are split into the two, where moving the pairs first was a pass of its
-    own (22 µs for a 175-token text)."""
+    own."""
 
     ids: list[int]
     starts: list[int]
@@ -113,7 +113,7 @@ def reuse_rule(tokenizer) -> ReuseRule | None:
         return None  # Metaspace adds "▁" to the first piece only: a cut text's first piece differs
     if getattr(backend.model, "dropout", None):
         return None  # random merges: no two encodings are the same anyway
-    added = tokenizer.added_tokens_decoder  # built anew at every access (12 ms with Gemma 3's 6k): read once
+    added = tokenizer.added_tokens_decoder  # built anew at every access (Gemma 3 has 6k): read once
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
         return None  # a token that swallows the whitespace around it reaches across a cut
     cut_ids = frozenset(i for i, t in added.items() if not t.normalized)

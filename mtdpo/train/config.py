@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from mtdpo.errors import UsageError
+from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 
 
 @dataclass
@@ -19,10 +23,10 @@ class MtdpoConfig(TrainingArguments):
     )
     model: str | None = field(
         default=None,
-        metadata={"help": "Policy model name or path. Default: a tiny random Gemma-architecture model (offline demo)."},
+        metadata={"help": "Policy model name or path. [default: a tiny random Gemma-architecture model (offline demo)]"},
     )
     ref_model: str | None = field(
-        default=None, metadata={"help": "Frozen reference model. Default: a copy of --model as loaded."}
+        default=None, metadata={"help": "Frozen reference model. [default: a copy of --model as loaded]"}
     )
     beta: float = field(
         default=0.1, metadata={"help": "DPO temperature: larger keeps the policy closer to the reference."}
@@ -151,6 +155,30 @@ class MtdpoConfig(TrainingArguments):
             raise ValueError("--data is required: a cache directory written by `mtdpo preprocess`")
         if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
             self.dataloader_pin_memory = False  # pinning needs an accelerator: torch warns on every run otherwise
+        self.check()
+
+    def check(self) -> None:
+        """Options that cannot work together, refused in one line before anything is loaded."""
+        if self.loss_type not in LOSS_TYPES:
+            raise UsageError(f"unknown --loss-type {self.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+        if self.nll_norm not in NLL_NORMS:
+            raise UsageError(f"unknown --nll-norm {self.nll_norm!r}; use one of {', '.join(NLL_NORMS)}")
+        if self.loss_scope not in ("step", "micro_batch"):
+            raise UsageError(f"unknown --loss-scope {self.loss_scope!r}; use step or micro_batch")
+        if self.loss_type in REFERENCE_FREE and self.ref_model:
+            raise UsageError(
+                f"--loss-type {self.loss_type} is reference-free: it never uses --ref-model {self.ref_model}; drop one of them"
+            )
+        if self.lora_r < 0:
+            raise UsageError(f"--lora-r {self.lora_r}: the LoRA rank is a positive number (0 = full fine-tune)")
+        if self.lora_r == 0:
+            for flag, value in (("--merge-adapters", self.merge_adapters), ("--load-in-4bit", self.load_in_4bit)):
+                if value:
+                    raise UsageError(f"{flag} needs LoRA adapters: pass --lora-r (e.g. 16)")
+        if self.lora_r > 0 and self.model is None and is_deepspeed_zero3_enabled():
+            raise UsageError(
+                "LoRA with ZeRO-3 needs a saved --model: ZeRO-3 builds the random default model shard by shard"
+            )
 
 
 def cpu_has_bf16_matmul() -> str | None:

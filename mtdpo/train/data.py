@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from trl.trainer.utils import pad
 
-from mtdpo.cache import IGNORE_INDEX, REF_COLUMNS
+from mtdpo.cache import IGNORE_INDEX, SIDES, PairRecord
 
 
 @dataclass
@@ -31,25 +30,20 @@ class PairCollator:
     prefix_sharing: bool = False  # one row of B prompt + chosen + rejected stretches (implies no padding)
     segments: bool = False  # padded batches: also describe each row's real tokens for segment attention
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict | PairRecord]) -> dict[str, torch.Tensor]:
+        pairs = [r if isinstance(r, PairRecord) else PairRecord.from_row(r) for r in rows]
         if self.prefix_sharing:
-            batch = shared(rows)
+            batch = shared(pairs)
         else:
-            sides = [f"{side}_{{}}" for side in ("chosen", "rejected")]
-            ids = [torch.tensor(r[side.format("input_ids")]) for side in sides for r in rows]
-            labels = [torch.tensor(r[side.format("labels")]) for side in sides for r in rows]
+            ids = [torch.tensor(p.side(side).input_ids) for side in SIDES for p in pairs]
+            labels = [torch.tensor(p.side(side).labels) for side in SIDES for p in pairs]
             batch = packed(ids, labels) if self.padding_free else padded(ids, labels, self.pad_token_id, self.segments)
-        batch["pair_tokens"] = torch.tensor(
-            sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-        )
-        batch["rows"] = torch.tensor([r["row"] for r in rows])
-        if all(column in rows[0] for column in REF_COLUMNS):
-            batch["ref_logps"] = torch.tensor([r[c] for c in REF_COLUMNS for r in rows], dtype=torch.float32)
-        # Trained chosen tokens (a label predicts from the token before it: never the first), in
-        # every layout: Trainer sums them over an optimizer step to normalise the NLL.
-        batch["chosen_tokens"] = torch.tensor(
-            sum(int(np.count_nonzero(np.asarray(r["chosen_labels"][1:]) != IGNORE_INDEX)) for r in rows)
-        )
+        batch["pair_tokens"] = torch.tensor(sum(len(p.chosen) + len(p.rejected) for p in pairs))
+        batch["rows"] = torch.tensor([p.row for p in pairs])
+        if pairs[0].reference is not None:
+            batch["ref_logps"] = torch.tensor([p.reference[k] for k in (0, 1) for p in pairs], dtype=torch.float32)
+        # Trainer sums them over an optimizer step to normalise the NLL (the same count in every layout).
+        batch["chosen_tokens"] = torch.tensor(sum(p.chosen.trained_tokens for p in pairs))
         return batch
 
 
@@ -87,7 +81,7 @@ def packed(ids: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, tor
     }
 
 
-def shared_pair(row: dict) -> dict[str, torch.Tensor | list]:
+def shared_pair(pair: PairRecord) -> dict[str, torch.Tensor | list]:
     """One pair as one stretch: prompt + chosen suffix, then the rejected branch.
 
     With p = prompt_len shared tokens, the rejected branch is rejected_ids[p-1:]: it starts with
@@ -101,12 +95,12 @@ def shared_pair(row: dict) -> dict[str, torch.Tensor | list]:
     ids, labels, positions, its two segments and its (position, side) scoring pairs, with side
     0 = chosen, 1 = rejected; positions are relative to the stretch.
     """
-    c_ids, c_lab = row["chosen_input_ids"], row["chosen_labels"]
-    r_ids, r_lab = row["rejected_input_ids"], row["rejected_labels"]
-    p = row["prompt_len"]
+    c_ids, c_lab = pair.chosen.input_ids, pair.chosen.labels
+    r_ids, r_lab = pair.rejected.input_ids, pair.rejected.labels
+    p = pair.prompt_len
     s = max(p - 1, 0)  # where the rejected branch starts; its context is trunk[:s]
     if list(c_ids[:p]) != list(r_ids[:p]):
-        raise ValueError(f"row {row.get('row')}: prompt_len {p} is not a common prefix of chosen and rejected")
+        raise ValueError(f"row {pair.row}: prompt_len {p} is not a common prefix of chosen and rejected")
     n = len(c_ids)
     trunk_labels = [IGNORE_INDEX] * n
     score = []  # (label position in the stretch, side)
@@ -129,19 +123,19 @@ def shared_pair(row: dict) -> dict[str, torch.Tensor | list]:
     }
 
 
-def shared(rows: list[dict]) -> dict[str, torch.Tensor]:
+def shared(pairs: list[PairRecord]) -> dict[str, torch.Tensor]:
     """B pairs, each a `shared_pair` stretch, end to end in one row."""
     ids, labels, positions, segments, index = [], [], [], [], []
-    b = len(rows)
-    for i, row in enumerate(rows):
-        pair, offset = shared_pair(row), len(ids)
-        ids += pair["input_ids"]
-        labels += pair["labels"]
-        positions += pair["position_ids"]
+    b = len(pairs)
+    for i, pair in enumerate(pairs):
+        stretch, offset = shared_pair(pair), len(ids)
+        ids += stretch["input_ids"]
+        labels += stretch["labels"]
+        positions += stretch["position_ids"]
         segments += [
-            [0, start + offset, end + offset, cs + offset, ce + offset] for start, end, cs, ce in pair["segments"]
+            [0, start + offset, end + offset, cs + offset, ce + offset] for start, end, cs, ce in stretch["segments"]
         ]
-        index += [(t + offset, i + side * b) for t, side in pair["score"]]
+        index += [(t + offset, i + side * b) for t, side in stretch["score"]]
     return {
         "input_ids": torch.tensor([ids]),
         "labels": torch.tensor([labels]),

@@ -44,6 +44,7 @@ SHORT_HELP = {
     "num_train_epochs": "Passes over the data.",
     "max_steps": "Optimizer steps to run; overrides --num-train-epochs when > 0.",
     "per_device_train_batch_size": "Pairs per batch on each device.",
+    "per_device_eval_batch_size": "Pairs per forward pass in evaluation and precompute-ref.",
     "gradient_accumulation_steps": "Batches per optimizer step (the update equals one batch this many times larger).",
     "bf16": "bfloat16 mixed precision; --no-bf16: fp32. [default: where the hardware has it: GPU, CPU with AMX or avx512_bf16]",
     "activation_checkpointing": "Recompute activations in the backward pass: less memory, ~20% slower. Alias: --gradient-checkpointing.",
@@ -82,10 +83,49 @@ def print_help(console: Console | None = None) -> None:
     )
 
 
+# The train options that decide a reference's log-probs: precompute-ref reads the same ones, so
+# the same flags or YAML give the same reference, layout and precision as the training run.
+PRECOMPUTE_OPTIONS = (
+    "model",
+    "ref_model",
+    "seed",
+    "bf16",
+    "attn_implementation",
+    "prefix_sharing",
+    "padding_free",
+    "per_device_eval_batch_size",
+    "allow_mismatch",
+    "trust_remote_code",
+    "verify_cache",
+)
+
+
+def print_precompute_help(console: Console | None = None) -> None:
+    from mtdpo.train.config import MtdpoConfig
+
+    console = console or Console()
+    fields = {f.name: f for f in dataclasses.fields(MtdpoConfig)}
+    console.print("\n Usage: mtdpo precompute-ref CACHE [OPTIONS]\n")
+    console.print(
+        " Store the reference model's log-probs in CACHE (beside its token shards); training then loads\n"
+        " no reference model. The reference is --ref-model, by default --model (the tiny random model of\n"
+        " --seed when neither is given). Give the options of the training run, or its [bold]--config FILE.yaml[/]:\n"
+        " the log-probs are computed with its layout and precision, so training starts from a tie.\n",
+        highlight=False,
+    )
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    for name in PRECOMPUTE_OPTIONS:
+        flag = f"--{name.replace('_', '-')}" + (" (--batch-size)" if name == "per_device_eval_batch_size" else "")
+        table.add_row(flag, escape(_describe(fields[name])))
+    console.print(Panel(table, title="Options (those of `mtdpo train`)", title_align="left", border_style="dim"))
+
+
 def _describe(field: dataclasses.Field) -> str:
     text = SHORT_HELP.get(field.name) or " ".join(str(field.metadata.get("help", "")).split())
     default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    if "default" in text.lower():
+    if "[default:" in text:
         return text
     return f"{text} [default: {_show(default)}]"
 

@@ -11,7 +11,6 @@ what a run leaves on disk.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mtdpo import compat
 from mtdpo.errors import UsageError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -108,21 +108,7 @@ def merge_saved_adapters(output_dir: Path, base: str, dtype: torch.dtype) -> Non
     for name in ADAPTER_FILES:
         if (output_dir / name).exists():
             shutil.move(str(output_dir / name), adapter_dir / name)
-    with zero3_off():
+    with compat.zero3_off():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(output_dir))
-
-
-@contextlib.contextmanager
-def zero3_off():
-    """Under ZeRO-3, from_pretrained partitions the weights as it loads them, a collective that
-    waits for every rank: the main process alone loads a whole model only with it switched off."""
-    from transformers.integrations import deepspeed
-
-    saved = deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps the config in this module global
-    deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from mtdpo.cache import Manifest
 from mtdpo.errors import UsageError
+from mtdpo.fingerprint import weights_sha256
 from mtdpo.train.model import load_policy
-
-CHUNK = 1 << 24  # bytes read at a time while hashing weight files
 
 
 def reference_identity(name_or_path: str | None, seed: int) -> dict:
@@ -29,22 +29,15 @@ def reference_identity(name_or_path: str | None, seed: int) -> dict:
     return {
         "path": str(local.resolve()) if local.is_dir() else name_or_path,
         "seed": None,
-        "weights_sha256": files_sha256(directory),
+        "weights_sha256": weights_of(directory),
     }
 
 
-def files_sha256(directory: Path) -> str:
-    """SHA-256 over the weight files transformers loads (safetensors, else .bin), names and bytes."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    if not files:
+def weights_of(directory: Path) -> str:
+    sha = weights_sha256(directory)
+    if sha is None:
         raise UsageError(f"no weight files (*.safetensors, *.bin) in {directory}")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return sha
 
 
 def tiny_model_sha256(seed: int) -> str:
@@ -69,39 +62,40 @@ def hub_snapshot(name: str) -> Path:
         ) from None
 
 
-def describe(identity: dict) -> str:
-    who = identity["path"] if identity.get("path") else f"the tiny random model (seed {identity.get('seed')})"
-    return f"{who} (weights {identity['weights_sha256'][:12]})"
+def describe(identity) -> str:
+    path, seed, sha = identity.path, identity.seed, identity.weights_sha256
+    who = path if path else f"the tiny random model (seed {seed})"
+    return f"{who} (weights {sha[:12]})"
 
 
-def check_provenance(caches: list[tuple[str, dict]], ref_model: str | None, model: str | None, seed: int) -> None:
+def check_provenance(caches: list[tuple[str, Manifest]], ref_model: str | None, model: str | None, seed: int) -> None:
     """Every cache whose reference columns the run would use (path, manifest) must come from one
     reference, the run's own: `--ref-model`, by default `--model` (the tiny model: `--seed`)."""
     if not caches:
         return
     for path, manifest in caches:
-        if not manifest.get("reference", {}).get("weights_sha256"):
+        if manifest.reference is None or not manifest.reference.weights_sha256:
             raise UsageError(
                 f"cache {path} holds reference log-probs with no record of the model that made them (an older mtdpo); "
                 f"re-run `mtdpo precompute-ref {path} --model REF`"
             )
-    (first, recorded), *others = [(path, manifest["reference"]) for path, manifest in caches]
+    (first, recorded), *others = [(path, manifest.reference) for path, manifest in caches]
     for path, other in others:
-        if other["weights_sha256"] != recorded["weights_sha256"]:
+        if other.weights_sha256 != recorded.weights_sha256:
             raise UsageError(
-                f"caches {first} and {path} hold reference log-probs of different models: {describe(recorded)} and {describe(other)}; precompute both with one"
+                f"caches {first} and {path} hold reference log-probs of different models: "
+                f"{describe(recorded)} and {describe(other)}; precompute both with one"
             )
     name = ref_model or model
     identity = reference_identity(name, seed)
-    if identity["weights_sha256"] != recorded["weights_sha256"]:
-        run_reference = (
-            f"--ref-model {ref_model}"
-            if ref_model
-            else f"--model {model} (the default reference)"
-            if model
-            else f"the tiny random model of --seed {seed}"
-        )
-        use_them = f"--ref-model {recorded['path']}" if recorded.get("path") else f"--seed {recorded.get('seed')}"
+    if identity["weights_sha256"] != recorded.weights_sha256:
+        if ref_model:
+            run_reference = f"--ref-model {ref_model}"
+        else:
+            run_reference = (
+                f"--model {model} (the default reference)" if model else f"the tiny random model of --seed {seed}"
+            )
+        use_them = f"--ref-model {recorded.path}" if recorded.path else f"--seed {recorded.seed}"
         raise UsageError(
             f"cache {first} holds reference log-probs of {describe(recorded)}, not of {run_reference} (weights "
             f"{identity['weights_sha256'][:12]}): pass {use_them} to train with them, or re-run `mtdpo precompute-ref {first}"

@@ -1,99 +1,87 @@
 """`mtdpo precompute-ref`: store the reference model's log-probs in the cache, once.
 
-Training then reads `ref_chosen_logp`/`ref_rejected_logp` from the shards and never loads a
-reference model: half the forward passes and one model's memory less per step.
+Training then reads them instead of running a reference model: half the forward passes and one
+model's memory less per step. They are computed with the plan the training run will have (its
+layout and precision, from the same options), so step 1 starts from a tie.
 """
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+import contextlib
 
 import torch
 from transformers import set_seed
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import (
-    REF_COLUMNS,
-    check_model_matches,
-    load_cache,
-    read_manifest,
-    write_checksums,
-    write_json,
-    writing,
-)
+from mtdpo.cache import Manifest, OpenCache, ReferenceInfo, check_model_matches, open_cache, write_reference
+from mtdpo.cache.schema import REFERENCE_COLUMNS
+from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
-from mtdpo.train.model import load_policy
+from mtdpo.train.forward import fused_sequence_logps
+from mtdpo.train.layout import choose_layout
+from mtdpo.train.model import load_model_config, load_policy
 from mtdpo.train.provenance import reference_identity
-from mtdpo.train.trainer import fused_sequence_logps
+
+
+def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest:
+    """Add reference log-probs to the cache `config.data[0]`: of `--ref-model`, by default `--model`
+    (the tiny random model of `--seed` when neither is given). Returns the updated manifest."""
+    name = config.ref_model or config.model
+    cache = open_cache(config.data[0], verify=True, full=config.verify_cache)  # never vouch for changed bytes
+    model_config = load_model_config(name, config.trust_remote_code)
+    check_model_matches(cache, name, model_config.vocab_size, config.allow_mismatch)
+    layout = choose_layout(config.attn_implementation, config.prefix_sharing, config.padding_free, model_config)
+    set_seed(config.seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
+    model = load_policy(name, config.attn_implementation, torch.float32, config.trust_remote_code)
+    model.set_attn_implementation(layout.attention)
+    add_fused_lm_head(model)
+    model.to(config.device).eval()
+    collate = PairCollator(cache.manifest.tokenizer.pad_token_id or 0, **layout.collator_options())
+    with autocast(config):
+        chosen, rejected = reference_logps(model, cache, collate, config.per_device_eval_batch_size, progress)
+    identity = reference_identity(name, config.seed)
+    info = ReferenceInfo(
+        model=name or "tiny random Gemma (seeded)",
+        columns=list(REFERENCE_COLUMNS),
+        precision="bf16" if config.bf16 else "fp32",
+        **identity,
+    )
+    return write_reference(cache.path, cache.manifest, chosen, rejected, info)
+
+
+def autocast(config: MtdpoConfig):
+    """The mixed precision the training run will use (Trainer autocasts its forwards the same way)."""
+    if not config.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(config.device.type, dtype=torch.bfloat16)
 
 
 def reference_logps(
-    model, dataset, pad_token_id: int, batch_size: int, progress: bool = True
+    model, cache: OpenCache, collate, batch_size: int, progress: bool = True
 ) -> tuple[list[float], list[float]]:
-    """Summed log-probs of the trained tokens of every chosen and rejected sequence."""
-    from rich.progress import Progress
+    """Summed log-probs of the trained tokens of every chosen and rejected sequence, in cache order."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    collate = PairCollator(pad_token_id)
+    columns = (TextColumn("reference log-probs"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"))
     chosen, rejected = [], []
-    pairs = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
-    with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
-        task = bar.add_task("reference log-probs", total=len(pairs))
-        for start in range(0, len(pairs), batch_size):
-            rows = pairs[start : start + batch_size]
-            batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+    with (
+        Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress, transient=True) as bar,
+        torch.no_grad(),
+    ):
+        task = bar.add_task("reference", total=len(cache))
+        for start in range(0, len(cache), batch_size):
+            batch = collate([cache.record(i) for i in range(start, min(start + batch_size, len(cache)))])
+            batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             logps, _ = fused_sequence_logps(model, batch)
             c, r = logps.float().chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()
             bar.advance(task, len(c))
     return chosen, rejected
-
-
-def precompute_reference(
-    cache: Path,
-    model_name: str | None = None,
-    batch_size: int = 8,
-    seed: int = 42,
-    attn_implementation: str = "sdpa",
-    allow_mismatch: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Add the reference columns to `cache` (rewritten atomically); returns the manifest."""
-    from datasets import Value
-
-    cache = Path(cache)
-    manifest = read_manifest(cache)
-    dataset = load_cache(cache)
-    set_seed(seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
-    model = load_policy(model_name, attn_implementation, torch.float32, trust_remote_code)
-    check_model_matches(manifest, model_name, model.config.vocab_size, allow_mismatch, cache)
-    add_fused_lm_head(model)
-    model.eval()
-    identity = reference_identity(model_name, seed)
-    chosen, rejected = reference_logps(model, dataset, manifest["tokenizer"]["pad_token_id"] or 0, batch_size, progress)
-
-    base = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
-    float32 = Value("float32")
-    with_ref = base.add_column(REF_COLUMNS[0], chosen, feature=float32).add_column(
-        REF_COLUMNS[1], rejected, feature=float32
-    )
-    with writing(cache, kind="ref") as tmp:
-        with_ref.save_to_disk(str(tmp))
-        for extra in ("stats.json", "rejects.jsonl", "tokenizer"):  # checksums.json is rewritten below
-            source = cache / extra
-            if source.is_dir():
-                shutil.copytree(source, tmp / extra)
-            elif source.exists():
-                shutil.copy2(source, tmp / extra)
-        # Which model made the columns: train uses them only with the same reference (provenance.py).
-        manifest["reference"] = {
-            "model": model_name or "tiny random Gemma (seeded)",
-            **identity,
-            "columns": list(REF_COLUMNS),
-        }
-        write_json(tmp / "manifest.json", manifest)
-        write_checksums(tmp)  # the new shards' sizes and SHA-256, checked when the cache is opened
-        del dataset, base, with_ref  # release the memory maps of the old shards before replacing them
-    return manifest

@@ -8,34 +8,19 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as transformers_logging
 
-from mtdpo.cache import check_model_matches, expand_cache_paths, has_reference_columns, open_caches, read_manifest
-from mtdpo.errors import Interrupted, UsageError
+from mtdpo.cache import check_model_matches, expand_cache_paths, open_caches
+from mtdpo.errors import Interrupted
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.lora import add_lora, finish_adapters
-from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
-from mtdpo.train.model import choose_layout, load_policy, load_reference
-from mtdpo.train.provenance import check_provenance
+from mtdpo.train.model import load_model_config, load_policy, load_reference
+from mtdpo.train.plan import make_plan
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.trainer import MultiTurnDPOTrainer
-
-
-def check_lora_options(config: MtdpoConfig) -> None:
-    if config.lora_r < 0:
-        raise UsageError(f"--lora-r {config.lora_r}: the LoRA rank is a positive number (0 = full fine-tune)")
-    if config.lora_r == 0:
-        for flag, value in (("--merge-adapters", config.merge_adapters), ("--load-in-4bit", config.load_in_4bit)):
-            if value:
-                raise UsageError(f"{flag} needs LoRA adapters: pass --lora-r (e.g. 16)")
-    if config.lora_r > 0 and config.model is None and is_deepspeed_zero3_enabled():
-        raise UsageError(
-            "LoRA with ZeRO-3 needs a saved --model: ZeRO-3 builds the random default model shard by shard"
-        )
 
 
 def save_random_base(policy, path: Path, config: MtdpoConfig) -> str:
@@ -46,30 +31,19 @@ def save_random_base(policy, path: Path, config: MtdpoConfig) -> str:
 
 
 def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
-    if config.loss_type not in LOSS_TYPES:
-        raise UsageError(f"unknown --loss-type {config.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
-    if config.nll_norm not in NLL_NORMS:
-        raise UsageError(f"unknown --nll-norm {config.nll_norm!r}; use one of {', '.join(NLL_NORMS)}")
-    if config.loss_scope not in ("step", "micro_batch"):
-        raise UsageError(f"unknown --loss-scope {config.loss_scope!r}; use step or micro_batch")
-    if config.loss_type in REFERENCE_FREE and config.ref_model:
-        raise UsageError(
-            f"--loss-type {config.loss_type} is reference-free: it never uses --ref-model {config.ref_model}; drop one of them"
-        )
-    check_lora_options(config)
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
-    train_data, manifest = open_caches(config.data, config.verify_cache)
-    eval_data = open_caches([config.eval_data], config.verify_cache)[0] if config.eval_data else None
+    train_data = open_caches(config.data, config.verify_cache)
+    eval_data = open_caches([config.eval_data], config.verify_cache) if config.eval_data else None
+    model_config = load_model_config(config.model, config.trust_remote_code)
+    check_model_matches(train_data, config.model, model_config.vocab_size, config.allow_mismatch)
+    plan = make_plan(config, train_data, eval_data, model_config)
 
     set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint; ProgressLine reports the run
     dtype = torch.float32  # master weights; --bf16 trains in mixed precision
     policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code, config.load_in_4bit)
-    check_model_matches(manifest, config.model, policy.config.vocab_size, config.allow_mismatch, Path(config.data[0]))
-    layout = choose_layout(config.attn_implementation, config.prefix_sharing, config.padding_free, policy.config)
-    policy.set_attn_implementation(layout.attention)
-    lora = config.lora_r > 0
-    if lora:
+    policy.set_attn_implementation(plan.layout.attention)
+    if plan.lora:
         base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
         policy = add_lora(
             policy,
@@ -79,21 +53,9 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
             config.lora_target_modules,
             config.activation_checkpointing,
         )
-    precomputed = has_reference_columns(train_data)
-    if config.loss_type not in REFERENCE_FREE:  # use reference columns only if they come from this run's reference
-        used = list(config.data) if precomputed else []
-        if eval_data is not None and has_reference_columns(eval_data):
-            used.append(config.eval_data)
-        check_provenance([(p, read_manifest(Path(p))) for p in used], config.ref_model, config.model, config.seed)
-    # An eval cache without reference columns needs the reference even if the train cache has them.
-    needs_reference = not precomputed or (eval_data is not None and not has_reference_columns(eval_data))
-    no_reference_model = (
-        not needs_reference or config.loss_type in REFERENCE_FREE or (lora and not config.ref_model)
-    )  # LoRA: adapters off
-    ref = (
-        None
-        if no_reference_model
-        else load_reference(
+    ref = None
+    if plan.loads_reference_model:
+        ref = load_reference(
             policy,
             config.ref_model,
             config.attn_implementation,
@@ -102,9 +64,7 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
             policy_path=config.model,
             seed=config.seed,
         )
-    )
-    if ref is not None:
-        ref.set_attn_implementation(layout.attention)
+        ref.set_attn_implementation(plan.layout.attention)
 
     output_dir = Path(config.output_dir)
     stop = StopOnSignal()  # SIGTERM: checkpoint, then stop (mtdpo/train/safety.py)
@@ -113,14 +73,13 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         policy,
         ref,
         config,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        data_collator=PairCollator(manifest["tokenizer"]["pad_token_id"] or 0, **layout.collator_options()),
+        plan,
+        train_dataset=train_data.dataset,
+        eval_dataset=None if eval_data is None else eval_data.dataset,
+        data_collator=PairCollator(train_data.manifest.tokenizer.pad_token_id or 0, **plan.layout.collator_options()),
         callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
     )
-    progress.header = (
-        f"precision: {'bf16' if config.bf16 else 'fp32'} ({config.precision_note}); {layout.note}; {trainer.mfu_note}"
-    )
+    progress.header = f"{plan.describe()}; {trainer.mfu_note}"
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
     if resume == "auto":
@@ -138,8 +97,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.
-        shutil.copytree(Path(config.data[0]) / "tokenizer", output_dir, dirs_exist_ok=True)
-        if lora:
+        shutil.copytree(train_data.tokenizer_dir, output_dir, dirs_exist_ok=True)
+        if plan.lora:
             finish_adapters(output_dir, base, config.merge_adapters, torch.bfloat16 if config.load_in_4bit else dtype)
     close_process_group()
     return trainer

@@ -10,23 +10,24 @@ import contextlib
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import IGNORE_INDEX
-from mtdpo.train.attention import SEGMENT_ATTENTION
+from mtdpo.cache import is_cache_dataset, pair_lengths
 from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.forward import fused_sequence_logps, real_tokens
 from mtdpo.train.lora import adapters_disabled, is_lora
-from mtdpo.train.loss import REFERENCE_FREE, dpo_loss, nll_loss, sequence_nll_loss
+from mtdpo.train.loss import dpo_loss, nll_loss, sequence_nll_loss
+from mtdpo.train.plan import Plan, Reference
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
+from mtdpo.train.sampler import EpochSeededSampler, length_grouped_order, random_order
 from mtdpo.train.throughput import mfu_percent, peak_flops
 
 
 class MultiTurnDPOTrainer(Trainer):
-    def __init__(self, model, ref_model, args: MtdpoConfig, **kwargs):
+    def __init__(self, model, ref_model, args: MtdpoConfig, plan: Plan, **kwargs):
         # TRL's fused LM head: log-probs of the trained positions only, in chunks, without
         # materialising the [batch, seq, vocab] logits (nor their log-softmax).
         add_fused_lm_head(model.get_base_model() if is_lora(model) else model)
@@ -37,7 +38,7 @@ class MultiTurnDPOTrainer(Trainer):
         if ref_model is not None:
             add_fused_lm_head(ref_model)
             ref_model = self._prepare_reference(ref_model)
-        self.ref_model = ref_model
+        self.ref_model, self.plan = ref_model, plan
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite = NonFiniteGuard(args.skip_nonfinite)
         self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, time.perf_counter()
@@ -89,13 +90,14 @@ class MultiTurnDPOTrainer(Trainer):
         )
 
     def _groups_by_length(self, dataset) -> bool:
-        return self.args.train_sampling_strategy == "group_by_length" and "chosen_len" in getattr(
-            dataset, "column_names", ()
-        )
+        return self.args.train_sampling_strategy == "group_by_length" and is_cache_dataset(dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        loss, metrics = self.pair_loss(model, inputs, step_counts=num_items_in_batch if mode == "train" else None)
+        reference = self.plan.reference if mode == "train" else self.plan.eval_reference
+        loss, metrics = self.pair_loss(
+            model, inputs, reference, step_counts=num_items_in_batch if mode == "train" else None
+        )
         if mode == "train" and not self.nonfinite.finite(
             loss, inputs.get("rows"), self.state.global_step + 1, self.accelerator
         ):
@@ -116,22 +118,28 @@ class MultiTurnDPOTrainer(Trainer):
         counts = torch.tensor([[len(b["rows"]), int(b["chosen_tokens"])] for b in batch_samples]).sum(0)
         return self.accelerator.reduce(counts.to(device), reduction="sum")
 
-    def pair_loss(self, model, inputs, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
-        """One concatenated forward of chosen + rejected; DPO on summed log-probs + NLL."""
+    def pair_loss(
+        self, model, inputs, reference: Reference | None = None, step_counts=None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One forward of chosen + rejected; DPO on summed log-probs + NLL. `reference`: where the
+        batch's reference log-probs come from (by default, as for training batches)."""
+        reference = reference or self.plan.reference
         logps, tokens = fused_sequence_logps(model, inputs)
-        if self.args.loss_type in REFERENCE_FREE:
-            ref_logps = None  # SimPO: no reference forward
-        elif "ref_logps" in inputs:
-            ref_logps = inputs["ref_logps"]
-        else:
-            with torch.no_grad(), self.reference(model) as reference:
-                ref_logps, _ = fused_sequence_logps(reference, inputs)
-        return self.objective(logps, ref_logps, tokens, step_counts)
+        return self.objective(logps, self.reference_logps(model, inputs, reference), tokens, step_counts)
+
+    def reference_logps(self, model, inputs, reference: Reference) -> torch.Tensor | None:
+        """The batch's reference log-probs, from where the plan says (None: a reference-free loss)."""
+        if reference is Reference.NONE:
+            return None
+        if reference is Reference.COLUMNS:
+            return inputs["ref_logps"]
+        with torch.no_grad(), self.reference_model(model, reference) as frozen:
+            return fused_sequence_logps(frozen, inputs)[0]
 
     @contextlib.contextmanager
-    def reference(self, model):
-        """The frozen reference model; for a LoRA policy without one, the policy with its adapters off."""
-        if self.ref_model is None and is_lora(self.accelerator.unwrap_model(model)):
+    def reference_model(self, model, reference: Reference):
+        """The frozen reference model, or the LoRA policy with its adapters off."""
+        if reference is Reference.ADAPTERS_OFF:
             with adapters_disabled(self.accelerator.unwrap_model(model)):
                 yield model
         else:
@@ -232,105 +240,3 @@ class MultiTurnDPOTrainer(Trainer):
                 )
             self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, now
         super().log(logs, start_time)
-
-
-def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`loss.sequence_logps` computed through the fused head: the same numbers (tested),
-    without the logits, summed in fp32. Works on every layout of `data.PairCollator`:
-    padded [2B, T] rows, and packed or prefix-shared rows, whose `logp_index` says which
-    predicted position counts for which sequence."""
-    segments = inputs.get("segments") if uses_segment_attention(model) else None
-    # With segments, a mask of ones: transformers then builds no [T, T] mask (the segments say it
-    # all). Other kernels get the batch's own mask, or none for a packed row (positions mark it).
-    out = model(
-        input_ids=inputs["input_ids"],
-        attention_mask=torch.ones_like(inputs["input_ids"]) if segments is not None else inputs.get("attention_mask"),
-        position_ids=inputs.get("position_ids"),
-        labels=inputs["labels"],
-        fused_lm_head=True,
-        use_cache=False,
-        **({} if segments is None else {"segments": segments.tolist()}),  # read by attention.segment_attention
-    )
-    log_probs = out.log_probs.float()
-    if "logp_index" not in inputs:
-        return log_probs.sum(-1), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-    position, sequence = inputs["logp_index"]
-    n = 2 * len(inputs["rows"])
-    logps = log_probs.new_zeros(n).index_add(0, sequence, log_probs[0, position])
-    return logps, torch.bincount(sequence, minlength=n)
-
-
-def uses_segment_attention(model) -> bool:
-    config = getattr(getattr(model, "module", model), "config", None)  # DDP / DeepSpeed wrap the model in .module
-    return getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION
-
-
-def real_tokens(inputs: dict) -> torch.Tensor:
-    """Tokens of both sequences of every pair, padding not counted: the same in every layout
-    (a prefix-shared batch processes fewer, as the prompt goes through the model once)."""
-    if "pair_tokens" in inputs:
-        return inputs["pair_tokens"]
-    mask = inputs.get("attention_mask")
-    return (
-        mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-    )
-
-
-class EpochSeededSampler(torch.utils.data.Sampler):
-    """Indices in the order `order(n, generator)` drawn with a generator seeded by seed + epoch.
-
-    transformers' LengthGroupedSampler shuffles with the global RNG, whose state after a resume
-    differs from the uninterrupted run's: a run resumed inside epoch 2 trained some pairs twice
-    and others never. Here the order depends on nothing but (seed, epoch), on every rank."""
-
-    def __init__(self, order, n: int, seed: int):
-        self.order, self.n, self.seed, self.epoch = order, n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(self.order(self.n, torch.Generator().manual_seed(self.seed + self.epoch)))
-
-
-def random_order(n: int, generator: torch.Generator) -> list[int]:
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def length_grouped_order(lengths, batch_size: int):
-    """transformers' length grouping (get_length_grouped_indices): shuffle, sort megabatches by
-    length, longest batch first; the same indices for the same generator, vectorised."""
-    lengths = np.asarray(lengths)
-    return lambda n, generator: length_grouped_indices(lengths, batch_size, generator)
-
-
-def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[int]:
-    """A random permutation cut into megabatches of up to 50 batches, each sorted longest first
-    (stable, as Python's sorted(reverse=True) is), then the longest pair of all swapped to the
-    front, so an out-of-memory error comes at the first step. transformers sorts each megabatch
-    in Python: 0.6 s per epoch for a million pairs, where this takes 0.2 s."""
-    n = len(lengths)
-    if n == 0:
-        return []
-    size = max(min(n // (batch_size * 4), 50), 1) * batch_size
-    shuffled = torch.randperm(n, generator=generator).numpy()
-    order = shuffled[np.lexsort((-lengths[shuffled], np.arange(n) // size))]  # by megabatch, then longest first
-    longest = (
-        int(np.argmax(lengths[order[::size]])) * size
-    )  # the first element of the megabatch holding the longest pair
-    order[0], order[longest] = order[longest], order[0]
-    return order.tolist()
-
-
-def pair_lengths(dataset) -> np.ndarray:
-    """max(chosen_len, rejected_len) per pair. For the cache's own memory-mapped table, its two
-    int32 columns are read as Arrow (20 ms for a million pairs, where datasets' numpy formatter
-    takes 0.5-1.3 s); a dataset with an index mapping (select, shuffle) goes through the formatter."""
-    if getattr(dataset, "_indices", None) is None:
-        table = dataset.with_format("arrow", columns=["chosen_len", "rejected_len"])[:]
-        return np.maximum(table["chosen_len"].to_numpy(), table["rejected_len"].to_numpy())
-    columns = dataset.with_format("numpy", columns=["chosen_len", "rejected_len"])[:]
-    return np.maximum(columns["chosen_len"], columns["rejected_len"])

@@ -1,0 +1,45 @@
+"""The cache contract, in one package: what a cache holds, how it is written, how it is opened.
+
+A cache is a directory that `datasets.load_from_disk` opens: Arrow shards of `PairRecord`s
+(schema.py), manifest.json (manifest.py: what made it), checksums.json (each file's size and
+SHA-256), stats.json, rejects.jsonl, a copy of the tokenizer and, after precompute-ref, a
+`reference/` dataset of log-probs beside the shards (docs/DESIGN.md, "The cache contract").
+`CacheWriter` writes one (writer.py); `open_cache` / `open_caches` give the `OpenCache` handle
+every reader receives (reader.py). Nothing outside this package spells a column name.
+"""
+
+from mtdpo.cache.manifest import Manifest, ReferenceInfo, TokenizerInfo
+from mtdpo.cache.reader import (
+    OpenCache,
+    check_model_matches,
+    expand_cache_paths,
+    is_cache_dataset,
+    open_cache,
+    open_caches,
+    pair_lengths,
+    read_manifest,
+)
+from mtdpo.cache.schema import IGNORE_INDEX, SIDES, PairRecord, Sequence, pair_table, trained_tokens
+from mtdpo.cache.writer import CacheWriter, write_reference
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SIDES",
+    "CacheWriter",
+    "Manifest",
+    "OpenCache",
+    "PairRecord",
+    "ReferenceInfo",
+    "Sequence",
+    "TokenizerInfo",
+    "check_model_matches",
+    "expand_cache_paths",
+    "is_cache_dataset",
+    "open_cache",
+    "open_caches",
+    "pair_lengths",
+    "pair_table",
+    "read_manifest",
+    "trained_tokens",
+    "write_reference",
+]

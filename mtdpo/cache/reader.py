@@ -1,0 +1,295 @@
+"""Opening caches: `open_cache` gives an `OpenCache` handle, the one thing train, show-sample,
+stats and precompute-ref receive; `open_caches` joins several caches whose manifests agree.
+
+Opening reads the manifest, the shards' record-batch headers (memory-mapped: no token list is
+copied into RAM) and, for files that changed since they were last hashed, their checksums, so
+start-up does not grow with the data.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from mtdpo.assets import EMBEDDED_TOKENIZER
+from mtdpo.cache.files import TEMPORARY_DIR, as_verified, check_files, check_shard, shard_files
+from mtdpo.cache.manifest import Manifest
+from mtdpo.cache.schema import (
+    LENGTH_COLUMNS,
+    PROMPT_LEN,
+    REFERENCE_COLUMNS,
+    REQUIRED_COLUMNS,
+    ROW,
+    SIDES,
+    PairRecord,
+    ids_column,
+    labels_column,
+    length_column,
+)
+from mtdpo.cache.writer import REFERENCE, REJECTS, STATS, TOKENIZER
+from mtdpo.errors import UsageError
+from mtdpo.families import Family, detect_family
+from mtdpo.fingerprint import same_tokenizer
+
+
+@dataclass
+class OpenCache:
+    """One cache, or several that agree, opened: the memory-mapped pairs and what made them."""
+
+    paths: list[Path]
+    manifests: list[Manifest]
+    dataset: object  # datasets.Dataset, memory-mapped
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.manifests[0]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def record(self, index: int) -> PairRecord:
+        return PairRecord.from_row(self.dataset[index])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def rejects_file(self) -> Path:
+        return self.path / REJECTS
+
+    @property
+    def stats_file(self) -> Path:
+        return self.path / STATS
+
+    def chat_template(self) -> str | None:
+        """The template the cache was rendered with, from its tokenizer copy (without loading it)."""
+        folder = self.tokenizer_dir
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        config = folder / "tokenizer_config.json"
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        return template if isinstance(template, str) else None
+
+    def family(self) -> Family | None:
+        """The template family (turn markers, tool-call syntax) of the cache's chat template."""
+        return detect_family(self.chat_template())
+
+    def token_ids(self, tokens: tuple[str, ...]) -> list[int] | None:
+        """The ids of `tokens` in the cache's vocabulary, or None if one is not a single token
+        (read from tokenizer.json with `tokenizers`: no transformers tokenizer is built)."""
+        from tokenizers import Tokenizer
+
+        file = self.tokenizer_dir / "tokenizer.json"
+        if not tokens or not file.is_file():
+            return None
+        vocabulary = Tokenizer.from_file(str(file))
+        ids = [vocabulary.token_to_id(token) for token in tokens]
+        return None if None in ids else ids
+
+    def load_tokenizer(self):
+        """The tokenizer copy, for commands that decode (show-sample): never needed to train."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+
+    @cached_property
+    def has_reference(self) -> bool:
+        """Whether every pair carries precomputed reference log-probs."""
+        return set(REFERENCE_COLUMNS) <= set(self.dataset.column_names)
+
+    # Whole columns, for numpy work over every pair (stats, length grouping).
+    def lengths(self, side: str) -> np.ndarray:
+        return _column(self.dataset, length_column(side))
+
+    def prompt_lengths(self) -> np.ndarray:
+        return _column(self.dataset, PROMPT_LEN)
+
+    def source_rows(self) -> np.ndarray:
+        return _column(self.dataset, ROW)
+
+    def token_columns(self, side: str):
+        """(ids, labels) of one side as Arrow list columns (zero-copy views of the mapped shards)."""
+        return self.dataset.data.column(ids_column(side)), self.dataset.data.column(labels_column(side))
+
+    def token_ids_of(self, start: int, stop: int) -> dict[str, list]:
+        """Both sides' token ids of pairs [start, stop), by side (for text search)."""
+        batch = self.dataset.select_columns([ids_column(side) for side in SIDES])[start:stop]
+        return {side: batch[ids_column(side)] for side in SIDES}
+
+
+def _column(dataset, name: str) -> np.ndarray:
+    return dataset.data.column(name).to_numpy()
+
+
+def pair_lengths(dataset) -> np.ndarray:
+    """max(chosen, rejected) length per pair of a cache dataset (or a selection of one). The cache's
+    own memory-mapped table is read as two Arrow columns; a dataset with an index mapping (select,
+    shuffle) goes through datasets' numpy formatter."""
+    if getattr(dataset, "_indices", None) is None:
+        table = dataset.with_format("arrow", columns=list(LENGTH_COLUMNS))[:]
+        return np.maximum(*(table[c].to_numpy() for c in LENGTH_COLUMNS))
+    columns = dataset.with_format("numpy", columns=list(LENGTH_COLUMNS))[:]
+    return np.maximum(*(columns[c] for c in LENGTH_COLUMNS))
+
+
+def is_cache_dataset(dataset) -> bool:
+    """Whether a dataset has the cache's length columns (length grouping needs them)."""
+    return set(LENGTH_COLUMNS) <= set(getattr(dataset, "column_names", ()))
+
+
+# ── opening ───────────────────────────────────────────────────────────────────
+
+
+def read_manifest(cache: Path) -> Manifest:
+    cache = Path(cache)
+    if TEMPORARY_DIR.match(cache.name):
+        raise UsageError(
+            f"{cache} is the temporary directory of an unfinished or interrupted run, not a cache; "
+            "run `mtdpo preprocess` again"
+        )
+    return Manifest.read(cache)
+
+
+def open_cache(cache: Path, verify: bool = False, full: bool = False) -> OpenCache:
+    """One cache, memory-mapped.
+
+    Sizes are always checked against checksums.json. `verify` also compares SHA-256 for the files
+    whose size or modification time changed since their last verification (none, for a cache as
+    preprocess left it); `full` re-hashes every file.
+    """
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    return OpenCache([cache], [manifest], _load(cache, manifest, verify, full))
+
+
+def _load(cache: Path, manifest: Manifest, verify: bool, full: bool):
+    import datasets
+
+    shards = shard_files(cache)
+    verified = as_verified(cache)
+    if not verified:  # a file changed since it was hashed: see that every shard reads to its end
+        for shard in shards:
+            check_shard(shard)
+    check_files(cache, rehash=full or (verify and not verified))
+    dataset = _load_from_disk(cache)
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise UsageError(f"the shards in {cache} lack the column(s) {', '.join(missing)}; preprocess again")
+    if len(dataset) != manifest.pairs:
+        raise UsageError(f"the shards in {cache} hold {len(dataset):,} pairs but manifest.json says {manifest.pairs:,}")
+    if manifest.reference is not None and (cache / REFERENCE).is_dir():
+        reference = _load_from_disk(cache / REFERENCE)
+        if len(reference) != len(dataset):
+            raise UsageError(
+                f"{cache / REFERENCE} holds {len(reference):,} rows for {len(dataset):,} pairs; run precompute-ref again"
+            )
+        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+        dataset = datasets.concatenate_datasets([dataset, reference], axis=1)
+    elif manifest.reference is None:  # columns no manifest vouches for are not used
+        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+    return dataset
+
+
+def _load_from_disk(directory: Path):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(directory))
+    except Exception as err:  # datasets raises many kinds for a damaged directory
+        raise UsageError(
+            f"cannot open the shards in {directory}: {type(err).__name__}: {err}".splitlines()[0]
+        ) from None
+
+
+def expand_cache_paths(paths: list[str]) -> list[str]:
+    """--data entries are cache directories or quoted glob patterns (`'data_cache/big-shard-*'`),
+    a pattern standing for its matches sorted by name."""
+    expanded = []
+    for path in paths:
+        if Path(path).exists() or not any(c in path for c in "*?["):
+            expanded.append(path)
+        elif matches := sorted(glob.glob(path)):
+            expanded.extend(matches)
+        else:
+            raise UsageError(f"--data {path}: no cache matches this pattern")
+    return expanded
+
+
+def open_caches(paths: list[str], verify_all: bool = False) -> OpenCache:
+    """One memory-mapped dataset from one or more caches whose manifests agree, in order.
+
+    Shards are re-hashed only if they changed since their last verification, or all of them with
+    `verify_all` (`--verify-cache`)."""
+    from datasets import concatenate_datasets
+
+    paths = [Path(p) for p in paths]
+    manifests = [read_manifest(p) for p in paths]
+    _check_agree(paths, manifests)
+    datasets = [_load(p, m, verify=True, full=verify_all) for p, m in zip(paths, manifests)]
+    for path, manifest, dataset in zip(paths, manifests, datasets):
+        if len(dataset) == 0:
+            raise UsageError(
+                f"cache {path} holds no pairs (kept {manifest.pairs} of {manifest.counts.get('rows', '?')} rows; "
+                f"see {path / REJECTS})"
+            )
+    with_reference = [p for p, d in zip(paths, datasets) if set(REFERENCE_COLUMNS) <= set(d.column_names)]
+    without = [p for p, d in zip(paths, datasets) if not set(REFERENCE_COLUMNS) <= set(d.column_names)]
+    if with_reference and without:  # the collator cannot mix batches with and without them
+        raise UsageError(
+            f"caches {with_reference[0]} and {without[0]}: the first holds precomputed reference log-probs, the second none; "
+            f"run `mtdpo precompute-ref {without[0]}` with the same reference, or pass caches of one kind"
+        )
+    dataset = datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)
+    return OpenCache(paths, manifests, dataset)
+
+
+def _check_agree(paths: list[Path], manifests: list[Manifest]) -> None:
+    first, fingerprint = manifests[0], manifests[0].tokenizer.fingerprint
+    for path, manifest in zip(paths[1:], manifests[1:]):
+        if manifest.tokenizer.fingerprint != fingerprint and not same_tokenizer(
+            fingerprint, paths[0] / TOKENIZER, path / TOKENIZER
+        ):
+            raise UsageError(f"caches {paths[0]} and {path} disagree on tokenizer.fingerprint; preprocess them alike")
+        if field_name := first.disagreement(manifest):
+            raise UsageError(f"caches {paths[0]} and {path} disagree on {field_name}; preprocess them alike")
+    slices = {}  # (input hash, shard) -> the first cache holding that slice of that input
+    for path, manifest in zip(paths, manifests):
+        if shard := manifest.shard:
+            source = manifest.input.get("sha256") or manifest.input.get("path")  # a hub dataset has no hash
+            key = (source, shard["index"], shard["count"])
+            if key in slices:
+                raise UsageError(
+                    f"caches {slices[key]} and {path} are the same slice ({shard['index']}/{shard['count']}) "
+                    "of one input; pass each once"
+                )
+            slices[key] = path
+
+
+def check_model_matches(cache: OpenCache, model_path: str | None, vocab_size: int, allow_mismatch: bool) -> None:
+    """Refuse a model whose tokenizer is not the one the cache was tokenized with."""
+    info = cache.manifest.tokenizer
+    if info.vocab_size > vocab_size:
+        hint = " (the tiny default model fits only the embedded tokenizer; pass --model)" if model_path is None else ""
+        raise UsageError(
+            f"the cache uses token ids up to {info.vocab_size - 1} but the model's vocabulary has {vocab_size}{hint}"
+        )
+    tokenizer_dir = EMBEDDED_TOKENIZER if model_path is None else Path(model_path)
+    if (
+        (tokenizer_dir / "tokenizer.json").is_file()
+        and not allow_mismatch
+        and not same_tokenizer(info.fingerprint, cache.tokenizer_dir, tokenizer_dir)
+    ):
+        raise UsageError(
+            f"the model's tokenizer ({tokenizer_dir}) differs from the cache's ({info.name_or_path}): "
+            "re-run `mtdpo preprocess --tokenizer` with the model's tokenizer, or pass --allow-mismatch"
+        )

@@ -1,0 +1,163 @@
+"""The one way a cache is written: `CacheWriter` (preprocess) and `write_reference` (precompute-ref).
+
+A cache is written into a temporary sibling and renamed into place when complete, so an
+interrupted run never leaves a directory that train would accept. Shards are written while the
+records stream in, in record batches of BATCH_ROWS (as `datasets.save_to_disk` writes them, so
+the bytes depend on neither chunking nor --num-proc); a new file starts at the size limit.
+Reference log-probs go into a `reference/` dataset beside the token shards, never into them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from mtdpo import compat
+from mtdpo.cache.files import (
+    CHECKED_FILES,
+    CHECKSUMS,
+    checksum_entries,
+    read_json,
+    replace_file,
+    write_dataset_files,
+    write_json,
+    write_stamp,
+    writing,
+)
+from mtdpo.cache.manifest import MANIFEST, Manifest, ReferenceInfo
+from mtdpo.cache.schema import REFERENCE_COLUMNS, REFERENCE_TYPE, pair_features
+
+BATCH_ROWS = 1000  # records per Arrow record batch (datasets' default writer batch)
+TOKENIZER = "tokenizer"  # the tokenizer copy inside a cache
+REFERENCE = "reference"  # the reference log-probs beside the token shards
+REJECTS = "rejects.jsonl"
+STATS = "stats.json"
+
+
+class ShardWriter:
+    """Arrow shards written while the rows stream in. Files are named data-NNNNN-of-MMMMM.arrow,
+    as save_to_disk names them, once the count is known (at close). With no row written it leaves
+    one shard: the schema, no rows."""
+
+    def __init__(self, directory: Path, max_bytes: int, features):
+        self.directory, self.max_bytes, self.features = Path(directory), max_bytes, features
+        self.names: list[str] = []
+        self._pending: list[pa.Table] = []  # rows not yet written: fewer than BATCH_ROWS
+        self._pending_rows = 0
+        self._open()
+
+    def _open(self) -> None:
+        from datasets.arrow_writer import ArrowWriter
+
+        self.names.append(f"data-{len(self.names):05d}.arrow")
+        self._writer = ArrowWriter(features=self.features, path=str(self.directory / self.names[-1]))
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._pending_rows += len(table)
+        while self._pending_rows >= BATCH_ROWS:
+            self._write_batch(BATCH_ROWS)
+
+    def _write_batch(self, rows: int) -> None:
+        pending = pa.concat_tables(self._pending)
+        batch, rest = pending.slice(0, rows), pending.slice(rows)
+        self._pending, self._pending_rows = [rest], len(rest)
+        written_rows, written_bytes = compat.arrow_writer_progress(self._writer)
+        if written_rows and written_bytes + batch.nbytes > self.max_bytes:
+            self._close_file()
+            self._open()
+        self._writer.write_table(batch)
+
+    def _close_file(self) -> None:
+        self._writer.finalize()
+        self._writer.close()
+
+    def close(self, complete: bool) -> list[str]:
+        if complete and self._pending_rows:
+            self._write_batch(self._pending_rows)
+        self._close_file()
+        if complete:
+            final = [f"data-{i:05d}-of-{len(self.names):05d}.arrow" for i in range(len(self.names))]
+            for name, new in zip(self.names, final):
+                (self.directory / name).rename(self.directory / new)
+            self.names = final
+        return self.names
+
+
+class CacheWriter:
+    """Writes one cache at `out`: `write` record tables and `reject` rows as they come, then
+    `finish` with the manifest and stats; the cache replaces `out` only after `finish`.
+
+        with CacheWriter(out, max_bytes) as cache:
+            cache.write(pair_table(records)); cache.reject({"row": 3, "reason": ...})
+            cache.finish(manifest, stats)
+    """
+
+    def __init__(self, out: Path, max_shard_bytes: int, features=None):
+        self.out, self.max_shard_bytes, self.features = Path(out), max_shard_bytes, features or pair_features()
+        self._finished = False
+
+    def __enter__(self) -> CacheWriter:
+        self._stack = contextlib.ExitStack()
+        self.directory = self._stack.enter_context(writing(self.out))
+        self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
+        self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
+        return self
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.directory / TOKENIZER
+
+    def write(self, table: pa.Table) -> None:
+        self._shards.write(table)
+
+    def reject(self, entry: dict) -> None:
+        self._rejects.write(json.dumps(entry) + "\n")
+
+    def finish(self, manifest: Manifest, stats: dict) -> None:
+        self._rejects.flush()
+        names = self._shards.close(complete=True)
+        write_dataset_files(self.directory, names, self.features)
+        write_json(self.directory / STATS, stats)
+        manifest.write(self.directory)
+        self._finished = True
+
+    def __exit__(self, kind, error, traceback) -> bool | None:
+        if not self._finished:
+            self._shards.close(complete=False)
+            error = error or RuntimeError("CacheWriter left without finish()")
+            return self._stack.__exit__(type(error), error, error.__traceback__)
+        return self._stack.__exit__(kind, error, traceback)
+
+
+def write_reference(
+    cache: Path, manifest: Manifest, chosen: list[float], rejected: list[float], reference: ReferenceInfo
+) -> Manifest:
+    """Store reference log-probs in `cache` beside its token shards, in a `reference/` dataset of
+    two float32 columns, row for row. The token shards are not touched.
+
+    The new reference directory is renamed into place, then checksums.json and manifest.json are
+    replaced (each atomically): a crash in between leaves a reference the manifest does not name,
+    which readers ignore and the next run replaces."""
+    from datasets import Features
+
+    features = Features.from_arrow_schema(pa.schema({c: REFERENCE_TYPE for c in REFERENCE_COLUMNS}))
+    table = pa.table({REFERENCE_COLUMNS[0]: chosen, REFERENCE_COLUMNS[1]: rejected}, schema=features.arrow_schema)
+    with writing(Path(cache) / REFERENCE, kind="ref") as tmp:
+        shards = ShardWriter(tmp, 1 << 62, features)
+        shards.write(table)
+        names = shards.close(complete=True)
+        write_dataset_files(tmp, names, features)
+        files = [f"{REFERENCE}/{name}" for name in (*names, *CHECKED_FILES)]
+        entries = checksum_entries(tmp, [*names, *CHECKED_FILES])
+    # writing() renamed tmp to cache/reference: now the two small files that name it
+    kept = {k: v for k, v in read_json(Path(cache) / CHECKSUMS).items() if not k.startswith(f"{REFERENCE}/")}
+    kept.update(dict(zip(files, entries.values())))
+    replace_file(Path(cache) / CHECKSUMS, json.dumps(kept, indent=2) + "\n")
+    updated = manifest.with_reference(reference)
+    replace_file(Path(cache) / MANIFEST, updated.to_json())
+    write_stamp(cache)
+    return updated

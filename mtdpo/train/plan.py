@@ -1,0 +1,109 @@
+"""What a run will do, decided once from its options, its caches and the model's config, before a
+model is loaded: where reference log-probs come from, the batch layout, the precision.
+
+`run.train` executes the plan and the trainer reads it; `precompute-ref` makes the same plan,
+so its log-probs come from the layout and precision the run will train with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from mtdpo.cache import OpenCache
+from mtdpo.errors import UsageError
+from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.layout import Layout, choose_layout
+from mtdpo.train.loss import REFERENCE_FREE
+from mtdpo.train.provenance import check_provenance
+
+
+class Reference(Enum):
+    """Where a batch's reference log-probs come from (the value is what the run says at start)."""
+
+    NONE = "none (reference-free loss)"
+    COLUMNS = "precomputed log-probs in the cache"
+    ADAPTERS_OFF = "the policy with its LoRA adapters off"
+    COPY = "a frozen copy of the policy"
+    MODEL = "--ref-model"
+
+    @property
+    def is_model(self) -> bool:
+        """A model (beside the policy) computes it: loaded once, kept frozen."""
+        return self in (Reference.COPY, Reference.MODEL)
+
+
+@dataclass(frozen=True)
+class Plan:
+    reference: Reference  # for training batches
+    eval_reference: Reference | None  # for evaluation batches (None: no eval data)
+    layout: Layout
+    bf16: bool
+    precision_note: str  # why this precision (printed at start)
+    lora: bool
+    activation_checkpointing: bool
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def loads_reference_model(self) -> bool:
+        return self.reference.is_model or (self.eval_reference is not None and self.eval_reference.is_model)
+
+    def describe(self) -> str:
+        """The run's first line: what it computes, and with what."""
+        reference = self.reference.value
+        if self.eval_reference not in (None, self.reference):
+            reference += f" (eval: {self.eval_reference.value})"
+        lora = "LoRA adapters" if self.lora else "full fine-tune"
+        checkpointing = (
+            "activation checkpointing on" if self.activation_checkpointing else "activation checkpointing off"
+        )
+        return (
+            f"precision: {self.precision} ({self.precision_note}); reference: {reference}; "
+            f"{self.layout.note}; {lora}; {checkpointing}"
+        )
+
+
+def make_plan(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache | None, model_config) -> Plan:
+    """Decide, in one place, and refuse what cannot work in one line."""
+    layout = choose_layout(config.attn_implementation, config.prefix_sharing, config.padding_free, model_config)
+    plan = Plan(
+        reference=reference_source(config, train),
+        eval_reference=None if evaluation is None else reference_source(config, evaluation),
+        layout=layout,
+        bf16=bool(config.bf16),
+        precision_note=config.precision_note,
+        lora=config.lora_r > 0,
+        activation_checkpointing=bool(config.activation_checkpointing),
+    )
+    used = [
+        c for c, source in ((train, plan.reference), (evaluation, plan.eval_reference)) if source is Reference.COLUMNS
+    ]
+    if used:
+        caches = [(str(path), manifest) for cache in used for path, manifest in zip(cache.paths, cache.manifests)]
+        check_provenance(caches, config.ref_model, config.model, config.seed)
+        for path, manifest in caches:
+            if manifest.reference.precision != plan.precision:
+                raise UsageError(
+                    f"cache {path} holds reference log-probs computed in {manifest.reference.precision}, but this run "
+                    f"trains in {plan.precision}: step 1 would not start from a tie. Re-run `mtdpo precompute-ref {path}` "
+                    f"with this run's options, or pass {'--bf16' if manifest.reference.precision == 'bf16' else '--no-bf16'}"
+                )
+    return plan
+
+
+def reference_source(config: MtdpoConfig, cache: OpenCache) -> Reference:
+    if config.loss_type in REFERENCE_FREE:
+        return Reference.NONE
+    if cache.has_reference:
+        return Reference.COLUMNS
+    return model_reference(config)
+
+
+def model_reference(config: MtdpoConfig) -> Reference:
+    """The reference when no log-probs are stored: a separate model, or the policy itself."""
+    if config.ref_model:
+        return Reference.MODEL
+    return Reference.ADAPTERS_OFF if config.lora_r > 0 else Reference.COPY
