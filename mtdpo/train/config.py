@@ -23,7 +23,9 @@ class MtdpoConfig(TrainingArguments):
     )
     model: str | None = field(
         default=None,
-        metadata={"help": "Policy model name or path. [default: a tiny random Gemma-architecture model (offline demo)]"},
+        metadata={
+            "help": "Policy model name or path. [default: a tiny random Gemma-architecture model (offline demo)]"
+        },
     )
     ref_model: str | None = field(
         default=None, metadata={"help": "Frozen reference model. [default: a copy of --model as loaded]"}
