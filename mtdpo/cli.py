@@ -325,7 +325,10 @@ def pairs(
         "sit in several files). One trajectory per row: prompt_id (or idx), messages, reward (or score, or correct).",
         readable=False,  # no click check (a boxed usage message): pairs says "input not found" in one line
     ),  # fmt: skip
-    out: Path = typer.Option(..., "--out", "-o", help="Pairs to write (.jsonl, read by `mtdpo preprocess`); rejects go to OUT.rejects.jsonl."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Pairs to write (.jsonl, read by `mtdpo preprocess`); rejects go to OUT.rejects.jsonl. "
+        "\\[default: ROLLOUTS.pairs.jsonl (.kto.jsonl with --kto) beside the input]",
+    ),  # fmt: skip
     rule: str = typer.Option(
         "random", help="random: per problem one random correct vs one random incorrect trajectory (the paper's rule). "
         "max-min: highest vs lowest reward. all: every better × worse pair.",
@@ -366,14 +369,14 @@ def pairs(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing.", show_default="off"),
 ) -> None:
     """Make preference pairs (or KTO rows) from graded multi-turn rollouts, as in the paper's iterative round."""
-    from mtdpo.pairs import PairOptions, make_pairs_file, summary_table
+    from mtdpo.pairs import PairOptions, default_output, make_pairs_file, summary_table
 
     options = PairOptions(
         rule=rule, seed=seed, correct_threshold=correct_threshold, min_margin=min_margin, max_pairs_per_prompt=max_pairs_per_prompt,
         min_messages=min_messages, end_with_assistant=end_with_assistant, require_code=require_code,
         drop_tool_errors=drop_tool_errors, dedup=dedup, kto=kto,
     )  # fmt: skip
-    numbers = make_pairs_file(rollouts, out, options, strict=strict, overwrite=overwrite)
+    numbers = make_pairs_file(rollouts, out or default_output(rollouts, kto), options, strict=strict, overwrite=overwrite)
     if as_json:
         json.dump(numbers, sys.stdout, indent=2, ensure_ascii=False)
         print()

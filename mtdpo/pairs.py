@@ -359,32 +359,41 @@ def summary(tally: Tally, options: PairOptions, rollouts: Path, out: Path) -> di
     }  # fmt: skip
 
 
+def summary_lines(numbers: dict) -> list[tuple[str, str]]:
+    """(label, value) lines of the summary table: where every row went, then what was made."""
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else f"{value:,}"
+
+    def both(first, second) -> str:
+        return f"{number(first)} / {number(second)}"
+
+    kto = "desirable" in numbers
+    lines = [("rows", numbers["rows"]), ("rejected", numbers["rejected"])]
+    lines += [(f"  {reason}", count) for reason, count in numbers["reject_reasons"].items()]
+    lines += [("trajectories", numbers["trajectories"]), ("filtered", numbers["filtered"])]
+    lines += [(f"  by {option}", count) for option, count in numbers["filter_reasons"].items()]
+    lines += [("duplicates removed", numbers["duplicates"]), ("kept", numbers["kept"]), ("  used", numbers["used"])]
+    lines += [("problems", numbers["problems"]), ("  paired", numbers["problems_paired"])]
+    lines += [(f"  skipped: {reason}", count) for reason, count in numbers["skipped"].items()]
+    lines += [("pairs", numbers["pairs"])]
+    if kto:
+        lines += [("KTO rows (desirable / undesirable)", both(numbers["desirable"], numbers["undesirable"]))]
+    rewards = "mean reward (desirable / undesirable)" if kto else "mean reward (chosen / rejected)"
+    lines += [(rewards, both(numbers["chosen_reward_mean"], numbers["rejected_reward_mean"])),
+              ("pass@1 / pass@N of the rollouts", both(numbers["pass@1"], numbers["pass@n"]))]  # fmt: skip
+    return [(label, value if isinstance(value, str) else number(value)) for label, value in lines]
+
+
 def summary_table(numbers: dict):
     """The summary as a rich table (reasons and paths are text, never markup)."""
     from rich.markup import escape
     from rich.table import Table
 
-    def number(value) -> str:
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else f"{value:,}"
-
     table = Table(title=f"pairs → {escape(numbers['out'])}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    kto = "desirable" in numbers
-    rows = [("rows", numbers["rows"]), ("rejected", numbers["rejected"]),
-            *((f"  {escape(reason)}", count) for reason, count in numbers["reject_reasons"].items()),
-            ("trajectories", numbers["trajectories"]), ("filtered", numbers["filtered"]),
-            *((f"  by {option}", count) for option, count in numbers["filter_reasons"].items()),
-            ("duplicates removed", numbers["duplicates"]), ("kept", numbers["kept"]), ("  used", numbers["used"]),
-            ("problems", numbers["problems"]), ("  paired", numbers["problems_paired"]),
-            *((f"  skipped: {reason}", count) for reason, count in numbers["skipped"].items()),
-            ("pairs", numbers["pairs"]),
-            *((("KTO rows (desirable / undesirable)", f"{numbers['desirable']:,} / {numbers['undesirable']:,}"),) if kto else ()),
-            ("mean reward (desirable / undesirable)" if kto else "mean reward (chosen / rejected)",
-             f"{number(numbers['chosen_reward_mean'])} / {number(numbers['rejected_reward_mean'])}"),
-            ("pass@1 / pass@N of the rollouts", f"{number(numbers['pass@1'])} / {number(numbers['pass@n'])}")]  # fmt: skip
-    for name, value in rows:
-        table.add_row(name, value if isinstance(value, str) else number(value))
+    for label, value in summary_lines(numbers):
+        table.add_row(escape(label), value)
     return table
 
 
@@ -392,15 +401,36 @@ def summary_table(numbers: dict):
 
 
 def process_problem(trajectories: list[Trajectory], options: PairOptions, tally: Tally) -> list[dict]:
-    """The output rows of one problem's trajectories (any order), counted into `tally`."""
+    """The output rows of one problem's trajectories (in any order), counted into `tally`."""
     trajectories = sorted(trajectories, key=lambda t: t.raw)  # canonical: the input's row order does not matter
-    threshold = options.correct_threshold
+    count_rollouts(trajectories, options.correct_threshold, tally)
+    kept = kept_trajectories(trajectories, options, tally)
+    rewards = [t.reward for t in kept]
+    pairs = select_pairs(rewards, options, problem_rng(options.seed, problem_key(kept[0].prompt_id))) if kept else []
+    if not pairs:
+        tally.skipped[skip_reason(rewards, options.correct_threshold)] += 1
+        return []
+    tally.pairs += len(pairs)
+    used = sorted({i for pair in pairs for i in pair})
+    tally.used += len(used)
+    rows = [kto_row(kept[i], options.correct_threshold) for i in used] if options.kto else [pair_row(kept[i], kept[j]) for i, j in pairs]
+    tally.rows_written += len(rows)
+    for row in rows:
+        count_rewards(row, tally)
+    return rows
+
+
+def count_rollouts(trajectories: list[Trajectory], threshold: float, tally: Tally) -> None:
+    """pass@1 and pass@N count every graded trajectory: they measure the model, not the filters."""
+    solve_rate = sum(t.correct(threshold) for t in trajectories) / len(trajectories)
     tally.problems += 1
     tally.trajectories += len(trajectories)
-    solve_rate = sum(t.correct(threshold) for t in trajectories) / len(trajectories)
     tally.solve_rate_sum += solve_rate
     tally.solved += solve_rate > 0
 
+
+def kept_trajectories(trajectories: list[Trajectory], options: PairOptions, tally: Tally) -> list[Trajectory]:
+    """The trajectories that pass the filters, de-duplicated (the research code's order: filter, then de-duplicate)."""
     passing = []
     for trajectory in trajectories:
         reason = filter_reason(trajectory.messages, options)
@@ -411,30 +441,19 @@ def process_problem(trajectories: list[Trajectory], options: PairOptions, tally:
     kept = deduplicate(passing) if options.dedup else passing
     tally.duplicates += len(passing) - len(kept)
     tally.kept += len(kept)
+    return kept
 
-    rewards = [t.reward for t in kept]
-    pairs = select_pairs(rewards, options, problem_rng(options.seed, problem_key(kept[0].prompt_id))) if kept else []
-    if not pairs:
-        tally.skipped[skip_reason(rewards, threshold)] += 1
-        return []
-    tally.pairs += len(pairs)
-    used = sorted({i for pair in pairs for i in pair})
-    tally.used += len(used)
-    if options.kto:
-        rows = [kto_row(kept[i], threshold) for i in used]
-        for row in rows:
-            if row["label"]:
-                tally.desirable += 1
-                tally.chosen_reward_sum += row["reward"]
-            else:
-                tally.undesirable += 1
-                tally.rejected_reward_sum += row["reward"]
+
+def count_rewards(row: dict, tally: Tally) -> None:
+    if "label" not in row:
+        tally.chosen_reward_sum += row["chosen_reward"]
+        tally.rejected_reward_sum += row["rejected_reward"]
+    elif row["label"]:
+        tally.desirable += 1
+        tally.chosen_reward_sum += row["reward"]
     else:
-        rows = [pair_row(kept[i], kept[j]) for i, j in pairs]
-        tally.chosen_reward_sum += sum(rewards[i] for i, _ in pairs)
-        tally.rejected_reward_sum += sum(rewards[j] for _, j in pairs)
-    tally.rows_written += len(rows)
-    return rows
+        tally.undesirable += 1
+        tally.rejected_reward_sum += row["reward"]
 
 
 # ── the input ────────────────────────────────────────────────────────────────
@@ -462,6 +481,11 @@ def read_lines(files: list[tuple[Path, str]]) -> Iterator[tuple[str, int, bytes]
                 line = line.removeprefix(BOM).strip()
                 if line:
                     yield name, n, line
+
+
+def default_output(rollouts: Path, kto: bool = False) -> Path:
+    """rollouts/iter1.jsonl -> rollouts/iter1.pairs.jsonl; a directory's output sits beside it."""
+    return rollouts.with_name(rollouts.name.removesuffix(".jsonl") + (".kto.jsonl" if kto else ".pairs.jsonl"))
 
 
 def rejects_path(out: Path) -> Path:
@@ -597,7 +621,7 @@ def pair_bucket(work: Path, bucket: int, options: PairOptions, tally: Tally) -> 
 def merge_buckets(work: Path, buckets: int, options: PairOptions, tally: Tally) -> Iterator[str]:
     """Every output row, in order of its problem's first appearance in the input."""
     paths = [pair_bucket(work, b, options, tally) for b in range(buckets)]
-    files = [open(path, encoding="utf-8") for path in paths]
+    files = [open(path, encoding="utf-8", newline="\n") for path in paths]  # lines end at \n only, as written
     try:
         # Each bucket is sorted; a problem's rows sit in one bucket, so ties keep their order.
         for line in heapq.merge(*files, key=lambda line: line[:12]):

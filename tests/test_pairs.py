@@ -319,6 +319,22 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_run_goes_on(tmp_path):
     accounted(numbers)
 
 
+def test_clean_input_writes_an_empty_rejects_file(tmp_path):
+    numbers, _ = run(tmp_path, [row("p", 1.0), row("p", 0.0, "1")])
+    assert numbers["rejected"] == 0 and rejects(tmp_path) == []
+
+
+def test_rejects_name_the_file_of_a_directory_input(tmp_path):
+    folder = tmp_path / "rollouts"
+    (folder / "gen").mkdir(parents=True)
+    write_jsonl(folder / "gen" / "shard-1.jsonl", [row("p", 1.0), row("p", 0.5, "1"), row("p", False, "2")])
+    write_jsonl(folder / ".hidden.jsonl", ["not even json"])
+    numbers, _ = run(tmp_path, folder)
+    assert rejects(tmp_path) == [{"file": "gen/shard-1.jsonl", "row": 2, "reason": "reward is a boolean but the input's first reward is a number"}]
+    with pytest.raises(UsageError, match=r"^gen/shard-1.jsonl row 2: reward is a boolean"):
+        run(tmp_path, folder, strict=True)
+
+
 def test_strict_stops_at_the_first_bad_row_and_writes_nothing(tmp_path):
     with pytest.raises(UsageError, match=r"^rollouts.jsonl row 1: missing reward \(reward, score or correct\) \(--strict"):
         run(tmp_path, [row("p", 1.0), {"prompt_id": "p", "messages": solved("1")}, row("p", 0.0, "1")], strict=True)
@@ -367,6 +383,13 @@ def test_cli_summary_and_json(tmp_path):
     result = invoke("pairs", BUNDLED, "--out", tmp_path / "p.jsonl", "--overwrite", "--json", "--rule", "max-min")
     assert json.loads(result.stdout)["options"]["rule"] == "max-min"
     assert invoke("pairs", BUNDLED, "--out", tmp_path / "p.jsonl", "--overwrite", "-q").stdout == ""
+
+
+def test_cli_default_output_sits_beside_the_input(tmp_path):
+    source = write_jsonl(tmp_path / "iter1.jsonl", bundled_rows())
+    assert invoke("pairs", source, "-q").exit_code == 0 and (tmp_path / "iter1.pairs.jsonl").exists()
+    assert invoke("pairs", source, "-q", "--kto").exit_code == 0 and (tmp_path / "iter1.kto.jsonl").exists()
+    assert (tmp_path / "iter1.pairs.rejects.jsonl").exists() and (tmp_path / "iter1.kto.rejects.jsonl").exists()
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
