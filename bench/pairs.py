@@ -31,8 +31,12 @@ PER_PROBLEM, SHARDS = 8, 4
 def lengthened(row: dict) -> dict:
     """The row with every assistant turn opening with the question restated, as models do."""
     question = next(m["content"] for m in row["messages"] if m["role"] == "user").split("\n")[0]
-    messages = [dict(m, content=f"We are asked: {question} Let me think about what this needs.\n\n{m['content']}")
-                if m["role"] == "assistant" else m for m in row["messages"]]  # fmt: skip
+    messages = [
+        dict(m, content=f"We are asked: {question} Let me think about what this needs.\n\n{m['content']}")
+        if m["role"] == "assistant"
+        else m
+        for m in row["messages"]
+    ]
     return dict(row, messages=messages)
 
 
@@ -56,7 +60,12 @@ def worker(rollouts: str, out: str) -> dict:
     numbers = make_pairs_file(Path(rollouts), Path(out), overwrite=True)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"seconds": round(seconds, 3), "peak_rss_MiB": round(peak, 1), "pairs": numbers["pairs"], "problems": numbers["problems"]}
+    return {
+        "seconds": round(seconds, 3),
+        "peak_rss_MiB": round(peak, 1),
+        "pairs": numbers["pairs"],
+        "problems": numbers["problems"],
+    }
 
 
 def run_once(rollouts: Path, out: Path) -> dict:
@@ -80,18 +89,34 @@ def main() -> None:
         print(json.dumps(worker(*args.worker)))
         return
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    results = {"command": " ".join(["python", "bench/pairs.py", *sys.argv[1:]]), "commit": commit,
-               "python": platform.python_version(), "machine": platform.processor() or platform.machine(), "sizes": []}  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    results = {
+        "command": " ".join(["python", "bench/pairs.py", *sys.argv[1:]]),
+        "commit": commit,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "sizes": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for rows in args.rows:
             size = write_input(Path(tmp) / f"rollouts-{rows}", rows)
-            runs = [run_once(Path(tmp) / f"rollouts-{rows}", Path(tmp) / f"pairs-{rows}.jsonl") for _ in range(args.repeats)]
-            size.update(pairs=runs[0]["pairs"], problems=runs[0]["problems"],
-                        seconds=spread([r["seconds"] for r in runs]), peak_rss_MiB=spread([r["peak_rss_MiB"] for r in runs]))  # fmt: skip
+            runs = [
+                run_once(Path(tmp) / f"rollouts-{rows}", Path(tmp) / f"pairs-{rows}.jsonl") for _ in range(args.repeats)
+            ]
+            size.update(
+                pairs=runs[0]["pairs"],
+                problems=runs[0]["problems"],
+                seconds=spread([r["seconds"] for r in runs]),
+                peak_rss_MiB=spread([r["peak_rss_MiB"] for r in runs]),
+            )
             results["sizes"].append(size)
-            print(f"{rows:>8,} rows ({size['input_MB']} MB): {size['seconds']['min']:.2f} s min, {size['seconds']['median']:.2f} s median; "
-                  f"peak RSS {size['peak_rss_MiB']['min']:.0f} MiB min, {size['peak_rss_MiB']['median']:.0f} MiB median", flush=True)  # fmt: skip
+            print(
+                f"{rows:>8,} rows ({size['input_MB']} MB): {size['seconds']['min']:.2f} s min, {size['seconds']['median']:.2f} s median; "
+                f"peak RSS {size['peak_rss_MiB']['min']:.0f} MiB min, {size['peak_rss_MiB']['median']:.0f} MiB median",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

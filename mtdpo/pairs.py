@@ -160,7 +160,9 @@ def text_of(message: dict) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
     return ""
 
 
@@ -217,7 +219,11 @@ def filter_reason(messages: list[dict], options: PairOptions) -> str | None:
 def solution_key(messages: list[dict]) -> str:
     """What the model wrote: its turns' content, reasoning and tool calls (the prompt and the
     tool outputs follow from them)."""
-    generated = [(m.get("content"), m.get("reasoning_content"), m.get("tool_calls")) for m in messages if m["role"] == "assistant"]
+    generated = [
+        (m.get("content"), m.get("reasoning_content"), m.get("tool_calls"))
+        for m in messages
+        if m["role"] == "assistant"
+    ]
     return json.dumps(generated, sort_keys=True, ensure_ascii=False)
 
 
@@ -240,7 +246,9 @@ def meets_margin(better: float, worse: float, min_margin: float) -> bool:
     return better > worse and better - worse >= min_margin - MARGIN_TOLERANCE
 
 
-def pairs_random(rewards: list[float], threshold: float, min_margin: float, rng: random.Random) -> list[tuple[int, int]]:
+def pairs_random(
+    rewards: list[float], threshold: float, min_margin: float, rng: random.Random
+) -> list[tuple[int, int]]:
     """The paper's rule: one random correct vs one random incorrect trajectory.
 
     A uniform choice among the (correct, incorrect) pairs that meet the margin; with no margin
@@ -265,7 +273,9 @@ def pairs_max_min(rewards: list[float], min_margin: float, rng: random.Random) -
 def pairs_all(rewards: list[float], min_margin: float, cap: int | None, rng: random.Random) -> list[tuple[int, int]]:
     """Every (better, worse) pair that meets the margin (ties make none); over `cap`, a random
     `cap` of them, kept in their order."""
-    eligible = [(i, j) for i, ri in enumerate(rewards) for j, rj in enumerate(rewards) if meets_margin(ri, rj, min_margin)]
+    eligible = [
+        (i, j) for i, ri in enumerate(rewards) for j, rj in enumerate(rewards) if meets_margin(ri, rj, min_margin)
+    ]
     if cap is None or len(eligible) <= cap:
         return eligible
     return [eligible[k] for k in sorted(rng.sample(range(len(eligible)), cap))]
@@ -301,14 +311,23 @@ def skip_reason(rewards: list[float], threshold: float) -> str:
 def pair_row(chosen: Trajectory, rejected: Trajectory) -> dict:
     """A row `mtdpo preprocess` reads: two full conversations (it finds the shared prompt).
     gt, tools and chat_template_kwargs come from the chosen trajectory's row."""
-    row = {"prompt_id": chosen.prompt_id, "chosen": chosen.messages, "rejected": rejected.messages,
-           "chosen_reward": chosen.reward, "rejected_reward": rejected.reward}  # fmt: skip
+    row = {
+        "prompt_id": chosen.prompt_id,
+        "chosen": chosen.messages,
+        "rejected": rejected.messages,
+        "chosen_reward": chosen.reward,
+        "rejected_reward": rejected.reward,
+    }
     return {**row, **chosen.carried}
 
 
 def kto_row(trajectory: Trajectory, threshold: float) -> dict:
-    row = {"prompt_id": trajectory.prompt_id, "messages": trajectory.messages,
-           "label": trajectory.correct(threshold), "reward": trajectory.reward}  # fmt: skip
+    row = {
+        "prompt_id": trajectory.prompt_id,
+        "messages": trajectory.messages,
+        "label": trajectory.correct(threshold),
+        "reward": trajectory.reward,
+    }
     return {**row, **trajectory.carried}
 
 
@@ -341,26 +360,41 @@ class Tally:
 
 def summary(tally: Tally, options: PairOptions, rollouts: Path, out: Path) -> dict:
     """The numbers `--json` prints and the table shows."""
+
     def mean(total: float, count: int) -> float | None:
         return total / count if count else None
 
     chosen_count, rejected_count = (tally.desirable, tally.undesirable) if options.kto else (tally.pairs, tally.pairs)
     return {
-        "input": str(rollouts), "out": str(out), "rejects": str(rejects_path(out)), "options": asdict(options),
-        "rows": tally.rows, "rejected": sum(tally.rejected.values()), "reject_reasons": dict(tally.rejected),
-        "trajectories": tally.trajectories, "filtered": sum(tally.filtered.values()), "filter_reasons": {name: tally.filtered[name] for name in FILTERS},
-        "duplicates": tally.duplicates, "kept": tally.kept, "used": tally.used,
-        "problems": tally.problems, "problems_paired": tally.problems - sum(tally.skipped.values()),
-        "skipped": {reason: tally.skipped[reason] for reason in SKIP_REASONS}, "pairs": tally.pairs, "rows_written": tally.rows_written,
+        "input": str(rollouts),
+        "out": str(out),
+        "rejects": str(rejects_path(out)),
+        "options": asdict(options),
+        "rows": tally.rows,
+        "rejected": sum(tally.rejected.values()),
+        "reject_reasons": dict(tally.rejected),
+        "trajectories": tally.trajectories,
+        "filtered": sum(tally.filtered.values()),
+        "filter_reasons": {name: tally.filtered[name] for name in FILTERS},
+        "duplicates": tally.duplicates,
+        "kept": tally.kept,
+        "used": tally.used,
+        "problems": tally.problems,
+        "problems_paired": tally.problems - sum(tally.skipped.values()),
+        "skipped": {reason: tally.skipped[reason] for reason in SKIP_REASONS},
+        "pairs": tally.pairs,
+        "rows_written": tally.rows_written,
         **({"desirable": tally.desirable, "undesirable": tally.undesirable} if options.kto else {}),
         "chosen_reward_mean": mean(tally.chosen_reward_sum, chosen_count),
         "rejected_reward_mean": mean(tally.rejected_reward_sum, rejected_count),
-        "pass@1": mean(tally.solve_rate_sum, tally.problems), "pass@n": mean(tally.solved, tally.problems),
-    }  # fmt: skip
+        "pass@1": mean(tally.solve_rate_sum, tally.problems),
+        "pass@n": mean(tally.solved, tally.problems),
+    }
 
 
 def summary_lines(numbers: dict) -> list[tuple[str, str]]:
     """(label, value) lines of the summary table: where every row went, then what was made."""
+
     def number(value) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else f"{value:,}"
 
@@ -379,8 +413,10 @@ def summary_lines(numbers: dict) -> list[tuple[str, str]]:
     if kto:
         lines += [("KTO rows (desirable / undesirable)", both(numbers["desirable"], numbers["undesirable"]))]
     rewards = "mean reward (desirable / undesirable)" if kto else "mean reward (chosen / rejected)"
-    lines += [(rewards, both(numbers["chosen_reward_mean"], numbers["rejected_reward_mean"])),
-              ("pass@1 / pass@N of the rollouts", both(numbers["pass@1"], numbers["pass@n"]))]  # fmt: skip
+    lines += [
+        (rewards, both(numbers["chosen_reward_mean"], numbers["rejected_reward_mean"])),
+        ("pass@1 / pass@N of the rollouts", both(numbers["pass@1"], numbers["pass@n"])),
+    ]
     return [(label, value if isinstance(value, str) else number(value)) for label, value in lines]
 
 
@@ -413,7 +449,11 @@ def process_problem(trajectories: list[Trajectory], options: PairOptions, tally:
     tally.pairs += len(pairs)
     used = sorted({i for pair in pairs for i in pair})
     tally.used += len(used)
-    rows = [kto_row(kept[i], options.correct_threshold) for i in used] if options.kto else [pair_row(kept[i], kept[j]) for i, j in pairs]
+    rows = (
+        [kto_row(kept[i], options.correct_threshold) for i in used]
+        if options.kto
+        else [pair_row(kept[i], kept[j]) for i, j in pairs]
+    )
     tally.rows_written += len(rows)
     for row in rows:
         count_rewards(row, tally)
@@ -466,8 +506,11 @@ def rollout_files(rollouts: Path) -> list[tuple[Path, str]]:
         return [(rollouts, rollouts.name)]
     if not rollouts.is_dir():
         raise UsageError(f"input not found: {rollouts}")
-    files = [(path, str(path.relative_to(rollouts))) for path in sorted(rollouts.rglob("*.jsonl"))
-             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(rollouts).parts)]  # fmt: skip
+    files = [
+        (path, str(path.relative_to(rollouts)))
+        for path in sorted(rollouts.rglob("*.jsonl"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(rollouts).parts)
+    ]
     if not files:
         raise UsageError(f"no .jsonl files under {rollouts}")
     return files
@@ -522,8 +565,9 @@ def check_options(options: PairOptions) -> None:
 # ── the driver ───────────────────────────────────────────────────────────────
 
 
-def make_pairs_file(rollouts: Path, out: Path, options: PairOptions = PairOptions(), *, strict: bool = False,
-                    overwrite: bool = False) -> dict:  # fmt: skip
+def make_pairs_file(
+    rollouts: Path, out: Path, options: PairOptions = PairOptions(), *, strict: bool = False, overwrite: bool = False
+) -> dict:
     """Read graded rollouts, write pairs (or KTO rows) to `out` and rejects beside it; return the summary.
 
     Both files are written under a temporary directory beside `out` and renamed into place

@@ -17,7 +17,7 @@ from helpers import assert_user_error, invoke, write_jsonl
 
 from mtdpo import pairs
 from mtdpo.errors import UsageError
-from mtdpo.pairs import PairOptions, Trajectory, filter_reason, make_pairs_file, pairs_all, pairs_max_min, pairs_random
+from mtdpo.pairs import PairOptions, filter_reason, make_pairs_file, pairs_all, pairs_max_min, pairs_random
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "mtdpo" / "assets" / "rollouts.jsonl"
@@ -30,17 +30,21 @@ def rng(seed: int = 0) -> random.Random:
 
 def solved(answer: str, output: str | None = None) -> list[dict]:
     """question, code, its output, boxed answer: a trajectory every research filter keeps."""
-    return [{"role": "user", "content": "What is 6 x 7?"},
-            {"role": "assistant", "content": f"Compute it.\n```python\nprint({answer})\n```"},
-            {"role": "tool", "content": f"```output\n{output or answer}\n```"},
-            {"role": "assistant", "content": f"The answer is \\boxed{{{answer}}}."}]  # fmt: skip
+    return [
+        {"role": "user", "content": "What is 6 x 7?"},
+        {"role": "assistant", "content": f"Compute it.\n```python\nprint({answer})\n```"},
+        {"role": "tool", "content": f"```output\n{output or answer}\n```"},
+        {"role": "assistant", "content": f"The answer is \\boxed{{{answer}}}."},
+    ]
 
 
 def row(prompt_id, reward, answer: str = "42", **extra) -> dict:
     return {"prompt_id": prompt_id, "messages": solved(answer), "reward": reward, **extra}
 
 
-def run(tmp_path: Path, rows: list, options: PairOptions = PairOptions(), name: str = "rollouts.jsonl", **kwargs) -> tuple[dict, list[dict]]:
+def run(
+    tmp_path: Path, rows: list, options: PairOptions = PairOptions(), name: str = "rollouts.jsonl", **kwargs
+) -> tuple[dict, list[dict]]:
     source = rows if isinstance(rows, Path) else write_jsonl(tmp_path / name, rows)
     out = tmp_path / "pairs.jsonl"
     numbers = make_pairs_file(source, out, options, overwrite=True, **kwargs)
@@ -119,7 +123,10 @@ def test_min_messages_counts_no_system_message():
 
 
 def test_end_with_assistant_drops_a_trajectory_cut_off_after_a_tool_output():
-    cut = solved("1")[:-1] + [{"role": "assistant", "content": "```python\nprint(2)\n```"}, {"role": "tool", "content": "2"}]
+    cut = solved("1")[:-1] + [
+        {"role": "assistant", "content": "```python\nprint(2)\n```"},
+        {"role": "tool", "content": "2"},
+    ]
     assert filter_reason(cut, PairOptions()) == "--end-with-assistant"
     assert filter_reason(cut, PairOptions(end_with_assistant=False)) is None
 
@@ -127,14 +134,23 @@ def test_end_with_assistant_drops_a_trajectory_cut_off_after_a_tool_output():
 def test_two_tool_calls_in_one_turn_pass_every_filter():
     """The research's even message count would drop this: one turn, two calls, two outputs."""
     call = {"type": "function", "function": {"name": "python", "arguments": {"code": "print(1)"}}}
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call, call]},
-                {"role": "tool", "content": "1"}, {"role": "tool", "content": "1"}, {"role": "assistant", "content": "\\boxed{1}"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [call, call]},
+        {"role": "tool", "content": "1"},
+        {"role": "tool", "content": "1"},
+        {"role": "assistant", "content": "\\boxed{1}"},
+    ]
     assert filter_reason(messages, PairOptions()) is None
 
 
 def test_require_code_in_every_assistant_turn_but_the_last():
-    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Let me think."},
-            {"role": "user", "content": "go on"}, {"role": "assistant", "content": "\\boxed{1}"}]  # fmt: skip
+    chat = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "Let me think."},
+        {"role": "user", "content": "go on"},
+        {"role": "assistant", "content": "\\boxed{1}"},
+    ]
     assert filter_reason(chat, PairOptions()) == "--require-code"
     assert filter_reason(chat, PairOptions(require_code=False)) is None
     parts = [dict(m, content=[{"type": "text", "text": m["content"]}]) for m in solved("1")]
@@ -145,18 +161,27 @@ def test_drop_tool_errors_looks_at_the_last_tool_output_only():
     failed = solved("7", output="Traceback (most recent call last):\nNameError: name 'reslt' is not defined")
     assert filter_reason(failed, PairOptions()) == "--drop-tool-errors"
     assert filter_reason(failed, PairOptions(drop_tool_errors=False)) is None
-    fixed = failed[:-1] + [{"role": "assistant", "content": "Fix it.\n```python\nprint(7)\n```"},
-                           {"role": "tool", "content": "7"}, {"role": "assistant", "content": "\\boxed{7}"}]  # fmt: skip
+    fixed = failed[:-1] + [
+        {"role": "assistant", "content": "Fix it.\n```python\nprint(7)\n```"},
+        {"role": "tool", "content": "7"},
+        {"role": "assistant", "content": "\\boxed{7}"},
+    ]
     assert filter_reason(fixed, PairOptions()) is None
 
 
 def test_drop_tool_errors_on_the_research_format_outputs_as_user_turns():
-    gemma = [dict(m, role="user") if m["role"] == "tool" else m for m in solved("7", output="SyntaxError: '(' was never closed")]
+    gemma = [
+        dict(m, role="user") if m["role"] == "tool" else m
+        for m in solved("7", output="SyntaxError: '(' was never closed")
+    ]
     assert filter_reason(gemma, PairOptions()) == "--drop-tool-errors"
 
 
 def test_a_trajectory_is_counted_under_the_first_filter_it_fails():
-    assert filter_reason([{"role": "user", "content": "q"}, {"role": "tool", "content": "error"}], PairOptions()) == "--min-messages"
+    assert (
+        filter_reason([{"role": "user", "content": "q"}, {"role": "tool", "content": "error"}], PairOptions())
+        == "--min-messages"
+    )
 
 
 # ── one problem end to end ────────────────────────────────────────────────────
@@ -172,14 +197,27 @@ def test_duplicates_are_removed_by_the_assistant_turns(tmp_path):
 
 
 def test_hand_worked_summary(tmp_path):
-    rows = [row("a", 1.0, "42"), row("a", 0.0, "1"), row("a", 0.0, "2"), row("a", 0.0, "3"),  # pass@1 1/4
-            row("b", 0.0, "1"), row("b", 0.0, "2"),  # all wrong
-            row("c", 1.0, "42"), row("c", 1.0, "41"),  # all correct
-            row("d", 0.9, "42"), dict(row("d", 0.2, "5"), messages=solved("5")[:2])]  # 0.2 one is filtered  # fmt: skip
+    rows = [
+        row("a", 1.0, "42"),
+        row("a", 0.0, "1"),
+        row("a", 0.0, "2"),
+        row("a", 0.0, "3"),  # pass@1 1/4
+        row("b", 0.0, "1"),
+        row("b", 0.0, "2"),  # all wrong
+        row("c", 1.0, "42"),
+        row("c", 1.0, "41"),  # all correct
+        row("d", 0.9, "42"),
+        dict(row("d", 0.2, "5"), messages=solved("5")[:2]),
+    ]  # 0.2 one is filtered
     numbers, written = run(tmp_path, rows)
     assert [r["prompt_id"] for r in written] == ["a"]
     assert (numbers["problems"], numbers["problems_paired"], numbers["pairs"]) == (4, 1, 1)
-    assert numbers["skipped"] == {"all correct": 2, "all wrong": 1, "rewards closer than --min-margin": 0, "no trajectory kept": 0}
+    assert numbers["skipped"] == {
+        "all correct": 2,
+        "all wrong": 1,
+        "rewards closer than --min-margin": 0,
+        "no trajectory kept": 0,
+    }
     assert numbers["filter_reasons"]["--min-messages"] == 1
     assert numbers["pass@1"] == pytest.approx((0.25 + 0 + 1 + 0.5) / 4)
     assert numbers["pass@n"] == pytest.approx(3 / 4)
@@ -211,15 +249,35 @@ def test_all_pairs_with_a_cap_end_to_end(tmp_path):
 
 def test_research_field_names_and_carried_keys(tmp_path):
     tools = [{"type": "function", "function": {"name": "python", "parameters": {"type": "object", "properties": {}}}}]
-    rows = [{"idx": 7, "messages": solved("42"), "score": [True], "gt": "42", "tools": tools, "chat_template_kwargs": {"enable_thinking": False}},
-            {"idx": 7, "messages": solved("41"), "score": [False], "gt": "42", "level": "Level 5"}]  # fmt: skip
+    rows = [
+        {
+            "idx": 7,
+            "messages": solved("42"),
+            "score": [True],
+            "gt": "42",
+            "tools": tools,
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+        {"idx": 7, "messages": solved("41"), "score": [False], "gt": "42", "level": "Level 5"},
+    ]
     _, [pair] = run(tmp_path, rows)
-    assert pair == {"prompt_id": 7, "chosen": solved("42"), "rejected": solved("41"), "chosen_reward": 1.0, "rejected_reward": 0.0,
-                    "gt": "42", "tools": tools, "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    assert pair == {
+        "prompt_id": 7,
+        "chosen": solved("42"),
+        "rejected": solved("41"),
+        "chosen_reward": 1.0,
+        "rejected_reward": 0.0,
+        "gt": "42",
+        "tools": tools,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
 
 
 def test_correct_booleans_count_as_1_and_0(tmp_path):
-    rows = [{"prompt_id": "p", "messages": solved("1"), "correct": False}, {"prompt_id": "p", "messages": solved("42"), "correct": True}]
+    rows = [
+        {"prompt_id": "p", "messages": solved("1"), "correct": False},
+        {"prompt_id": "p", "messages": solved("42"), "correct": True},
+    ]
     _, [pair] = run(tmp_path, rows)
     assert (pair["chosen"], pair["chosen_reward"], pair["rejected_reward"]) == (solved("42"), 1.0, 0.0)
 
@@ -230,7 +288,8 @@ def test_kto_rows(tmp_path):
     assert sorted((r["prompt_id"], r["label"], r["reward"]) for r in written) == [("a", False, 0.0), ("a", True, 1.0)]
     assert set(written[0]) == {"prompt_id", "messages", "label", "reward"}
     assert (numbers["desirable"], numbers["undesirable"]) == (1, 1)
-    numbers, written = run(tmp_path, rows, PairOptions(kto=True, rule="all"))  # every kept trajectory of "a": not balanced
+    # --rule all: every kept trajectory of "a", not balanced
+    numbers, written = run(tmp_path, rows, PairOptions(kto=True, rule="all"))
     assert (numbers["desirable"], numbers["undesirable"], numbers["pairs"], len(written)) == (1, 2, 2, 3)
     assert numbers["rejected_reward_mean"] == 0.0 and numbers["chosen_reward_mean"] == 1.0
 
@@ -302,18 +361,26 @@ BAD_ROWS = [
     ({"prompt_id": "p", "messages": solved("1")}, "missing reward (reward, score or correct)"),
     ({"prompt_id": "p", "messages": solved("1"), "reward": "1"}, "reward must be a number or a boolean"),
     ('{"prompt_id": "p", "messages": [], "reward": NaN}', "reward is not finite"),
-    ({"prompt_id": "p", "messages": solved("1"), "reward": True}, "reward is a boolean but the input's first reward is a number"),
+    (
+        {"prompt_id": "p", "messages": solved("1"), "reward": True},
+        "reward is a boolean but the input's first reward is a number",
+    ),
     ({"prompt_id": "p", "messages": "hi", "reward": 1.0}, "messages missing or not a list"),
     ({"prompt_id": "p", "messages": [], "reward": 1.0}, "messages is empty"),
-    ({"prompt_id": "p", "messages": [{"content": "hi"}], "reward": 1.0}, "a message is not an object with a string role"),
-]  # fmt: skip
+    (
+        {"prompt_id": "p", "messages": [{"content": "hi"}], "reward": 1.0},
+        "a message is not an object with a string role",
+    ),
+]
 
 
 def test_bad_rows_are_rejected_with_their_reason_and_the_run_goes_on(tmp_path):
     rows = [row("p", 1.0, "42"), *(bad for bad, _ in BAD_ROWS), "", row("p", 0.0, "41")]
     numbers, written = run(tmp_path, rows)
     assert len(written) == 1
-    assert rejects(tmp_path) == [{"file": "rollouts.jsonl", "row": n, "reason": reason} for n, (_, reason) in enumerate(BAD_ROWS, 1)]
+    assert rejects(tmp_path) == [
+        {"file": "rollouts.jsonl", "row": n, "reason": reason} for n, (_, reason) in enumerate(BAD_ROWS, 1)
+    ]
     assert numbers["rows"] == len(BAD_ROWS) + 2  # the blank line is no row
     assert numbers["reject_reasons"] == {reason: 1 for _, reason in BAD_ROWS}
     accounted(numbers)
@@ -330,13 +397,21 @@ def test_rejects_name_the_file_of_a_directory_input(tmp_path):
     write_jsonl(folder / "gen" / "shard-1.jsonl", [row("p", 1.0), row("p", 0.5, "1"), row("p", False, "2")])
     write_jsonl(folder / ".hidden.jsonl", ["not even json"])
     numbers, _ = run(tmp_path, folder)
-    assert rejects(tmp_path) == [{"file": "gen/shard-1.jsonl", "row": 2, "reason": "reward is a boolean but the input's first reward is a number"}]
+    assert rejects(tmp_path) == [
+        {
+            "file": "gen/shard-1.jsonl",
+            "row": 2,
+            "reason": "reward is a boolean but the input's first reward is a number",
+        }
+    ]
     with pytest.raises(UsageError, match=r"^gen/shard-1.jsonl row 2: reward is a boolean"):
         run(tmp_path, folder, strict=True)
 
 
 def test_strict_stops_at_the_first_bad_row_and_writes_nothing(tmp_path):
-    with pytest.raises(UsageError, match=r"^rollouts.jsonl row 1: missing reward \(reward, score or correct\) \(--strict"):
+    with pytest.raises(
+        UsageError, match=r"^rollouts.jsonl row 1: missing reward \(reward, score or correct\) \(--strict"
+    ):
         run(tmp_path, [row("p", 1.0), {"prompt_id": "p", "messages": solved("1")}, row("p", 0.0, "1")], strict=True)
     assert sorted(os.listdir(tmp_path)) == ["rollouts.jsonl"]
 
@@ -393,25 +468,53 @@ def test_cli_default_output_sits_beside_the_input(tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-    assert_user_error(invoke("pairs", tmp_path / "nope.jsonl", "--out", tmp_path / "p.jsonl"), f"input not found: {tmp_path / 'nope.jsonl'}")
-    assert_user_error(invoke("pairs", BUNDLED, "--out", tmp_path / "p.jsonl", "--rule", "best"),
-                      "--rule must be one of random, max-min, all, not 'best'")  # fmt: skip
+    assert_user_error(
+        invoke("pairs", tmp_path / "nope.jsonl", "--out", tmp_path / "p.jsonl"),
+        f"input not found: {tmp_path / 'nope.jsonl'}",
+    )
+    assert_user_error(
+        invoke("pairs", BUNDLED, "--out", tmp_path / "p.jsonl", "--rule", "best"),
+        "--rule must be one of random, max-min, all, not 'best'",
+    )
     (tmp_path / "p.jsonl").write_text("")
-    assert_user_error(invoke("pairs", BUNDLED, "--out", tmp_path / "p.jsonl"), f"output {tmp_path / 'p.jsonl'} already exists; pass --overwrite to replace it")
+    assert_user_error(
+        invoke("pairs", BUNDLED, "--out", tmp_path / "p.jsonl"),
+        f"output {tmp_path / 'p.jsonl'} already exists; pass --overwrite to replace it",
+    )
 
 
 def test_cli_help_lists_every_option():
     result = invoke("pairs", "--help", env={"COLUMNS": "200"})  # wide: long option names are not wrapped
     flat = " ".join(result.stdout.replace("│", " ").split())
-    for option in ("--out", "--rule", "--kto", "--seed", "--correct-threshold", "--min-margin", "--max-pairs-per-prompt",
-                   "--min-messages", "--end-with-assistant", "--no-end-with-assistant", "--require-code", "--drop-tool-errors",
-                   "--no-dedup", "--strict", "--overwrite", "--json", "On by default, as in the paper"):  # fmt: skip
+    for option in (
+        "--out",
+        "--rule",
+        "--kto",
+        "--seed",
+        "--correct-threshold",
+        "--min-margin",
+        "--max-pairs-per-prompt",
+        "--min-messages",
+        "--end-with-assistant",
+        "--no-end-with-assistant",
+        "--require-code",
+        "--drop-tool-errors",
+        "--no-dedup",
+        "--strict",
+        "--overwrite",
+        "--json",
+        "On by default, as in the paper",
+    ):
         assert option in flat, option
 
 
 def test_bundled_rollouts_are_what_the_script_writes(tmp_path):
-    subprocess.run([sys.executable, REPO / "scripts" / "make_rollouts.py", "--out", tmp_path / "r.jsonl"], check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    subprocess.run(
+        [sys.executable, REPO / "scripts" / "make_rollouts.py", "--out", tmp_path / "r.jsonl"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert (tmp_path / "r.jsonl").read_bytes() == BUNDLED.read_bytes()
 
 
@@ -419,6 +522,8 @@ def test_preprocess_accepts_the_pairs_of_the_bundled_rollouts(tmp_path):
     command = [sys.executable, "-m", "mtdpo"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     subprocess.run([*command, "pairs", BUNDLED, "--out", tmp_path / "pairs.jsonl", "-q"], check=True, env=env)
-    subprocess.run([*command, "preprocess", tmp_path / "pairs.jsonl", "--out", tmp_path / "cache", "-q"], check=True, env=env)
+    subprocess.run(
+        [*command, "preprocess", tmp_path / "pairs.jsonl", "--out", tmp_path / "cache", "-q"], check=True, env=env
+    )
     stats = json.loads((tmp_path / "cache" / "stats.json").read_text())
     assert stats["kept"] > 0 and stats["rejected"] == 0
