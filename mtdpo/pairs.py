@@ -29,7 +29,8 @@ or rows. Output rows keep the order in which problems first appear in the input.
 The input is streamed. Rows are hash-partitioned by problem id into bucket files beside the
 output (a problem's rows may come from several generation shards), then each bucket is read
 back and its problems paired; the buckets' outputs are merged in order of first appearance.
-Memory holds one bucket at a time, however many rows the input has.
+Memory holds one bucket (BUCKET_BYTES of input) at a time, whatever the row count, up to
+MAX_BUCKETS buckets (4 GB of input; past that the buckets grow).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def parse_line(raw: bytes) -> dict:
     """The row a JSON line holds, or RowError."""
     try:
         row = json.loads(raw)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError):  # bad syntax or UTF-8, a 5,000-digit number, lists nested too deep
         raise RowError("not valid JSON") from None
     if not isinstance(row, dict):
         raise RowError("not a JSON object")
@@ -141,9 +142,13 @@ def reward_of(row: dict) -> tuple[float, str]:
         return float(value), "boolean"
     if not isinstance(value, (int, float)):
         raise RowError("reward must be a number or a boolean")
-    if not math.isfinite(value):
+    try:
+        reward = float(value)
+    except OverflowError:  # an integer beyond float's range
+        raise RowError("reward is not finite") from None
+    if not math.isfinite(reward):
         raise RowError("reward is not finite")
-    return float(value), "number"
+    return reward, "number"
 
 
 def problem_key(prompt_id: str | int) -> str:

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -361,6 +362,8 @@ BAD_ROWS = [
     ({"prompt_id": "p", "messages": solved("1")}, "missing reward (reward, score or correct)"),
     ({"prompt_id": "p", "messages": solved("1"), "reward": "1"}, "reward must be a number or a boolean"),
     ('{"prompt_id": "p", "messages": [], "reward": NaN}', "reward is not finite"),
+    ('{"prompt_id": "p", "messages": [], "reward": 1' + "0" * 400 + "}", "reward is not finite"),
+    ('{"prompt_id": "p", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON"),
     (
         {"prompt_id": "p", "messages": solved("1"), "reward": True},
         "reward is a boolean but the input's first reward is a number",
@@ -382,7 +385,7 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_run_goes_on(tmp_path):
         {"file": "rollouts.jsonl", "row": n, "reason": reason} for n, (_, reason) in enumerate(BAD_ROWS, 1)
     ]
     assert numbers["rows"] == len(BAD_ROWS) + 2  # the blank line is no row
-    assert numbers["reject_reasons"] == {reason: 1 for _, reason in BAD_ROWS}
+    assert numbers["reject_reasons"] == Counter(reason for _, reason in BAD_ROWS)
     accounted(numbers)
 
 
