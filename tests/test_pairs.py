@@ -486,6 +486,16 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     )
 
 
+def test_cli_strict_is_one_line_naming_the_row(tmp_path):
+    source = write_jsonl(tmp_path / "r.jsonl", [row("p", 1.0), "{oops", row("p", 0.0, "1")])
+    assert invoke("pairs", source, "--out", tmp_path / "p.jsonl", "-q").exit_code == 0
+    assert_user_error(
+        invoke("pairs", source, "--out", tmp_path / "q.jsonl", "--strict"),
+        "r.jsonl row 1: not valid JSON (--strict stops at the first bad row)",
+    )
+    assert not (tmp_path / "q.jsonl").exists()
+
+
 def test_cli_help_lists_every_option():
     result = invoke("pairs", "--help", env={"COLUMNS": "200"})  # wide: long option names are not wrapped
     flat = " ".join(result.stdout.replace("│", " ").split())
