@@ -331,5 +331,106 @@ def plot(
     console.print(f"wrote {out}{detail}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def pairs(
+    rollouts: Path = typer.Argument(
+        ...,
+        help="Graded rollouts: a .jsonl file or a directory of them (read in sorted order; a problem's rows may "
+        "sit in several files). One trajectory per row: prompt_id (or idx), messages, reward (or score, or correct).",
+        readable=False,  # no click check (a boxed usage message): pairs says "input not found" in one line
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Pairs to write (.jsonl, read by `mtdpo preprocess`); rejects go to OUT.rejects.jsonl. "
+        "\\[default: ROLLOUTS.pairs.jsonl (.kto.jsonl with --kto) beside the input]",
+    ),
+    rule: str = typer.Option(
+        "random",
+        help="random: per problem one random correct vs one random incorrect trajectory (the paper's rule). "
+        "max-min: highest vs lowest reward. all: every better × worse pair.",
+    ),
+    kto: bool = typer.Option(
+        False,
+        "--kto",
+        help="Write unpaired KTO rows {prompt_id, messages, label, reward} instead: each trajectory the rule "
+        "pairs, once, desirable when correct. With --rule random that is the paper's KTO data, one desirable and one "
+        "undesirable per problem (balanced); --rule all is not balanced: the summary counts each label, weigh them with "
+        "KTO's desirable_weight / undesirable_weight.",
+        show_default="off",
+    ),
+    seed: int = typer.Option(
+        42,
+        help="Seed of the random choices; each problem draws from (seed, prompt_id), so the output does not depend on row or file order.",
+    ),
+    correct_threshold: float = typer.Option(
+        0.5, help="A trajectory is correct when its reward is above this (booleans count as 1 and 0)."
+    ),
+    min_margin: float = typer.Option(0.0, help="Make no pair whose rewards differ by less (for real-valued rewards)."),
+    max_pairs_per_prompt: Optional[int] = typer.Option(
+        None, help="--rule all: at most this many pairs per problem, drawn under the seed. \\[default: every pair]"
+    ),
+    min_messages: int = typer.Option(
+        4,
+        help="Drop trajectories with fewer messages, system ones not counted (paper: 4, a question, one code run and an answer; 0: off).",
+    ),
+    end_with_assistant: bool = typer.Option(
+        True,
+        help="Drop trajectories that do not end with an assistant message (cut off after a tool output; "
+        "the paper's 'even number of messages'). On by default, as in the paper.",
+    ),
+    require_code: bool = typer.Option(
+        True,
+        help="Drop trajectories with an assistant turn before the last message that runs no code "
+        "(no tool call and no ```python block). On by default, as in the paper.",
+    ),
+    drop_tool_errors: bool = typer.Option(
+        True,
+        help='Drop trajectories whose last tool output contains "error": a final answer after a failed run is a '
+        "guess. On by default, as in the paper.",
+    ),
+    dedup: bool = typer.Option(
+        True,
+        help="Keep one of the trajectories of a problem whose assistant turns are identical. On by default, as in the paper.",
+    ),
+    strict: bool = typer.Option(
+        False, help="Stop at the first unusable row instead of writing it to OUT.rejects.jsonl.", show_default="off"
+    ),
+    overwrite: bool = typer.Option(
+        False, help="Replace an existing OUT (only once the new one is complete).", show_default="off"
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary as JSON instead of a table.", show_default="off"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing.", show_default="off"),
+) -> None:
+    """Make preference pairs (or KTO rows) from graded multi-turn rollouts, as in the paper's iterative round."""
+    from mtdpo.pairs import PairOptions, default_output, make_pairs_file, summary_table
+
+    options = PairOptions(
+        rule=rule,
+        seed=seed,
+        correct_threshold=correct_threshold,
+        min_margin=min_margin,
+        max_pairs_per_prompt=max_pairs_per_prompt,
+        min_messages=min_messages,
+        end_with_assistant=end_with_assistant,
+        require_code=require_code,
+        drop_tool_errors=drop_tool_errors,
+        dedup=dedup,
+        kto=kto,
+    )
+    numbers = make_pairs_file(
+        rollouts, out or default_output(rollouts, kto), options, strict=strict, overwrite=overwrite
+    )
+    if as_json:
+        json.dump(numbers, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    elif not quiet:
+        console.print(summary_table(numbers))
+
+
 if __name__ == "__main__":
     app()
