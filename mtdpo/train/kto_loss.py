@@ -9,7 +9,7 @@ arXiv 2402.01306, Eq. 7) scores each trajectory on its own, against a reference 
            = w_U * (1 - sigmoid(beta * (z0 - r)))   if y is undesirable
     loss   = mean over the micro-batch's rows of loss_y
 
-exactly as TRL 1.x's KTOTrainer computes it (its `_compute_loss`; tested against it). A row is
+exactly as TRL's KTOTrainer computes it (1.16, `_compute_loss`; tests/train compare the two). A row is
 a whole trajectory: its log-prob sums every trained assistant turn, user turns and tool output
 carry label -100 and never count. The reference point z0 is estimated from the same batch with
 each prompt paired to another row's completion (`mismatched_pairs`), computed without gradient.
@@ -46,7 +46,7 @@ def kto_loss(
 
     All inputs are [B], in row order; `desirable` is a bool mask; `kl` is the reference point
     z0 (`kl_estimate`), a constant: no gradient flows through it (TRL detaches it too). Each
-    row's loss uses TRL's exact expression, so the numbers agree with it bit for bit.
+    row's loss is TRL's expression, operation for operation.
     """
     ratio = policy_logps - ref_logps
     kl = torch.as_tensor(kl, dtype=ratio.dtype, device=ratio.device).detach()

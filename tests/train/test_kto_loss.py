@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import trl
+from helpers import family_tokenizer, for_family, sample_rows
 from kto_reference import as_trl_text, locals_at_return, single_turn_kto_rows, trl_kto_step, trl_kto_trainer
 from trainkit import tiny_model
 
+from mtdpo.preprocess.mask import ChatTemplate, render_and_mask
 from mtdpo.train.kto_loss import (
     apo_zero_unpaired,
     desirable_nll,
@@ -47,15 +49,21 @@ def test_kto_loss_by_hand():
 
 
 def test_weights_scale_each_group_and_the_mean_divides_by_rows():
-    # desirable_weight 2, undesirable_weight 0.5: 2 * 0.462570155 = 0.925140309,
-    # 0.5 * 0.462570155 = 0.231285077, 0.5 * 0.512497396 = 0.256248698;
-    # mean over 3 rows (not over the weights' sum 3.0 by chance: rows) = 1.412674084 / 3 = 0.470891361
-    losses, rewards = kto_loss(POLICY, REF, DESIRABLE, 0.5, beta=0.1, desirable_weight=2.0, undesirable_weight=0.5)
-    assert losses.tolist() == pytest.approx([0.925140309, 0.231285077, 0.256248698], abs=1e-7)
-    assert kto_mean(losses).item() == pytest.approx(0.470891361, abs=1e-7)
+    # desirable_weight 2, undesirable_weight 0.25: 2 * 0.462570155 = 0.925140309,
+    # 0.25 * 0.462570155 = 0.115642539, 0.25 * 0.512497396 = 0.128124349; sum 1.168907197.
+    # TRL divides by the 3 rows (0.389635732), not by the weights' sum 2.5 (which would give 0.467562879)
+    losses, rewards = kto_loss(POLICY, REF, DESIRABLE, 0.5, beta=0.1, desirable_weight=2.0, undesirable_weight=0.25)
+    assert losses.tolist() == pytest.approx([0.925140309, 0.115642539, 0.128124349], abs=1e-7)
+    assert kto_mean(losses).item() == pytest.approx(0.389635732, abs=1e-7)
     assert rewards.tolist() == pytest.approx([0.2, -0.1, 0.1], abs=1e-7)  # rewards are never weighted
-    # the step's share: the same sum over all the step's rows (say 6)
-    assert kto_mean(losses, total_rows=6).item() == pytest.approx(1.412674084 / 6, abs=1e-7)
+    # the micro-batch's share of a step of 6 rows: the same sum over 6
+    assert kto_mean(losses, total_rows=6).item() == pytest.approx(0.194817866, abs=1e-7)
+
+
+def test_mean_leaves_nan_rows_out_as_trl_nanmean_does():
+    losses = torch.tensor([0.4, float("nan"), 0.6])
+    assert kto_mean(losses).item() == pytest.approx(0.5)  # (0.4 + 0.6) / 2
+    assert kto_mean(losses, total_rows=4).item() == pytest.approx(0.25)  # 1.0 / 4
 
 
 def test_apo_zero_unpaired_by_hand():
@@ -189,6 +197,31 @@ def test_each_mismatched_sequence_trains_exactly_its_partners_tokens():
         trained = [t for t in labels if t != -100]
         assert trained == [t for t in rows[j][1] if t != -100]
         assert all(t == -100 for t in labels[:prompt_len])
+
+
+def first_assistant(messages: list[dict]) -> int:
+    return next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "llama3", "qwen2", "qwen3", "mistral", "phi3", "deepseek3"])
+def test_token_space_pairs_equal_the_masked_render_of_the_mismatched_conversation(family):
+    """On real multi-turn trajectories (tool output between assistant turns), row i's KL sequence built
+    in token space is exactly what masking the conversation (i's prompt messages + j's later
+    turns) gives: the trainer needs no tokenizer to build it, on these prefix-stable templates."""
+    tok = family_tokenizer(family)
+    chat = ChatTemplate(tok)
+    conversations = [for_family(r, family)["chosen"] for r in sample_rows(4)]
+    rows = []
+    for messages in conversations:
+        encoded = render_and_mask(chat, messages, first_assistant(messages))
+        rows.append((encoded.input_ids, encoded.labels, next(i for i, t in enumerate(encoded.labels) if t != -100)))
+    later = conversations[0][first_assistant(conversations[0]) :]
+    assert any(m["role"] != "assistant" for m in later)  # an untrained turn (tool output) inside the completion
+    for i, ((ids, labels, prompt_len), j) in enumerate(zip(mismatched_pairs(rows), kl_partners(4))):
+        mixed = conversations[i][: first_assistant(conversations[i])] + conversations[j][first_assistant(conversations[j]) :]
+        expected = render_and_mask(chat, mixed, first_assistant(mixed))
+        assert (ids, labels) == (expected.input_ids, expected.labels)
+        assert prompt_len == rows[i][2]
 
 
 # ── NLL on the desirable rows, and TRL's advice on the class weights ─────────────────────────
