@@ -15,7 +15,9 @@ result and part later. The shapes cycle so that any 60 consecutive rows hold eve
 - reasoning (`reasoning_content`) on some assistant turns,
 - a follow-up user question after a final answer (several trained assistant turns),
 - arguments as dicts and as JSON strings, content with non-ASCII text,
-- rows without `tools` (plain multi-turn chat).
+- rows without `tools` (plain multi-turn chat),
+- reasoning written into the content as `<think>\n...\n</think>\n\n` (QwQ / R1 style, the only
+  form those templates render).
 
 Tool-call ids are 9 alphanumeric characters (Mistral's templates refuse other lengths).
 """
@@ -48,7 +50,7 @@ TOOLS = [
 CITIES = ["Paris", "Zürich", "São Paulo", "東京", "Kraków", "Reykjavík", "Cairo", "Montréal"]
 SYSTEMS = ["You are a helpful assistant with tools.", "Réponds brièvement.", "You are an agent. Use tools when needed."]
 SHAPES = ["call_then_answer", "two_calls_one_turn", "reasoning", "follow_up", "content_and_call",
-          "shared_first_call", "plain_chat", "three_calls_unicode"]  # fmt: skip
+          "shared_first_call", "plain_chat", "three_calls_unicode", "inline_think"]  # fmt: skip
 
 
 def agent_rows(n: int = 60, seed: int = 0) -> list[dict]:
@@ -96,6 +98,12 @@ def _agent_row(shape: str, i: int, rng: random.Random) -> dict:
         good = [_msg("assistant", f"{city} has a long history."), _msg("user", "And another?"),
                 _msg("assistant", f"{city} is visited by many travellers — ¡muchos!")]  # fmt: skip
         bad = [_msg("assistant", "I don't know."), _msg("user", "And another?"), _msg("assistant", "No.")]
+        return {"chosen": [*system, q, *good], "rejected": [*system, q, *bad]}
+    if shape == "inline_think":
+        q = _msg("user", f"Is {city} a capital city? Answer yes or no.")
+        good = [_msg("assistant", f"<think>\nI recall the capitals I know; {city} ...\n</think>\n\nLet me answer: it depends."),
+                _msg("user", "Be brief."), _msg("assistant", "<think>\nShort answer.\n</think>\n\nMaybe.")]  # fmt: skip
+        bad = [_msg("assistant", "<think>\nNo idea.\n</think>\n\nYes!"), _msg("user", "Be brief."), _msg("assistant", "Yes.")]
         return {"chosen": [*system, q, *good], "rejected": [*system, q, *bad]}
     q = _msg("user", f"What's the weather in {city}?")
     if shape == "call_then_answer":
