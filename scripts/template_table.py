@@ -20,7 +20,10 @@ and every oracle turn is matched exactly once (none trained twice, none dropped)
   (the number that matters: a wrong mask nobody is told about);
 - kept, inexpressible: sequences kept whose side has a turn the oracle cannot express (a
   template error once arguments are parsed, a generation opener the message lacks, ...);
-- good rejected: rows rejected although the oracle expresses every turn of both sides.
+- good rejected: rows rejected although the oracle expresses every turn of both sides;
+  "lossless" counts only those whose template also renders every part of every trained message
+  (its answer, its reasoning, each tool call's name): a template that drops a call turns a call
+  into an empty answer, and a preprocessor may rightly refuse to train that.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from helpers import ALL_FAMILIES, family_tokenizer  # noqa: E402
 from oracle import Turn, row_turns  # noqa: E402
 
 IGNORE = -100
-COLUMNS = ["rows", "right", "sequences", "rejected", "silently_wrong", "kept_inexpressible", "good_rejected", "oracle_good_rows"]
+COLUMNS = ["rows", "right", "sequences", "rejected", "silently_wrong", "kept_inexpressible", "good_rejected", "good_rejected_lossless", "oracle_good_rows"]
 
 
 # ── running mtdpo ────────────────────────────────────────────────────────────
@@ -169,6 +172,7 @@ def check_family(family: str, rows: list[dict], work: Path) -> dict:
         turns = row_turns(tok, spec, row)
         expressible = all(t.ok for side in turns.values() for t in side) and any(turns.values())
         result["oracle_good_rows"] += expressible
+        lossless = expressible and not any(t.dropped for side in turns.values() for t in side)
         for side in turns.values():
             for t in side:
                 if not t.ok:
@@ -178,6 +182,7 @@ def check_family(family: str, rows: list[dict], work: Path) -> dict:
             if "error" not in result:
                 result["reject_reasons"][_short(rejects[n])] += 1
             result["good_rejected"] += expressible
+            result["good_rejected_lossless"] += lossless
             continue
         if n not in kept:
             continue
@@ -215,14 +220,14 @@ def _short(reason: str) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| family | rows | oracle: good rows | sequences | right | rejected | **silently wrong** | kept, inexpressible | good rows rejected | mtdpo's reject reasons (rows) |",
+    lines = ["| family | rows | oracle: good rows | sequences | right | rejected | **silently wrong** | kept, inexpressible | good rows rejected (lossless) | mtdpo's reject reasons (rows) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         why = "<br>".join(f"{n} × `{reason}`" for reason, n in r["reject_reasons"].most_common()).replace("|", "\\|") or "-"
         if r.get("error"):
             why = "(no cache: every row rejected) " + why
         lines.append(f"| {r['family']} | {r['rows']} | {r['oracle_good_rows']} | {r['sequences']} | {r['right']} | {r['rejected']} | "
-                     f"**{r['silently_wrong']}** | {r['kept_inexpressible']} | {r['good_rejected']} | {why} |")  # fmt: skip
+                     f"**{r['silently_wrong']}** | {r['kept_inexpressible']} | {r['good_rejected']} ({r['good_rejected_lossless']}) | {why} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -75,6 +75,7 @@ class Turn:
     completion_ids: list[int] = field(default_factory=list)
     problem: str | None = None
     note: str | None = None  # how the completion was found when the render is not a plain prefix
+    dropped: list[str] = field(default_factory=list)  # parts of the message the template does not render
     context: str = ""
     completion: str = ""
 
@@ -161,11 +162,31 @@ def _turn(tok, spec: dict, render, messages: list[dict], i: int) -> Turn:
         turn.problem = f"template raises: {type(err).__name__}: {str(err)[:160]}"
         return turn
     turn.context, turn.completion = context, completion
+    turn.dropped = dropped_parts(messages[i], completion)
     try:
         turn.context_ids, turn.completion_ids = split_tokens(tok, context, completion)
     except NotExpressible as err:
         turn.problem = str(err)
     return turn
+
+
+def dropped_parts(message: dict, completion: str) -> list[str]:
+    """What of the message the rendered turn leaves out (its answer text, its reasoning, a tool
+    call's name). Such a turn is still expressible (the model is trained on what the template
+    renders), but training it teaches the model to leave that out: worth knowing when counting
+    rows a preprocessor rejects."""
+    out = []
+    content = message.get("content")
+    text = content.split("</think>")[-1].strip() if isinstance(content, str) else ""
+    if text and text not in completion:
+        out.append("content")
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in completion:
+        out.append("reasoning")
+    for n, call in enumerate(message.get("tool_calls") or []):
+        if call.get("function", call)["name"] not in completion:
+            out.append(f"tool call {n}")
+    return out
 
 
 class NotExpressible(Exception):

@@ -123,6 +123,16 @@ def test_qwq_answer_without_its_reasoning_is_not_expressible():
     assert inline.ok and inline.completion == "greet\n</think>\n\nHello.<|im_end|>"
 
 
+def test_parts_the_template_does_not_render_are_listed():
+    """Kimi-K2's July 2025 template renders no tool calls: the call-only turn is expressible (an
+    empty answer), and the oracle says what it leaves out."""
+    call = {"id": "c00000001", "type": "function", "function": {"name": "get_weather", "arguments": {}}}
+    (turn,) = turns_of("kimi-k2", [msg("user", "go"), {"role": "assistant", "content": "", "tool_calls": [call]}], 1)
+    assert turn.ok and turn.completion == "<|im_end|>" and turn.dropped == ["tool call 0"]
+    (full,) = turns_of("qwen2", [msg("user", "go"), {"role": "assistant", "content": "", "tool_calls": [call]}], 1)
+    assert full.dropped == []
+
+
 def test_a_template_error_makes_the_turn_not_expressible():
     (turn,) = turns_of("gemma", [msg("system", "s"), msg("user", "hi"), msg("assistant", "Hello.")], 2)
     assert not turn.ok and "template raises" in turn.problem
