@@ -231,16 +231,31 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dict_arguments(row: dict) -> dict:
+    """The row with every JSON-string tool-call `arguments` parsed to a dict."""
+    row = json.loads(json.dumps(row))
+    for side in ("chosen", "rejected"):
+        for m in row[side]:
+            for call in m.get("tool_calls") or []:
+                if isinstance(call["function"]["arguments"], str):
+                    call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=list(ALL_FAMILIES))
     parser.add_argument("--rows", type=int, default=60, help="agent rows per family")
     parser.add_argument("--qa", type=int, default=0, help="one-turn Q/A rows added per family")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dict-arguments", action="store_true", help="give mtdpo every tool-call arguments as a dict "
+                        "(what the oracle renders), to see what is wrong apart from JSON-string arguments")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--work", type=Path, help="keep tokenizers, rows and caches here (default: a temporary directory)")
     args = parser.parse_args()
     rows = agent_rows(args.rows, args.seed) + qa_rows(args.qa, args.seed)
+    if args.dict_arguments:
+        rows = [dict_arguments(row) for row in rows]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         results = []
