@@ -21,7 +21,10 @@ from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 
 TESTS = Path(__file__).parent
 TEMPLATES = TESTS / "templates"
-FAMILIES: dict[str, dict] = json.loads((TEMPLATES / "families.json").read_text())
+ALL_FAMILIES: dict[str, dict] = json.loads((TEMPLATES / "families.json").read_text())
+# The per-family tests iterate FAMILIES; the real agent templates (suite "real-agent") are checked
+# against the independent oracle instead (tests/oracle.py, scripts/template_table.py).
+FAMILIES: dict[str, dict] = {name: spec for name, spec in ALL_FAMILIES.items() if spec.get("suite") != "real-agent"}
 GEMMA_USER, GEMMA_END = "<start_of_turn>user\n", "<end_of_turn>\n"  # the original seed markers
 IGNORE = -100  # docs/DESIGN.md: the label of every token that is not trained
 assert IGNORE_INDEX == IGNORE
@@ -34,20 +37,42 @@ assert IGNORE_INDEX == IGNORE
 def family_tokenizer(family: str):
     """The embedded byte-level BPE plus one family's special tokens and real chat template.
 
-    Cached: treat the result as read-only (copy.deepcopy it before changing anything).
+    Families with `token_flags` (the real agent templates) get each token as an AddedToken with the
+    model's own flags: Phi-3.5's `<|end|>` has rstrip=True and swallows the newline after it, so a
+    tokenizer with default flags would give different ids. Cached: treat the result as read-only
+    (copy.deepcopy it before changing anything).
     """
     from transformers import AutoTokenizer
 
-    spec = FAMILIES[family]
+    spec = ALL_FAMILIES[family]
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
-    specials = {"additional_special_tokens": spec["special_tokens"], "eos_token": spec["eos_token"]}
-    if spec["bos_token"]:
-        specials["bos_token"] = spec["bos_token"]
-    tok.add_special_tokens(specials)
-    tok.add_tokens(spec.get("added_tokens", []))  # e.g. Qwen's <tool_call>: added, not special
-    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
-    assert tok.eos_token == spec["eos_token"] and tok.convert_tokens_to_ids(spec["end_of_turn"]) != tok.unk_token_id
+    if "token_flags" in spec:
+        _add_flagged_tokens(tok, spec)
+    else:
+        specials = {"additional_special_tokens": spec["special_tokens"], "eos_token": spec["eos_token"]}
+        if spec["bos_token"]:
+            specials["bos_token"] = spec["bos_token"]
+        tok.add_special_tokens(specials)
+        tok.add_tokens(spec.get("added_tokens", []))  # e.g. Qwen's <tool_call>: added, not special
+    tok.chat_template = (TEMPLATES / spec.get("template", f"{family}.jinja")).read_text()
+    markers = [spec["end_of_turn"]] if spec["end_of_turn"] else spec["stop_tokens"]
+    assert tok.eos_token == spec["eos_token"] and all(tok.convert_tokens_to_ids(m) != tok.unk_token_id for m in markers)
     return tok
+
+
+def _add_flagged_tokens(tok, spec: dict) -> None:
+    """Add every token the template emits with its real flags (special, lstrip, rstrip, normalized, single_word)."""
+    from transformers import AddedToken
+
+    flags = spec["token_flags"]
+    tokens = [AddedToken(t, **flags[t]) for t in flags]
+    special = [t for t in tokens if t.special]
+    tok.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    tok.add_tokens([t for t in tokens if not t.special])
+    by_name = {t.content: t for t in tokens}
+    tok.eos_token = by_name.get(spec["eos_token"], spec["eos_token"])
+    if spec["bos_token"]:
+        tok.bos_token = by_name.get(spec["bos_token"], spec["bos_token"])
 
 
 def with_template(family: str, template: str):
@@ -116,7 +141,7 @@ def for_family(row: dict, family: str) -> dict:
     original Gemma math-agent data did). Gemma has no system role: the system text is put in
     front of the first user turn, as Gemma's own later templates do.
     """
-    tool_role = FAMILIES[family]["tool_role"] or "user"
+    tool_role = ALL_FAMILIES[family]["tool_role"] or "user"
     out = dict(row)
     for side in ("prompt", "chosen", "rejected"):
         if isinstance(row.get(side), list):
