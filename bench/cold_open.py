@@ -4,7 +4,7 @@
     python bench/cold_open.py data_cache/1m --rebatch 10000               # also a copy in batches of 10,000 pairs
 
 Each open runs in its own process after `sync; echo 3 > /proc/sys/vm/drop_caches`: the time of
-`mtdpo.cache.load_cache` plus the length columns train reads at start-up, the bytes the process
+`mtdpo.cache.open_cache` plus the length columns train reads at start-up, the bytes the process
 read from disk (/proc/self/io read_bytes: page faults on the memory maps included), and the same
 again warm. The device's read-ahead is printed beside them: each record batch header's page
 fault reads that much ahead.

@@ -24,6 +24,7 @@ can take in, the number that says whether it would limit --num-proc 16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,18 +58,18 @@ def timed_chunk(chunk):
 
 
 class _EncodeOnce:
-    """A PairEncoder that encodes the first row it sees and answers every row with that record."""
+    """A RecordBuilder that builds the first row it sees and answers every row with that record."""
 
     def __init__(self, tokenizer, options):
-        import mtdpo.preprocess.encode as encode
+        from mtdpo.preprocess.records import RecordBuilder
 
-        self.encoder, self.record = encode.PairEncoder(tokenizer, options), None
+        self.builder, self.record = RecordBuilder(tokenizer, options), None
 
-    def __call__(self, row):
+    def __call__(self, n, row):
         if self.record is None:
-            self.record = self.encoder(row)
+            self.record = self.builder(n, row)
         record, truncated = self.record
-        return dict(record), truncated
+        return dataclasses.replace(record, row=n), truncated
 
 
 def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool, encode_once: bool = False) -> dict:
@@ -79,7 +80,7 @@ def worker(rows: str, tokenizer: str | None, num_proc: int, sync_save: bool, enc
     if sync_save:
         pipeline.BACKGROUND_SAVE_VOCAB = 1 << 62  # every tokenizer counts as small: saved at once
     if encode_once:
-        pipeline.PairEncoder = _EncodeOnce
+        pipeline.RecordBuilder = _EncodeOnce
     marks: dict[str, tuple[float, float]] = {}  # name -> (main-process CPU, wall clock)
     global _started, _encode_chunk
     _started, _encode_chunk = time.perf_counter(), pipeline.encode_chunk

@@ -65,8 +65,8 @@ def _lengthen(messages: list[dict], target_chars: int) -> None:
 
 
 def cache_for(rows: Path, name: str, num_proc: int = 2) -> Path:
-    from mtdpo.preprocess.encode import MaskOptions
     from mtdpo.preprocess.pipeline import preprocess
+    from mtdpo.preprocess.records import MaskOptions
 
     out = WORK / name
     if not (out / "manifest.json").exists():

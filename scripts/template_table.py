@@ -45,7 +45,17 @@ from helpers import ALL_FAMILIES, family_tokenizer  # noqa: E402
 from oracle import Turn, row_turns  # noqa: E402
 
 IGNORE = -100
-COLUMNS = ["rows", "right", "sequences", "rejected", "silently_wrong", "kept_inexpressible", "good_rejected", "good_rejected_lossless", "oracle_good_rows"]
+COLUMNS = [
+    "rows",
+    "right",
+    "sequences",
+    "rejected",
+    "silently_wrong",
+    "kept_inexpressible",
+    "good_rejected",
+    "good_rejected_lossless",
+    "oracle_good_rows",
+]
 
 
 # ── running mtdpo ────────────────────────────────────────────────────────────
@@ -62,7 +72,9 @@ def preprocess(rows: list[dict], tok_dir: Path, work: Path) -> tuple[Path, str]:
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = work / "cache"
-    done = run_mtdpo("preprocess", str(data), "--tokenizer", str(tok_dir), "--out", str(out), "-q", "--max-length", "1000000")
+    done = run_mtdpo(
+        "preprocess", str(data), "--tokenizer", str(tok_dir), "--out", str(out), "-q", "--max-length", "1000000"
+    )
     return out, done.stdout + done.stderr
 
 
@@ -123,7 +135,9 @@ def match_side(sequences: list[dict], turns: list[Turn], decode=None) -> tuple[l
                 used[hit[0].message] += 1
                 continue
             ok = False
-            problems.append(f"sequence {k}: trained run [{a}, {b}) matches no oracle turn; {_closest(ids, a, b, turns, decode)}")
+            problems.append(
+                f"sequence {k}: trained run [{a}, {b}) matches no oracle turn; {_closest(ids, a, b, turns, decode)}"
+            )
         seq_ok.append(ok)
     wrong_count = [t.message for t in turns if t.ok and used[t.message] != 1]
     problems += [f"message {m}: trained {used[m]} times" for m in wrong_count]
@@ -145,7 +159,7 @@ def _closest(ids: list[int], a: int, b: int, turns: list[Turn], decode=None) -> 
         hint += f"; mtdpo trains {decode(ids[a:b])[:200]!r}; the oracle expects {t.completion[:200]!r}"
         if not same_context:
             at = next((j for j, (x, y) in enumerate(zip(ids, t.context_ids)) if x != y), min(len(ids), n))
-            hint += f"; contexts part at token {at}: mtdpo {decode(ids[at:at + 8])!r}, oracle {decode(t.context_ids[at:at + 8])!r}"
+            hint += f"; contexts part at token {at}: mtdpo {decode(ids[at : at + 8])!r}, oracle {decode(t.context_ids[at : at + 8])!r}"
     return hint
 
 
@@ -163,7 +177,13 @@ def check_family(family: str, rows: list[dict], work: Path) -> dict:
     spec = ALL_FAMILIES[family]
     cache, log = preprocess(rows, tok_dir, work)
     kept, rejects = read_cache(cache), read_rejects(cache)
-    result = dict.fromkeys(COLUMNS, 0) | {"family": family, "rows": len(rows), "reject_reasons": Counter(), "wrong_examples": [], "inexpressible_reasons": Counter()}
+    result = dict.fromkeys(COLUMNS, 0) | {
+        "family": family,
+        "rows": len(rows),
+        "reject_reasons": Counter(),
+        "wrong_examples": [],
+        "inexpressible_reasons": Counter(),
+    }
     if not kept and not rejects:  # nothing kept: no cache, the CLI's summary says why
         result["error"] = log.strip().splitlines()[-1] if log.strip() else "no cache written"
         rejects = dict.fromkeys(range(len(rows)), "(no cache written; see the summary)")
@@ -223,7 +243,10 @@ def markdown(results: list[dict]) -> str:
     lines = ["| family | rows | oracle: good rows | sequences | right | rejected | **silently wrong** | kept, inexpressible | good rows rejected (lossless) | mtdpo's reject reasons (rows) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        why = "<br>".join(f"{n} × `{reason}`" for reason, n in r["reject_reasons"].most_common()).replace("|", "\\|") or "-"
+        why = (
+            "<br>".join(f"{n} × `{reason}`" for reason, n in r["reject_reasons"].most_common()).replace("|", "\\|")
+            or "-"
+        )
         if r.get("error"):
             why = "(no cache: every row rejected) " + why
         lines.append(f"| {r['family']} | {r['rows']} | {r['oracle_good_rows']} | {r['sequences']} | {r['right']} | {r['rejected']} | "
@@ -248,10 +271,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=60, help="agent rows per family")
     parser.add_argument("--qa", type=int, default=0, help="one-turn Q/A rows added per family")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dict-arguments", action="store_true", help="give mtdpo every tool-call arguments as a dict "
-                        "(what the oracle renders), to see what is wrong apart from JSON-string arguments")
+    parser.add_argument(
+        "--dict-arguments",
+        action="store_true",
+        help="give mtdpo every tool-call arguments as a dict "
+        "(what the oracle renders), to see what is wrong apart from JSON-string arguments",
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--work", type=Path, help="keep tokenizers, rows and caches here (default: a temporary directory)")
+    parser.add_argument(
+        "--work", type=Path, help="keep tokenizers, rows and caches here (default: a temporary directory)"
+    )
     args = parser.parse_args()
     rows = agent_rows(args.rows, args.seed) + qa_rows(args.qa, args.seed)
     if args.dict_arguments:

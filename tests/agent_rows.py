@@ -103,19 +103,31 @@ def _agent_row(shape: str, i: int, rng: random.Random) -> dict:
         q = _msg("user", f"Is {city} a capital city? Answer yes or no.")
         good = [_msg("assistant", f"<think>\nI recall the capitals I know; {city} ...\n</think>\n\nLet me answer: it depends."),
                 _msg("user", "Be brief."), _msg("assistant", "<think>\nShort answer.\n</think>\n\nMaybe.")]  # fmt: skip
-        bad = [_msg("assistant", "<think>\nNo idea.\n</think>\n\nYes!"), _msg("user", "Be brief."), _msg("assistant", "Yes.")]
+        bad = [
+            _msg("assistant", "<think>\nNo idea.\n</think>\n\nYes!"),
+            _msg("user", "Be brief."),
+            _msg("assistant", "Yes."),
+        ]
         return {"chosen": [*system, q, *good], "rejected": [*system, q, *bad]}
     q = _msg("user", f"What's the weather in {city}?")
     if shape == "call_then_answer":
-        chosen = _exchange([weather], ["18°C, light rain"], null_content) + [_msg("assistant", f"It is 18°C with light rain in {city}.")]
+        chosen = _exchange([weather], ["18°C, light rain"], null_content) + [
+            _msg("assistant", f"It is 18°C with light rain in {city}.")
+        ]
         rejected = [_msg("assistant", f"It is sunny in {city}.")]
     elif shape == "two_calls_one_turn":
         calls = [weather, _weather_call(other, ids(), not as_string)]
         q = _msg("user", f"Compare the weather in {city} and {other}.")
-        chosen = _exchange(calls, ["18°C", "25°C"], null_content) + [_msg("assistant", f"{other} is warmer than {city}.")]
-        rejected = _exchange([_weather_call(city, ids(), as_string)], ["18°C"], null_content) + [_msg("assistant", "Both are the same.")]
+        chosen = _exchange(calls, ["18°C", "25°C"], null_content) + [
+            _msg("assistant", f"{other} is warmer than {city}.")
+        ]
+        rejected = _exchange([_weather_call(city, ids(), as_string)], ["18°C"], null_content) + [
+            _msg("assistant", "Both are the same.")
+        ]
     elif shape == "reasoning":
-        call = _assistant_call([weather], null_content, reasoning="The user wants the weather; I should call get_weather.")
+        call = _assistant_call(
+            [weather], null_content, reasoning="The user wants the weather; I should call get_weather."
+        )
         chosen = [call, _tool(weather, "21°C, clear"),
                   _msg("assistant", f"Clear skies, 21°C in {city}.", reasoning="The tool says 21°C and clear.")]  # fmt: skip
         rejected = [_msg("assistant", "I cannot check the weather.", reasoning="I will not use tools.")]
@@ -123,23 +135,39 @@ def _agent_row(shape: str, i: int, rng: random.Random) -> dict:
         chosen = _exchange([weather], ["12°C"], null_content) + [_msg("assistant", f"It is 12°C in {city}."),
                                                                  _msg("user", "Should I take a coat?")]  # fmt: skip
         search = _call("search", {"query": f"coat advice 12°C {city}", "top_k": 2}, ids(), as_string)
-        chosen += _exchange([search], ["Yes: a light coat at 12°C."], null_content) + [_msg("assistant", "Yes, take a light coat.")]
-        rejected = [_msg("assistant", "It is warm."), _msg("user", "Should I take a coat?"), _msg("assistant", "No need.")]
+        chosen += _exchange([search], ["Yes: a light coat at 12°C."], null_content) + [
+            _msg("assistant", "Yes, take a light coat.")
+        ]
+        rejected = [
+            _msg("assistant", "It is warm."),
+            _msg("user", "Should I take a coat?"),
+            _msg("assistant", "No need."),
+        ]
     elif shape == "content_and_call":
         calc = _call("calculator", {"expression": "17 * 23"}, ids(), as_string)
         q = _msg("user", "What is 17 × 23?")
-        chosen = [_assistant_call([calc], None, content="Let me compute that."), _tool(calc, "391"), _msg("assistant", "17 × 23 = 391.")]
+        chosen = [
+            _assistant_call([calc], None, content="Let me compute that."),
+            _tool(calc, "391"),
+            _msg("assistant", "17 × 23 = 391."),
+        ]
         rejected = [_msg("assistant", "17 × 23 = 401.")]
     elif shape == "shared_first_call":
         shared = _exchange([weather], ["9°C, windy"], null_content)
         search = _call("search", {"query": f"wind {city}"}, ids(), as_string)
-        chosen = [*shared, *_exchange([search], ["Gusts of 60 km/h."], null_content), _msg("assistant", "9°C with strong gusts.")]
+        chosen = [
+            *shared,
+            *_exchange([search], ["Gusts of 60 km/h."], null_content),
+            _msg("assistant", "9°C with strong gusts."),
+        ]
         rejected = [*shared, _msg("assistant", "It is calm.")]
     else:  # three_calls_unicode
         cities = [city, other, rng.choice([c for c in CITIES if c not in (city, other)])]
         calls = [_weather_call(c, ids(), k % 2 == 0) for k, c in enumerate(cities)]
         q = _msg("user", f"Météo à {', '.join(cities)} ? 🌦️")
-        chosen = _exchange(calls, ["5°C ❄️", "30°C ☀️", "15°C ☁️"], null_content) + [_msg("assistant", f"Le plus chaud : {cities[1]} (30°C ☀️).")]
+        chosen = _exchange(calls, ["5°C ❄️", "30°C ☀️", "15°C ☁️"], null_content) + [
+            _msg("assistant", f"Le plus chaud : {cities[1]} (30°C ☀️).")
+        ]
         rejected = [_msg("assistant", "Je ne sais pas 🤷.")]
     row = {"chosen": [*system, q, *chosen], "rejected": [*system, q, *rejected], "tools": TOOLS}
     assert row["chosen"] != row["rejected"]
@@ -165,8 +193,14 @@ def _weather_call(city: str, call_id: str, as_string: bool) -> dict:
     return _call("get_weather", {"city": city, "unit": "celsius"}, call_id, as_string)
 
 
-def _assistant_call(calls: list[dict], null_content: bool | None, content: str | None = None, reasoning: str | None = None) -> dict:
-    m = {"role": "assistant", "content": content if content is not None else (None if null_content else ""), "tool_calls": calls}
+def _assistant_call(
+    calls: list[dict], null_content: bool | None, content: str | None = None, reasoning: str | None = None
+) -> dict:
+    m = {
+        "role": "assistant",
+        "content": content if content is not None else (None if null_content else ""),
+        "tool_calls": calls,
+    }
     if reasoning is not None:
         m["reasoning_content"] = reasoning
     return m

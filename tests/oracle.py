@@ -136,7 +136,11 @@ def side_turns(tok, spec: dict, messages: list[dict], n_prompt: int, tools=None,
     """Expected turns of one side: one per assistant message at or after `n_prompt`."""
     messages = prepare(messages)
     render = _renderer(tok, tools, kwargs or {})
-    return [_turn(tok, spec, render, messages, i) for i in range(n_prompt, len(messages)) if messages[i]["role"] == "assistant"]
+    return [
+        _turn(tok, spec, render, messages, i)
+        for i in range(n_prompt, len(messages))
+        if messages[i]["role"] == "assistant"
+    ]
 
 
 def _renderer(tok, tools, kwargs):
@@ -196,7 +200,9 @@ class NotExpressible(Exception):
 PLACEHOLDER = "\u00a7\u00a7"  # content no real message starts with
 
 
-def _completion_after(context: str, full: str, history: str, render, messages: list[dict], i: int) -> tuple[str, str | None]:
+def _completion_after(
+    context: str, full: str, history: str, render, messages: list[dict], i: int
+) -> tuple[str, str | None]:
     """The text the model generated after `context`, found in `full` (see the module docstring)."""
     if full.startswith(context):
         return full[len(context) :], None
@@ -211,8 +217,8 @@ def _completion_after(context: str, full: str, history: str, render, messages: l
             return full[at + len(header) :], f"history re-rendered; completion taken after the last {header!r}"
     raise NotExpressible(
         f"the render with this message does not start with its generation context, and the generation prompt "
-        f"{opener!r} is not where this message is rendered (they part at {full[parted:parted + 40]!r} "
-        f"vs {context[parted:parted + 40]!r})"
+        f"{opener!r} is not where this message is rendered (they part at {full[parted : parted + 40]!r} "
+        f"vs {context[parted : parted + 40]!r})"
     )
 
 
@@ -234,7 +240,11 @@ def _stop_token(spec: dict, render, messages: list[dict], i: int, full: str) -> 
     before the last user message)."""
     role = messages[i + 1]["role"] if i + 1 < len(messages) else "user"
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    nxt = {"role": role, "content": "r"} if role != "tool" else {"role": "tool", "content": "r", "tool_call_id": "c00000001", "name": "f"}
+    nxt = (
+        {"role": role, "content": "r"}
+        if role != "tool"
+        else {"role": "tool", "content": "r", "tool_call_id": "c00000001", "name": "f"}
+    )
     short, longer = render(probe, False), render([*probe, nxt], False)
     if not longer.startswith(short):
         raise NotExpressible(f"the probe turn is re-rendered once a {role} message follows; its stop token is unknown")
@@ -242,7 +252,9 @@ def _stop_token(spec: dict, render, messages: list[dict], i: int, full: str) -> 
     for token in spec["stop_tokens"]:
         if rest.startswith(token):
             return token
-    raise NotExpressible(f"no stop token {spec['stop_tokens']} follows an assistant turn before a {role} message ({rest[:40]!r})")
+    raise NotExpressible(
+        f"no stop token {spec['stop_tokens']} follows an assistant turn before a {role} message ({rest[:40]!r})"
+    )
 
 
 def split_tokens(tok, context: str, completion: str) -> tuple[list[int], list[int]]:
@@ -252,7 +264,9 @@ def split_tokens(tok, context: str, completion: str) -> tuple[list[int], list[in
     ids, cut = enc["input_ids"], len(context)
     for n, (start, end) in enumerate(enc["offset_mapping"]):
         if start < cut < end:
-            raise NotExpressible(f"a token of context + completion straddles the end of the context: {(context + completion)[start:end]!r}")
+            raise NotExpressible(
+                f"a token of context + completion straddles the end of the context: {(context + completion)[start:end]!r}"
+            )
         if start >= cut:
             return ids[:n], ids[n:]
     return ids, []

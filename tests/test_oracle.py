@@ -12,7 +12,6 @@ from agent_rows import agent_rows, qa_rows
 from helpers import ALL_FAMILIES, IGNORE, family_tokenizer, msg
 from oracle import prepare, row_turns, side_turns
 
-
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -72,15 +71,24 @@ def test_qwen3_earlier_think_block_dropped_gives_the_turn_its_own_context():
 
 def test_json_string_arguments_are_parsed_before_rendering():
     call = {"id": "c00000001", "type": "function", "function": {"name": "f", "arguments": '{"x": "é"}'}}
-    assert prepare([{"role": "assistant", "content": "", "tool_calls": [call]}])[0]["tool_calls"][0]["function"]["arguments"] == {"x": "é"}
-    (turn,) = turns_of("qwen2", [msg("user", "go"), {"role": "assistant", "content": "", "tool_calls": [call]}], n_prompt=1)
+    assert prepare([{"role": "assistant", "content": "", "tool_calls": [call]}])[0]["tool_calls"][0]["function"][
+        "arguments"
+    ] == {"x": "é"}
+    (turn,) = turns_of(
+        "qwen2", [msg("user", "go"), {"role": "assistant", "content": "", "tool_calls": [call]}], n_prompt=1
+    )
     assert '"arguments": {"x": "é"}' in turn.completion and turn.completion.endswith("</tool_call><|im_end|>")
 
 
 def test_reasoning_is_aliased_to_thinking_for_gpt_oss():
-    (turn,) = turns_of("gpt-oss", [msg("user", "hi"), {"role": "assistant", "content": "Hello.", "reasoning_content": "greet"}], 1)
+    (turn,) = turns_of(
+        "gpt-oss", [msg("user", "hi"), {"role": "assistant", "content": "Hello.", "reasoning_content": "greet"}], 1
+    )
     # as the last message its reasoning is rendered (the model wrote it), and it ends <|return|>
-    assert turn.completion == "<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Hello.<|return|>"
+    assert (
+        turn.completion
+        == "<|channel|>analysis<|message|>greet<|end|><|start|>assistant<|channel|>final<|message|>Hello.<|return|>"
+    )
     assert prepare([{"role": "assistant", "content": "x", "reasoning_content": "r"}])[0]["thinking"] == "r"
 
 
@@ -105,7 +113,12 @@ def test_hermes_history_rendered_differently_takes_the_completion_after_the_prom
     """After a tool result Hermes' generation context ends '</tool_response><|im_end|><|im_start|>
     assistant\\n' while the whole conversation has '</tool_response>\\n<|im_end|>': the context is
     what the model saw, the completion is the message after the header."""
-    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
     call = {"id": "c00000001", "type": "function", "function": {"name": "f", "arguments": {}}}
     messages = [msg("user", "go"), {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "c00000001", "name": "f", "content": "ok"}, msg("assistant", "Done.")]  # fmt: skip
@@ -195,14 +208,24 @@ def test_agent_rows_are_deterministic_and_cover_the_shapes():
     assert json.loads(json.dumps(rows)) == rows
     messages = [m for r in rows for side in ("chosen", "rejected") for m in r[side]]
     calls = [c for m in messages for c in m.get("tool_calls") or []]
-    assert any(isinstance(c["function"]["arguments"], str) for c in calls) and any(isinstance(c["function"]["arguments"], dict) for c in calls)
-    assert any(m.get("content") is None for m in messages) and any(m.get("content") == "" and m.get("tool_calls") for m in messages)
-    assert any(len(m.get("tool_calls") or []) >= 2 for m in messages) and any("reasoning_content" in m for m in messages)
+    assert any(isinstance(c["function"]["arguments"], str) for c in calls) and any(
+        isinstance(c["function"]["arguments"], dict) for c in calls
+    )
+    assert any(m.get("content") is None for m in messages) and any(
+        m.get("content") == "" and m.get("tool_calls") for m in messages
+    )
+    assert any(len(m.get("tool_calls") or []) >= 2 for m in messages) and any(
+        "reasoning_content" in m for m in messages
+    )
     assert any("tools" not in r for r in rows) and any(r["chosen"][0]["role"] == "system" for r in rows)
-    assert all(len(c["id"]) == 9 for c in calls) and any(any(ord(ch) > 127 for ch in m["content"] or "") for m in messages)
+    assert all(len(c["id"]) == 9 for c in calls) and any(
+        any(ord(ch) > 127 for ch in m["content"] or "") for m in messages
+    )
     for r in rows:  # both sides share the system + first user prompt and part at an assistant turn
         n = next(k for k, (a, b) in enumerate(zip(r["chosen"], r["rejected"])) if a != b)
-        assert r["chosen"][n]["role"] == r["rejected"][n]["role"] == "assistant" and r["chosen"][n - 1]["role"] != "system"
+        assert (
+            r["chosen"][n]["role"] == r["rejected"][n]["role"] == "assistant" and r["chosen"][n - 1]["role"] != "system"
+        )
     assert all(len(r["chosen"]) == 2 or r["chosen"][0]["role"] == "system" for r in qa_rows(6))
 
 
@@ -221,8 +244,11 @@ def test_every_family_has_expressible_turns_on_the_agent_rows():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="mtdpo today keeps JSON-string arguments unparsed and trains history renders "
-                   "where the generation context differs (Qwen3 empty think, R1 '\\n', Nemotron '<think>\\n'); see the table")
+@pytest.mark.xfail(
+    strict=False,
+    reason="mtdpo today keeps JSON-string arguments unparsed and trains history renders "
+    "where the generation context differs (Qwen3 empty think, R1 '\\n', Nemotron '<think>\\n'); see the table",
+)
 def test_no_family_has_silently_wrong_sequences(tmp_path):
     table = load_table()
     rows = agent_rows(60)

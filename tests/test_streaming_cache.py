@@ -99,7 +99,7 @@ def cache(sample_cache, tmp_path) -> Path:
 
 @pytest.fixture
 def hashed(monkeypatch) -> list[str]:
-    """Names of the files load_cache reads in full to hash them."""
+    """Names of the files open_cache reads in full to hash them."""
     names = []
     original = cache_files.sha256_file
 

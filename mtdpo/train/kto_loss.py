@@ -93,7 +93,9 @@ def unpaired_loss(
     return kto_loss(policy_logps, ref_logps, desirable, kl, beta, desirable_weight, undesirable_weight)
 
 
-def _weighted(losses: torch.Tensor, desirable: torch.Tensor, desirable_weight: float, undesirable_weight: float) -> torch.Tensor:
+def _weighted(
+    losses: torch.Tensor, desirable: torch.Tensor, desirable_weight: float, undesirable_weight: float
+) -> torch.Tensor:
     # each group's losses times its own weight, the product TRL computes
     return torch.where(desirable, desirable_weight * losses, undesirable_weight * losses)
 
@@ -150,7 +152,9 @@ def kl_partners(n: int, batch_size: int | None = None) -> list[int]:
     return partners
 
 
-def mismatched_pairs(rows: Sequence[Row], batch_size: int | None = None, max_length: int | None = None) -> list[tuple[list[int], list[int], int]]:
+def mismatched_pairs(
+    rows: Sequence[Row], batch_size: int | None = None, max_length: int | None = None
+) -> list[tuple[list[int], list[int], int]]:
     """The KL batch: for each row (input_ids, labels, prompt_len), its prompt followed by the
     completion of its partner (`kl_partners`), as (input_ids, labels, prompt_len) plain lists.
 
@@ -191,7 +195,9 @@ def desirable_nll(
     return nll_loss(policy_logps[desirable], chosen_tokens, total)
 
 
-def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> str | None:
+def weight_advice(
+    n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> str | None:
     """A warning when the class weights do not offset the imbalance of the data, else None.
 
     The KTO paper (Eq. 8) recommends w_D * n_D / (w_U * n_U) in [1, 4/3]: the desirable side
@@ -204,7 +210,10 @@ def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float 
         return None
     desirable_range = (round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2))
     undesirable_range = (round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2))
-    if desirable_range[0] <= desirable_weight <= desirable_range[1] or undesirable_range[0] <= undesirable_weight <= undesirable_range[1]:
+    if (
+        desirable_range[0] <= desirable_weight <= desirable_range[1]
+        or undesirable_range[0] <= undesirable_weight <= undesirable_range[1]
+    ):
         return None
     ratio = desirable_weight * n_d / (undesirable_weight * n_u)
     return (

@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from mtdpo.tokenizer import EMBEDDED_TOKENIZER
+from mtdpo.assets import EMBEDDED_TOKENIZER
 
 END_OF_TURN = "<end_of_turn>"
 PARAMETER = "model.layers.0.mlp.down_proj.weight"  # the parameter whose gradient is returned
@@ -53,7 +53,13 @@ def as_trl_text(rows: list[dict], tok=None) -> list[dict]:
     out = []
     for r in rows:
         prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-        out.append({"prompt": prompt.removeprefix(tok.bos_token), "completion": r["completion"][0]["content"] + END_OF_TURN, "label": r["label"]})
+        out.append(
+            {
+                "prompt": prompt.removeprefix(tok.bos_token),
+                "completion": r["completion"][0]["content"] + END_OF_TURN,
+                "label": r["label"],
+            }
+        )
     return out
 
 
@@ -74,7 +80,13 @@ def trl_kto_trainer(rows: list[dict], policy, reference, output_dir: Path, batch
     )  # fmt: skip
     args = trl.KTOConfig(**{**defaults, **config})
     ref = None if reference is None else copy.deepcopy(reference)
-    return trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=kto_tokenizer())
+    return trl.KTOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=kto_tokenizer(),
+    )
 
 
 @dataclass
@@ -90,7 +102,9 @@ class KTOReference:
     metrics: dict[str, float] = field(default_factory=dict)  # what TRL logs for the step
 
 
-def trl_kto_step(rows: list[dict], policy, reference, output_dir: Path, batch_size: int = 4, parameter: str = PARAMETER, **config) -> KTOReference:
+def trl_kto_step(
+    rows: list[dict], policy, reference, output_dir: Path, batch_size: int = 4, parameter: str = PARAMETER, **config
+) -> KTOReference:
     """TRL's loss, KL, per-row rewards and the gradient of `parameter` on its first batch of
     `rows` (text rows, see `trl_kto_trainer`): one forward and backward, no optimizer step."""
     import trl

@@ -11,7 +11,7 @@ from helpers import family_tokenizer, for_family, sample_rows
 from kto_reference import as_trl_text, locals_at_return, single_turn_kto_rows, trl_kto_step, trl_kto_trainer
 from trainkit import tiny_model
 
-from mtdpo.preprocess.mask import ChatTemplate, render_and_mask
+from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 from mtdpo.train.kto_loss import (
     apo_zero_unpaired,
     desirable_nll,
@@ -119,7 +119,9 @@ def test_gradient_signs_and_kl_is_a_constant():
     losses, _ = kto_loss(policy, REF, DESIRABLE, kl, beta=0.1)
     losses.sum().backward()
     s15, s05 = sigmoid(0.15), sigmoid(-0.05)
-    assert policy.grad.tolist() == pytest.approx([-0.1 * s15 * (1 - s15), 0.1 * s15 * (1 - s15), 0.1 * s05 * (1 - s05)], abs=1e-8)
+    assert policy.grad.tolist() == pytest.approx(
+        [-0.1 * s15 * (1 - s15), 0.1 * s15 * (1 - s15), 0.1 * s05 * (1 - s05)], abs=1e-8
+    )
     assert kl.grad is None  # z0 is detached: no gradient through the reference point
 
 
@@ -136,7 +138,10 @@ def test_kl_over_ranks_averages_rank_means_then_clamps():
     # this rank's mean 0.3 ((0.5 + 0.1) / 2); the other rank's -0.5: mean of means -0.1 -> 0.
     # Clamping each rank first would give (0.3 + 0) / 2 = 0.15: the order matters.
     other = torch.tensor(-0.5)
-    gather = lambda kl: torch.stack([kl, other])  # what gather_for_metrics returns for a 0-d tensor
+
+    def gather(kl):
+        return torch.stack([kl, other])  # what gather_for_metrics returns for a 0-d tensor
+
     policy, ref = torch.tensor([-5.5, -5.9]), torch.tensor([-6.0, -6.0])
     assert kl_estimate(policy, ref).item() == pytest.approx(0.3)
     assert kl_estimate(policy, ref, gather).item() == 0.0
@@ -186,14 +191,17 @@ def test_mismatched_pairs_by_hand():
         ([14, 15, 16, 25], [-100, -100, -100, 25], 3),
     ]
     # max_length keeps the first tokens, as TRL's collator truncates
-    assert mismatched_pairs([A, B], max_length=4) == [([10, 11, 23, 24], [-100, -100, 23, 24], 2), ([13, 20, 21, 12], [-100, 20, 21, -100], 1)]
+    assert mismatched_pairs([A, B], max_length=4) == [
+        ([10, 11, 23, 24], [-100, -100, 23, 24], 2),
+        ([13, 20, 21, 12], [-100, 20, 21, -100], 1),
+    ]
     assert mismatched_pairs([B], max_length=1) == [([13], [-100], 1)]
 
 
 def test_each_mismatched_sequence_trains_exactly_its_partners_tokens():
     # the KL log-prob of row i sums the same tokens as row j's own log-prob would
     rows = [A, B, C]
-    for (ids, labels, prompt_len), j in zip(mismatched_pairs(rows), kl_partners(3)):
+    for (_ids, labels, prompt_len), j in zip(mismatched_pairs(rows), kl_partners(3)):
         trained = [t for t in labels if t != -100]
         assert trained == [t for t in rows[j][1] if t != -100]
         assert all(t == -100 for t in labels[:prompt_len])
@@ -209,17 +217,20 @@ def test_token_space_pairs_equal_the_masked_render_of_the_mismatched_conversatio
     in token space is exactly what masking the conversation (i's prompt messages + j's later
     turns) gives: the trainer needs no tokenizer to build it, on these prefix-stable templates."""
     tok = family_tokenizer(family)
-    chat = ChatTemplate(tok)
+    builder = RecordBuilder(tok, MaskOptions())
     conversations = [for_family(r, family)["chosen"] for r in sample_rows(4)]
     rows = []
     for messages in conversations:
-        encoded = render_and_mask(chat, messages, first_assistant(messages))
+        encoded = builder.mask_side(messages, first_assistant(messages))
         rows.append((encoded.input_ids, encoded.labels, next(i for i, t in enumerate(encoded.labels) if t != -100)))
     later = conversations[0][first_assistant(conversations[0]) :]
     assert any(m["role"] != "assistant" for m in later)  # an untrained turn (tool output) inside the completion
     for i, ((ids, labels, prompt_len), j) in enumerate(zip(mismatched_pairs(rows), kl_partners(4))):
-        mixed = conversations[i][: first_assistant(conversations[i])] + conversations[j][first_assistant(conversations[j]) :]
-        expected = render_and_mask(chat, mixed, first_assistant(mixed))
+        mixed = (
+            conversations[i][: first_assistant(conversations[i])]
+            + conversations[j][first_assistant(conversations[j]) :]
+        )
+        expected = builder.mask_side(mixed, first_assistant(mixed))
         assert (ids, labels) == (expected.input_ids, expected.labels)
         assert prompt_len == rows[i][2]
 
@@ -295,7 +306,9 @@ class GivenLogProbs(torch.nn.Module):
 @pytest.fixture(scope="module")
 def trl_trainer(tmp_path_factory):
     model = tiny_model(seed=0)
-    return trl_kto_trainer(as_trl_text(single_turn_kto_rows(ROWS)), model, model, tmp_path_factory.mktemp("trl-kto"), batch_size=ROWS)
+    return trl_kto_trainer(
+        as_trl_text(single_turn_kto_rows(ROWS)), model, model, tmp_path_factory.mktemp("trl-kto"), batch_size=ROWS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +329,10 @@ def logprobs():
 
 def trl_inputs(rows, kl_rows, desirable):
     (trained, _, ref), (kl_trained, _, kl_ref) = rows, kl_rows
-    mask = lambda t: torch.cat([torch.zeros(ROWS, 1, dtype=torch.long), t.long()], 1)
+
+    def mask(t):
+        return torch.cat([torch.zeros(ROWS, 1, dtype=torch.long), t.long()], 1)
+
     ones = torch.ones(ROWS, WIDTH, dtype=torch.long)
     return {"input_ids": MAIN * ones, "attention_mask": ones, "completion_mask": mask(trained),
             "KL_input_ids": KL * ones, "KL_attention_mask": ones, "KL_completion_mask": mask(kl_trained),
@@ -342,7 +358,9 @@ def test_matches_trl_on_the_same_logprobs(trl_trainer, logprobs, loss_type, labe
 
     theirs_leaf = rows[1].clone().requires_grad_(True)
     model = GivenLogProbs(theirs_leaf, kl_rows[1])
-    theirs, frame = locals_at_return(trl.KTOTrainer._compute_loss, trl_trainer._compute_loss, model, trl_inputs(rows, kl_rows, desirable), False)
+    theirs, frame = locals_at_return(
+        trl.KTOTrainer._compute_loss, trl_trainer._compute_loss, model, trl_inputs(rows, kl_rows, desirable), False
+    )
     theirs.backward()
 
     ours_leaf = rows[1].clone().requires_grad_(True)
@@ -378,7 +396,13 @@ def test_kl_over_ranks_matches_trl(trl_trainer, logprobs, monkeypatch):
 
         monkeypatch.setattr(trl_trainer.accelerator, "gather_for_metrics", gather)
         model = GivenLogProbs(rows[1].clone(), kl_rows[1])
-        _, frame = locals_at_return(trl.KTOTrainer._compute_loss, trl_trainer._compute_loss, model, trl_inputs(rows, kl_rows, torch.tensor(LABELS["mixed"])), False)
+        _, frame = locals_at_return(
+            trl.KTOTrainer._compute_loss,
+            trl_trainer._compute_loss,
+            model,
+            trl_inputs(rows, kl_rows, torch.tensor(LABELS["mixed"])),
+            False,
+        )
         ours = kl_estimate(kl_rows[1].sum(1), kl_rows[2], gather)
         assert abs(ours.item() - frame["kl"].item()) < 1e-6
 
@@ -390,7 +414,14 @@ def test_kl_pairing_matches_trl_dataset(tmp_path):
     model = tiny_model(seed=0)
     trainer = trl_kto_trainer(rows, model, model, tmp_path, batch_size=3)
     ds = trainer.train_dataset
-    ours = [(ex["prompt_ids"] + ex["completion_ids"], [-100] * len(ex["prompt_ids"]) + ex["completion_ids"], len(ex["prompt_ids"])) for ex in ds]
+    ours = [
+        (
+            ex["prompt_ids"] + ex["completion_ids"],
+            [-100] * len(ex["prompt_ids"]) + ex["completion_ids"],
+            len(ex["prompt_ids"]),
+        )
+        for ex in ds
+    ]
     for ex, (ids, labels, prompt_len) in zip(ds, mismatched_pairs(ours, batch_size=3)):
         assert ids == ex["prompt_ids"] + ex["KL_completion_ids"]
         assert labels == [-100] * len(ex["prompt_ids"]) + ex["KL_completion_ids"]
@@ -398,12 +429,21 @@ def test_kl_pairing_matches_trl_dataset(tmp_path):
     assert ds[6]["KL_completion_ids"] == ds[6]["completion_ids"]
 
 
-@pytest.mark.parametrize("labels, weights", [([True] * 2 + [False] * 5, (1.0, 1.0)), ([True] * 2 + [False] * 5, (3.0, 1.0)), ([True] * 6 + [False], (1.0, 1.0))])
+@pytest.mark.parametrize(
+    "labels, weights",
+    [
+        ([True] * 2 + [False] * 5, (1.0, 1.0)),
+        ([True] * 2 + [False] * 5, (3.0, 1.0)),
+        ([True] * 6 + [False], (1.0, 1.0)),
+    ],
+)
 def test_weight_advice_matches_trl_warning(tmp_path, caplog, labels, weights):
     rows = [dict(r, label=label) for r, label in zip(as_trl_text(single_turn_kto_rows(7)), labels)]
     model = tiny_model(seed=0)
     with caplog.at_level("WARNING"):
-        trl_kto_trainer(rows, model, model, tmp_path, batch_size=2, desirable_weight=weights[0], undesirable_weight=weights[1])
+        trl_kto_trainer(
+            rows, model, model, tmp_path, batch_size=2, desirable_weight=weights[0], undesirable_weight=weights[1]
+        )
     trl_warned = any("don't seem to be in an ideal range" in r.getMessage() for r in caplog.records)
     n_desirable = sum(labels)
     assert trl_warned == (weight_advice(n_desirable, len(labels) - n_desirable, *weights) is not None)
@@ -430,7 +470,14 @@ def test_trl_reference_step_kl_is_kl_estimate_on_our_mismatched_pairs(tmp_path):
     assert torch.isfinite(step.rewards).all() and torch.isfinite(step.grad).all() and step.grad.abs().sum() > 0
     assert step.desirable.tolist() == [True, False, True, False]
 
-    ours = [(ex["prompt_ids"] + ex["completion_ids"], [-100] * len(ex["prompt_ids"]) + ex["completion_ids"], len(ex["prompt_ids"])) for ex in step.examples]
+    ours = [
+        (
+            ex["prompt_ids"] + ex["completion_ids"],
+            [-100] * len(ex["prompt_ids"]) + ex["completion_ids"],
+            len(ex["prompt_ids"]),
+        )
+        for ex in step.examples
+    ]
     kl_rows = mismatched_pairs(ours, batch_size=4)
     for ex, (ids, _, _) in zip(step.examples, kl_rows):
         assert ids == ex["prompt_ids"] + ex["KL_completion_ids"]
