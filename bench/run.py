@@ -498,7 +498,7 @@ def gemma3_tokenizer() -> Path | None:
 
 def gemma_rows(rows: Path) -> Path:
     """The same pairs for Gemma's template, which has no tool role: tool output as user turns
-    (as in the original Gemma math-agent data and tests/test_real_gemma.py)."""
+    (as in the original Gemma math-agent data and tests/preprocess/test_real_gemma.py)."""
     out = rows.with_name(rows.stem + "-gemma.jsonl")
     if not out.exists():
         with open(rows) as f, open(out, "w") as g:

@@ -20,6 +20,7 @@ from mtdpo.cli import app
 from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 
 TESTS = Path(__file__).parent
+REPO = TESTS.parent
 TEMPLATES = TESTS / "templates"
 ALL_FAMILIES: dict[str, dict] = json.loads((TEMPLATES / "families.json").read_text())
 # The per-family tests iterate FAMILIES; the real agent templates (suite "real-agent") are checked

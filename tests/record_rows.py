@@ -1,7 +1,7 @@
 """`mtdpo` with a probe: each rank appends the source rows of every batch it trains on to
 $MTDPO_ROWS_DIR/rank-R.jsonl as {"step": s, "rows": [...]}, then runs the CLI as usual.
 
-    torchrun --nproc_per_node 2 tests/record_rows.py train --data CACHE ...   (tests/test_multinode.py)
+    torchrun --nproc_per_node 2 tests/record_rows.py train --data CACHE ...   (tests/train/test_multinode.py)
 """
 
 import json

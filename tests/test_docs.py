@@ -91,10 +91,10 @@ def test_masking_doc_quotes_the_current_masks():
 
 def test_docs_name_only_tests_that_exist():
     """Every `test_…` a document cites is a test in tests/."""
-    source = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").glob("test_*.py"))
+    source = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").rglob("test_*.py"))
     defined = set(re.findall(r"^def (test_\w+)", source, flags=re.M))
     for doc in ("MASKING.md", "CONFIG.md", "FAQ.md"):
-        cited = set(re.findall(r"`(?:tests/\w+\.py::)?(test_\w+)`", (REPO / "docs" / doc).read_text(encoding="utf-8")))
+        cited = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)`", (REPO / "docs" / doc).read_text(encoding="utf-8")))
         assert cited <= defined, (doc, cited - defined)
 
 
@@ -112,7 +112,7 @@ def test_readme_layout_names_every_folder_and_doc():
 
 def test_docs_cited_in_the_code_exist():
     """Every doc a comment cites (docs/FAQ.md, or DESIGN.md for docs/DESIGN.md) is a file of this repository."""
-    for path in [*REPO.glob("mtdpo/**/*.py"), *REPO.glob("tests/*.py")]:
+    for path in [*REPO.glob("mtdpo/**/*.py"), *REPO.glob("tests/**/*.py")]:
         for name in re.findall(r"\b((?:docs/)?[A-Z]+\.md)\b", path.read_text(encoding="utf-8")):
             target = REPO / name if name.startswith("docs/") else REPO / "docs" / name
             assert target.is_file() or (REPO / name).is_file(), f"{path.relative_to(REPO)} cites {name}"

@@ -1,4 +1,4 @@
-"""Write the malformed-input corpus that tests/test_faults.py runs through `mtdpo preprocess`.
+"""Write the malformed-input corpus that tests/preprocess/test_faults.py runs through `mtdpo preprocess`.
 
     python tests/data/make_faults.py          # rewrites the files below; the output is deterministic
     python tests/data/make_faults.py --doc    # then the fault tables of docs/RELIABILITY.md

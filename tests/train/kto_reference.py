@@ -4,7 +4,7 @@
 (sequential sampling, `batch_size` rows) and returns the loss, the KL reference point, the
 per-row rewards and the gradient of one parameter, so that mtdpo's KTO trainer can be asserted
 to give the same numbers. Everything in fp32 (`bf16=False`), the tiny random Gemma of
-tests/trainkit.py and the embedded tokenizer, as the DPO parity test (tests/test_trl_parity.py).
+tests/trainkit.py and the embedded tokenizer, as the DPO parity test (tests/train/test_trl_parity.py).
 
 TRL computes the rewards inside `_compute_loss` and logs only their means; `locals_at_return`
 reads the per-row values from that function's frame as it returns.

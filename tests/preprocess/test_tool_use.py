@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-from helpers import IGNORE, RowEncoder, decoded_runs, family_tokenizer, msg
+from helpers import IGNORE, REPO, RowEncoder, decoded_runs, family_tokenizer, msg
 
 from mtdpo.cache import PairRecord
 from mtdpo.preprocess.records import MaskOptions, RecordBuilder
@@ -20,7 +19,7 @@ from mtdpo.preprocess.rows import RowError, to_pair
 from mtdpo.preprocess.spans import TokenBounds, assistant_spans, check_spans
 from mtdpo.preprocess.template import ChatTemplate
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # tool_use_table, the generated set's table
+sys.path.insert(0, str(REPO / "scripts"))  # tool_use_table, the generated set's table
 QUESTION = msg("user", "What is 17 * 23?")
 PYTHON_TOOL = {
     "type": "function",
@@ -574,7 +573,7 @@ def test_generated_tool_use_rows_train_what_the_template_renders(family):
 def test_masking_doc_quotes_the_tool_use_table():
     import tool_use_table
 
-    doc = (Path(__file__).parents[1] / "docs" / "MASKING.md").read_text(encoding="utf-8")
+    doc = (REPO / "docs" / "MASKING.md").read_text(encoding="utf-8")
     assert tool_use_table.markdown(70, "native") in doc
 
 
@@ -582,7 +581,7 @@ def test_masking_doc_quotes_the_tool_use_table():
 def test_masking_doc_quotes_the_openai_style_tool_use_table():
     import tool_use_table
 
-    doc = (Path(__file__).parents[1] / "docs" / "MASKING.md").read_text(encoding="utf-8")
+    doc = (REPO / "docs" / "MASKING.md").read_text(encoding="utf-8")
     assert tool_use_table.markdown(70, "openai") in doc
 
 

@@ -3,7 +3,7 @@
 16 pairs, batch 2, 2 epochs = 16 steps (8 per epoch). Before the fix, a run resumed at step 10
 (inside epoch 2) with the default length-grouped sampler trained pairs 0, 2 and 13 twice and
 6, 12 and 14 never (bench/measure_exactness.py prints the before/after numbers). The 2-rank
-case is in tests/test_multinode.py (slow).
+case is in tests/train/test_multinode.py (slow).
 """
 
 import shutil

@@ -18,7 +18,7 @@ import datasets
 import pyarrow as pa
 import pytest
 import transformers
-from helpers import cache_dataset, hidden_leftovers, run_preprocess, sample_rows, write_jsonl
+from helpers import TESTS, cache_dataset, hidden_leftovers, run_preprocess, sample_rows, write_jsonl
 from typer.testing import CliRunner
 
 from mtdpo.assets import EMBEDDED_TOKENIZER, SAMPLE_DATA
@@ -26,8 +26,8 @@ from mtdpo.cli import app
 from mtdpo.errors import UsageError
 from mtdpo.preprocess import pipeline
 
-DATA = Path(__file__).parent / "data"
-TEMPLATES = Path(__file__).parent / "templates"
+DATA = TESTS / "data"
+TEMPLATES = TESTS / "templates"
 GEMMA2 = TEMPLATES / "gemma.jinja"  # the real Gemma-2 template: it raises on roles it refuses
 COUNTS = ("rows", "kept", "rejected", "dropped", "truncated")
 USED = ("kept", "truncated")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Value
-from helpers import cache_dataset, hidden_leftovers, run_preprocess, write_jsonl
+from helpers import TESTS, cache_dataset, hidden_leftovers, run_preprocess, write_jsonl
 from trainkit import logged
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
@@ -471,7 +471,7 @@ def test_train_cli_names_the_damaged_file_in_one_line(small_cache, tmp_path):
 def test_preprocessing_twice_gives_byte_equal_files(tmp_path):
     """Equal: the shards, checksums, manifest, rejects, dataset_info, state and tokenizer copy.
     Not equal: stats.json (timings) and verified.json (the files' modification times)."""
-    source = Path(__file__).parent / "data" / "faults.jsonl"
+    source = TESTS / "data" / "faults.jsonl"
     run_preprocess(source, tmp_path / "a")
     run_preprocess(source, tmp_path / "b")
     files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
