@@ -94,7 +94,9 @@ def test_docs_name_only_tests_that_exist():
     source = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").rglob("test_*.py"))
     defined = set(re.findall(r"^def (test_\w+)", source, flags=re.M))
     for doc in ("MASKING.md", "CONFIG.md", "FAQ.md"):
-        cited = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)`", (REPO / "docs" / doc).read_text(encoding="utf-8")))
+        cited = set(
+            re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)`", (REPO / "docs" / doc).read_text(encoding="utf-8"))
+        )
         assert cited <= defined, (doc, cited - defined)
 
 
