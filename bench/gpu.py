@@ -107,7 +107,7 @@ def worker(
             ref,
             args,
             make_plan(args, data, None, model.config),
-            train_dataset=data.dataset,
+            train_dataset=data.pairs,
             data_collator=counter,
             callbacks=[clock.callback],
         )

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mtdpo import __version__
+from mtdpo.assets import packaged_templates
 from mtdpo.errors import Interrupted, UsageError
 
 app = typer.Typer(
@@ -76,7 +77,7 @@ def preprocess(
     chat_template: Optional[Path] = typer.Option(
         None,
         help="Jinja chat template to use instead of the tokenizer's: a FILE, or the NAME of a packaged real template "
-        "(gemma2, gemma3, llama3.1, llama3.2, qwen2.5, qwen3, mistral-v0.3, deepseek-v3, phi3.5). \\[default: the tokenizer's own]",
+        f"({', '.join(packaged_templates())}). \\[default: the tokenizer's own]",
     ),
     max_length: int = typer.Option(
         2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."
@@ -91,6 +92,12 @@ def preprocess(
     ),
     end_marker: Optional[str] = typer.Option(
         None, help="seed mode: end-of-turn marker. \\[default: from the template family]"
+    ),
+    string_arguments: bool = typer.Option(
+        False,
+        help="Render tool-call arguments given as JSON strings as strings (off: parsed to objects first, as a "
+        "chat server does before the template sees them).",
+        show_default="off",
     ),
     num_proc: int = typer.Option(1, help="Worker processes; the output is identical for any value."),
     strict: bool = typer.Option(
@@ -120,7 +127,7 @@ def preprocess(
     from mtdpo.preprocess.sources import default_output
 
     out = out or default_output(input, shard)
-    options = MaskOptions(mask_mode, max_length, user_marker, end_marker)
+    options = MaskOptions(mask_mode, max_length, user_marker, end_marker, string_arguments)
     stats = preprocess_input(
         input,
         out,
@@ -264,7 +271,14 @@ def show_sample(
         help="Write a standalone HTML page (same colours, no network) to FILE instead of printing. \\[default: none]",
     ),
     as_json: bool = typer.Option(
-        False, "--json", help="Print ids, labels, decoded tokens and turns as JSON for scripts.", show_default="off"
+        False,
+        "--json",
+        help="Print ids, labels, decoded tokens and turns as JSON for scripts; each side's `sequences` holds "
+        "the input_ids and labels of each generation context.",
+        show_default="off",
+    ),
+    every_pair: bool = typer.Option(
+        False, "--all", help="Every pair in cache order (with --json: one JSON line per pair).", show_default="off"
     ),
 ) -> None:
     """Show one cached pair: chosen and rejected by turn, trained tokens green, masked ones grey."""
@@ -280,6 +294,7 @@ def show_sample(
         with_ids=tokens,
         html_file=html,
         as_json=as_json,
+        every_pair=every_pair,
     )
 
 

@@ -24,6 +24,11 @@ class Family:
     call_tokens: tuple[str, ...] = ()  # one token per tool call, to count calls by id
     # --mask-mode seed: (user-turn start, end-of-turn) markers; Gemma's are the original research code's
     seed_markers: tuple[str, str] | None = None
+    # Where a turn ends, when the template alone does not say (preprocess/template.py probes the
+    # others): the tokens that may close an assistant turn, or none because the model stops by
+    # emitting the next message's role token (GLM).
+    end_markers: tuple[str, ...] = ()
+    ends_with_next_role: bool = False
 
     def role(self, match: re.Match) -> str:
         name = match.group("role")
@@ -42,7 +47,32 @@ TOOL_ROLES = ("tool", "ipython", "observation", "function")
 ASSISTANT_ROLES = ("assistant", "model")
 
 
+# Families whose turn ends the template alone does not say. Listed first: GLM's template also
+# holds Phi-3's <|assistant|>.
+IRREGULAR = (
+    # gpt-oss: an assistant turn is several messages (analysis, then a call or a final answer),
+    # each closed by its own token; the turn ends at the last one.
+    Family(
+        "gpt-oss",
+        "<|channel|>",
+        re.compile(r"<\|start\|>(?P<role>[a-z]+)"),
+        ("<|start|>",),
+        end_markers=("<|return|>", "<|call|>", "<|end|>"),
+    ),
+    # GLM-4.5/4.6: no end-of-turn token; the model stops by writing <|user|> or <|observation|>.
+    Family(
+        "glm",
+        "[gMASK]<sop>",
+        re.compile(r"<\|(?P<role>system|user|assistant|observation)\|>"),
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+        roles={"observation": "tool"},
+        ends_with_next_role=True,
+    ),
+)
+
+
 FAMILIES = (
+    *IRREGULAR,
     Family(
         "gemma",
         "<start_of_turn>",
@@ -67,6 +97,7 @@ FAMILIES = (
         ("<|start_header_id|>",),
         tool_call=re.compile(r"<\|end_header_id\|>\s*(\{\"name\"|<\|python_tag\|>)"),
         seed_markers=("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+        end_markers=("<|eot_id|>", "<|eom_id|>"),  # <|eom_id|>: a built-in tool call waits for its result
     ),
     Family(
         "phi3",

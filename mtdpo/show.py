@@ -54,6 +54,7 @@ class Token:
 class Turn:
     role: str  # from the template's turn marker; "trained"/"masked" when the family is unknown
     tokens: list[Token]
+    sequence: int = 0  # which of its side's sequences (generation contexts) it is in
 
     @property
     def trained(self) -> int:
@@ -68,6 +69,7 @@ class Turn:
 class Side:
     name: str
     turns: list[Turn]
+    sequences: int = 1  # a side scored in several generation contexts is several sequences
 
     @property
     def tokens(self) -> int:
@@ -89,25 +91,48 @@ class PairView:
 
 
 def build_side(pair: PairRecord, tokenizer, side: str, family: Family | None) -> Side:
-    ids, labels = pair.side(side).input_ids, pair.side(side).labels
+    pieces, offsets = pair.side(side).pieces(), pair.side(side).starts
+    turns = [
+        turn
+        for k, (piece, offset) in enumerate(zip(pieces, offsets))
+        for turn in sequence_turns(piece, offset, k, tokenizer, family)
+    ]
+    return Side(side, turns, len(pieces))
+
+
+def sequence_turns(piece, offset: int, sequence: int, tokenizer, family: Family | None) -> list[Turn]:
+    """The turns of one sequence, its tokens numbered from `offset` (their place in the side)."""
+    ids, labels = piece.input_ids, piece.labels
     text, starts = token_starts(tokenizer, ids)
     ends = starts[1:] + [len(text)]
     tokens = [
-        Token(n, i, text[start:end], label != IGNORE_INDEX)
+        Token(offset + n, i, text[start:end], label != IGNORE_INDEX)
         for n, (i, label, start, end) in enumerate(zip(ids, labels, starts, ends))
     ]
     heads = turn_starts(text, starts, family) if family else []
     if not heads:  # unknown family: each run of trained or masked tokens is a "turn"
         heads = [
-            (t.position, "trained" if t.trained else "masked")
+            (k, "trained" if t.trained else "masked")
             for k, t in enumerate(tokens)
             if k == 0 or t.trained != tokens[k - 1].trained
         ]
     bounds = [first for first, _ in heads[1:]] + [len(tokens)]
-    turns = [Turn(role, tokens[first:end]) for (first, role), end in zip(heads, bounds)]
+    turns = [Turn(role, tokens[first:end], sequence) for (first, role), end in zip(heads, bounds)]
     if family:  # name tool calls and tool results from the turn's text
-        turns = [Turn(family.turn_role(turn.role, "".join(t.text for t in turn.tokens)), turn.tokens) for turn in turns]
-    return Side(side, turns)
+        roles = [family.turn_role(turn.role, "".join(t.text for t in turn.tokens)) for turn in turns]
+        turns = [Turn(role, turn.tokens, sequence) for role, turn in zip(roles, turns)]
+    return turns
+
+
+def sequence_heading(turn: Turn, side: Side) -> str | None:
+    """The line that opens each sequence of a side of several (None: the turn opens none)."""
+    if side.sequences == 1 or turn is not first_of(side, turn.sequence):
+        return None
+    return f"sequence {turn.sequence + 1} of {side.sequences}: the turns trained in the context they were generated in"
+
+
+def first_of(side: Side, sequence: int) -> Turn | None:
+    return next((turn for turn in side.turns if turn.sequence == sequence), None)
 
 
 def build_view(pair: PairRecord, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
@@ -197,16 +222,27 @@ def find_pairs(cache: OpenCache, tokenizer, text: str, start: int = 0, first_onl
 
 
 def pair_as_json(pair: PairRecord, tokenizer, index: int, sides: list[str]) -> dict:
+    """The pair for scripts: per side, `sequences` (one entry per generation context, each with
+    its input_ids and labels: the contract an outside checker reads), and the side's tokens laid
+    end to end with their decoded text and turns."""
     view = build_view(pair, tokenizer, index, sides)
     out = {"index": index, "row": pair.row, "prompt_len": pair.prompt_len}
     for side in view.sides:
-        ids, labels = pair.side(side.name).input_ids, pair.side(side.name).labels
+        sequence = pair.side(side.name)
+        ids, labels = sequence.input_ids, sequence.labels
         out[side.name] = {
+            "sequences": [{"input_ids": p.input_ids, "labels": p.labels} for p in sequence.pieces()],
             "input_ids": ids,
             "labels": labels,
             "tokens": [tokenizer.decode([i]) for i in ids],
             "turns": [
-                {"role": t.role, "start": t.tokens[0].position, "tokens": len(t.tokens), "trained": t.trained}
+                {
+                    "role": t.role,
+                    "sequence": t.sequence,
+                    "start": t.tokens[0].position,
+                    "tokens": len(t.tokens),
+                    "trained": t.trained,
+                }
                 for t in side.turns
             ],
         }
@@ -227,6 +263,8 @@ def plain_text(view: PairView, with_ids: bool = False) -> str:
         for turn in side.turns:
             if not out[-1].endswith("\n"):
                 out.append("\n")
+            if heading := sequence_heading(turn, side):
+                out.append(f"┄┄ {heading} ┄┄\n")
             out.append(f"▸ {_turn_title(turn)}\n")
             for run in runs(turn, view.prompt_len):
                 if run is None:
@@ -244,7 +282,8 @@ def _title(view: PairView) -> str:
 
 
 def _side_title(side: Side) -> str:
-    return f"{side.name}: {side.tokens} tokens, {side.trained} trained, {side.tokens - side.trained} masked"
+    sequences = f" in {side.sequences} sequences" if side.sequences > 1 else ""
+    return f"{side.name}: {side.tokens} tokens{sequences}, {side.trained} trained, {side.tokens - side.trained} masked"
 
 
 def _turn_title(turn: Turn) -> str:
@@ -281,6 +320,8 @@ def rich_view(view: PairView, width: int, with_ids: bool = False):
 def _rich_side(side: Side, prompt_len: int, with_ids: bool) -> Group:
     blocks = []
     for turn in side.turns:
+        if heading := sequence_heading(turn, side):
+            blocks.append(Rule(heading, align="left", style="dim"))
         label = Text.assemble((f" {turn.role} ", ROLE), (f" {turn.trained} trained · {turn.masked} masked", "italic"))
         body = Text()
         for run in runs(turn, prompt_len):
@@ -352,6 +393,8 @@ def _html_side(side: Side, prompt_len: int, with_ids: bool) -> str:
     e = html.escape
     parts = [f'<section class="side" id="{side.name}"><h2>{e(_side_title(side))}</h2>']
     for turn in side.turns:
+        if heading := sequence_heading(turn, side):
+            parts.append(f'<h3 class="sequence">{e(heading)}</h3>')
         parts.append(
             f'<div class="turn"><div class="label"><span class="role">{e(turn.role)}</span>{turn.trained} trained · {turn.masked} masked</div><pre>'
         )
@@ -394,6 +437,21 @@ def load_view(
     return build_view(pair, tokenizer, index, sides, how), pair, tokenizer
 
 
+def show_every_pair(cache: Path, side: str, console: Console, as_json: bool, with_ids: bool, picked) -> None:
+    if picked:
+        raise UsageError("--all shows every pair: drop --index, --search, --random and --html")
+    sides = sides_of(side)
+    opened = open_cache(cache)
+    tokenizer = opened.load_tokenizer()
+    for index in range(len(opened)):
+        pair = opened.record(index)
+        if as_json:
+            print(json.dumps(pair_as_json(pair, tokenizer, index, sides), ensure_ascii=False))
+        else:
+            text = plain_text(build_view(pair, tokenizer, index, sides), with_ids)
+            console.print(text, end="", soft_wrap=True, highlight=False, markup=False, emoji=False)
+
+
 def show_sample(
     cache: Path,
     index: int | None,
@@ -405,10 +463,17 @@ def show_sample(
     with_ids: bool = False,
     html_file: Path | None = None,
     as_json: bool = False,
+    every_pair: bool = False,
 ) -> None:
-    """The pair as JSON (for scripts), an HTML page, a coloured terminal view or plain text when piped."""
+    """The pair as JSON (for scripts), an HTML page, a coloured terminal view or plain text when
+    piped; with `every_pair`, every pair in cache order (one JSON line each with --json)."""
     if as_json and html_file is not None:
         raise UsageError("--json and --html are exclusive; pick one")
+    if every_pair:
+        show_every_pair(
+            cache, side, console, as_json, with_ids, picked=index is not None or search or pick_random or html_file
+        )
+        return
     if html_file is not None and not Path(html_file).parent.is_dir():
         raise UsageError(f"--html: folder {Path(html_file).parent} does not exist")
     view, pair, tokenizer = load_view(cache, index, side, search, pick_random)

@@ -127,6 +127,7 @@ def cache_stats(path: Path) -> dict:
         "trained_fraction": {},
         "trained_fraction_per_pair": {},
     }
+    out["generation_contexts"] = generation_contexts(cache)
     if out["tool_calls"] is not None:
         out["tokens"]["tool_calls"] = {side: int(arrays[f"{side}_tool_calls"].sum()) for side in SIDES}
     for side in SIDES:
@@ -143,6 +144,27 @@ def cache_stats(path: Path) -> dict:
 def _fraction(arrays: dict, side: str) -> np.ndarray:
     lengths = arrays[f"{side}_len"]
     return np.divide(arrays[f"{side}_trained"], lengths, out=np.zeros(len(lengths)), where=lengths > 0)
+
+
+def generation_contexts(cache: OpenCache) -> dict:
+    """Sides scored in several generation contexts (a template that is not prefix-stable): how
+    many, their sequences, and the context tokens they compute again (each later sequence's
+    prefix shared with the one before it)."""
+    out = {"pairs": len(cache.starts), "sides": {}, "sequences": {}, "repeated_context_tokens": {}}
+    records = [cache.record(i) for i in cache.starts.indices()]
+    for side in SIDES:
+        pieces = [record.side(side).pieces() for record in records]
+        several = [p for p in pieces if len(p) > 1]
+        out["sides"][side] = len(several)
+        out["sequences"][side] = sum(len(p) for p in several)
+        out["repeated_context_tokens"][side] = sum(
+            common_prefix_length(a.input_ids, b.input_ids) for p in several for a, b in zip(p, p[1:])
+        )
+    return out
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def reject_reasons(path: Path, reasons: dict | None) -> list[dict]:
@@ -217,6 +239,14 @@ def stats_tables(stats: dict) -> list:
         "tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}"
     )
     totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
+    contexts = stats["generation_contexts"]
+    if contexts["pairs"]:
+        sides, sequences, repeated = (contexts[k] for k in ("sides", "sequences", "repeated_context_tokens"))
+        totals.add_row(
+            "sides in several generation contexts chosen / rejected",
+            f"{sides['chosen']:,} / {sides['rejected']:,} ({sequences['chosen']:,} / {sequences['rejected']:,} sequences)",
+        )
+        totals.add_row("context tokens computed again for them", f"{repeated['chosen']:,} / {repeated['rejected']:,}")
     if "tool_calls" in tokens:
         totals.add_row(
             "tool calls trained chosen / rejected",

@@ -24,7 +24,8 @@ from mtdpo.preprocess.records import MaskOptions, RecordBuilder  # noqa: E402
 from mtdpo.show import build_view, plain_text  # noqa: E402
 from mtdpo.synthetic import PYTHON_TOOL  # noqa: E402
 
-AGENT_FAMILIES = ["qwen2", "qwen3", "llama3", "mistral3", "deepseek3"]
+# DeepSeek-V3 renders a call only for a null content, which apply_chat_template (and mtdpo) drops.
+AGENT_FAMILIES = ["qwen2", "qwen3", "llama3", "mistral3"]
 FAMILIES = ["gemma", "llama3", "qwen2", "mistral", "phi3"] + [f"{family} with a tool call" for family in AGENT_FAMILIES]
 QUESTION = msg("user", "What is 17 * 23 + 5?")
 PAIR = {
@@ -39,12 +40,10 @@ PAIR = {
 
 
 def agent_pair(family: str) -> dict:
-    """PAIR with a tool call instead of a code block; DeepSeek-V3 takes null content and a JSON string."""
+    """PAIR with a tool call instead of a code block."""
     arguments = {"code": "print(17 * 23 + 5)"}
     call = {"type": "function", "id": "call00001", "function": {"name": "python", "arguments": arguments}}
-    if family == "deepseek3":
-        call["function"]["arguments"] = '{"code": "print(17 * 23 + 5)"}'
-    calling = {"role": "assistant", "content": None if family == "deepseek3" else "", "tool_calls": [call]}
+    calling = {"role": "assistant", "content": "", "tool_calls": [call]}
     result = {"role": "tool", "content": "396", "tool_call_id": "call00001"}
     chosen = [QUESTION, calling, result, PAIR["chosen"][-1]]
     return {"chosen": chosen, "rejected": PAIR["rejected"], "tools": [PYTHON_TOOL]}
@@ -58,9 +57,61 @@ def example(key: str) -> str:
     return text.split("\n", 1)[1].rstrip("\n")  # without the "pair 0 (source row 0) …" title
 
 
+# One row per irregular family (tests/templates): what each trained turn is scored after.
+CONTEXT_FAMILIES = ["qwen3", "hermes3", "mistral-nemo", "gpt-oss", "glm4.6", "command-r7b", "phi3.5-real", "r1-distill"]
+
+
+def context_row(family: str) -> dict:
+    """A call (or a first answer, for a template without calls), its result, an answer, then a
+    follow-up question and a second answer; the sides part at the first assistant turn."""
+    plain = family in ("phi3.5-real", "r1-distill")  # no tool-call format: plain turns
+
+    def side(code: str, answer: str, again: str) -> list[dict]:
+        call = {"type": "function", "id": "call00001", "function": {"name": "python", "arguments": {"code": code}}}
+        if plain:
+            calling, result = msg("assistant", f"Let me think: {code}."), msg("user", "Go on.")
+        else:
+            calling = {"role": "assistant", "content": "", "tool_calls": [call]}
+            if family in ("qwen3", "gpt-oss", "glm4.6"):  # the templates that render reasoning
+                calling["reasoning_content"] = "Multiply."
+            result = {
+                "role": "tool",
+                "content": answer.split()[-1].rstrip("."),
+                "tool_call_id": "call00001",
+                "name": "python",
+            }
+        system = [msg("system", "Be brief.")] if family in ("mistral-nemo", "hermes3") else []
+        return [*system, msg("user", "What is 6 * 7?"), calling, result, msg("assistant", answer),
+                msg("user", "And 6 * 8?"), msg("assistant", again)]  # fmt: skip
+
+    row = {"chosen": side("print(6 * 7)", "It is 42.", "48."), "rejected": side("print(6 + 7)", "It is 13.", "14.")}
+    return row | ({} if plain else {"tools": [PYTHON_TOOL]})
+
+
+def context_example(family: str) -> str:
+    """Each trained turn of the chosen side: the sequence it is in, the end of its context, and
+    what is trained (decoded from the record mtdpo builds)."""
+    tok = family_tokenizer(family)
+    record, _ = RecordBuilder(tok, MaskOptions(max_length=1 << 16))(0, context_row(family))
+    pieces = record.chosen.pieces()
+    out = [f"chosen: {len(pieces)} sequence{'s' if len(pieces) > 1 else ''}"]
+    for k, piece in enumerate(pieces, 1):
+        starts = [
+            t for t in range(len(piece.labels)) if piece.labels[t] != -100 and (t == 0 or piece.labels[t - 1] == -100)
+        ]
+        for start in starts:
+            end = next((t for t in range(start, len(piece.labels)) if piece.labels[t] == -100), len(piece.labels))
+            context = tok.decode(piece.input_ids[:start])
+            out.append(f"sequence {k}: …{context[-60:]!r}")
+            out.append(f"    trains {tok.decode(piece.input_ids[start:end])!r}")
+    return "\n".join(out)
+
+
 def main() -> None:
     for family in FAMILIES:
         print(f"### {family}\n\n````\n{example(family)}\n````\n")
+    for family in CONTEXT_FAMILIES:
+        print(f"#### {family}\n\n````\n{context_example(family)}\n````\n")
 
 
 if __name__ == "__main__":

@@ -96,11 +96,20 @@ class RowEncoder:
     whether it was truncated out; `builder` is the RecordBuilder (its chat template, encoder …)."""
 
     def __init__(self, tokenizer, options: MaskOptions = MaskOptions(), one_render: bool = True):
-        self.builder = RecordBuilder(tokenizer, options, one_render)
+        self.tokenizer, self.builder = tokenizer, RecordBuilder(tokenizer, options, one_render)
 
     def __call__(self, row, n: int = 0) -> tuple[dict, bool]:
         record, truncated = self.builder(n, row)
         return record.to_row(), truncated
+
+    def sequences(self, row, side: str = "chosen") -> list[tuple[str, list[str]]]:
+        """(decoded text, decoded trained runs) of each sequence of one side of a row."""
+        record, _ = self.builder(0, row)
+        decode = self.tokenizer.decode
+        return [
+            (decode(p.input_ids), [decode(run) for run in trained_runs(p.input_ids, p.labels)])
+            for p in record.side(side).pieces()
+        ]
 
 
 def cache_dataset(path, **options):

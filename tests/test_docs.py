@@ -89,6 +89,13 @@ def test_masking_doc_quotes_the_current_masks():
         assert f"### {family}\n\n````\n{examples.example(family)}\n````\n" in doc, family
 
 
+def test_masking_doc_quotes_the_context_examples():
+    examples = script("masking_examples")
+    doc = (REPO / "docs" / "MASKING.md").read_text(encoding="utf-8")
+    for family in examples.CONTEXT_FAMILIES:
+        assert f"#### {family}\n\n````\n{examples.context_example(family)}\n````\n" in doc, family
+
+
 def test_docs_name_only_tests_that_exist():
     """Every `test_…` a document cites is a test in tests/."""
     source = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").rglob("test_*.py"))

@@ -244,14 +244,24 @@ def test_every_family_has_expressible_turns_on_the_agent_rows():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="mtdpo today keeps JSON-string arguments unparsed and trains history renders "
-    "where the generation context differs (Qwen3 empty think, R1 '\\n', Nemotron '<think>\\n'); see the table",
-)
-def test_no_family_has_silently_wrong_sequences(tmp_path):
+def test_no_template_trains_a_silently_wrong_sequence(tmp_path):
+    """Every real template, 60 agent rows: no kept sequence differs from the oracle, and no kept
+    sequence holds a turn the oracle cannot express."""
     table = load_table()
     rows = agent_rows(60)
     results = [table.check_family(family, rows, tmp_path / family) for family in ALL_FAMILIES]
-    wrong = {r["family"]: r["silently_wrong"] for r in results if r["silently_wrong"]}
+    wrong = {
+        r["family"]: (r["silently_wrong"], r["kept_inexpressible"])
+        for r in results
+        if r["silently_wrong"] or r["kept_inexpressible"]
+    }
     assert not wrong, table.markdown(results)
+    assert sum(r["right"] for r in results) > 1500  # and most rows are kept
+
+
+@pytest.mark.parametrize("family", ["qwen3", "glm4.6"])
+def test_irregular_families_train_what_the_oracle_expects(tmp_path, family):
+    """The fast version, on the families whose turn ends or contexts are irregular."""
+    table = load_table()
+    result = table.check_family(family, agent_rows(9), tmp_path / family)
+    assert result["silently_wrong"] == 0 and result["kept_inexpressible"] == 0 and result["right"] > 0, result

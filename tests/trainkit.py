@@ -70,7 +70,7 @@ def mtdpo_trainer(
     data = open_caches([str(cache)])
     plan = make_plan(args, data, None, policy.config)
     plan = plan if reference is None else dataclasses.replace(plan, reference=reference)
-    return MultiTurnDPOTrainer(policy, ref, args, plan, train_dataset=data.dataset, data_collator=PairCollator(0))
+    return MultiTurnDPOTrainer(policy, ref, args, plan, train_dataset=data.pairs, data_collator=PairCollator(0))
 
 
 def loss_metrics_grads(trainer: MultiTurnDPOTrainer, inputs: dict) -> tuple[float, dict, list[torch.Tensor]]:

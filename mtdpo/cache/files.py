@@ -104,13 +104,14 @@ def read_json(path: Path):
 # ── what datasets reads ───────────────────────────────────────────────────────
 
 
-def write_dataset_files(directory: Path, shards: list[str], features) -> None:
+def write_dataset_files(directory: Path, shards: list[str], features, extra: list[str] = ()) -> None:
     """What `datasets.load_from_disk` reads besides the shards (dataset_info.json and state.json,
-    as `save_to_disk` writes them), and checksums.json. The state's fingerprint is derived from
-    the checksums, so writing the same rows twice gives byte-equal files."""
+    as `save_to_disk` writes them), and checksums.json (of the shards, those files and `extra`
+    files of the cache). The state's fingerprint is derived from the checksums, so writing the
+    same rows twice gives byte-equal files."""
     info = compat.dataset_info_dict(features)
     (directory / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
-    write_checksums(directory, shards)
+    write_checksums(directory, [*shards, *extra])
     state = {
         "_data_files": [{"filename": name} for name in shards],
         "_fingerprint": sha256_text((directory / CHECKSUMS).read_text())[:16],
@@ -151,11 +152,10 @@ def check_shard(shard: Path) -> None:
 # ── checksums ─────────────────────────────────────────────────────────────────
 
 
-def write_checksums(directory: Path, shards: list[str], extra: dict | None = None) -> None:
-    """Record size and SHA-256 of the shards and datasets' JSON files, plus `extra` entries
-    (name -> entry, for files kept from an earlier checksums.json)."""
-    names = [*sorted(shards), *CHECKED_FILES]
-    sums = {name: _entry(Path(directory) / name) for name in names} | (extra or {})
+def write_checksums(directory: Path, files: list[str]) -> None:
+    """Record size and SHA-256 of the shards (and other data files) and datasets' JSON files."""
+    names = [*sorted(files), *CHECKED_FILES]
+    sums = {name: _entry(Path(directory) / name) for name in names}
     (Path(directory) / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
     write_stamp(directory)
 

@@ -21,6 +21,7 @@ from mtdpo.cache.files import TEMPORARY_DIR, as_verified, check_files, check_sha
 from mtdpo.cache.manifest import Manifest
 from mtdpo.cache.schema import (
     LENGTH_COLUMNS,
+    PAIR_INDEX,
     PROMPT_LEN,
     REFERENCE_COLUMNS,
     REQUIRED_COLUMNS,
@@ -30,11 +31,45 @@ from mtdpo.cache.schema import (
     ids_column,
     labels_column,
     length_column,
+    starts_of,
 )
-from mtdpo.cache.writer import REFERENCE, REJECTS, STATS, TOKENIZER
+from mtdpo.cache.writer import REFERENCE, REJECTS, SEQUENCE_STARTS, STATS, TOKENIZER
 from mtdpo.errors import UsageError
 from mtdpo.families import Family, detect_family
 from mtdpo.fingerprint import same_tokenizer
+
+
+class SequenceStarts:
+    """Where the sides of several sequences split, by pair position (sequence_starts.arrow,
+    memory-mapped); pairs it does not list are one sequence per side."""
+
+    def __init__(self, tables: list[tuple[int, object]]):
+        self.tables = tables  # (position of the cache's first pair, its table) per cache
+        self.pairs = [t[PAIR_INDEX].to_numpy() + offset for offset, t in tables]
+
+    @classmethod
+    def read(cls, cache: Path, offset: int = 0) -> SequenceStarts:
+        import pyarrow as pa
+
+        file = cache / SEQUENCE_STARTS
+        return cls([(offset, pa.ipc.open_file(pa.memory_map(str(file))).read_all())] if file.is_file() else [])
+
+    def __add__(self, other: SequenceStarts) -> SequenceStarts:
+        return SequenceStarts(self.tables + other.tables)
+
+    def of(self, index: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        for (_, table), pairs in zip(self.tables, self.pairs):
+            at = int(np.searchsorted(pairs, index))
+            if at < len(pairs) and pairs[at] == index:
+                return starts_of(table, at)
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(pairs) for pairs in self.pairs)
+
+    def indices(self) -> list[int]:
+        """Positions of the pairs with a side of several sequences, in order."""
+        return [int(i) for pairs in self.pairs for i in pairs]
 
 
 @dataclass
@@ -44,6 +79,7 @@ class OpenCache:
     paths: list[Path]
     manifests: list[Manifest]
     dataset: object  # datasets.Dataset, memory-mapped
+    starts: SequenceStarts
 
     @property
     def path(self) -> Path:
@@ -57,7 +93,12 @@ class OpenCache:
         return len(self.dataset)
 
     def record(self, index: int) -> PairRecord:
-        return PairRecord.from_row(self.dataset[index])
+        return PairRecord.from_row(self.dataset[index], self.starts.of(index))
+
+    @property
+    def pairs(self) -> PairDataset:
+        """The pairs as records, for a DataLoader (what training iterates)."""
+        return PairDataset(self)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -131,6 +172,31 @@ def _column(dataset, name: str) -> np.ndarray:
     return dataset.data.column(name).to_numpy()
 
 
+class PairDataset:
+    """A cache's pairs as `PairRecord`s by position: a map-style dataset for torch's DataLoader,
+    reading a batch of rows in one Arrow call (`__getitems__`)."""
+
+    def __init__(self, cache: OpenCache):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> PairRecord:
+        return self.cache.record(index)
+
+    def __getitems__(self, indices: list[int]) -> list[PairRecord]:
+        rows = self.cache.dataset[indices]  # one dict of columns
+        return [
+            PairRecord.from_row({name: values[k] for name, values in rows.items()}, self.cache.starts.of(index))
+            for k, index in enumerate(indices)
+        ]
+
+    def lengths(self) -> np.ndarray:
+        """max(chosen, rejected) tokens per pair: what length grouping sorts by."""
+        return pair_lengths(self.cache.dataset)
+
+
 def pair_lengths(dataset) -> np.ndarray:
     """max(chosen, rejected) length per pair of a cache dataset (or a selection of one). The cache's
     own memory-mapped table is read as two Arrow columns; a dataset with an index mapping (select,
@@ -140,11 +206,6 @@ def pair_lengths(dataset) -> np.ndarray:
         return np.maximum(*(table[c].to_numpy() for c in LENGTH_COLUMNS))
     columns = dataset.with_format("numpy", columns=list(LENGTH_COLUMNS))[:]
     return np.maximum(*(columns[c] for c in LENGTH_COLUMNS))
-
-
-def is_cache_dataset(dataset) -> bool:
-    """Whether a dataset has the cache's length columns (length grouping needs them)."""
-    return set(LENGTH_COLUMNS) <= set(getattr(dataset, "column_names", ()))
 
 
 # ── opening ───────────────────────────────────────────────────────────────────
@@ -169,7 +230,7 @@ def open_cache(cache: Path, verify: bool = False, full: bool = False) -> OpenCac
     """
     cache = Path(cache)
     manifest = read_manifest(cache)
-    return OpenCache([cache], [manifest], _load(cache, manifest, verify, full))
+    return OpenCache([cache], [manifest], _load(cache, manifest, verify, full), SequenceStarts.read(cache))
 
 
 def _load(cache: Path, manifest: Manifest, verify: bool, full: bool):
@@ -250,7 +311,9 @@ def open_caches(paths: list[str], verify_all: bool = False) -> OpenCache:
             f"run `mtdpo precompute-ref {without[0]}` with the same reference, or pass caches of one kind"
         )
     dataset = datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)
-    return OpenCache(paths, manifests, dataset)
+    offsets = np.cumsum([0, *(len(d) for d in datasets)])
+    starts = sum((SequenceStarts.read(p, int(o)) for p, o in zip(paths, offsets)), SequenceStarts([]))
+    return OpenCache(paths, manifests, dataset, starts)
 
 
 def _check_agree(paths: list[Path], manifests: list[Manifest]) -> None:

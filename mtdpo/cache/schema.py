@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from itertools import accumulate
 
 import pyarrow as pa
 
@@ -67,10 +68,15 @@ def pair_features():
 
 @dataclass(frozen=True)
 class Sequence:
-    """One tokenized conversation: its ids, and the id where trained, IGNORE_INDEX elsewhere."""
+    """A side's tokens: its ids, and the id where trained, IGNORE_INDEX elsewhere.
+
+    A side scored in several generation contexts (a template that is not prefix-stable) is
+    several sequences laid end to end: `starts` says where each begins (one sequence: (0,)).
+    Its log-prob is the sum over its sequences."""
 
     input_ids: list[int]
     labels: list[int]
+    starts: tuple[int, ...] = (0,)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -78,8 +84,26 @@ class Sequence:
     @property
     def trained_tokens(self) -> int:
         """Tokens whose log-prob is trained: a label is predicted from the token before it, so
-        position 0 never counts (the collator and the cache's tallies use this one count)."""
-        return trained_tokens(self.labels)
+        a sequence's first position never counts (the collator and the tallies use this count)."""
+        return sum(trained_tokens(piece.labels) for piece in self.pieces())
+
+    @property
+    def is_one_sequence(self) -> bool:
+        return len(self.starts) == 1
+
+    def pieces(self) -> list[Sequence]:
+        """The sequences one by one."""
+        if self.is_one_sequence:
+            return [self]
+        bounds = [*self.starts, len(self.input_ids)]
+        return [Sequence(self.input_ids[a:b], self.labels[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    @classmethod
+    def join(cls, pieces: list[Sequence]) -> Sequence:
+        if len(pieces) == 1:
+            return pieces[0]
+        starts = tuple(accumulate((len(p) for p in pieces[:-1]), initial=0))
+        return cls([i for p in pieces for i in p.input_ids], [t for p in pieces for t in p.labels], starts)
 
 
 def trained_tokens(labels) -> int:
@@ -109,10 +133,20 @@ class PairRecord:
         row.update({length_column("rejected"): len(self.rejected), ROW: self.row})
         return row
 
+    @property
+    def starts(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """Where each side's sequences begin, for the sequence-starts table; None for a pair of
+        one sequence per side (what the shards alone describe)."""
+        if self.chosen.is_one_sequence and self.rejected.is_one_sequence:
+            return None
+        return self.chosen.starts, self.rejected.starts
+
     @classmethod
-    def from_row(cls, row: dict) -> PairRecord:
-        """A row read from the shards (as datasets gives it) back as a record."""
-        sides = [Sequence(row[ids_column(side)], row[labels_column(side)]) for side in SIDES]
+    def from_row(cls, row: dict, starts: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> PairRecord:
+        """A row read from the shards (as datasets gives it) back as a record, with its sides'
+        sequence starts where the cache's sequence-starts table has them."""
+        starts = starts or ((0,), (0,))
+        sides = [Sequence(row[ids_column(side)], row[labels_column(side)], tuple(s)) for side, s in zip(SIDES, starts)]
         reference = tuple(row[c] for c in REFERENCE_COLUMNS) if REFERENCE_COLUMNS[0] in row else None
         return cls(*sides, row[PROMPT_LEN], row[ROW], reference)
 
@@ -120,3 +154,31 @@ class PairRecord:
 def pair_table(records: list[PairRecord]) -> pa.Table:
     """Records as an Arrow table of the shards' schema (cheap to send between processes)."""
     return pa.Table.from_pylist([r.to_row() for r in records], schema=pair_features().arrow_schema)
+
+
+# The sequence-starts table: one row per pair with a side of several sequences (none for a cache
+# whose sides are all one sequence, so such caches are what they were before it existed).
+PAIR_INDEX = "pair"  # the pair's position in the cache
+STARTS_SCHEMA = pa.schema({PAIR_INDEX: pa.int64(), **{f"{side}_starts": pa.list_(pa.int32()) for side in SIDES}})
+
+
+def starts_table(records: list[PairRecord]) -> pa.Table:
+    """The sequence starts of the records with a side of several sequences, each numbered by its
+    position among `records` (the writer moves them to their position in the cache)."""
+    rows = [
+        {PAIR_INDEX: k, **{f"{side}_starts": list(s) for side, s in zip(SIDES, r.starts)}}
+        for k, r in enumerate(records)
+        if r.starts is not None
+    ]
+    return pa.Table.from_pylist(rows, schema=STARTS_SCHEMA)
+
+
+def shift_pairs(table: pa.Table, offset: int) -> pa.Table:
+    """A sequence-starts table with its pair positions moved by `offset`."""
+    import pyarrow.compute as pc
+
+    return table.set_column(0, PAIR_INDEX, pc.add(table[PAIR_INDEX], offset))
+
+
+def starts_of(table: pa.Table, row: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(tuple(table[f"{side}_starts"][row].as_py()) for side in SIDES)

@@ -28,9 +28,10 @@ from mtdpo.cache.files import (
     writing,
 )
 from mtdpo.cache.manifest import MANIFEST, Manifest, ReferenceInfo
-from mtdpo.cache.schema import REFERENCE_COLUMNS, REFERENCE_TYPE, pair_features
+from mtdpo.cache.schema import REFERENCE_COLUMNS, REFERENCE_TYPE, STARTS_SCHEMA, pair_features, shift_pairs
 
 BATCH_ROWS = 1000  # records per Arrow record batch (datasets' default writer batch)
+SEQUENCE_STARTS = "sequence_starts.arrow"  # where sides of several sequences split (absent: none does)
 TOKENIZER = "tokenizer"  # the tokenizer copy inside a cache
 REFERENCE = "reference"  # the reference log-probs beside the token shards
 REJECTS = "rejects.jsonl"
@@ -99,6 +100,8 @@ class CacheWriter:
     def __init__(self, out: Path, max_shard_bytes: int, features=None):
         self.out, self.max_shard_bytes, self.features = Path(out), max_shard_bytes, features or pair_features()
         self._finished = False
+        self._written = 0  # records so far: where the next table's first record sits in the cache
+        self._starts = None  # the sequence-starts file's writer, opened at its first row
 
     def __enter__(self) -> CacheWriter:
         self._stack = contextlib.ExitStack()
@@ -111,8 +114,15 @@ class CacheWriter:
     def tokenizer_dir(self) -> Path:
         return self.directory / TOKENIZER
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, table: pa.Table, starts: pa.Table | None = None) -> None:
+        """Records, and the sequence starts of those with a side of several sequences (numbered
+        by their position in `table`: see schema.starts_table)."""
         self._shards.write(table)
+        if starts is not None and len(starts):
+            if self._starts is None:
+                self._starts = pa.ipc.new_file(str(self.directory / SEQUENCE_STARTS), STARTS_SCHEMA)
+            self._starts.write_table(shift_pairs(starts, self._written))
+        self._written += len(table)
 
     def reject(self, entry: dict) -> None:
         self._rejects.write(json.dumps(entry) + "\n")
@@ -120,7 +130,11 @@ class CacheWriter:
     def finish(self, manifest: Manifest, stats: dict) -> None:
         self._rejects.flush()
         names = self._shards.close(complete=True)
-        write_dataset_files(self.directory, names, self.features)
+        extra = []
+        if self._starts is not None:
+            self._starts.close()
+            extra.append(SEQUENCE_STARTS)
+        write_dataset_files(self.directory, names, self.features, extra)
         write_json(self.directory / STATS, stats)
         manifest.write(self.directory)
         self._finished = True
@@ -128,6 +142,8 @@ class CacheWriter:
     def __exit__(self, kind, error, traceback) -> bool | None:
         if not self._finished:
             self._shards.close(complete=False)
+            if self._starts is not None:
+                self._starts.close()
             error = error or RuntimeError("CacheWriter left without finish()")
             return self._stack.__exit__(type(error), error, error.__traceback__)
         return self._stack.__exit__(kind, error, traceback)

@@ -26,6 +26,7 @@ import pyarrow as pa
 from mtdpo import compat
 from mtdpo.cache import CacheWriter, Manifest, TokenizerInfo, pair_table
 from mtdpo.cache.manifest import COUNTS, TOKEN_TOTALS
+from mtdpo.cache.schema import starts_table
 from mtdpo.errors import UsageError
 from mtdpo.fingerprint import sha256_text, tokenizer_fingerprint, vocabulary_hash
 from mtdpo.preprocess.records import Dropped, MaskOptions, RecordBuilder
@@ -59,6 +60,7 @@ class Tally:
 @dataclass
 class ChunkResult:
     table: pa.Table  # the kept records (Arrow: cheap to send between processes)
+    starts: pa.Table  # where their sides of several sequences split (schema.starts_table)
     rejects: list[dict]  # {"row": n, "reason": ...} in row order
     tally: Tally
 
@@ -91,7 +93,7 @@ def process_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
         tally.rejected_tokens += len(record.rejected)
         tally.chosen_trained_tokens += record.chosen.trained_tokens
         tally.rejected_trained_tokens += record.rejected.trained_tokens
-    return ChunkResult(pair_table(records), rejects, tally)
+    return ChunkResult(pair_table(records), starts_table(records), rejects, tally)
 
 
 def _reason_kind(reason: str) -> str:
@@ -148,7 +150,7 @@ def preprocess(
                     where = source.where(bad["row"])  # the file and its row, for a directory input
                     at = f" ({where['file']} row {where['file_row']})" if where else ""
                     raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
-                cache.write(result.table)
+                cache.write(result.table, result.starts)
                 for reject in result.rejects:
                     cache.reject({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]})
                 tally.merge(result.tally)

@@ -1,9 +1,10 @@
 """One raw row in, one cache record out: validate, render and mask both sides, truncate.
 
 to_pair(row)            the row as two whole conversations and their shared prompt (rows.py)
-mask_side(...)          render one side, find the trained spans (skeleton.py, else spans.py),
-                        encode the text (tokens.py), self-check, label
-truncate(...)           keep the start, cut the tail
+mask_side(...)          render one side, find its trained turns in their generation contexts
+                        (skeleton.py, else spans.py), encode each sequence (tokens.py),
+                        self-check, label
+truncate(...)           keep the start of each sequence, cut the tail
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from mtdpo.errors import UsageError
 from mtdpo.preprocess.rows import Pair, RowError, to_pair
 from mtdpo.preprocess.seed import seed_mask
 from mtdpo.preprocess.skeleton import SkeletonCache
-from mtdpo.preprocess.spans import TokenBounds, assistant_spans, check_spans, labels_for, trained_ranges
+from mtdpo.preprocess.spans import (
+    SequenceText,
+    TokenBounds,
+    check_spans,
+    generation_turns,
+    labels_for,
+    sequences,
+    trained_ranges,
+)
 from mtdpo.preprocess.template import ChatTemplate
 from mtdpo.preprocess.tokens import PrefixReusingEncoder, TokenSurfaces, common_prefix_length, reuse_rule
 
@@ -33,6 +42,7 @@ class MaskOptions:
     max_length: int = 2048
     user_marker: str | None = None  # seed mode only
     end_marker: str | None = None
+    string_arguments: bool = False  # keep tool-call arguments given as JSON strings as strings
 
     def __post_init__(self):
         if self.mode not in MASK_MODES:
@@ -53,17 +63,30 @@ class RecordBuilder:
         self.skeletons = SkeletonCache(self.chat) if one_render else None
 
     def __call__(self, n: int, row: object) -> tuple[PairRecord, bool]:
-        pair = to_pair(row)
+        pair = to_pair(row, self.options.string_arguments)
+        self.refuse_control_text(pair)
         chosen, rejected = self._mask(pair, pair.chosen), self._mask(pair, pair.rejected)
         if chosen.input_ids == rejected.input_ids:
             raise RowError("chosen and rejected render to the same tokens")
         limit = self.options.max_length
-        truncated = max(len(chosen), len(rejected)) > limit
+        truncated = any(len(piece) > limit for side in (chosen, rejected) for piece in side.pieces())
         chosen, rejected = truncate(chosen, limit), truncate(rejected, limit)
         for side, sequence in (("chosen", chosen), ("rejected", rejected)):
             if sequence.trained_tokens == 0:
                 raise Dropped(f"{side} has no trained token left after truncation to --max-length {limit}")
-        return PairRecord(chosen, rejected, common_prefix_length(chosen.input_ids, rejected.input_ids), n), truncated
+        prompt_len = common_prefix_length(chosen.pieces()[0].input_ids, rejected.pieces()[0].input_ids)
+        return PairRecord(chosen, rejected, prompt_len, n), truncated
+
+    def refuse_control_text(self, pair: Pair) -> None:
+        """A message whose text holds a control token's text would be encoded as that token."""
+        for side, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            for k, message in enumerate(messages):
+                for what in ("content", "reasoning_content"):
+                    if isinstance(text := message.get(what), str) and (token := self.chat.control_tokens.find(text)):
+                        raise RowError(
+                            f"{side}[{k}] {what} holds the text of the control token {token!r}, which the tokenizer "
+                            "would encode as that token: remove or escape it"
+                        )
 
     def _mask(self, pair: Pair, messages: list[dict]) -> Sequence:
         options = self.options
@@ -75,19 +98,27 @@ class RecordBuilder:
         return self.mask_side(messages, pair.n_prompt, pair.tools, pair.template_kwargs)
 
     def mask_side(self, messages: list[dict], n_prompt: int, tools=None, template_kwargs=None) -> Sequence:
-        """Assistant mode: train what the model generates for each post-prompt assistant message."""
+        """Assistant mode: train what the model generates for each post-prompt assistant message,
+        each in the context it was generated in (one sequence where the template is prefix-stable)."""
         chat = self.chat
         render = chat.renderer(tools, template_kwargs)
-        text = render(messages)
-        spans = self.skeletons.spans(messages, n_prompt, text, tools, template_kwargs) if self.skeletons else None
-        if spans is None:  # the prefix renders decide
-            spans = assistant_spans(render, messages, n_prompt, text, chat.markers, chat.closing, chat.end_of_turn)
-        tokens = self.encoder.encode(text)
-        bounds = TokenBounds.of(tokens.starts, tokens.ends)
-        check_spans(text, bounds, messages, spans)
-        return Sequence(tokens.ids, labels_for(tokens.ids, trained_ranges(bounds.starts, spans)))
+        whole = render(messages)
+        spans = self.skeletons.spans(messages, n_prompt, whole, tools, template_kwargs) if self.skeletons else None
+        if spans is not None:
+            groups = [SequenceText(whole, spans)]
+        else:  # the prefix renders decide
+            groups = sequences(generation_turns(chat, render, messages, n_prompt, whole), whole)
+        pieces = []
+        for group in groups:
+            tokens = self.encoder.encode(group.text)
+            bounds = TokenBounds.of(tokens.starts, tokens.ends)
+            check_spans(group.text, bounds, messages, group.spans)
+            pieces.append(Sequence(tokens.ids, labels_for(tokens.ids, trained_ranges(bounds.starts, group.spans))))
+        return Sequence.join(pieces)
 
 
 def truncate(sequence: Sequence, max_length: int) -> Sequence:
-    """Keep the start, cut the tail (the shared prompt and first turns matter most)."""
-    return Sequence(sequence.input_ids[:max_length], sequence.labels[:max_length])
+    """Keep the start of each sequence, cut its tail (the prompt and first turns matter most)."""
+    if all(len(piece) <= max_length for piece in sequence.pieces()):
+        return sequence
+    return Sequence.join([Sequence(p.input_ids[:max_length], p.labels[:max_length]) for p in sequence.pieces()])

@@ -49,7 +49,9 @@ class Pair:
     template_kwargs: dict | None = None  # extra template variables (enable_thinking …)
 
 
-def to_pair(row: object) -> Pair:
+def to_pair(row: object, string_arguments: bool = False) -> Pair:
+    """The row as a Pair. Tool-call arguments given as a JSON string are parsed to an object, as a
+    chat server does before rendering (the model writes the object); `string_arguments` keeps them."""
     if not isinstance(row, dict):
         raise RowError(f"row is {json_type(row)}, expected a JSON object")
     for key in ("chosen", "rejected"):
@@ -67,6 +69,8 @@ def to_pair(row: object) -> Pair:
             raise RowError(
                 f"{side} has {len(sides[side]):,} messages, more than the {MAX_MESSAGES} mtdpo renders per row"
             )
+    if not string_arguments:
+        sides = {side: [with_parsed_arguments(m) for m in msgs] for side, msgs in sides.items()}
     chosen, rejected = sides["chosen"], sides["rejected"]
     if chosen == rejected:
         raise RowError("chosen and rejected are identical")
@@ -81,6 +85,21 @@ def to_pair(row: object) -> Pair:
             f"({first['chosen']} in chosen, {first['rejected']} in rejected), not at an assistant message"
         )
     return Pair(chosen, rejected, n_prompt, _tools(row), _template_kwargs(row))
+
+
+def with_parsed_arguments(message: dict) -> dict:
+    """The message with each tool call's JSON-string arguments as the object they hold (validated
+    as JSON objects by `_tool_calls`)."""
+    calls = message.get("tool_calls")
+    if not calls or not any(isinstance(call["function"].get("arguments"), str) for call in calls):
+        return message
+    parsed = []
+    for call in calls:
+        arguments = call["function"].get("arguments")
+        if isinstance(arguments, str):
+            call = {**call, "function": {**call["function"], "arguments": json.loads(arguments)}}
+        parsed.append(call)
+    return {**message, "tool_calls": parsed}
 
 
 def _tools(row: dict) -> list[dict] | None:
@@ -163,10 +182,10 @@ def _message(msg: object, where: str) -> dict:
         raise RowError(f"{where} ({role}) has no 'content'")
     content = _content(content, f"{where} ({role})", may_be_null=role == "assistant" and bool(calls or thought))
     # Keep extra keys (name, tool_call_id …): a template may render them. Keys set to null are
-    # dropped, as apply_chat_template does, so `is defined` tests in templates see the same; a
-    # call-only turn's null content is kept (DeepSeek-V3's template tests `content is none`).
+    # dropped, as apply_chat_template does (a call-only turn's null content too), so templates
+    # see what they see there.
     out = {key: value for key, value in msg.items() if value is not None}
-    if "content" in msg:
+    if content is not None:
         out["content"] = content
     if calls:
         out["tool_calls"] = calls
@@ -215,9 +234,11 @@ def _tool_calls(calls: object, where: str) -> list[dict] | None:
         arguments = function.get("arguments")
         if isinstance(arguments, str):
             try:
-                json.loads(arguments)
+                decoded = json.loads(arguments)
             except ValueError:
                 raise RowError(f"{at} arguments is a string that is not valid JSON") from None
+            if not isinstance(decoded, dict):
+                raise RowError(f"{at} arguments is a JSON string of {json_type(decoded)}, expected an object")
             _check_unicode(arguments, f"{at} arguments")
         elif not isinstance(arguments, dict):
             raise RowError(f"{at} arguments is {json_type(arguments)}, expected an object or a JSON string")

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from mtdpo.preprocess.rows import RowError
-from mtdpo.preprocess.spans import TurnSpan, end_of_turn, prefix_end
+from mtdpo.preprocess.spans import TurnSpan, generation_turns, sequences
 from mtdpo.preprocess.template import ChatTemplate
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters around the message's index
@@ -27,7 +27,7 @@ class Skeleton:
     around each content, and each span boundary as (piece index, offset in that piece)."""
 
     pieces: list[str]  # text before content 0, between contents 0 and 1, …, after the last
-    spans: list[tuple[int, tuple[int, int], tuple[int, int], tuple[int, int]]]  # message, start, end, turn end
+    spans: list[tuple[int, tuple[int, int], tuple[int, int]]]  # message, start, end
 
 
 class SkeletonCache:
@@ -74,16 +74,14 @@ def fill(skeleton: Skeleton, messages: list[dict], text: str) -> list[TurnSpan] 
     def real(at: tuple[int, int]) -> int:
         return starts[at[0]] + at[1]
 
-    return [
-        TurnSpan(i, real(start), real(start), real(end), real(turn_end)) for i, start, end, turn_end in skeleton.spans
-    ]
+    return [TurnSpan(i, real(start), real(end)) for i, start, end in skeleton.spans]
 
 
 def render_skeleton(
     chat: ChatTemplate, roles: tuple[str, ...], n_prompt: int, tools, template_kwargs
 ) -> Skeleton | None:
-    """Render a shape with placeholder contents and find its spans by the rule's main path:
-    every prefix stable, each generation prompt a prefix of the conversation."""
+    """Render a shape with placeholder contents and find its spans by the rule itself; only a
+    prefix-stable shape (one sequence: the whole render) gets a skeleton."""
     render = chat.renderer(tools, template_kwargs)
     messages = [{"role": role, "content": PLACEHOLDER.format(k)} for k, role in enumerate(roles)]
     try:
@@ -105,21 +103,15 @@ def render_skeleton(
                 return None  # inside a content: not a boundary the template owns
             return k, position - (bounds[k - 1][1] if k else 0)
 
+        groups = sequences(generation_turns(chat, render, messages, n_prompt, text), text)
+        if len(groups) != 1 or groups[0].text != text:
+            return None  # not prefix-stable: the prefix renders decide each row
         spans = []
-        for i in range(n_prompt, len(messages)):
-            if roles[i] != "assistant":
-                continue
-            turn_end = prefix_end(
-                text if i + 1 == len(messages) else render(messages[: i + 1]), text, chat.closing, i + 1
-            )
-            prompted = render(messages[:i], True)
-            if not text.startswith(prompted) or len(prompted) > turn_end:
-                return None
-            end = end_of_turn(text, len(prompted), turn_end, chat.markers, i)
-            where = [piece_of(len(prompted)), piece_of(end), piece_of(turn_end)]
+        for span in groups[0].spans:
+            where = [piece_of(span.start), piece_of(span.end)]
             if None in where:
                 return None
-            spans.append((i, *where))
+            spans.append((span.message, *where))
     except RowError:
         return None
     return Skeleton(pieces, spans)

@@ -1,37 +1,41 @@
-"""The masking rule: which characters of a rendered conversation are trained, and the
-self-check that proves it for each row. Pure functions of the rendered text, never of token ids.
+"""The masking rule: each trained turn scored in the context it was generated in, and the
+self-check that proves it for each row. Pure functions of rendered text, never of token ids.
 
-For each assistant message i after the shared prompt, the trained characters are exactly what
-the model generates for that turn: from the end of the generation prompt,
-`render(messages[:i], add_generation_prompt=True)`, through the turn's end-of-turn marker
-inclusive (content, reasoning, tool-call text and the marker), not the template's whitespace
-after the marker. Everything else (system, user and tool turns, tool schemas, role headers, BOS,
-the shared prompt) is -100 (docs/DESIGN.md, "The masking rule").
+An agent loop that re-renders the message list at every step (every chat-completions server
+does) generates assistant message i after
 
-    assistant_spans(render, messages, n_prompt, text, ...)  -> one TurnSpan per trained message
-    trained_ranges(token starts, spans)                     -> which tokens are trained
-    check_spans(text, token bounds, messages, spans)        -> RowError unless the mask is right
+    context_i    = render(messages[:i], add_generation_prompt=True)
 
-A span's end comes from rendering the conversation up to and including the message (for a
-template that renders the last message differently, Qwen3's empty `<think>` block, from one
-message further); a token follows the character that starts it. Only where a template's
-generation prompt is not a prefix of the conversation (it appends text the conversation never
-renders) is the start found by locating the content string instead. The self-check rejects a
-row whose span does not hold the message's content, reasoning and every tool call's name and
-arguments, or whose span boundaries cut a token: the mask is right or the row is not used.
-(skeleton.py finds the same spans from one render per conversation shape, where it can.)
+and writes `completion_i`: what the template renders for message i when it is the last message,
+through the turn's end (its end-of-turn marker; for families whose model stops by emitting the
+next role token, that token). The trajectory's log-prob is the sum over its trained turns of
+log p(completion_i | context_i) (docs/DESIGN.md, "The masking rule").
+
+    generation_turns(chat, render, messages, n_prompt, whole) -> one Turn per trained message
+    sequences(turns, whole)                                   -> the texts to tokenize, with spans
+    check_spans(text, token bounds, messages, spans)          -> RowError unless the mask is right
+
+Where the whole conversation's render has every turn's context + completion as a prefix
+(prefix-stable: most rows of most templates), a side is one sequence, the whole render. Where
+it does not (think blocks dropped from history, whitespace after a tool result, a system prompt
+moved into the last user turn), each maximal run of turns whose texts extend one another is one
+sequence; no turn is trained twice, none is dropped. A token follows the character that starts
+it. The self-check rejects a turn whose completion does not hold the message's content,
+reasoning and every tool call's name and arguments, or whose boundaries cut a token: the mask is
+right or the row is not used. (skeleton.py finds the same spans from one render per
+conversation shape, where it can.)
 """
 
 from __future__ import annotations
 
 import json
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from mtdpo.cache import IGNORE_INDEX
 from mtdpo.preprocess.rows import RowError
-from mtdpo.preprocess.template import Render
+from mtdpo.preprocess.template import ChatTemplate, Render
 from mtdpo.preprocess.tokens import common_prefix_length
 
 # Replaces a message's content to see where its render starts to depend on it.
@@ -39,118 +43,120 @@ STAND_IN = "\x00mtdpo stand-in\x00"
 
 
 @dataclass(frozen=True)
-class TurnSpan:
-    """The trained characters [start, end) of one assistant message, in the rendered text."""
+class Turn:
+    """One trained assistant message as the model generated it: `completion` after `context`."""
 
     message: int  # index of the message in the conversation
-    header_end: int  # where the template's generation prompt for it ends in the text
-    start: int  # where training starts: header_end, unless the content had to be located
-    end: int  # just after the end-of-turn marker
-    turn_end: int  # end of the message's render (end + the template's whitespace after it)
+    context: str
+    completion: str
+
+    @property
+    def text(self) -> str:
+        return self.context + self.completion
 
 
-# ── the rule: render → character spans ───────────────────────────────────────
+@dataclass(frozen=True)
+class TurnSpan:
+    """The trained characters [start, end) of one assistant message in a sequence's text."""
+
+    message: int
+    start: int  # where its context ends
+    end: int  # just after its end of turn
 
 
-def assistant_spans(
-    render: Render,
-    messages: list[dict],
-    n_prompt: int,
-    text: str,
-    markers: tuple[str, ...],
-    closing: str = "",
-    end_of_turn_marker: str = "",
-) -> list[TurnSpan]:
-    """One span per assistant message after the shared prompt, from renders of prefixes."""
-    spans = []
+@dataclass
+class SequenceText:
+    """One sequence of a side: the text to tokenize and the turns trained in it."""
+
+    text: str
+    spans: list[TurnSpan] = field(default_factory=list)
+
+
+# ── the rule: renders → turns ─────────────────────────────────────────────────
+
+
+def generation_turns(chat: ChatTemplate, render: Render, messages: list[dict], n_prompt: int, whole: str) -> list[Turn]:
+    """One Turn per assistant message after the shared prompt. `whole` is render(messages)."""
+    turns = []
     for i in range(n_prompt, len(messages)):
         if messages[i]["role"] != "assistant":
             continue
         if not (message_text(messages[i]).strip() or messages[i].get("tool_calls") or reasoning(messages[i])):
             raise RowError(f"message {i} (assistant) is empty: no content, reasoning or tool calls")
-        turn_end = message_end(render, messages, i, text, closing, end_of_turn_marker)
-        header_end, start = generation_start(render, messages, i, text, closing, turn_end, markers)
-        if start > turn_end:
-            raise RowError(f"message {i} (assistant): the template renders it inside its generation prompt")
-        spans.append(TurnSpan(i, header_end, start, end_of_turn(text, start, turn_end, markers, i), turn_end))
-    return spans
+        context = render(messages[:i], True)
+        last = whole if i + 1 == len(messages) else render(messages[: i + 1])
+        tail = last[len(context) :] if last.startswith(context) else relocated_tail(render, messages, i, context, last)
+        following = messages[i + 1]["role"] if i + 1 < len(messages) else None
+        turns.append(Turn(i, context, completion(chat, tail, following, i)))
+    return turns
 
 
-def message_end(render: Render, messages: list[dict], i: int, text: str, closing: str, end_of_turn_marker: str) -> int:
-    """Where message i's render ends in the conversation's text: the end of `render(messages[:i+1])`.
-
-    Some templates render the last message differently (Qwen3 gives it an empty `<think>`
-    block): when that render is not a prefix, the end is the last end-of-turn marker before
-    the next message's content, found by rendering one message further twice, with that
-    content and with a stand-in, and seeing where the two part.
-    """
-    if i + 1 == len(messages):
-        return prefix_end(text, text, closing, i + 1)
-    try:
-        return prefix_end(render(messages[: i + 1]), text, closing, i + 1)
-    except RowError as err:
-        if not end_of_turn_marker:
-            raise
-        unstable = err
-    further = render(messages[: i + 2])
-    stand_in = render([*messages[: i + 1], dict(messages[i + 1], content=STAND_IN)])
-    parting = common_prefix_length(further, stand_in)  # inside the next message's content
-    end = text.rfind(end_of_turn_marker, 0, parting)
-    if parting == len(further) or end == -1 or not text.startswith(further[:parting]):
-        raise unstable
-    return end + len(end_of_turn_marker)
-
-
-def prefix_end(rendered: str, text: str, closing: str, n: int) -> int:
-    """Where a render of the first n messages ends inside the whole conversation's text."""
-    if closing and rendered.endswith(closing):
-        rendered = rendered[: -len(closing)]
-    if text.startswith(rendered):
-        return len(rendered)
+def relocated_tail(render: Render, messages: list[dict], i: int, context: str, last: str) -> str:
+    """What follows message i's generation prompt in `last` = render(messages[:i+1]), when the
+    template renders the history differently once message i follows it (Hermes's whitespace after
+    a tool result, gpt-oss dropping an earlier analysis, the older R1-distill template writing a
+    newline after its generation prompt only). The model still saw `context` and wrote message i
+    after its generation prompt G = context less render(messages[:i]); what it wrote is in `last`
+    after the last copy of G (or of G without its trailing whitespace). A template with no
+    generation prompt (Mistral) renders message i where the same history followed by a stand-in
+    message parts from `last`."""
+    history = render(messages[:i])
+    prompt = context[len(history) :] if context.startswith(history) else None
+    parting = common_prefix_length(context, last)
+    if prompt:
+        for needle in dict.fromkeys((prompt, prompt.rstrip())):
+            at = last.rfind(needle)
+            if needle and at != -1 and at + len(needle) >= parting:
+                return last[at + len(needle) :]
+        raise RowError(
+            f"message {i} (assistant): its generation prompt ends with {prompt[-30:]!r}, which the template does not "
+            "render before the message: what the model wrote after it is not in the row"
+        )
+    if prompt == "":
+        stand_in = render([*messages[:i], {"role": "assistant", "content": STAND_IN}])
+        start = common_prefix_length(stand_in, last)
+        if start < len(last) and stand_in[start:].lstrip().startswith(STAND_IN):  # "[/INST] " + text
+            return last[start:]
     raise RowError(
-        f"chat template is not prefix-stable: the first {n} messages render differently inside the "
-        "whole conversation (the template rewrites earlier turns), so the mask cannot be trusted"
+        f"message {i} (assistant): the template renders the conversation before it differently once it follows, "
+        "and its generation prompt cannot be found in that render"
     )
 
 
-def generation_start(
-    render: Render, messages: list[dict], i: int, text: str, closing: str, turn_end: int, markers: tuple[str, ...]
-) -> tuple[int, int]:
-    """(end of the generation prompt, first trained character) for assistant message i."""
-    try:
-        prompted = render(messages[:i], True)
-    except RowError:
-        prompted = None  # e.g. a template that cannot render an empty conversation (i == 0)
-    if prompted is not None and text.startswith(prompted):
-        return len(prompted), len(prompted)  # the rule
-    # Fallback: the generation prompt adds text the conversation does not render (a
-    # `<think>` opener, an empty thinking block). The header ends where the two part.
-    turn_start = prefix_end(render(messages[:i]), text, closing, i) if i else 0
-    header_end = turn_start
-    if prompted is not None and prompted.startswith(text[:turn_start]):
-        header_end += common_prefix_length(text[turn_start:turn_end], prompted[turn_start:])
-        # Back to a clean break: `<think>` and `<tool_call>` share "<t", which is no header.
-        while header_end > turn_start and not (text[header_end - 1].isspace() or text.endswith(markers, 0, header_end)):
-            header_end -= 1
-    content = message_text(messages[i])
-    for needle in (content, content.strip()):
-        if needle and (found := text.find(needle, header_end, turn_end)) != -1:
-            return header_end, found
-    if content.strip():
+def completion(chat: ChatTemplate, tail: str, following: str | None, i: int) -> str:
+    """The turn's text up to its end: the last end-of-turn marker in `tail` (what the template
+    writes after it, whitespace or the next turn's header, is not the model's), or for a family
+    whose model stops by emitting the next role token, the turn and that token."""
+    if chat.ends_with_next_role:
+        stop = chat.next_role_token(following or "user")
+        if not stop:
+            raise RowError(f"message {i} (assistant): the template writes no role token after it to stop on")
+        return tail.rstrip() + stop
+    end = max((tail.rfind(marker) + len(marker) for marker in chat.end_markers if marker in tail), default=-1)
+    if end < 0:
+        ends = tail.rstrip()[-30:]
+        markers = " or ".join(chat.end_markers) if chat.end_markers else "none found in the template"
         raise RowError(
-            f"message {i} (assistant): its text is not in the rendered turn (the template drops or alters it)"
+            f"message {i} (assistant): the template closes it with no end-of-turn token ({markers}; it ends {ends!r})"
         )
-    return header_end, header_end
+    return tail[:end]
 
 
-def end_of_turn(text: str, start: int, turn_end: int, markers: tuple[str, ...], i: int) -> int:
-    """The end of the turn's end-of-turn marker: the template's whitespace after it is not trained."""
-    body = text[start:turn_end].rstrip()
-    if not body.endswith(markers):
-        raise RowError(
-            f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})"
-        )
-    return start + len(body)
+def sequences(turns: list[Turn], whole: str) -> list[SequenceText]:
+    """Turns grouped into sequences: a turn joins the previous sequence when its text extends
+    that sequence's text (the model saw everything before it there), else it starts a new one.
+    The last sequence is the whole render where that extends it (a prefix-stable side is the
+    conversation as rendered, trailing text included)."""
+    groups: list[SequenceText] = []
+    for turn in turns:
+        text = turn.text
+        if not groups or not text.startswith(groups[-1].text):
+            groups.append(SequenceText(text))
+        groups[-1].text = text
+        groups[-1].spans.append(TurnSpan(turn.message, len(turn.context), len(text)))
+    if groups and whole.startswith(groups[-1].text):
+        groups[-1].text = whole
+    return groups
 
 
 # ── spans → labels ────────────────────────────────────────────────────────────
@@ -183,10 +189,10 @@ class TokenBounds:
             raise RowError("the tokenizer returned token offsets out of order; the mask cannot be placed")
         return cls(starts, ends if ends == sorted(ends) else list(accumulate(ends, max)))
 
-    def cuts_a_token(self, position: int) -> bool:
-        """Whether a token starts before `position` and ends after it."""
+    def overhang(self, position: int) -> int:
+        """How far past `position` a token that starts before it reaches (0: no token is cut there)."""
         k = bisect_left(self.starts, position)  # the tokens that start before it: 0..k-1
-        return k > 0 and self.reach[k - 1] > position
+        return max(self.reach[k - 1] - position, 0) if k else 0
 
 
 # ── the self-check ────────────────────────────────────────────────────────────
@@ -195,26 +201,23 @@ class TokenBounds:
 def check_spans(text: str, tokens: TokenBounds, messages: list[dict], spans: list[TurnSpan]) -> None:
     """Raise RowError unless every span holds all of its message and cuts no token.
 
-    Per span: nothing but whitespace between the generation prompt and the start; the
-    content, reasoning, and each tool call's name and arguments inside [start, end); start
-    and end on token boundaries, so no trained token reaches into a header or the next turn.
+    Per span: the content, reasoning, and each tool call's name and arguments inside
+    [start, end); start on a token boundary, so no trained token reaches into the context; end
+    on one too, except for whitespace an end-of-turn token swallows (an added token with
+    rstrip, Phi's `<|end|>`): that whitespace belongs to no turn.
     """
     for span in spans:
         i, trained = span.message, text[span.start : span.end]
-        if text[span.header_end : span.start].strip():
-            raise RowError(
-                f"message {i} (assistant): the template renders text before its content that the mask would skip"
-            )
         for what, needles in message_parts(messages[i]):
             if not any(needle in trained for needle in needles):
                 raise RowError(
                     f"message {i} (assistant): its {what} is not in the rendered turn (the template drops or alters it)"
                 )
-        if tokens.cuts_a_token(span.start):
+        if tokens.overhang(span.start):
             raise RowError(
-                f"message {i} (assistant): its first character shares a token with the generation prompt; the mask would cut it"
+                f"message {i} (assistant): its first character shares a token with its context; the mask would cut it"
             )
-        if tokens.cuts_a_token(span.end):
+        if (reach := tokens.overhang(span.end)) and text[span.end : span.end + reach].strip():
             raise RowError(
                 f"message {i} (assistant): its end-of-turn marker shares a token with the next text; the mask would cut it"
             )

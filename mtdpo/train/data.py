@@ -35,9 +35,18 @@ class PairCollator:
         if self.prefix_sharing:
             batch = shared(pairs)
         else:
-            ids = [torch.tensor(p.side(side).input_ids) for side in SIDES for p in pairs]
-            labels = [torch.tensor(p.side(side).labels) for side in SIDES for p in pairs]
-            batch = packed(ids, labels) if self.padding_free else padded(ids, labels, self.pad_token_id, self.segments)
+            # Each sequence of each side, and the side (0..2B-1) its log-prob counts for.
+            sides = [(p.side(side), k) for k, (side, p) in enumerate((s, p) for s in SIDES for p in pairs)]
+            pieces = [(piece, k) for side, k in sides for piece in side.pieces()]
+            ids = [torch.tensor(piece.input_ids) for piece, _ in pieces]
+            labels = [torch.tensor(piece.labels) for piece, _ in pieces]
+            owners = [k for _, k in pieces]
+            if self.padding_free:
+                batch = packed(ids, labels, owners)
+            else:
+                batch = padded(ids, labels, self.pad_token_id, self.segments)
+                if len(pieces) > len(sides):  # a side of several sequences: rows are summed into sides
+                    batch["sequence_side"] = torch.tensor(owners)
         batch["pair_tokens"] = torch.tensor(sum(len(p.chosen) + len(p.rejected) for p in pairs))
         batch["rows"] = torch.tensor([p.row for p in pairs])
         if pairs[0].reference is not None:
@@ -60,16 +69,20 @@ def padded(
     return batch
 
 
-def packed(ids: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sequences end to end in one row, positions restarting at each (no attention mask).
-    With segment attention each sequence attends to itself; flash-attn's varlen kernel (GPU)
-    reads the same boundaries from the positions."""
+def packed(
+    ids: list[torch.Tensor], labels: list[torch.Tensor], owners: list[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Sequences end to end in one row, positions restarting at each (no attention mask), each
+    scored for the side `owners` names (by default its own index). With segment attention each
+    sequence attends to itself; flash-attn's varlen kernel (GPU) reads the same boundaries from
+    the positions."""
+    owners = owners or list(range(len(ids)))
     starts = torch.tensor([0, *(len(t) for t in ids)]).cumsum(0).tolist()
     # A sequence's first token is never predicted from the previous sequence's last one.
     labels = [torch.cat([torch.tensor([IGNORE_INDEX]), t[1:]]) for t in labels]
     index = [
-        (start + t, seq)
-        for seq, (start, lab) in enumerate(zip(starts, labels))
+        (start + t, owner)
+        for owner, start, lab in zip(owners, starts, labels)
         for t in (lab != IGNORE_INDEX).nonzero()[:, 0].tolist()
     ]
     return {
@@ -91,12 +104,14 @@ def shared_pair(pair: PairRecord) -> dict[str, torch.Tensor | list]:
     predicts chosen's. Positions then continue p, p+1, ... as in the rejected sequence alone.
 
     Trained tokens inside the prompt (a common token prefix past the prompt messages) are scored
-    once, in the trunk, and count for each side whose label trains them. Returns the stretch's
-    ids, labels, positions, its two segments and its (position, side) scoring pairs, with side
-    0 = chosen, 1 = rejected; positions are relative to the stretch.
+    once, in the trunk, and count for each side whose label trains them. A side of several
+    sequences shares its first one this way; the others follow as segments of their own. Returns
+    the stretch's ids, labels, positions, its segments and its (position, side) scoring pairs,
+    with side 0 = chosen, 1 = rejected; positions are relative to the stretch.
     """
-    c_ids, c_lab = pair.chosen.input_ids, pair.chosen.labels
-    r_ids, r_lab = pair.rejected.input_ids, pair.rejected.labels
+    (first_chosen, *more_chosen), (first_rejected, *more_rejected) = pair.chosen.pieces(), pair.rejected.pieces()
+    c_ids, c_lab = first_chosen.input_ids, first_chosen.labels
+    r_ids, r_lab = first_rejected.input_ids, first_rejected.labels
     p = pair.prompt_len
     s = max(p - 1, 0)  # where the rejected branch starts; its context is trunk[:s]
     if list(c_ids[:p]) != list(r_ids[:p]):
@@ -114,13 +129,22 @@ def shared_pair(pair: PairRecord) -> dict[str, torch.Tensor | list]:
     branch_ids = list(r_ids[s:])
     branch_labels = [IGNORE_INDEX, *r_lab[s + 1 :]]  # the copy itself is not predicted from chosen's last token
     score += [(n + k, 1) for k, label in enumerate(branch_labels) if label != IGNORE_INDEX]
-    return {
+    stretch = {
         "input_ids": [*c_ids, *branch_ids],
         "labels": [*trunk_labels, *branch_labels],
         "position_ids": [*range(n), *range(s, s + len(branch_ids))],
         "segments": [(0, n, 0, 0), (n, n + len(branch_ids), 0, s)],
         "score": score,
     }
+    for side, piece in [*((0, p) for p in more_chosen), *((1, p) for p in more_rejected)]:
+        start = len(stretch["input_ids"])
+        labels = [IGNORE_INDEX, *piece.labels[1:]]  # a sequence's first token is never predicted
+        stretch["input_ids"] += piece.input_ids
+        stretch["labels"] += labels
+        stretch["position_ids"] += range(len(piece))
+        stretch["segments"].append((start, start + len(piece), 0, 0))
+        stretch["score"] += [(start + k, side) for k, label in enumerate(labels) if label != IGNORE_INDEX]
+    return stretch
 
 
 def shared(pairs: list[PairRecord]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,11 @@ def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
     )
     log_probs = out.log_probs.float()
     if "logp_index" not in inputs:
-        return log_probs.sum(-1), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        logps, tokens = log_probs.sum(-1), (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        if "sequence_side" in inputs:  # rows are sequences; a side of several sums its rows
+            side, n = inputs["sequence_side"], 2 * len(inputs["rows"])
+            logps, tokens = logps.new_zeros(n).index_add(0, side, logps), tokens.new_zeros(n).index_add(0, side, tokens)
+        return logps, tokens
     position, sequence = inputs["logp_index"]
     n = 2 * len(inputs["rows"])
     logps = log_probs.new_zeros(n).index_add(0, sequence, log_probs[0, position])

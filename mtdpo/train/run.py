@@ -74,8 +74,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         ref,
         config,
         plan,
-        train_dataset=train_data.dataset,
-        eval_dataset=None if eval_data is None else eval_data.dataset,
+        train_dataset=train_data.pairs,
+        eval_dataset=None if eval_data is None else eval_data.pairs,
         data_collator=PairCollator(train_data.manifest.tokenizer.pad_token_id or 0, **plan.layout.collator_options()),
         callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
     )

@@ -15,7 +15,6 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import is_cache_dataset, pair_lengths
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.forward import fused_sequence_logps, real_tokens
 from mtdpo.train.lora import adapters_disabled, is_lora
@@ -63,9 +62,7 @@ class MultiTurnDPOTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if self._groups_by_length(dataset):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            self._epoch_sampler = EpochSeededSampler(
-                length_grouped_order(pair_lengths(dataset), batch), len(dataset), seed
-            )
+            self._epoch_sampler = EpochSeededSampler(length_grouped_order(dataset.lengths(), batch), len(dataset), seed)
         elif self.args.train_sampling_strategy == "random":
             self._epoch_sampler = EpochSeededSampler(random_order, len(dataset), seed)
         else:
@@ -85,12 +82,12 @@ class MultiTurnDPOTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(
             self.args.eval_batch_size,
-            lengths=pair_lengths(eval_dataset).tolist(),
+            lengths=eval_dataset.lengths().tolist(),
             generator=torch.Generator().manual_seed(seed),
         )
 
     def _groups_by_length(self, dataset) -> bool:
-        return self.args.train_sampling_strategy == "group_by_length" and is_cache_dataset(dataset)
+        return self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"

@@ -28,6 +28,7 @@ from mtdpo.preprocess import pipeline
 
 DATA = TESTS / "data"
 TEMPLATES = TESTS / "templates"
+PACKAGED = ", ".join(sorted(p.stem for p in (TESTS.parent / "mtdpo" / "assets" / "templates").glob("*.jinja")))
 GEMMA2 = TEMPLATES / "gemma.jinja"  # the real Gemma-2 template: it raises on roles it refuses
 COUNTS = ("rows", "kept", "rejected", "dropped", "truncated")
 USED = ("kept", "truncated")
@@ -290,13 +291,12 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch):
             sample,
             "--chat-template",
             "nope.jinja",
-        ): "chat template not found: nope.jinja is neither a file nor a packaged template (deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
+        ): f"chat template not found: nope.jinja is neither a file nor a packaged template ({PACKAGED})",
         (
             sample,
             "--tokenizer",
             no_template,
-        ): "TMP/no-template has no chat template; pass one with --chat-template FILE or NAME "
-        "(deepseek-v3, gemma2, gemma3, llama3.1, llama3.2, mistral-v0.3, phi3.5, qwen2.5, qwen3)",
+        ): f"TMP/no-template has no chat template; pass one with --chat-template FILE or NAME ({PACKAGED})",
         (
             sample,
             "--chat-template",

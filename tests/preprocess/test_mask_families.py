@@ -226,12 +226,20 @@ def test_think_template_is_fine_while_nothing_is_dropped():
     ]
 
 
-def test_template_dropping_earlier_think_blocks_is_rejected():
+def test_a_turn_whose_think_block_the_history_drops_is_scored_in_its_own_context():
+    """The template drops an answered turn's <think> block once a later user turn follows. The
+    model generated the first two turns with their think blocks (nothing followed them then), so
+    they are trained in the context they had: one sequence; the last turn, after the history
+    without them, in a second sequence. No turn is trained twice."""
     tok = with_template("qwen2", QWEN3_LIKE)
     row = thinking_pair(follow_up=True)
-    assert "<think>Multiply." not in tok.apply_chat_template(row["chosen"], tokenize=False)  # it does drop it
-    with pytest.raises(RowError, match="not prefix-stable"):
-        RowEncoder(tok, MaskOptions())(row)
+    chosen = row["chosen"]
+    assert "<think>Multiply." not in tok.apply_chat_template(chosen, tokenize=False)  # it does drop it
+    (first_text, first_runs), (second_text, second_runs) = RowEncoder(tok).sequences(row)
+    assert first_text == tok.apply_chat_template(chosen[:4], tokenize=False).removesuffix("\n")
+    assert first_runs == [chosen[1]["content"] + "<|im_end|>", chosen[3]["content"] + "<|im_end|>"]
+    assert second_text == tok.apply_chat_template(chosen, tokenize=False)  # the whole render: the history as dropped
+    assert second_runs == [chosen[5]["content"] + "<|im_end|>"]
 
 
 def test_qwen25_consecutive_tool_messages_are_merged_and_masked():
@@ -250,11 +258,20 @@ def test_qwen25_consecutive_tool_messages_are_merged_and_masked():
     assert runs == [m["content"] + "<|im_end|>" for m in chosen[2:] if m["role"] == "assistant"]
 
 
-def test_system_moved_into_last_user_turn_is_rejected():
+def test_a_system_prompt_moved_into_the_last_user_turn_gives_each_turn_its_context():
+    """Each assistant turn was generated with the system prompt in the user turn just before it:
+    every turn is a sequence of its own, trained once, after exactly that context."""
     tok = with_template("mistral", SYSTEM_IN_LAST_USER)
     row = for_family(math_agent_pairs()["diverge_at_first_assistant"], "mistral")
-    with pytest.raises(RowError, match="not prefix-stable"):
-        RowEncoder(tok, MaskOptions())(row)
+    chosen = row["chosen"]
+    sequences = RowEncoder(tok).sequences(row)
+    turns = [i for i, m in enumerate(chosen) if m["role"] == "assistant"]
+    assert len(sequences) == len(turns) > 1
+    system = chosen[0]["content"]
+    for (text, runs), i in zip(sequences, turns):
+        context = tok.apply_chat_template(chosen[:i], tokenize=False, add_generation_prompt=True)
+        assert text == context + " " + chosen[i]["content"] + "</s>"
+        assert runs == [" " + chosen[i]["content"] + "</s>"] and text.count(system) == 1
 
 
 def test_template_altering_assistant_text_is_rejected():

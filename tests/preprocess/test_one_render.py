@@ -102,8 +102,8 @@ def test_a_row_that_differs_from_its_skeleton_takes_the_prefix_renders(monkeypat
     tok = family_tokenizer("gemma3")
     encoder = RowEncoder(tok, MaskOptions())
     calls = []
-    original = records.assistant_spans
-    monkeypatch.setattr(records, "assistant_spans", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = records.generation_turns
+    monkeypatch.setattr(records, "generation_turns", lambda *a, **k: calls.append(1) or original(*a, **k))
     q = msg("user", "Hi")
     encoder({"chosen": [q, msg("assistant", "Hello.")], "rejected": [q, msg("assistant", "Go away.")]})
     assert calls == []

@@ -1,7 +1,7 @@
 """mtdpo/preprocess/tokens.py: a text that shares a prefix with the previous one is encoded
 with exactly the tokens the tokenizer gives the whole text, without encoding the prefix again;
 offsets rebuilt from what each token covered before equal the tokenizer's, or are not used;
-and mask.TokenBounds, the token boundaries the mask and its self-check bisect."""
+and spans.TokenBounds, the token boundaries the mask and its self-check bisect."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import FAMILIES, RowEncoder, family_tokenizer, for_family, math_age
 from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.spans import TokenBounds, TurnSpan, labels_for, trained_ranges
-from mtdpo.preprocess.template import end_markers
+from mtdpo.preprocess.template import added_tokens
 from mtdpo.preprocess.tokens import PrefixReusingEncoder, Tokens, TokenSurfaces, common_prefix_length, reuse_rule
 
 
@@ -200,7 +200,7 @@ def test_a_character_split_between_tokens_is_never_learned():
 
 def surfaces_for(tok) -> TokenSurfaces:
     """A table for `tok`, as RecordBuilder builds its encoder's."""
-    return TokenSurfaces(tok.backend_tokenizer.get_vocab_size(with_added_tokens=True), end_markers(tok))
+    return TokenSurfaces(tok.backend_tokenizer.get_vocab_size(with_added_tokens=True), added_tokens(tok))
 
 
 def test_rebuilt_offsets_stop_on_a_tokenizer_whose_tokens_cover_different_text():
@@ -242,10 +242,10 @@ def test_token_bounds_by_hand():
     # reaches further than the one after it (ends out of order).
     bounds = TokenBounds.of([0, 3, 4], [2, 4, 5])
     assert bounds.starts == [0, 3, 4] and bounds.reach == [2, 4, 5]
-    assert not bounds.cuts_a_token(0) and not bounds.cuts_a_token(2) and not bounds.cuts_a_token(3)
-    assert bounds.cuts_a_token(1)  # inside "ab"
+    assert bounds.overhang(0) == bounds.overhang(2) == bounds.overhang(3) == 0
+    assert bounds.overhang(1) == 1  # inside "ab": the token reaches one character past it
     odd = TokenBounds.of([0, 2, 6], [6, 3, 7])
-    assert odd.reach == [6, 6, 7] and odd.cuts_a_token(4)  # the first token covers 0..6
+    assert odd.reach == [6, 6, 7] and odd.overhang(4) == 2  # the first token covers 0..6
     with pytest.raises(RowError, match="out of order"):
         TokenBounds.of([3, 0], [4, 2])
     assert TokenBounds.of([], []).starts == []
@@ -253,6 +253,6 @@ def test_token_bounds_by_hand():
 
 def test_trained_ranges_and_labels_by_hand():
     starts = [0, 5, 9, 12, 20, 24]
-    spans = [TurnSpan(1, 9, 9, 20, 21), TurnSpan(3, 24, 24, 30, 30)]
+    spans = [TurnSpan(1, 9, 20), TurnSpan(3, 24, 30)]
     assert trained_ranges(starts, spans) == [(2, 4), (5, 6)]  # tokens starting at 9, 12; and 24
     assert labels_for([10, 11, 12, 13, 14, 15], [(2, 4), (5, 6)]) == [-100, -100, 12, 13, -100, 15]

@@ -12,11 +12,12 @@ from dataclasses import replace
 
 import pytest
 from helpers import IGNORE, REPO, RowEncoder, decoded_runs, family_tokenizer, msg
+from jinja2 import TemplateError
 
 from mtdpo.cache import PairRecord
 from mtdpo.preprocess.records import MaskOptions, RecordBuilder
 from mtdpo.preprocess.rows import RowError, to_pair
-from mtdpo.preprocess.spans import TokenBounds, assistant_spans, check_spans
+from mtdpo.preprocess.spans import TokenBounds, check_spans, generation_turns, sequences
 from mtdpo.preprocess.template import ChatTemplate
 
 sys.path.insert(0, str(REPO / "scripts"))  # tool_use_table, the generated set's table
@@ -254,28 +255,28 @@ def test_template_that_drops_tool_calls_is_rejected():
 
 
 def test_span_functions_on_one_conversation():
-    """The pure interface: render -> character spans -> self-check, on hand-computed offsets."""
+    """The pure interface: renders -> turns in their generation contexts -> sequences -> self-check."""
     tok = family_tokenizer("qwen2")
     chat = ChatTemplate(tok)
     messages = agent_pair(calling("", call("python", {"code": "1"})))["chosen"]
     render = chat.renderer()
     text = render(messages)
-    spans = assistant_spans(render, messages, 1, text, chat.markers, chat.closing)
-    assert [s.message for s in spans] == [1, 3]
-    assert (
-        text[spans[0].start : spans[0].end]
-        == '<tool_call>\n{"name": "python", "arguments": {"code": "1"}}\n</tool_call><|im_end|>'
-    )
-    assert text[spans[0].end : spans[0].turn_end] == "\n"  # the template's newline after the marker
-    assert text[: spans[0].start].endswith("<|im_start|>assistant\n") and spans[0].header_end == spans[0].start
+    turns = generation_turns(chat, render, messages, 1, text)
+    assert [t.message for t in turns] == [1, 3]
+    assert turns[0].context.endswith("<|im_start|>assistant\n")
+    assert turns[0].completion == '<tool_call>\n{"name": "python", "arguments": {"code": "1"}}\n</tool_call><|im_end|>'
+    (sequence,) = sequences(turns, text)  # prefix-stable: one sequence, the whole render
+    assert sequence.text == text and text[sequence.spans[0].end] == "\n"  # the template's newline: not trained
+    spans = sequence.spans
+    assert text[spans[0].start : spans[0].end] == turns[0].completion
     encoded = RecordBuilder(tok, MaskOptions()).encoder.encode(text)
     tokens = TokenBounds.of(encoded.starts, encoded.ends)
     check_spans(text, tokens, messages, spans)  # passes
-    inside_a_token = replace(spans[0], header_end=spans[0].start + 1, start=spans[0].start + 1)  # inside <tool_call>
-    with pytest.raises(RowError, match="first character shares a token with the generation prompt"):
+    inside_a_token = replace(spans[0], start=spans[0].start + 1)  # inside <tool_call>
+    with pytest.raises(RowError, match="first character shares a token with its context"):
         check_spans(text, tokens, messages, [inside_a_token])
-    with pytest.raises(RowError, match="renders text before its content that the mask would skip"):
-        check_spans(text, tokens, messages, [replace(spans[0], start=spans[0].start + 1)])
+    with pytest.raises(RowError, match="end-of-turn marker shares a token with the next text"):
+        check_spans(text, tokens, messages, [replace(spans[0], end=spans[0].end - 1)])
 
 
 # ── real templates with tool calls (tests/templates, families.json) ──────────
@@ -304,14 +305,17 @@ def test_qwen3_reasoning_and_calls_after_the_last_user_turn():
     ]
 
 
-def test_qwen3_without_reasoning_trains_what_the_conversation_renders():
-    """Qwen3 gives the last message an empty <think> block, so a render that ends at the
-    first call differs from the conversation (which has none there): the end comes from
-    one message further. The final answer is last in both and keeps its empty block."""
+def test_qwen3_without_reasoning_trains_each_turn_as_it_was_generated():
+    """Qwen3 gives the last message an empty <think> block: the first call was generated with one
+    (it was last then), but the conversation renders it without. So the call is trained in its
+    own sequence, with its block, and the final answer, last in both, in the whole render."""
     tok = family_tokenizer("qwen3")
     row = qwen3_trajectory(reasoning=False)
-    assert "assistant\n<tool_call>" in tok.apply_chat_template(row["chosen"], tools=row["tools"], tokenize=False)
-    assert chosen_runs(tok, row) == [QWEN3_CALL, "<think>\n\n</think>\n\nIt is $\\boxed{391}$.<|im_end|>"]
+    whole = tok.apply_chat_template(row["chosen"], tools=row["tools"], tokenize=False)
+    assert "assistant\n<tool_call>" in whole
+    (first, first_runs), (second, second_runs) = RowEncoder(tok).sequences(row)
+    assert first_runs == ["<think>\n\n</think>\n\n" + QWEN3_CALL]
+    assert second == whole and second_runs == ["<think>\n\n</think>\n\nIt is $\\boxed{391}$.<|im_end|>"]
 
 
 def test_qwen3_enable_thinking_false_puts_the_empty_block_in_the_prompt():
@@ -328,22 +332,28 @@ def test_qwen3_enable_thinking_false_puts_the_empty_block_in_the_prompt():
     ]
 
 
-def test_qwen3_dropping_reasoning_across_user_turns_is_rejected():
+def test_qwen3_dropping_reasoning_across_user_turns_keeps_it_where_it_was_generated():
     tok = family_tokenizer("qwen3")
     row = qwen3_trajectory(reasoning=True)
     follow = [msg("user", "And 17 * 24?"), msg("assistant", "408")]
     row = row | {side: row[side] + follow for side in ("chosen", "rejected")}
-    assert "Multiply." not in tok.apply_chat_template(row["chosen"], tools=row["tools"], tokenize=False)  # it drops it
-    with pytest.raises(RowError, match="not prefix-stable"):
-        encode(tok, row)
+    whole = tok.apply_chat_template(row["chosen"], tools=row["tools"], tokenize=False)
+    assert "Multiply." not in whole  # the template drops it from the history
+    (first, first_runs), (second, second_runs) = RowEncoder(tok).sequences(row)
+    assert first_runs[0] == "<think>\nMultiply.\n</think>\n\n" + QWEN3_CALL  # trained with its reasoning, once
+    assert second == whole and second_runs == ["<think>\n\n</think>\n\n408<|im_end|>"]
 
 
 def test_qwen3_null_content_is_a_template_error():
-    """Qwen3's template tests `'</think>' in content`: call-only turns need content ""."""
+    """A null content is dropped before rendering, as apply_chat_template drops it; Qwen3's
+    template then tests `'</think>' in content` and raises: call-only turns need content ""."""
     tok = family_tokenizer("qwen3")
     row = agent_pair(calling(None, call("python", {"code": "print(17 * 23)"})))
-    with pytest.raises(RowError, match="^chat template error: argument of type 'NoneType' is not iterable$"):
+    with pytest.raises(RowError, match="^chat template error: "):
         encode(tok, row)
+    messages = agent_pair(calling(None, call("python", {"code": "1"})))["chosen"]
+    with pytest.raises(TemplateError):  # transformers' own rendering fails the same way
+        tok.apply_chat_template(messages, tokenize=False)
 
 
 LLAMA_CALL = '{"name": "python", "parameters": {"code": "print(17 * 23)"}}'
@@ -394,16 +404,18 @@ def test_mistral_v03_tool_calls_and_results():
     assert tok.decode(ids).startswith("<s>[AVAILABLE_TOOLS] [")
 
 
-def test_deepseek_v3_call_only_turn_needs_null_content():
-    """DeepSeek-V3's template renders calls only for `content is none` and takes the arguments
-    as a JSON string; its single call ends with <｜tool▁call▁end｜> (no calls-end, no EOS)."""
+def test_deepseek_v3_call_only_turns_fail_as_apply_chat_template_fails():
+    """DeepSeek-V3's template renders calls only for `content is none`, but a null content is
+    dropped before rendering (apply_chat_template drops it too): the template then adds an
+    undefined content to a string and raises. With content "" it renders an empty answer and
+    no call: rejected by the self-check, never trained as an answer."""
     tok = family_tokenizer("deepseek3")
-    row = agent_pair(calling(None, call("python", '{"code": "print(17 * 23)"}')))
-    assert chosen_runs(tok, row) == [
-        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>python\n```json\n{"code": "print(17 * 23)"}\n```<｜tool▁call▁end｜>',
-        "It is $\\boxed{391}$.<｜end▁of▁sentence｜>",
-    ]
-    empty = agent_pair(calling("", call("python", '{"code": "print(17 * 23)"}')))  # renders as an empty answer
+    row = agent_pair(calling(None, call("python", {"code": "print(17 * 23)"})))
+    with pytest.raises(RowError, match="^chat template error: "):
+        encode(tok, row)
+    with pytest.raises(TemplateError):
+        tok.apply_chat_template(row["chosen"], tokenize=False)
+    empty = agent_pair(calling("", call("python", {"code": "print(17 * 23)"})))  # renders as an empty answer
     with pytest.raises(RowError, match=r"^message 1 \(assistant\): its tool call 0 name is not in the rendered turn"):
         encode(tok, empty)
 
@@ -416,17 +428,23 @@ def test_turn_view_labels_tool_calls_and_tool_results():
 
     expected = {
         "qwen2": ["system", "user", "assistant (tool call)", "tool", "assistant"],
-        "qwen3": ["system", "user", "assistant (tool call)", "tool", "assistant"],
+        # Qwen3: the call in its own generation context (it was last then), then the whole conversation
+        "qwen3": [
+            "system",
+            "user",
+            "assistant (tool call)",
+            "system",
+            "user",
+            "assistant (tool call)",
+            "tool",
+            "assistant",
+        ],
         "llama3": ["system", "user", "assistant (tool call)", "tool", "assistant"],
         "mistral3": ["user", "assistant (tool call)", "tool", "assistant"],
-        "deepseek3": ["user", "assistant (tool call)", "tool", "assistant"],
     }
     for family, roles in expected.items():
         tok = family_tokenizer(family)
-        arguments = '{"code": "print(17 * 23)"}' if family == "deepseek3" else {"code": "print(17 * 23)"}
-        row = agent_pair(
-            calling(None if family == "deepseek3" else "", call("python", arguments, "abc123xyz")), tools=[PYTHON_TOOL]
-        )
+        row = agent_pair(calling("", call("python", {"code": "print(17 * 23)"}, "abc123xyz")), tools=[PYTHON_TOOL])
         row["chosen"][2] = tool_result("391", "abc123xyz")
         record = {**encode(tok, row), "row": 0}
         view = show.build_view(PairRecord.from_row(record), tok, 0, ["chosen"])
@@ -462,6 +480,22 @@ PACKAGED = {
     "mistral-v0.3": "mistral3",
     "deepseek-v3": "deepseek3",
     "phi3.5": "phi3",
+    # agent families (tests/templates/families.json records each source)
+    "llama3.3": "llama3",  # byte-identical to 3.1's
+    "gpt-oss": "gpt-oss",
+    "hermes3": "hermes3",
+    "mistral-small3.2": "mistral-small3.2",
+    "mistral-nemo": "mistral-nemo",
+    "deepseek-r1-distill": "r1-distill",
+    "deepseek-v3.1": "deepseek3.1",
+    "glm4.6": "glm4.6",
+    "command-r7b": "command-r7b",
+    "granite3.3": "granite3.3",
+    "phi4-mini": "phi4-mini",
+    "qwq": "qwq",
+    "kimi-k2": "kimi-k2",
+    "seed-oss": "seed-oss",
+    "nemotron-nano2": "nemotron-nano2",
 }
 
 
@@ -488,7 +522,7 @@ def test_chat_template_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatc
     assert load_tokenizer(None, "gemma3").chat_template.startswith("{{ bos_token }}{% for m")
     with pytest.raises(
         UsageError,
-        match=r"^chat template not found: gemma4 is neither a file nor a packaged template \(deepseek-v3, gemma2",
+        match=r"^chat template not found: gemma4 is neither a file nor a packaged template \(command-r7b, deep",
     ):
         load_tokenizer(None, "gemma4")
 
@@ -542,7 +576,8 @@ def reference_runs(tok, row: dict, side: str, n_prompt: int) -> list[str] | None
     return runs
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral3", "deepseek3"])
+# DeepSeek-V3 renders calls only for a null content, which apply_chat_template (and so mtdpo) drops.
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral3"])
 def test_generated_tool_use_rows_train_what_the_template_renders(family):
     import tool_use_table
 
@@ -606,14 +641,12 @@ OPENS_THINK = """
 """
 
 
-def test_generation_prompt_that_is_not_a_prefix_falls_back_to_locating_the_content():
+def test_a_generation_prompt_opening_text_the_message_lacks_is_rejected():
+    """QwQ-style: the generation prompt opens `<think>\\n`, which the rendered message never
+    holds: what the model wrote after it is not in the row, so the turn cannot be scored."""
     from helpers import with_template
 
     tok = with_template("qwen2", OPENS_THINK)
     row = {"chosen": [QUESTION, msg("assistant", "391")], "rejected": [QUESTION, msg("assistant", "401")]}
-    assert decoded_runs(tok, encode(tok, row)["chosen_input_ids"], encode(tok, row)["chosen_labels"]) == [
-        "391<|im_end|>"
-    ]
-    thinking = {"chosen": [QUESTION, msg("assistant", "<think>Multiply.</think>391")], "rejected": row["rejected"]}
-    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its text is not in the rendered turn"):
-        encode(tok, thinking)  # the template drops the reasoning: the row is rejected, not trained without it
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its generation prompt ends with .*<think>\\n"):
+        encode(tok, row)

@@ -211,7 +211,9 @@ def first_assistant(messages: list[dict]) -> int:
     return next(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma3", "llama3", "qwen2", "qwen3", "mistral", "phi3", "deepseek3"])
+# Prefix-stable families: their trajectories are one sequence (Qwen3 scores a turn whose <think> the
+# history drops in a sequence of its own, which a KL pairing in token space does not cover yet).
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "llama3", "qwen2", "mistral", "phi3", "deepseek3"])
 def test_token_space_pairs_equal_the_masked_render_of_the_mismatched_conversation(family):
     """On real multi-turn trajectories (tool output between assistant turns), row i's KL sequence built
     in token space is exactly what masking the conversation (i's prompt messages + j's later
