@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ from mtdpo.cache.files import (
     writing,
 )
 from mtdpo.cache.manifest import MANIFEST, Manifest, ReferenceInfo
+from mtdpo.cache.output import write_errors
 from mtdpo.cache.schema import REFERENCE_COLUMNS, REFERENCE_TYPE, pair_features
 
 BATCH_ROWS = 1000  # records per Arrow record batch (datasets' default writer batch)
@@ -102,9 +104,10 @@ class CacheWriter:
 
     def __enter__(self) -> CacheWriter:
         self._stack = contextlib.ExitStack()
-        self.directory = self._stack.enter_context(writing(self.out))
-        self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
-        self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
+        with write_errors(self.out):
+            self.directory = self._stack.enter_context(writing(self.out))
+            self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
+            self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
         return self
 
     @property
@@ -112,25 +115,37 @@ class CacheWriter:
         return self.directory / TOKENIZER
 
     def write(self, table: pa.Table) -> None:
-        self._shards.write(table)
+        with write_errors(self.out):
+            self._shards.write(table)
 
     def reject(self, entry: dict) -> None:
-        self._rejects.write(json.dumps(entry) + "\n")
+        with write_errors(self.out):
+            self._rejects.write(json.dumps(entry) + "\n")
+
+    def keep_rejects(self, path: Path) -> None:
+        """Move the rejects written so far to `path` (beside the output, for a run that writes no
+        cache: its temporary directory is removed when the writer exits)."""
+        with write_errors(self.out):
+            self._rejects.flush()
+            os.replace(self.directory / REJECTS, path)
 
     def finish(self, manifest: Manifest, stats: dict) -> None:
-        self._rejects.flush()
-        names = self._shards.close(complete=True)
-        write_dataset_files(self.directory, names, self.features)
-        write_json(self.directory / STATS, stats)
-        manifest.write(self.directory)
+        with write_errors(self.out):
+            self._rejects.flush()
+            names = self._shards.close(complete=True)
+            write_dataset_files(self.directory, names, self.features)
+            write_json(self.directory / STATS, stats)
+            manifest.write(self.directory)
         self._finished = True
 
     def __exit__(self, kind, error, traceback) -> bool | None:
         if not self._finished:
-            self._shards.close(complete=False)
+            with contextlib.suppress(OSError):  # the run failed already: its own error is the one to tell
+                self._shards.close(complete=False)
             error = error or RuntimeError("CacheWriter left without finish()")
             return self._stack.__exit__(type(error), error, error.__traceback__)
-        return self._stack.__exit__(kind, error, traceback)
+        with write_errors(self.out):  # renaming the finished directory into place
+            return self._stack.__exit__(kind, error, traceback)
 
 
 def write_reference(

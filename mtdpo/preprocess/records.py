@@ -81,7 +81,9 @@ class RecordBuilder:
         text = render(messages)
         spans = self.skeletons.spans(messages, n_prompt, text, tools, template_kwargs) if self.skeletons else None
         if spans is None:  # the prefix renders decide
-            spans = assistant_spans(render, messages, n_prompt, text, chat.markers, chat.closing, chat.end_of_turn)
+            spans = assistant_spans(
+                render, messages, n_prompt, text, chat.markers, chat.closing, chat.end_of_turn, chat.untokenized_end
+            )
         tokens = self.encoder.encode(text)
         bounds = TokenBounds.of(tokens.starts, tokens.ends)
         check_spans(text, bounds, messages, spans)

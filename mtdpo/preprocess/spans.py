@@ -60,8 +60,10 @@ def assistant_spans(
     markers: tuple[str, ...],
     closing: str = "",
     end_of_turn_marker: str = "",
+    untokenized_end: str = "",
 ) -> list[TurnSpan]:
-    """One span per assistant message after the shared prompt, from renders of prefixes."""
+    """One span per assistant message after the shared prompt, from renders of prefixes.
+    `untokenized_end`: the template's end-of-turn text when it is not a token (ChatTemplate)."""
     spans = []
     for i in range(n_prompt, len(messages)):
         if messages[i]["role"] != "assistant":
@@ -72,7 +74,8 @@ def assistant_spans(
         header_end, start = generation_start(render, messages, i, text, closing, turn_end, markers)
         if start > turn_end:
             raise RowError(f"message {i} (assistant): the template renders it inside its generation prompt")
-        spans.append(TurnSpan(i, header_end, start, end_of_turn(text, start, turn_end, markers, i), turn_end))
+        end = end_of_turn(text, start, turn_end, markers, i, untokenized_end)
+        spans.append(TurnSpan(i, header_end, start, end, turn_end))
     return spans
 
 
@@ -143,9 +146,16 @@ def generation_start(
     return header_end, header_end
 
 
-def end_of_turn(text: str, start: int, turn_end: int, markers: tuple[str, ...], i: int) -> int:
+def end_of_turn(
+    text: str, start: int, turn_end: int, markers: tuple[str, ...], i: int, untokenized_end: str = ""
+) -> int:
     """The end of the turn's end-of-turn marker: the template's whitespace after it is not trained."""
     body = text[start:turn_end].rstrip()
+    if not body.endswith(markers) and untokenized_end and body.endswith(untokenized_end):
+        raise RowError(
+            f"message {i} (assistant): the template ends the turn with {untokenized_end!r}, which is not one token "
+            "in this tokenizer (not an added token); use the tokenizer the template was written for"
+        )
     if not body.endswith(markers):
         raise RowError(
             f"message {i} (assistant): the template closes it with no end-of-turn token (it ends {body[-30:]!r})"

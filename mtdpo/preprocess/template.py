@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from mtdpo import compat
+from mtdpo.preprocess.limits import RenderTimeout
 from mtdpo.preprocess.rows import RowError
 
 # A render of the conversation so far: (messages, add_generation_prompt) -> text.
@@ -26,6 +27,7 @@ class ChatTemplate:
         self._variables = {**self._globals, **tokenizer.special_tokens_map}
         self.closing = self._closing()
         self.end_of_turn = self._end_of_turn()
+        self.untokenized_end = "" if self.end_of_turn else self._untokenized_end()
 
     def render(self, messages: list[dict], generation_prompt: bool = False, tools=None, template_kwargs=None) -> str:
         """`Template.render(messages=..., tools=..., documents=None, add_generation_prompt=...,
@@ -34,6 +36,8 @@ class ChatTemplate:
         variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt)
         try:
             return compat.render_template(self._template, variables, self._globals)
+        except RenderTimeout:
+            raise  # the row's time is up (limits.py): not an error of the template's own
         except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
             raise RowError(f"chat template error: {err}") from None
 
@@ -58,15 +62,27 @@ class ChatTemplate:
 
     def _end_of_turn(self) -> str:
         """The marker that closes an assistant turn (`<|im_end|>`, `<end_of_turn>` …), from a probe."""
-        two = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        body = self._probe_body()
+        return next((m for m in self.markers if body.endswith(m)), "")
+
+    def _untokenized_end(self) -> str:
+        """What the template writes after an assistant turn's text when that is no added token of
+        the tokenizer (Qwen's `<|im_end|>` with another model's tokenizer): the turn's end would be
+        several ordinary tokens, so rows are rejected saying so. "" when the turn ends with its text."""
+        answer = "mtdpo probe answer"
+        body = self._probe_body(answer)
+        return body[body.rfind(answer) + len(answer) :] if answer in body else ""
+
+    def _probe_body(self, answer: str = "y") -> str:
+        """A one-turn conversation (`x`, answered `answer`) rendered, without the closing token and trailing whitespace."""
+        two = [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}]
         try:
             rendered = self.render(two)
         except RowError:
             return ""
-        body = (
+        return (
             rendered[: -len(self.closing)] if self.closing and rendered.endswith(self.closing) else rendered
         ).rstrip()
-        return next((m for m in self.markers if body.endswith(m)), "")
 
 
 @lru_cache(maxsize=8)
