@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from mtdpo.preprocess.rows import RowError
@@ -68,7 +69,8 @@ def row_characters(row: object) -> int:
 def time_limit(seconds: float | None) -> Iterator[None]:
     """Raise RenderTimeout in the block once `seconds` have passed (SIGALRM; Jinja runs Python
     code, so the signal lands between two of its steps). No limit where signals cannot be set:
-    off the main thread, or with seconds None or 0."""
+    off the main thread, or with seconds None or 0. A timer someone else had set is set again
+    afterwards, with the time it had left."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -79,10 +81,13 @@ def time_limit(seconds: float | None) -> Iterator[None]:
             raise RenderTimeout(seconds)
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    outer, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-6), interval)

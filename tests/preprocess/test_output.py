@@ -105,15 +105,6 @@ def test_overwrite_replaces_only_a_cache_and_never_the_input(project, args, mess
     assert files_under(project) == before  # nothing deleted, nothing left behind
 
 
-def test_overwrite_replaces_a_cache(project):
-    assert invoke("preprocess", "proj/sample.jsonl", "--out", "cache", "-q").exit_code == 0
-    rows = write_jsonl(project / "few.jsonl", sample_rows(3))
-    result = invoke("preprocess", rows, "--out", "cache", "--overwrite", "-q")
-    assert result.exit_code == 0, result.output
-    assert json.loads((project / "cache" / "manifest.json").read_text())["counts"]["kept"] == 3
-    assert hidden_leftovers(project) == []
-
-
 # ── one run per output ────────────────────────────────────────────────────────
 
 

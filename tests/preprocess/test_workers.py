@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,23 @@ from mtdpo.synthetic import make_pairs
 PYTHON_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def children(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (from /proc)."""
+def workers_of(pid: int) -> list[int]:
+    """Live processes forked by `pid` with its command line: its workers, not multiprocessing's
+    resource tracker (a child too, with a command line of its own)."""
+    command = cmdline(pid)
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (state := process_state(int(entry.name))) and state[1] == pid:
-            found.append(int(entry.name))
+            if cmdline(int(entry.name)) == command:
+                found.append(int(entry.name))
     return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def process_state(pid: int) -> tuple[str, int] | None:
@@ -45,29 +56,27 @@ def gone(pid: int) -> bool:
 
 
 def start_with_workers(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    """`mtdpo preprocess --num-proc 2` on enough rows to be busy, once both workers are working."""
+    """`mtdpo preprocess --num-proc 2` on enough rows to be busy, once both workers are working.
+    Its output goes to files, not pipes: orphaned workers would hold a pipe open forever."""
     source = write_jsonl(tmp_path / "rows.jsonl", list(make_pairs(6000, seed=4)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mtdpo", "preprocess", str(source), "--out", str(tmp_path / "cache"), "--num-proc", "2"]
-        + ["-q"],
-        env=PYTHON_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command = [sys.executable, "-m", "mtdpo", "preprocess", str(source), "--out", str(tmp_path / "cache")]
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([*command, "--num-proc", "2", "-q"], env=PYTHON_ENV, stdout=out, stderr=err)
     deadline = time.monotonic() + 120
-    while len(workers := children(proc.pid)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    while len(workers := workers_of(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
         time.sleep(0.05)
     time.sleep(1)  # both have chunks in hand
     return proc, workers
 
 
-def wait_gone(pids: list[int], seconds: float) -> list[int]:
-    """The pids still alive after `seconds`."""
+def left_alive(pids: list[int], seconds: float) -> list[int]:
+    """The pids still alive after `seconds`, killed (a failing test leaves nothing running)."""
     deadline = time.monotonic() + seconds
     while (alive := [p for p in pids if not gone(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
     return alive
 
 
@@ -76,11 +85,8 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     """Before, each worker lived on (parent 1, ~280 MB) after a SIGKILL of the main process."""
     proc, workers = start_with_workers(tmp_path)
     proc.kill()
-    proc.communicate(timeout=60)
-    leftover = wait_gone(workers, 10)
-    for pid in leftover:  # do not leave them running on a failure
-        os.kill(pid, signal.SIGKILL)
-    assert leftover == []
+    proc.wait(60)
+    assert left_alive(workers, 10) == []
     assert not (tmp_path / "cache").exists()
 
 
@@ -89,13 +95,14 @@ def test_sigterm_ends_a_run_with_workers_cleanly(tmp_path):
     """SIGTERM to the main process: exit 143 with one line, workers gone, no temporary directory."""
     proc, workers = start_with_workers(tmp_path)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    leftover = wait_gone(workers, 10)
-    for pid in leftover:
-        os.kill(pid, signal.SIGKILL)
-    assert (proc.returncode, out, err) == (143, "", "preprocess stopped by SIGTERM; no cache written\n")
-    assert leftover == []
-    assert not (tmp_path / "cache").exists() and hidden_leftovers(tmp_path) == []
+    proc.wait(60)
+    assert left_alive(workers, 10) == []
+    assert proc.returncode == 143
+    assert (tmp_path / "stdout").read_text() == ""
+    assert (tmp_path / "stderr").read_text() == "preprocess stopped by SIGTERM; no cache written\n"
+    assert not (tmp_path / "cache").exists()
+    assert hidden_leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "stderr", "stdout"]
 
 
 class Stopped(Exception):
@@ -146,21 +153,21 @@ def test_sigterm_handling_ends_with_the_run(tmp_path):
 )  # fmt: skip
 def test_num_proc_is_capped_by_cpus_and_chunks(tmp_path, monkeypatch, cpus, note):
     """Before, --num-proc 100000 forked about 3,900 processes. 600 rows are 3 chunks of 256."""
-    forks, fork = [], os.fork
+    pools, start = [], ProcessPoolExecutor.__init__
 
-    def counting_fork():
-        forks.append(1)
-        if len(forks) > 8:
-            raise OSError("this test allows 8 forks")
-        return fork()
+    def recording(self, max_workers=None, *args, **kwargs):
+        pools.append(max_workers)
+        if max_workers > 8:  # before any process is forked
+            raise AssertionError(f"a pool of {max_workers} workers")
+        start(self, max_workers, *args, **kwargs)
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    monkeypatch.setattr(os, "fork", counting_fork)
+    monkeypatch.setattr(ProcessPoolExecutor, "__init__", recording)
     rows = write_jsonl(tmp_path / "rows.jsonl", list(make_pairs(600, seed=1)))
     result = invoke("preprocess", rows, "--out", tmp_path / "cache", "--num-proc", 100000)
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [note]
-    assert len(forks) == min(cpus, 3)
+    assert pools == [min(cpus, 3)]
     assert run_preprocess(rows, tmp_path / "one")["kept"] == 600
     assert (tmp_path / "one" / "data-00000-of-00001.arrow").read_bytes() == (
         tmp_path / "cache" / "data-00000-of-00001.arrow"
