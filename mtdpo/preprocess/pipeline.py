@@ -276,15 +276,17 @@ def _estimated_cache_bytes(source: Source, max_length: int) -> int:
     """A low estimate of the shards' size, to refuse a run that cannot fit before it starts: each
     kept token position costs 16 bytes (id and label, int32, for both sides), at most --max-length
     per side, and a token stands for a few characters of input, so the shards take at least about
-    half the input's bytes unless truncation cuts most of them. 0 for a hub dataset (unknown)."""
-    if source.hub is not None:
+    half the input's bytes unless truncation cuts most of them (for a --shard slice, its share of
+    the input). 0 for a hub dataset (unknown)."""
+    if source.hub is not None or not source.total:
         return 0
-    files = [f.path for f in source.files]
-    size = sum(
-        sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-        for path in files
-    )
-    return min(size // 2, (source.rows or 0) * max_length * 16)
+    size = sum(_bytes(f.path) for f in source.files) * source.rows // source.total
+    return min(size // 2, source.rows * max_length * 16)
+
+
+def _bytes(path: Path) -> int:
+    """A file's size, or the sizes of the files under a directory (a saved `datasets` dataset)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _nothing_kept(input_path, out: Path, shard: str | None, tally: Tally, cache: CacheWriter, seconds: float) -> None:
