@@ -103,12 +103,19 @@ def preprocess(
     end_marker: Optional[str] = typer.Option(
         None, help="seed mode: end-of-turn marker. \\[default: from the template family]"
     ),
-    num_proc: int = typer.Option(1, help="Worker processes; the output is identical for any value."),
+    num_proc: int = typer.Option(
+        1,
+        help="Worker processes, at most the CPUs available and one per 256-row chunk; the output is identical "
+        "for any value.",
+    ),
     strict: bool = typer.Option(
         False, help="Stop at the first unusable row instead of writing it to rejects.jsonl.", show_default="off"
     ),
     overwrite: bool = typer.Option(
-        False, help="Replace an existing output directory (only once the new one is complete).", show_default="off"
+        False,
+        help="Replace an existing mtdpo cache at --out (only once the new one is complete); anything else there "
+        "(a file, the input, a folder that is not a cache) is refused.",
+        show_default="off",
     ),
     format: str = typer.Option("auto", help="Input format: auto (from the file name), jsonl, json, parquet, arrow."),
     max_shard_size: str = typer.Option("500MB", help="Largest Arrow shard written."),
