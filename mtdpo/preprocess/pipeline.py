@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from mtdpo import compat
 from mtdpo.cache import CacheWriter, Manifest, TokenizerInfo, pair_table
+from mtdpo.cache.files import remove_stale_runs
 from mtdpo.cache.manifest import COUNTS, TOKEN_TOTALS
 from mtdpo.cache.output import check_free_space, check_output_path, check_replaceable, output_lock
 from mtdpo.errors import UsageError
@@ -190,6 +191,7 @@ def preprocess(
     global _builder, _limits
     try:
         with stop_on_sigterm(out), output_lock(out):  # one run per output, from here to the rename
+            remove_stale_runs(out)  # and put back a cache a killed run had moved aside, before deciding on it
             check_replaceable(out, overwrite)
             source.count_rows()  # each file's rows, for global row numbers and the --shard slice
             if source.total == 0:

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from helpers import assert_user_error, hidden_leftovers, invoke, run_preprocess,
 
 from mtdpo.assets import SAMPLE_DATA
 from mtdpo.cache.output import output_lock
-from mtdpo.errors import UsageError
+from mtdpo.errors import Interrupted, UsageError
 from mtdpo.preprocess import pipeline
 from mtdpo.synthetic import make_pairs
 
@@ -253,6 +254,52 @@ def test_a_directory_without_write_permission_is_one_line(tmp_path):
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == f"error: cannot write --out {locked / 'cache'}: permission denied in {locked}\n"
     assert list(locked.iterdir()) == []
+
+
+# ── the rename that replaces a cache ──────────────────────────────────────────
+
+
+def test_a_cache_moved_aside_by_a_run_killed_while_renaming_is_put_back(tmp_path):
+    """A run killed (SIGKILL, power cut) between moving the old cache aside and renaming the new
+    one into place left the old cache as .NAME.old-PID: before, the next run deleted it as a
+    leftover. Now it is put back, and a run without --overwrite leaves it alone."""
+    out = tmp_path / "cache"
+    run_preprocess(write_jsonl(tmp_path / "old.jsonl", sample_rows(3)), out)
+    before = files_under(out)
+    out.rename(tmp_path / ".cache.old-999999999")  # no such process
+    with pytest.raises(UsageError, match="already exists; pass --overwrite to replace it$"):
+        run_preprocess(SAMPLE_DATA, out)
+    assert files_under(out) == before and hidden_leftovers(tmp_path) == []
+
+
+class Stopped(Exception):
+    """What this test's own SIGTERM handler raises, were preprocess to leave SIGTERM to it."""
+
+
+def test_sigterm_while_the_cache_is_renamed_into_place_waits_for_both_renames(tmp_path, monkeypatch):
+    """Between moving the old cache aside and renaming the new one in, there is no cache at --out:
+    a SIGTERM that lands there is delivered after the second rename, never between the two."""
+    out = tmp_path / "cache"
+    run_preprocess(write_jsonl(tmp_path / "old.jsonl", sample_rows(3)), out)
+    rename = Path.rename
+
+    def signalling_rename(self, target):
+        if self == out:  # the old cache moved aside: the first of the two renames
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rename(self, target)
+
+    def outside(signum, frame):
+        raise Stopped
+
+    monkeypatch.setattr(Path, "rename", signalling_rename)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises((Interrupted, Stopped)):
+            run_preprocess(SAMPLE_DATA, out, overwrite=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["kept"] == 240  # the new cache, whole
+    assert hidden_leftovers(tmp_path) == []
 
 
 # ── a run that keeps nothing ──────────────────────────────────────────────────
