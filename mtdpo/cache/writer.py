@@ -104,10 +104,14 @@ class CacheWriter:
 
     def __enter__(self) -> CacheWriter:
         self._stack = contextlib.ExitStack()
-        with write_errors(self.out):
-            self.directory = self._stack.enter_context(writing(self.out))
-            self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
-            self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
+        try:
+            with write_errors(self.out):
+                self.directory = self._stack.enter_context(writing(self.out))
+                self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
+                self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
+        except BaseException as err:  # no __exit__ will come: remove the temporary directory now
+            self._stack.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
     @property

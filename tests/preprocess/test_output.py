@@ -238,6 +238,22 @@ def test_a_write_that_fails_is_one_line_and_the_old_cache_stays(tmp_path, monkey
     assert hidden_leftovers(tmp_path) == []
 
 
+def test_a_shard_that_cannot_be_created_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The disk is full before the first shard file exists (the writer is still starting)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(kwargs.get("path")))
+
+    monkeypatch.setattr(ArrowWriter, "__init__", no_space)
+    out = tmp_path / "cache"
+    with pytest.raises(UsageError) as err:
+        run_preprocess(SAMPLE_DATA, out)
+    shard = tmp_path / f".cache.incomplete-{os.getpid()}" / "data-00000.arrow"
+    assert str(err.value) == f"cannot write --out {out}: no space left on the device ({shard}); no cache written"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_directory_without_write_permission_is_one_line(tmp_path):
     """Permissions: root writes anywhere, so as root the command runs without CAP_DAC_OVERRIDE."""
