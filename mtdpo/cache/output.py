@@ -1,7 +1,8 @@
 """Where a cache may be written, and by whom: nothing the user did not name as a cache is replaced.
 
     check_output_path(out, inputs)    before any work: a name of its own, not the input nor around
-                                      it, a writable directory to go in, enough free space
+                                      it, a writable directory to go in
+    check_free_space(out, needed)     before any work: room for a low estimate of the cache
     output_lock(out)                  one run per output at a time, held for the whole run
     check_replaceable(out, overwrite) an existing `out` goes only with --overwrite, and only if
                                       its manifest.json says it is an mtdpo cache
@@ -31,6 +32,9 @@ WRITE_FAILURES = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
+
+# flock's errors on a file system that has no locks.
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 
 # ── before any work ───────────────────────────────────────────────────────────
@@ -144,6 +148,11 @@ def _locked(path: Path, out: Path) -> int:
                 f"{out} is being written by another mtdpo run (pid {holder}); "
                 "wait for it to finish or choose another --out"
             ) from None
+        except OSError as err:
+            if err.errno not in NO_LOCKS:
+                os.close(fd)
+                raise
+            return fd  # a file system without locks (some network mounts): the run goes on unguarded
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
