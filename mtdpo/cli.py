@@ -82,6 +82,17 @@ def preprocess(
     max_length: int = typer.Option(
         2048, help="Tokens kept per sequence; longer ones keep the start and lose the tail."
     ),
+    max_chars: Optional[int] = typer.Option(
+        None,
+        help="Characters a row may hold (all its strings together); longer rows are rejected before they are "
+        "rendered, since rendering and tokenising cost memory in proportion to the whole row, and truncation "
+        "would drop most of it. The reason says what to pass to keep them. \\[default: 64 × --max-length, at least 1,000,000]",
+    ),
+    render_timeout: float = typer.Option(
+        60.0,
+        help="Seconds one row may take to render and mask; a slower row is rejected (a chat template that loops), "
+        "and the run stops if its first rows all are. 0: no limit.",
+    ),
     mask_mode: str = typer.Option(
         "assistant",
         help="assistant: train post-prompt assistant messages only. "
@@ -99,12 +110,19 @@ def preprocess(
         "chat server does before the template sees them).",
         show_default="off",
     ),
-    num_proc: int = typer.Option(1, help="Worker processes; the output is identical for any value."),
+    num_proc: int = typer.Option(
+        1,
+        help="Worker processes, at most the CPUs available and one per 256-row chunk; the output is identical "
+        "for any value.",
+    ),
     strict: bool = typer.Option(
         False, help="Stop at the first unusable row instead of writing it to rejects.jsonl.", show_default="off"
     ),
     overwrite: bool = typer.Option(
-        False, help="Replace an existing output directory (only once the new one is complete).", show_default="off"
+        False,
+        help="Replace an existing mtdpo cache at --out (only once the new one is complete); anything else there "
+        "(a file, the input, a folder that is not a cache) is refused.",
+        show_default="off",
     ),
     format: str = typer.Option("auto", help="Input format: auto (from the file name), jsonl, json, parquet, arrow."),
     max_shard_size: str = typer.Option("500MB", help="Largest Arrow shard written."),
@@ -122,28 +140,36 @@ def preprocess(
     ),
 ) -> None:
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
+    from mtdpo.preprocess.pipeline import NothingKept
     from mtdpo.preprocess.pipeline import preprocess as preprocess_input
     from mtdpo.preprocess.records import MaskOptions
     from mtdpo.preprocess.sources import default_output
 
     out = out or default_output(input, shard)
     options = MaskOptions(mask_mode, max_length, user_marker, end_marker, string_arguments)
-    stats = preprocess_input(
-        input,
-        out,
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        options=options,
-        num_proc=num_proc,
-        strict=strict,
-        overwrite=overwrite,
-        fmt=format,
-        max_shard_size=max_shard_size,
-        progress=not quiet,
-        trust_remote_code=trust_remote_code,
-        split=split,
-        shard=shard,
-    )
+    try:
+        stats = preprocess_input(
+            input,
+            out,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            options=options,
+            num_proc=num_proc,
+            strict=strict,
+            overwrite=overwrite,
+            fmt=format,
+            max_shard_size=max_shard_size,
+            progress=not quiet,
+            trust_remote_code=trust_remote_code,
+            split=split,
+            shard=shard,
+            max_chars=max_chars,
+            render_timeout=render_timeout,
+        )
+    except NothingKept as err:  # the counts and reasons of a run that wrote no cache, then its one-line error
+        if not quiet:
+            Console(stderr=True).print(_summary(err.stats, out))
+        raise
     if not quiet:
         console.print(_summary(stats, out))
 

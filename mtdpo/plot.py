@@ -7,6 +7,7 @@ draw stop with that hint instead of a traceback.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from mtdpo.errors import UsageError
@@ -27,24 +28,33 @@ def pyplot():
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     """(train logs, eval logs) from a run folder or a metrics.jsonl file, one entry per step.
 
-    A resumed run logs again the steps after its checkpoint: the last entry of a step wins.
+    A resumed run logs again the steps after its checkpoint: the last entry of a step wins. A last
+    line cut off by a kill (no newline, not JSON) is skipped with a note on stderr; a bad line
+    anywhere else is an error.
     """
     path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise UsageError(f"no metrics file at {path}; `mtdpo train --output-dir {run}` writes it")
     train, evals = {}, {}
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                print(
+                    f"note: {path}, line {number}: skipped, cut off (the run was stopped while writing it)",
+                    file=sys.stderr,
+                )
                 continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}, line {number}: not JSON") from None
-            if "loss" in entry:
-                train[entry["step"]] = entry
-            elif "eval_loss" in entry:
-                evals[entry["step"]] = entry
+            raise UsageError(f"{path}, line {number}: not JSON") from None
+        if "loss" in entry:
+            train[entry["step"]] = entry
+        elif "eval_loss" in entry:
+            evals[entry["step"]] = entry
     if not train:
         raise UsageError(f"{path} holds no training step yet (a line is written every --logging-steps)")
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]

@@ -23,6 +23,8 @@ OPTIONS = {  # docs/DESIGN.md and docs/CONFIG.md (+ the options the commands doc
         "--tokenizer",
         "--chat-template",
         "--max-length",
+        "--max-chars",
+        "--render-timeout",
         "--mask-mode",
         "--user-marker",
         "--end-marker",

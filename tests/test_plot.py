@@ -103,6 +103,22 @@ def test_plot_errors(tmp_path, run_dir, monkeypatch):
     assert result.exit_code == 2 and result.stderr == "error: plotting needs matplotlib: pip install 'mtdpo[plot]'\n"
 
 
+def test_a_last_line_cut_off_by_a_kill_is_skipped_with_a_note(run_dir, tmp_path):
+    """A run killed while writing metrics.jsonl leaves half a line without a newline: before, the
+    whole file was refused. A bad line in the middle, or a complete bad last line, still is."""
+    pytest.importorskip("matplotlib")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 25, "loss": 0.9, "rewa')
+    result = invoke("plot", run_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {run_dir / 'curves.png'}: margin +0.100 → +2.000, accuracy 0.50 → 1.00\n"
+    assert result.stderr == f"note: {metrics}, line 9: skipped, cut off (the run was stopped while writing it)\n"
+    metrics.write_text(metrics.read_text() + "\n")  # the same line, complete: not a cut
+    assert invoke("plot", run_dir).stderr == f"error: {metrics}, line 9: not JSON\n"
+    metrics.write_text('{"step": 1, "loss": 1.0}\n{oops\n{"step": 2, "loss": 0.5}')
+    assert invoke("plot", run_dir).stderr == f"error: {metrics}, line 2: not JSON\n"
+
+
 @pytest.mark.slow
 def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
     """End to end on the tiny model: metrics.jsonl, the summary line agreeing with it, the plot."""

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,18 +55,46 @@ def writing(out: Path, kind: str = "incomplete") -> Iterator[Path]:
 def replace_dir(tmp: Path, out: Path) -> None:
     """Rename a finished directory into place; an old one at `out` goes only then."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with signals_held():  # between the two renames there is no `out`; then the old one is left over
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done: they are noted, and raised again right
+    after it. (A signal mask would not do: Python runs its handlers in the main thread whichever
+    thread the kernel delivers a signal to.) Python handlers live in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: handler for s, handler in previous.items() if handler is not None}  # None: not Python's to set
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:
+            signal.raise_signal(s)
 
 
 def remove_stale_runs(out: Path) -> list[Path]:
-    """Delete the temporary siblings of `out` left by runs that were killed (their PID is gone)."""
-    removed = []
-    for sibling in Path(out).parent.glob(f".{Path(out).name}.*-*"):
+    """Delete the temporary siblings of `out` left by runs that were killed (their PID is gone).
+    But a run killed between the two renames of `replace_dir` (SIGKILL, a power cut) left the
+    previous `out` whole as .NAME.old-PID and no `out`: that one is put back."""
+    out, removed = Path(out), []
+    for sibling in sorted(out.parent.glob(f".{out.name}.*-*")):
         match = TEMPORARY_DIR.match(sibling.name)
-        if match and match["name"] == Path(out).name and not _alive(int(match["pid"])):
+        if match and match["name"] == out.name and not _alive(int(match["pid"])):
+            if match["kind"] == "old" and not (out.exists() or out.is_symlink()):
+                sibling.rename(out)
+                continue
             shutil.rmtree(sibling, ignore_errors=True)
             removed.append(sibling)
     return removed

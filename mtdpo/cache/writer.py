@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ from mtdpo.cache.files import (
     writing,
 )
 from mtdpo.cache.manifest import MANIFEST, Manifest, ReferenceInfo
+from mtdpo.cache.output import write_errors
 from mtdpo.cache.schema import REFERENCE_COLUMNS, REFERENCE_TYPE, STARTS_SCHEMA, pair_features, shift_pairs
 
 BATCH_ROWS = 1000  # records per Arrow record batch (datasets' default writer batch)
@@ -105,9 +107,14 @@ class CacheWriter:
 
     def __enter__(self) -> CacheWriter:
         self._stack = contextlib.ExitStack()
-        self.directory = self._stack.enter_context(writing(self.out))
-        self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
-        self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
+        try:
+            with write_errors(self.out):
+                self.directory = self._stack.enter_context(writing(self.out))
+                self._shards = ShardWriter(self.directory, self.max_shard_bytes, self.features)
+                self._rejects = self._stack.enter_context(open(self.directory / REJECTS, "w", encoding="utf-8"))
+        except BaseException as err:  # no __exit__ will come: remove the temporary directory now
+            self._stack.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
     @property
@@ -117,36 +124,48 @@ class CacheWriter:
     def write(self, table: pa.Table, starts: pa.Table | None = None) -> None:
         """Records, and the sequence starts of those with a side of several sequences (numbered
         by their position in `table`: see schema.starts_table)."""
-        self._shards.write(table)
-        if starts is not None and len(starts):
-            if self._starts is None:
-                self._starts = pa.ipc.new_file(str(self.directory / SEQUENCE_STARTS), STARTS_SCHEMA)
-            self._starts.write_table(shift_pairs(starts, self._written))
+        with write_errors(self.out):
+            self._shards.write(table)
+            if starts is not None and len(starts):
+                if self._starts is None:
+                    self._starts = pa.ipc.new_file(str(self.directory / SEQUENCE_STARTS), STARTS_SCHEMA)
+                self._starts.write_table(shift_pairs(starts, self._written))
         self._written += len(table)
 
     def reject(self, entry: dict) -> None:
-        self._rejects.write(json.dumps(entry) + "\n")
+        with write_errors(self.out):
+            self._rejects.write(json.dumps(entry) + "\n")
+
+    def keep_rejects(self, path: Path) -> None:
+        """Move the rejects written so far to `path` (beside the output, for a run that writes no
+        cache: its temporary directory is removed when the writer exits)."""
+        with write_errors(self.out):
+            self._rejects.flush()
+            os.replace(self.directory / REJECTS, path)
 
     def finish(self, manifest: Manifest, stats: dict) -> None:
-        self._rejects.flush()
-        names = self._shards.close(complete=True)
-        extra = []
-        if self._starts is not None:
-            self._starts.close()
-            extra.append(SEQUENCE_STARTS)
-        write_dataset_files(self.directory, names, self.features, extra)
-        write_json(self.directory / STATS, stats)
-        manifest.write(self.directory)
+        with write_errors(self.out):
+            self._rejects.flush()
+            names = self._shards.close(complete=True)
+            extra = []
+            if self._starts is not None:
+                self._starts.close()
+                extra.append(SEQUENCE_STARTS)
+            write_dataset_files(self.directory, names, self.features, extra)
+            write_json(self.directory / STATS, stats)
+            manifest.write(self.directory)
         self._finished = True
 
     def __exit__(self, kind, error, traceback) -> bool | None:
         if not self._finished:
-            self._shards.close(complete=False)
-            if self._starts is not None:
-                self._starts.close()
+            with contextlib.suppress(OSError):  # the run failed already: its own error is the one to tell
+                self._shards.close(complete=False)
+                if self._starts is not None:
+                    self._starts.close()
             error = error or RuntimeError("CacheWriter left without finish()")
             return self._stack.__exit__(type(error), error, error.__traceback__)
-        return self._stack.__exit__(kind, error, traceback)
+        with write_errors(self.out):  # renaming the finished directory into place
+            return self._stack.__exit__(kind, error, traceback)
 
 
 def write_reference(

@@ -5,18 +5,22 @@ number of chunks in flight, and each chunk's Arrow table goes straight into the 
 (a new one starts at --max-shard-size), so memory does not grow with the input and the output
 is the same for any `num_proc`. Everything is written into a temporary directory that is
 renamed into place only when complete: an interrupted run never leaves a cache train would accept.
+
+Nothing but an mtdpo cache is ever replaced, one run at a time per output (mtdpo/cache/output.py);
+workers end with the main process however it ends (workers.py); each row is bounded in characters
+and in time (limits.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import multiprocessing
 import os
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -25,17 +29,30 @@ import pyarrow as pa
 
 from mtdpo import compat
 from mtdpo.cache import CacheWriter, Manifest, TokenizerInfo, pair_table
+from mtdpo.cache.files import remove_stale_runs
 from mtdpo.cache.manifest import COUNTS, TOKEN_TOTALS
+from mtdpo.cache.output import check_free_space, check_output_path, check_replaceable, output_lock
 from mtdpo.cache.schema import starts_table
 from mtdpo.errors import UsageError
 from mtdpo.fingerprint import sha256_text, tokenizer_fingerprint, vocabulary_hash
+from mtdpo.preprocess.limits import (
+    DEFAULT_RENDER_TIMEOUT,
+    RenderTimeout,
+    check_row_size,
+    default_max_chars,
+    time_limit,
+)
 from mtdpo.preprocess.records import Dropped, MaskOptions, RecordBuilder
 from mtdpo.preprocess.rows import RowError
 from mtdpo.preprocess.seed import resolve_seed_markers
 from mtdpo.preprocess.sources import Source, open_source, parse_line
 from mtdpo.preprocess.tokenizer import load_tokenizer
+from mtdpo.preprocess.workers import ordered_map, stop_on_sigterm, worker_count
 
 CHUNK_ROWS = 256  # rows per task sent to a worker
+# The first rows of a run all over --render-timeout: the template never finishes, so the run stops
+# rather than spend the limit on every row of the input.
+STALLED_ROWS = 3
 BACKGROUND_SAVE_VOCAB = 100_000  # tokens: larger tokenizers are saved by a forked process
 
 
@@ -63,28 +80,53 @@ class ChunkResult:
     starts: pa.Table  # where their sides of several sequences split (schema.starts_table)
     rejects: list[dict]  # {"row": n, "reason": ...} in row order
     tally: Tally
+    stalled: bool = False  # the run's first rows all ran out of --render-timeout: stop the run
+
+
+@dataclass(frozen=True)
+class RowLimits:
+    max_chars: int | None = None  # characters of one row; None: no limit
+    render_timeout: float | None = DEFAULT_RENDER_TIMEOUT  # seconds per row; None or 0: no limit
+
+
+class Chunk(list):
+    """Rows sent to a worker as one task; `first` marks the run's first chunk."""
+
+    first = False
+
+
+class NothingKept(UsageError):
+    """No row was kept: no cache is written. Carries the run's stats, for the summary table."""
+
+    def __init__(self, message: str, stats: dict):
+        super().__init__(message)
+        self.stats = stats
 
 
 # Set once in the main process before workers fork, so they share its tokenizer: it is loaded
 # once per run, not once more per worker (nor twice with --num-proc 1).
 _builder: RecordBuilder | None = None
+_limits = RowLimits()
 
 
 def process_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
     records, rejects, tally = [], [], Tally()
+    reached = timed_out = 0  # rows that got to rendering, and those of them that ran out of time
     for n, row in chunk:
         tally.rows += 1
         try:
-            if isinstance(row, bytes):  # a jsonl line, parsed here in the worker
-                row = parse_line(row)
-            if isinstance(row, RowError):
-                raise row
-            record, truncated = _builder(n, row)
+            row = _checked_row(row)
+            reached += 1
+            with time_limit(_limits.render_timeout):
+                record, truncated = _builder(n, row)
+        except RenderTimeout as err:
+            timed_out += 1
+            _reject(tally, rejects, n, RowError(str(err)))
+            if getattr(chunk, "first", False) and timed_out == reached >= STALLED_ROWS:
+                return ChunkResult(pair_table(records), starts_table(records), rejects, tally, stalled=True)
+            continue
         except RowError as err:
-            kind = "dropped" if isinstance(err, Dropped) else "rejected"
-            setattr(tally, kind, getattr(tally, kind) + 1)
-            tally.reasons[_reason_kind(str(err))] += 1
-            rejects.append({"row": n, "reason": str(err), "dropped": kind == "dropped"})
+            _reject(tally, rejects, n, err)
             continue
         records.append(record)
         tally.kept += 1
@@ -96,9 +138,28 @@ def process_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
     return ChunkResult(pair_table(records), starts_table(records), rejects, tally)
 
 
+def _checked_row(row: object) -> object:
+    """The row parsed (a jsonl line is parsed here, in the worker) and within --max-chars, or RowError."""
+    if isinstance(row, bytes):
+        row = parse_line(row)
+    if isinstance(row, RowError):
+        raise row
+    if _limits.max_chars is not None:
+        check_row_size(row, _limits.max_chars)
+    return row
+
+
+def _reject(tally: Tally, rejects: list[dict], n: int, err: RowError) -> None:
+    kind = "dropped" if isinstance(err, Dropped) else "rejected"
+    setattr(tally, kind, getattr(tally, kind) + 1)
+    tally.reasons[_reason_kind(str(err))] += 1
+    rejects.append({"row": n, "reason": str(err), "dropped": kind == "dropped"})
+
+
 def _reason_kind(reason: str) -> str:
     """Group reasons for the summary: drop the row-specific tail (indexes, values)."""
-    return reason.split(":")[0] if reason.startswith(("invalid JSON", "chat template error")) else reason
+    grouped = ("invalid JSON", "chat template error", "row too long")
+    return reason.split(":")[0] if reason.startswith(grouped) else reason
 
 
 def preprocess(
@@ -117,54 +178,133 @@ def preprocess(
     trust_remote_code: bool = False,
     split: str = "train",
     shard: str | None = None,
+    max_chars: int | None = None,
+    render_timeout: float | None = DEFAULT_RENDER_TIMEOUT,
 ) -> dict:
     """Write the cache at `out` and return its stats (also saved as stats.json)."""
     started = time.perf_counter()
     out = Path(out)
     source = open_source(input_path, fmt, split, shard)  # a file, a directory of files or a hub name
-    if out.exists() and not overwrite:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    check_output_path(out, _local_paths(source))
     if num_proc < 1:
         raise UsageError("--num-proc must be at least 1")
+    shard_bytes = _shard_bytes(max_shard_size)
+    limits = _row_limits(max_chars, render_timeout, options.max_length)
+    global _builder, _limits
     try:
-        shard_bytes = compat.parse_size(max_shard_size)
+        with stop_on_sigterm(out), output_lock(out):  # one run per output, from here to the rename
+            remove_stale_runs(out)  # and put back a cache a killed run had moved aside, before deciding on it
+            check_replaceable(out, overwrite)
+            source.count_rows()  # each file's rows, for global row numbers and the --shard slice
+            if source.total == 0:
+                raise UsageError(f"input {input_path} holds no rows")
+            check_free_space(out, _estimated_cache_bytes(source, options.max_length))
+            with long_lived():
+                tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
+                if options.mode == "seed":
+                    markers = resolve_seed_markers(options.user_marker, options.end_marker, tok.chat_template)
+                    options = dataclasses.replace(options, user_marker=markers[0], end_marker=markers[1])
+                _builder = _record_builder(tok, options, limits.render_timeout, chat_template or tok.name_or_path)
+            _limits = limits
+            workers = worker_count(num_proc, source.rows, CHUNK_ROWS, progress)
+            # Renamed to `out` only when complete; the tokenizer copy is written while rows are processed.
+            with (
+                CacheWriter(out, shard_bytes) as cache,
+                BackgroundSave(tok, cache.tokenizer_dir) as saver,
+                closing(ordered_map(process_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), workers)) as results,
+            ):
+                tally = Tally()
+                for result in _with_progress(results, source.rows, progress):
+                    if result.stalled:
+                        raise UsageError(
+                            f"the chat template never finishes rendering: the first {STALLED_ROWS} rows each took "
+                            f"more than {limits.render_timeout:g} s (--render-timeout); no cache written"
+                        )
+                    if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
+                        where = source.where(bad["row"])  # the file and its row, for a directory input
+                        at = f" ({where['file']} row {where['file_row']})" if where else ""
+                        raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
+                    cache.write(result.table, result.starts)
+                    for reject in result.rejects:
+                        cache.reject({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]})
+                    tally.merge(result.tally)
+                if tally.kept == 0:  # a cache of no pairs would only fail later, in train
+                    _nothing_kept(input_path, out, shard, tally, cache, time.perf_counter() - started)
+                saver.wait()
+                stats = _stats(tally, time.perf_counter() - started)
+                cache.finish(build_manifest(tok, cache.tokenizer_dir, options, source, tally, chat_template), stats)
+                return stats
+    finally:
+        _builder, _limits = None, RowLimits()
+        gc.unfreeze()  # what long_lived() froze can be collected again (preprocess called as a library)
+
+
+def _shard_bytes(max_shard_size: str) -> int:
+    try:
+        size = compat.parse_size(max_shard_size)
     except ValueError:
         raise UsageError(f"--max-shard-size {max_shard_size!r}: give a size such as 500MB or 2GB") from None
-    global _builder
+    if size <= 0:
+        raise UsageError(f"--max-shard-size {max_shard_size!r}: a shard must hold more than 0 bytes, e.g. 500MB")
+    return size
+
+
+def _row_limits(max_chars: int | None, render_timeout: float | None, max_length: int) -> RowLimits:
+    if max_chars is not None and max_chars < 1:
+        raise UsageError("--max-chars must be at least 1")
+    if render_timeout is not None and not render_timeout >= 0:
+        raise UsageError("--render-timeout must be 0 (no limit) or more seconds")
+    chars = default_max_chars(max_length) if max_chars is None else max_chars
+    return RowLimits(chars, render_timeout or None)
+
+
+def _record_builder(tok, options: MaskOptions, render_timeout: float | None, where) -> RecordBuilder:
+    """The RecordBuilder; its chat template renders a one-turn probe first, so a template that
+    never finishes is caught here, once, under the same time limit as a row."""
     try:
-        with long_lived():
-            tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
-            if options.mode == "seed":
-                markers = resolve_seed_markers(options.user_marker, options.end_marker, tok.chat_template)
-                options = MaskOptions(options.mode, options.max_length, *markers)
-            _builder = RecordBuilder(tok, options)
-        source.count_rows()  # each file's rows, for global row numbers and the --shard slice
-        if source.total == 0:
-            raise UsageError(f"input {input_path} holds no rows")
-        # Renamed to `out` only when complete; the tokenizer copy is written while rows are processed.
-        with CacheWriter(out, shard_bytes) as cache, BackgroundSave(tok, cache.tokenizer_dir) as saver:
-            tally = Tally()
-            results = ordered_map(process_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), num_proc)
-            for result in _with_progress(results, source.rows, progress):
-                if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
-                    where = source.where(bad["row"])  # the file and its row, for a directory input
-                    at = f" ({where['file']} row {where['file_row']})" if where else ""
-                    raise UsageError(f"row {bad['row']}{at}: {bad['reason']} (--strict stops at the first bad row)")
-                cache.write(result.table, result.starts)
-                for reject in result.rejects:
-                    cache.reject({"row": reject["row"], **source.where(reject["row"]), "reason": reject["reason"]})
-                tally.merge(result.tally)
-            if tally.kept == 0:  # a cache of no pairs would only fail later, in train
-                top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
-                why = f"kept 0 of {tally.rows} rows ({top})" if tally.rows else f"--shard {shard} holds no rows"
-                raise UsageError(f"{input_path}: {why}; no cache written")
-            saver.wait()
-            stats = _stats(tally, time.perf_counter() - started)
-            cache.finish(build_manifest(tok, cache.tokenizer_dir, options, source, tally, chat_template), stats)
-            return stats
-    finally:
-        _builder = None
-        gc.unfreeze()  # what long_lived() froze can be collected again (preprocess called as a library)
+        with time_limit(render_timeout):
+            return RecordBuilder(tok, options)
+    except RenderTimeout as err:
+        raise UsageError(
+            f"the chat template of {where} never finishes rendering: a one-turn conversation took more than "
+            f"{err.seconds:g} s (--render-timeout)"
+        ) from None
+
+
+def _local_paths(source: Source) -> list[Path]:
+    """The input's paths on this machine (none for a hub dataset), to keep --out off them."""
+    return [] if source.hub is not None else [Path(source.spec), *(f.path for f in source.files)]
+
+
+def _estimated_cache_bytes(source: Source, max_length: int) -> int:
+    """A low estimate of the shards' size, to refuse a run that cannot fit before it starts: each
+    kept token position costs 16 bytes (id and label, int32, for both sides), at most --max-length
+    per side, and a token stands for a few characters of input, so the shards take at least about
+    half the input's bytes unless truncation cuts most of them (for a --shard slice, its share of
+    the input). 0 for a hub dataset (unknown)."""
+    if source.hub is not None or not source.total:
+        return 0
+    size = sum(_bytes(f.path) for f in source.files) * source.rows // source.total
+    return min(size // 2, source.rows * max_length * 16)
+
+
+def _bytes(path: Path) -> int:
+    """A file's size, or the sizes of the files under a directory (a saved `datasets` dataset)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _nothing_kept(input_path, out: Path, shard: str | None, tally: Tally, cache: CacheWriter, seconds: float) -> None:
+    """Stop a run that kept no row: no cache (train would refuse an empty one), but the rejects are
+    kept beside the output, where they do not make it look like a cache."""
+    if not tally.rows:
+        raise UsageError(f"{input_path}: --shard {shard} holds no rows; no cache written")
+    top = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3))
+    rejects = out.with_name(f"{out.name}.rejects.jsonl")
+    cache.keep_rejects(rejects)
+    raise NothingKept(
+        f"{input_path}: kept 0 of {tally.rows} rows ({top}); no cache written; the rejects are in {rejects}",
+        _stats(tally, seconds),
+    )
 
 
 def build_manifest(
@@ -260,25 +400,11 @@ def _save(tokenizer, directory: Path) -> None:
         raise SystemExit(f"saving failed: {err}") from None
 
 
-def ordered_map(fn: Callable, items: Iterable, num_proc: int) -> Iterator:
-    """map() over forked processes, results in input order, at most 2 items per worker in flight."""
-    if num_proc == 1:
-        yield from map(fn, items)
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across fork
-    context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer
-    with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _chunks(rows: Iterator, size: int) -> Iterator[list]:
-    while chunk := list(islice(rows, size)):
+def _chunks(rows: Iterator, size: int) -> Iterator[Chunk]:
+    first = True
+    while items := list(islice(rows, size)):
+        chunk = Chunk(items)
+        chunk.first, first = first, False
         yield chunk
 
 

@@ -234,15 +234,32 @@ def _tool_calls(calls: object, where: str) -> list[dict] | None:
         arguments = function.get("arguments")
         if isinstance(arguments, str):
             try:
-                decoded = json.loads(arguments)
+                parsed = json.loads(arguments)
             except ValueError:
                 raise RowError(f"{at} arguments is a string that is not valid JSON") from None
-            if not isinstance(decoded, dict):
-                raise RowError(f"{at} arguments is a JSON string of {json_type(decoded)}, expected an object")
+            if not isinstance(parsed, dict):
+                raise RowError(f"{at} arguments is a JSON string of {json_type(parsed)}, expected an object")
             _check_unicode(arguments, f"{at} arguments")
         elif not isinstance(arguments, dict):
             raise RowError(f"{at} arguments is {json_type(arguments)}, expected an object or a JSON string")
+        else:
+            parsed = arguments
+        if _holds_non_finite(parsed):  # Python's json reads and writes them; JSON and templates' tojson may not
+            raise RowError(f"{at} arguments hold NaN/Infinity, which JSON cannot carry")
     return calls
+
+
+def _holds_non_finite(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _reasoning(msg: dict, where: str) -> str | None:

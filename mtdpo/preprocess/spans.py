@@ -133,6 +133,11 @@ def completion(chat: ChatTemplate, tail: str, following: str | None, i: int) -> 
             raise RowError(f"message {i} (assistant): the template writes no role token after it to stop on")
         return tail.rstrip() + stop
     end = max((tail.rfind(marker) + len(marker) for marker in chat.end_markers if marker in tail), default=-1)
+    if end < 0 and chat.untokenized_end and chat.untokenized_end in tail:
+        raise RowError(
+            f"message {i} (assistant): the template ends the turn with {chat.untokenized_end!r}, which is not one token "
+            "in this tokenizer (not an added token); use the tokenizer the template was written for"
+        )
     if end < 0:
         ends = tail.rstrip()[-30:]
         markers = " or ".join(chat.end_markers) if chat.end_markers else "none found in the template"

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from mtdpo import compat
 from mtdpo.families import detect_family
+from mtdpo.preprocess.limits import RenderTimeout
 from mtdpo.preprocess.rows import RowError
 
 # A render of the conversation so far: (messages, add_generation_prompt) -> text.
@@ -34,6 +35,7 @@ class ChatTemplate:
         family = detect_family(tokenizer.chat_template)
         self.ends_with_next_role = bool(family and family.ends_with_next_role)
         self.end_markers = family.end_markers if family and family.end_markers else self._probe_end_markers()
+        self.untokenized_end = "" if self.end_markers or self.ends_with_next_role else self._untokenized_end()
         self._next_role_tokens: dict[str, str] = {}
         specials = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token]
         self.control_tokens = ControlTokens([*filter(None, specials), *self.end_markers, *self._turn_openers()])
@@ -45,6 +47,8 @@ class ChatTemplate:
         variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt)
         try:
             return compat.render_template(self._template, variables, self._globals)
+        except RenderTimeout:
+            raise  # the row's time is up (limits.py): not an error of the template's own
         except Exception as err:  # the template's own error (raise_exception, bad roles …) is the reason
             raise RowError(f"chat template error: {err}") from None
 
@@ -91,6 +95,16 @@ class ChatTemplate:
         if after_user and after_user[0] in after_assistant:
             return after_user[:1]
         return after_assistant[:1]
+
+    def _untokenized_end(self) -> str:
+        """What the template writes after an assistant's text when no added token ends the turn
+        (Qwen's `<|im_end|>` with another model's tokenizer): the end would be ordinary tokens, so
+        rows are rejected saying so. "" when the template writes nothing there."""
+        text = self._probe()
+        if text is None:
+            return ""
+        rest = text[text.rindex(PROBE_ASSISTANT) + len(PROBE_ASSISTANT) :]
+        return rest.split()[0] if rest.split() else ""
 
     def tokens_at(self, text: str, position: int) -> list[str]:
         """The added tokens written one after another from `position` (whitespace before the

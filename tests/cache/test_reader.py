@@ -64,7 +64,7 @@ def test_a_run_that_keeps_nothing_writes_no_cache(tmp_path):
         ),
     ):
         run_preprocess(source, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out.rejects.jsonl"]
 
 
 def test_a_bad_shard_size_is_a_usage_error(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     FAMILIES,
     IGNORE,
+    TEMPLATES,
     RowEncoder,
     decoded_runs,
     family_tokenizer,
@@ -288,6 +289,19 @@ def test_template_error_is_a_row_error():
     row = math_agent_pairs()["diverge_at_first_assistant"]  # starts with a system message
     with pytest.raises(RowError, match="^chat template error: System role not supported$"):
         RowEncoder(family_tokenizer("gemma"), MaskOptions())(row)
+
+
+def test_an_end_of_turn_marker_that_is_no_token_of_the_tokenizer_is_named():
+    """Qwen's template with a tokenizer that lacks `<|im_end|>`: the reason used to be "the template
+    closes it with no end-of-turn token (it ends '4<|im_end|>')", as if the template were at fault."""
+    tok = with_template("gemma", (TEMPLATES / "qwen2.jinja").read_text())
+    assert "<|im_end|>" not in tok.get_vocab()
+    with pytest.raises(RowError) as err:
+        RowEncoder(tok, MaskOptions())(math_agent_pairs()["diverge_at_last_assistant"])
+    assert str(err.value) == (
+        "message 6 (assistant): the template ends the turn with '<|im_end|>', which is not one token in this "
+        "tokenizer (not an added token); use the tokenizer the template was written for"
+    )
 
 
 @pytest.mark.parametrize("family", ["gemma", "llama3", "qwen2", "mistral", "phi3"])

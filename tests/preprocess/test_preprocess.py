@@ -232,9 +232,12 @@ def test_truncation_keeps_the_start_and_drops_untrainable_pairs(
 def test_truncation_that_drops_everything_writes_no_cache(tmp_path):
     out = tmp_path / "cut"
     reason = "240 chosen has no trained token left after truncation to --max-length 16"
-    with pytest.raises(UsageError, match=re.escape(f"{SAMPLE_DATA}: kept 0 of 240 rows ({reason}); no cache written")):
+    kept = tmp_path / "cut.rejects.jsonl"
+    message = f"{SAMPLE_DATA}: kept 0 of 240 rows ({reason}); no cache written; the rejects are in {kept}"
+    with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
         run_preprocess(SAMPLE_DATA, out, options=MaskOptions(max_length=16))
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists() and list(tmp_path.iterdir()) == [kept]
+    assert [r["row"] for r in map(json.loads, kept.read_text().splitlines())] == list(range(240))
 
 
 # ── rejects and --strict ──────────────────────────────────────────────────────

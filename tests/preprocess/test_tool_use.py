@@ -170,6 +170,15 @@ BAD_AGENT_ROWS = {
         agent_pair(calling("", call("python", 5))),
         "chosen[1] tool_calls[0] arguments is a number, expected an object or a JSON string",
     ),
+    # Python's json reads NaN and Infinity; the reason used to be "its tool call 0 name is not in the rendered turn"
+    "NaN in arguments": (
+        agent_pair(calling("", call("python", {"x": float("nan")}))),
+        "chosen[1] tool_calls[0] arguments hold NaN/Infinity, which JSON cannot carry",
+    ),
+    "Infinity in JSON-string arguments": (
+        agent_pair(calling("", call("python", {"x": 1}), call("python", '{"limits": [1, -Infinity]}'))),
+        "chosen[1] tool_calls[1] arguments hold NaN/Infinity, which JSON cannot carry",
+    ),
     "tool_calls not a list": (
         agent_pair(calling("", call("python", {})))
         | {"chosen": [QUESTION, {"role": "assistant", "content": "", "tool_calls": {"a": 1}}]},

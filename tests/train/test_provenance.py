@@ -167,12 +167,13 @@ def test_a_preprocess_that_keeps_no_pair_fails_and_leaves_no_cache(tmp_path):
     rows = [{**row, "rejected": row["chosen"]} for row in single_turn_rows(3)] + [{"chosen": "no conversation"}]
     source = tmp_path / "bad.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    result = invoke("preprocess", source, "--out", tmp_path / "cache")
+    result = invoke("preprocess", source, "--out", tmp_path / "cache", "--quiet")  # quiet: no summary table
     line = one_line_error(result)
     assert line.startswith(
         f"error: {source}: kept 0 of 5 rows (3 chosen and rejected are identical, "
-    ) and line.endswith("); no cache written")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nor any temporary directory
+    ) and line.endswith(f"); no cache written; the rejects are in {tmp_path / 'cache.rejects.jsonl'}")
+    # nor any temporary directory; the rejects are beside the would-be cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "cache.rejects.jsonl"]
 
 
 def test_train_on_an_empty_cache_is_one_line(setup, tmp_path):
