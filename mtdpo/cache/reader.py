@@ -9,6 +9,7 @@ start-up does not grow with the data.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -195,6 +196,21 @@ class PairDataset:
     def lengths(self) -> np.ndarray:
         """max(chosen, rejected) tokens per pair: what length grouping sorts by."""
         return pair_lengths(self.cache.dataset)
+
+    def prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt key, tokens past the prompt, prompt tokens) per pair: pairs answering one
+        prompt (the same first `prompt_len` tokens) share a key, the same on every rank."""
+        data = self.cache.dataset
+        prompt = data.data.column(PROMPT_LEN).to_numpy().astype(np.int64)
+        suffix = sum(data.data.column(length_column(side)).to_numpy().astype(np.int64) for side in SIDES) - 2 * prompt
+        keys, at = np.zeros(len(prompt), dtype=np.int64), 0
+        for chunk in data.data.column(ids_column(SIDES[0])).chunks:
+            offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
+            for k in range(len(chunk)):
+                tokens = values[offsets[k] : offsets[k] + prompt[at]].tobytes()
+                keys[at] = int.from_bytes(hashlib.blake2b(tokens, digest_size=8).digest(), "little", signed=True)
+                at += 1
+        return keys, suffix, prompt
 
 
 def pair_lengths(dataset) -> np.ndarray:

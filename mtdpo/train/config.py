@@ -83,6 +83,24 @@ class MtdpoConfig(TrainingArguments):
             "help": "A pair as one sequence: the shared prompt is computed once, same losses. [default: on where sdpa fits]"
         },
     )
+    prefix_forest: bool = field(
+        default=False,
+        metadata={"help": "A micro-batch as a forest: every prefix its sequences share computed once; same losses."},
+    )
+    group_by_prompt: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the pairs of one prompt in one micro-batch (what a forest shares). "
+            "[default: on with --prefix-forest]"
+        },
+    )
+    max_tokens_per_batch: int = field(
+        default=0,
+        metadata={
+            "help": "Forest tokens per micro-batch at most (a prompt counted once), beside the pairs per batch; "
+            "0: no limit."
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow model code from the model's repository to run (off: only transformers' own)."},
@@ -170,6 +188,17 @@ class MtdpoConfig(TrainingArguments):
         if self.loss_type in REFERENCE_FREE and self.ref_model:
             raise UsageError(
                 f"--loss-type {self.loss_type} is reference-free: it never uses --ref-model {self.ref_model}; drop one of them"
+            )
+        if self.group_by_prompt is None:
+            self.group_by_prompt = self.prefix_forest
+        if self.max_tokens_per_batch < 0:
+            raise UsageError(
+                f"--max-tokens-per-batch {self.max_tokens_per_batch}: a number of tokens, or 0 for no limit"
+            )
+        if (self.group_by_prompt or self.max_tokens_per_batch) and self.loss_scope != "step":
+            raise UsageError(
+                "--group-by-prompt and --max-tokens-per-batch make micro-batches of varying sizes: they need "
+                "--loss-scope step (the loss is the mean over the step's pairs, whatever each micro-batch holds)"
             )
         if self.lora_r < 0:
             raise UsageError(f"--lora-r {self.lora_r}: the LoRA rank is a positive number (0 = full fine-tune)")

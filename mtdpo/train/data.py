@@ -19,6 +19,7 @@ import torch
 from trl.trainer.utils import pad
 
 from mtdpo.cache import IGNORE_INDEX, SIDES, PairRecord
+from mtdpo.train.forest import build_forest
 
 
 @dataclass
@@ -29,10 +30,13 @@ class PairCollator:
     padding_free: bool = False  # one row of all 2B sequences instead of a padded [2B, T]
     prefix_sharing: bool = False  # one row of B prompt + chosen + rejected stretches (implies no padding)
     segments: bool = False  # padded batches: also describe each row's real tokens for segment attention
+    prefix_forest: bool = False  # one row, every prefix the batch's sequences share computed once
 
     def __call__(self, rows: list[dict | PairRecord]) -> dict[str, torch.Tensor]:
         pairs = [r if isinstance(r, PairRecord) else PairRecord.from_row(r) for r in rows]
-        if self.prefix_sharing:
+        if self.prefix_forest:
+            batch = forest_batch(pairs)
+        elif self.prefix_sharing:
             batch = shared(pairs)
         else:
             # Each sequence of each side, and the side (0..2B-1) its log-prob counts for.
@@ -166,6 +170,20 @@ def shared(pairs: list[PairRecord]) -> dict[str, torch.Tensor]:
         "position_ids": torch.tensor([positions]),
         "segments": torch.tensor(segments),
         "logp_index": _logp_index(index),
+    }
+
+
+def forest_batch(pairs: list[PairRecord]) -> dict[str, torch.Tensor | list]:
+    """B pairs as one prefix forest (forest.py): each sequence of each side, scored for its side
+    (0..B-1 chosen, B..2B-1 rejected)."""
+    sides = [p.side(side) for side in SIDES for p in pairs]
+    tree = build_forest([(piece.input_ids, piece.labels, k) for k, side in enumerate(sides) for piece in side.pieces()])
+    return {
+        "input_ids": torch.tensor([tree.input_ids]),
+        "labels": torch.tensor([tree.labels]),
+        "position_ids": torch.tensor([tree.positions]),
+        "segments": [[0, c.start, c.end, *(bound for span in c.context for bound in span)] for c in tree.chains],
+        "logp_index": _logp_index(tree.score),
     }
 
 

@@ -26,7 +26,8 @@ def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
         labels=inputs["labels"],
         fused_lm_head=True,
         use_cache=False,
-        **({} if segments is None else {"segments": segments.tolist()}),  # read by attention.segment_attention
+        # read by attention.segment_attention (a forest's rows differ in length: a list, not a tensor)
+        **({} if segments is None else {"segments": segments if isinstance(segments, list) else segments.tolist()}),
     )
     log_probs = out.log_probs.float()
     if "logp_index" not in inputs:

@@ -26,22 +26,33 @@ class Layout:
     prefix_sharing: bool
     padding_free: bool
     note: str  # printed once at start
+    prefix_forest: bool = False  # every distinct prefix of the micro-batch computed once (forest.py)
 
     def collator_options(self) -> dict:
         """Keyword arguments of data.PairCollator for this layout."""
         return {
             "padding_free": self.padding_free,
             "prefix_sharing": self.prefix_sharing,
+            "prefix_forest": self.prefix_forest,
             "segments": self.attention == SEGMENT_ATTENTION,
         }
 
 
-def choose_layout(requested_attention: str, prefix_sharing: bool | None, padding_free: bool, model_config) -> Layout:
+def choose_layout(
+    requested_attention: str, prefix_sharing: bool | None, padding_free: bool, model_config, prefix_forest: bool = False
+) -> Layout:
     """sdpa (the default) becomes segment attention where it is exact: padding is then never
     computed, packed and prefix-shared rows need no [T, T] mask, and prefix sharing is on unless
     turned off. flash_attention_2 packs through its variable-length kernel; eager (or a model
     segment attention does not fit) cannot pack without a dense mask, so it gets padded batches."""
     segments = requested_attention == "sdpa" and segments_fit(model_config)
+    if prefix_forest:
+        if not segments:
+            raise UsageError(
+                "--prefix-forest needs segment attention (sdpa on a plain causal model, no soft-capping or sliding window)"
+            )
+        note = "prefix forest: every prefix the micro-batch's sequences share computed once (--prefix-forest)"
+        return Layout(SEGMENT_ATTENTION, False, False, note, prefix_forest=True)
     if prefix_sharing and not segments:
         why = (
             "this model's attention (soft-capping or sliding window)"

@@ -68,7 +68,9 @@ class Plan:
 
 def make_plan(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache | None, model_config) -> Plan:
     """Decide, in one place, and refuse what cannot work in one line."""
-    layout = choose_layout(config.attn_implementation, config.prefix_sharing, config.padding_free, model_config)
+    layout = choose_layout(
+        config.attn_implementation, config.prefix_sharing, config.padding_free, model_config, config.prefix_forest
+    )
     plan = Plan(
         reference=reference_source(config, train),
         eval_reference=None if evaluation is None else reference_source(config, evaluation),

@@ -30,7 +30,9 @@ def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest
     cache = open_cache(config.data[0], verify=True, full=config.verify_cache)  # never vouch for changed bytes
     model_config = load_model_config(name, config.trust_remote_code)
     check_model_matches(cache, name, model_config.vocab_size, config.allow_mismatch)
-    layout = choose_layout(config.attn_implementation, config.prefix_sharing, config.padding_free, model_config)
+    layout = choose_layout(
+        config.attn_implementation, config.prefix_sharing, config.padding_free, model_config, config.prefix_forest
+    )
     set_seed(config.seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
     model = load_policy(name, config.attn_implementation, torch.float32, config.trust_remote_code)
     model.set_attn_implementation(layout.attention)

@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -21,7 +22,13 @@ from mtdpo.train.lora import adapters_disabled, is_lora
 from mtdpo.train.loss import dpo_loss, nll_loss, sequence_nll_loss
 from mtdpo.train.plan import Plan, Reference
 from mtdpo.train.safety import NonFiniteGuard, zero_gradient
-from mtdpo.train.sampler import EpochSeededSampler, length_grouped_order, random_order
+from mtdpo.train.sampler import (
+    EpochSeededSampler,
+    GroupedBatchSampler,
+    group_batches,
+    length_grouped_order,
+    random_order,
+)
 from mtdpo.train.throughput import mfu_percent, peak_flops
 
 
@@ -60,7 +67,15 @@ class MultiTurnDPOTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        if self._groups_by_length(dataset):
+        if self.args.group_by_prompt or self.args.max_tokens_per_batch:
+            keys, suffix, prompt = dataset.prompts()
+            if not self.args.group_by_prompt:  # token budget only: every pair a group of its own
+                keys = np.arange(len(keys))
+            batches = group_batches(
+                keys, suffix, prompt, seed, self.args.per_device_train_batch_size, self.args.max_tokens_per_batch
+            )
+            self._epoch_sampler = GroupedBatchSampler(batches, seed, self.args.process_index, self.args.world_size)
+        elif self._groups_by_length(dataset):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             self._epoch_sampler = EpochSeededSampler(length_grouped_order(dataset.lengths(), batch), len(dataset), seed)
         elif self.args.train_sampling_strategy == "random":
