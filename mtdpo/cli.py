@@ -336,11 +336,17 @@ def stats(
         "--plot",
         help="Also draw length histograms, trained fraction per pair and turns to this PNG (needs mtdpo\\[plot]). \\[default: none]",
     ),
+    batch_size: int = typer.Option(
+        8,
+        "--batch-size",
+        min=1,
+        help="Pairs per micro-batch the tokens-per-layout line assumes (train's --per-device-train-batch-size).",
+    ),
 ) -> None:
     """Rows, turns, lengths, trained-token fraction, truncation and reject reasons of a cache."""
     from mtdpo import stats as cache_stats
 
-    numbers = cache_stats.cache_stats(cache)
+    numbers = cache_stats.cache_stats(cache, batch_size)
     if plot is not None:
         cache_stats.plot_stats(cache, plot)
     if as_json:

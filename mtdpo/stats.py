@@ -19,6 +19,7 @@ from rich.text import Text
 from mtdpo.cache import IGNORE_INDEX, SIDES, OpenCache, open_cache
 from mtdpo.cache.manifest import COUNTS
 from mtdpo.errors import UsageError
+from mtdpo.preprocess.tokens import common_prefix_length
 
 # ── per-row numbers, column-wise ──────────────────────────────────────────────
 
@@ -101,7 +102,9 @@ def per_row_arrays(cache: OpenCache) -> dict[str, np.ndarray]:
     return arrays
 
 
-def cache_stats(path: Path) -> dict:
+def cache_stats(path: Path, batch_size: int = 8) -> dict:
+    """Every number `mtdpo stats` prints; `batch_size`: the pairs per micro-batch the layout
+    figures assume (training's --per-device-train-batch-size)."""
     cache = open_cache(path)
     manifest = cache.manifest
     arrays = per_row_arrays(cache)
@@ -128,6 +131,7 @@ def cache_stats(path: Path) -> dict:
         "trained_fraction_per_pair": {},
     }
     out["generation_contexts"] = generation_contexts(cache)
+    out["layout_tokens"] = layout_tokens(cache, batch_size)
     if out["tool_calls"] is not None:
         out["tokens"]["tool_calls"] = {side: int(arrays[f"{side}_tool_calls"].sum()) for side in SIDES}
     for side in SIDES:
@@ -163,8 +167,26 @@ def generation_contexts(cache: OpenCache) -> dict:
     return out
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def layout_tokens(cache: OpenCache, batch_size: int) -> dict:
+    """Tokens one epoch computes in each layout: every sequence alone (padded or padding-free,
+    padding not counted), prefix sharing (a pair's prompt once) and the prefix forest (every
+    prefix a micro-batch shares once, micro-batches of `batch_size` pairs grouped by prompt)."""
+    from mtdpo.train.forest import forest_tokens
+    from mtdpo.train.sampler import group_batches
+
+    pairs = cache.pairs
+    keys, suffix, prompt = pairs.prompts()
+    alone = int(sum(cache.lengths(side).sum() for side in SIDES))
+    forest = 0
+    for batch in group_batches(keys, suffix, prompt, seed=42, batch_size=batch_size):
+        records = pairs.__getitems__(batch)
+        forest += forest_tokens([piece.input_ids for r in records for side in SIDES for piece in r.side(side).pieces()])
+    return {
+        "batch_size": batch_size,
+        "alone": alone,
+        "prefix_sharing": alone - int(np.maximum(prompt - 1, 0).sum()),
+        "prefix_forest": forest,
+    }
 
 
 def reject_reasons(path: Path, reasons: dict | None) -> list[dict]:
@@ -247,6 +269,14 @@ def stats_tables(stats: dict) -> list:
             f"{sides['chosen']:,} / {sides['rejected']:,} ({sequences['chosen']:,} / {sequences['rejected']:,} sequences)",
         )
         totals.add_row("context tokens computed again for them", f"{repeated['chosen']:,} / {repeated['rejected']:,}")
+    layouts = stats["layout_tokens"]
+    totals.add_row("tokens computed, sequences alone", f"{layouts['alone']:,}")
+    for name, key in (
+        ("prefix-shared", "prefix_sharing"),
+        (f"prefix forest, batch {layouts['batch_size']}", "prefix_forest"),
+    ):
+        fewer = f" ({layouts['alone'] / layouts[key]:.2f}× fewer)" if layouts[key] else ""
+        totals.add_row(f"  {name}", f"{layouts[key]:,}{fewer}")
     if "tool_calls" in tokens:
         totals.add_row(
             "tool calls trained chosen / rejected",

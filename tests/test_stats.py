@@ -91,6 +91,22 @@ def test_numbers_match_a_row_by_row_recount(messy_cache):
     assert stats["lengths"]["chosen"]["max"] == 160  # truncated rows are cut to --max-length
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_layout_tokens_are_what_each_collator_lays_out(messy_cache, batch_size):
+    from mtdpo.cache import open_cache
+    from mtdpo.train.data import forest_batch, shared
+    from mtdpo.train.sampler import group_batches
+
+    pairs = open_cache(messy_cache).pairs
+    layouts = cache_stats(messy_cache, batch_size)["layout_tokens"]
+    records = pairs.__getitems__(list(range(len(pairs))))
+    assert layouts["alone"] == sum(len(r.chosen) + len(r.rejected) for r in records)
+    assert layouts["prefix_sharing"] == sum(shared([r])["input_ids"].shape[1] for r in records)
+    batches = group_batches(*pairs.prompts(), seed=42, batch_size=batch_size)
+    assert layouts["prefix_forest"] == sum(forest_batch(pairs.__getitems__(b))["input_ids"].shape[1] for b in batches)
+    assert layouts["prefix_forest"] <= layouts["prefix_sharing"] < layouts["alone"]
+
+
 def test_reject_reasons_with_their_first_row(messy_cache):
     assert cache_stats(messy_cache)["reasons"] == [
         {"reason": "invalid JSON", "count": 2, "first_row": 40},

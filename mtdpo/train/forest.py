@@ -80,6 +80,18 @@ def build_forest(sequences: list[tuple[list[int], list[int], int]]) -> Forest:
     return forest
 
 
+def forest_tokens(sequences: list[list[int]]) -> int:
+    """The length of `build_forest`'s row for these sequences (input_ids each), without building
+    it: every distinct prefix once, plus a copied token where a branch leaves a path that goes on."""
+    total, previous = 0, []
+    for ids in sorted(sequences):
+        shared = common_prefix_length(ids, previous)
+        if shared < len(ids):
+            total += len(ids) - shared + (0 < shared < len(previous))
+        previous = ids
+    return total
+
+
 def _ranges(path: list[Chain], depth: int) -> list[tuple[int, int]]:
     """The row ranges of a path's depths [0, depth): each chain up to where the next one on the
     path takes over (a copy chain takes over from the chain it branches from)."""

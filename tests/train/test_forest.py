@@ -13,7 +13,7 @@ from trainkit import loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
 from mtdpo.cache import IGNORE_INDEX, PairRecord, Sequence
 from mtdpo.train.attention import SEGMENT_ATTENTION
 from mtdpo.train.data import PairCollator
-from mtdpo.train.forest import build_forest
+from mtdpo.train.forest import build_forest, forest_tokens
 from mtdpo.train.forward import fused_sequence_logps
 
 X = IGNORE_INDEX
@@ -82,6 +82,7 @@ def test_random_forests_score_every_token_in_its_own_context(seed):
     sequences = [(ids, labels, k) for k, (ids, labels, _) in enumerate(sequences)]
     forest = check(sequences)
     assert len(forest) <= sum(len(ids) for ids, _, _ in sequences)
+    assert forest_tokens([ids for ids, _, _ in sequences]) == len(forest)  # what `mtdpo stats` counts
 
 
 # ── a model on forests of real pairs ─────────────────────────────────────────

@@ -72,7 +72,9 @@ def test_each_side_is_two_sequences_in_the_cache(qwen3_cache):
     assert record.prompt_len <= min(len(first), len(record.rejected.pieces()[0]))
 
 
-@pytest.mark.parametrize("options", [{"segments": True}, {"padding_free": True}, {"prefix_sharing": True}])
+@pytest.mark.parametrize(
+    "options", [{"segments": True}, {"padding_free": True}, {"prefix_sharing": True}, {"prefix_forest": True}]
+)
 def test_every_layout_sums_the_sequences_of_a_side(qwen3_cache, options):
     cache, vocab = qwen3_cache
     opened = open_cache(cache)
