@@ -26,8 +26,10 @@ from helpers import cache_dataset
 from trainkit import REPO, free_port, logged, make_cache, saved_start_model
 from transformers import AutoModelForCausalLM
 
+from mtdpo.cache import open_cache
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.run import train
+from mtdpo.train.sampler import group_batches
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -182,16 +184,18 @@ def rows_by_step(rows_dir: Path) -> dict[int, list[list[int]]]:
     return steps
 
 
-@pytest.mark.parametrize("strategy", ["group_by_length", "random"])
+@pytest.mark.parametrize("strategy", ["group_by_length", "random", "prompt"])
 def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
     """On 2 ranks with per-device batch 2, an epoch is 4 steps. Default sampling (group_by_length):
     transformers' sampler sorts megabatches of 4 pairs (16 // (2 * 4) = 2 batches) by length and
     puts the longest first; accelerate deals the batches out to the ranks in turn, so each step's
     4 pairs are one megabatch, longest first. Stopped after step 6 (inside epoch 2) and resumed:
-    the same rows and losses (the skipped batches' wrappers hide the epoch from the sampler)."""
+    the same rows and losses (the skipped batches' wrappers hide the epoch from the sampler).
+    "prompt": `--prefix-forest` (micro-batches grouped by prompt, dealt out by mtdpo's own
+    rank-aware sampler): the same, with the micro-batches `group_batches` fixed."""
     tmp, cache, init = setup
     straight, resumed = tmp / f"straight-{strategy}", tmp / f"resumed-{strategy}"
-    sampling = ("--train-sampling-strategy", strategy)
+    sampling = ("--prefix-forest",) if strategy == "prompt" else ("--train-sampling-strategy", strategy)
     torchrun_two_ranks(cache, init, straight, tmp / f"rows-straight-{strategy}", *sampling)
     seen = rows_by_step(tmp / f"rows-straight-{strategy}")
     assert sorted(seen) == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -208,6 +212,11 @@ def test_batches_across_two_ranks_and_resume_inside_epoch_two(setup, strategy):
             for batch in epoch:
                 assert [length[row] for row in batch] == sorted((length[row] for row in batch), reverse=True)
             assert length[epoch[0][0]] == max(length.values())
+        if strategy == "prompt":
+            fixed = group_batches(*open_cache(cache).pairs.prompts(), seed=42, batch_size=2)
+            assert sorted(sorted(ds["row"][k] for k in b) for b in fixed) == sorted(
+                sorted(seen[step][rank]) for step in (1, 2, 3, 4) for rank in (0, 1)
+            )
     assert epochs[0] != epochs[1]  # a new shuffle in epoch 2
 
     resumed.mkdir()
