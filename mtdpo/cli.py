@@ -183,10 +183,11 @@ def _summary(stats: dict, out: Path) -> Table:
         table.add_row(name, f"{stats[name]:,}")
     for reason, count in stats["reasons"].items():
         table.add_row(f"  {escape(reason)}", f"{count:,}")
-    table.add_row("tokens (chosen / rejected)", f"{stats['chosen_tokens']:,} / {stats['rejected_tokens']:,}")
-    table.add_row(
-        "trained (chosen / rejected)", f"{stats['chosen_trained_tokens']:,} / {stats['rejected_trained_tokens']:,}"
-    )
+    groups = ("desirable", "undesirable") if "desirable" in stats else ("chosen", "rejected")  # a KTO cache's rows
+    if groups[0] == "desirable":
+        table.add_row("rows (desirable / undesirable)", f"{stats['desirable']:,} / {stats['undesirable']:,}")
+    table.add_row(f"tokens ({' / '.join(groups)})", " / ".join(f"{stats[f'{g}_tokens']:,}" for g in groups))
+    table.add_row(f"trained ({' / '.join(groups)})", " / ".join(f"{stats[f'{g}_trained_tokens']:,}" for g in groups))
     table.add_row("seconds", f"{stats['seconds']:.2f}")
     table.add_row("rows/s", f"{stats['rows_per_second']:,.1f}")
     return table
@@ -367,7 +368,7 @@ def plot(
     run: Path = typer.Argument(..., help="Run folder of `mtdpo train` (holds metrics.jsonl), or a metrics.jsonl file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write. \\[default: RUN/curves.png]"),
 ) -> None:
-    """Draw loss, reward margins and accuracy curves of a training run to a PNG (needs mtdpo\\[plot])."""
+    """Draw loss, reward margins and accuracy (KTO: KL) curves of a training run to a PNG (needs mtdpo\\[plot])."""
     from mtdpo.plot import plot_run
 
     out = out or (run if run.is_dir() else run.parent) / "curves.png"
@@ -375,6 +376,7 @@ def plot(
     margin, accuracy = drawn.get("rewards/margins"), drawn.get("rewards/accuracies")
     detail = f": margin {margin[0]:+.3f} → {margin[1]:+.3f}" if margin else ""
     detail += f", accuracy {accuracy[0]:.2f} → {accuracy[1]:.2f}" if accuracy else ""
+    detail += f", kl {drawn['kl'][0]:.3f} → {drawn['kl'][1]:.3f}" if "kl" in drawn else ""  # a KTO run
     console.print(f"wrote {out}{detail}", highlight=False, soft_wrap=True)
 
 

@@ -1,8 +1,8 @@
 """The cache contract, in one package: what a cache holds, how it is written, how it is opened.
 
-A cache is a directory that `datasets.load_from_disk` opens: Arrow shards of `PairRecord`s
-(schema.py), manifest.json (manifest.py: what made it), checksums.json (each file's size and
-SHA-256), stats.json, rejects.jsonl, a copy of the tokenizer and, after precompute-ref, a
+A cache is a directory that `datasets.load_from_disk` opens: Arrow shards of `PairRecord`s, or
+of `KtoRecord`s for a KTO cache (schema.py; the manifest's `kind` says which), manifest.json
+(manifest.py: what made it), checksums.json (each file's size and SHA-256), stats.json, rejects.jsonl, a copy of the tokenizer and, after precompute-ref, a
 `reference/` dataset of log-probs beside the shards (docs/DESIGN.md, "The cache contract").
 `CacheWriter` writes one (writer.py); `open_cache` / `open_caches` give the `OpenCache` handle
 every reader receives (reader.py). Nothing outside this package spells a column name.
@@ -13,18 +13,33 @@ from mtdpo.cache.reader import (
     OpenCache,
     check_model_matches,
     expand_cache_paths,
+    kto_lengths,
     open_cache,
     open_caches,
     pair_lengths,
     read_manifest,
 )
-from mtdpo.cache.schema import IGNORE_INDEX, SIDES, PairRecord, Sequence, pair_table, trained_tokens
-from mtdpo.cache.writer import CacheWriter, write_reference
+from mtdpo.cache.schema import (
+    IGNORE_INDEX,
+    KTO,
+    PAIR,
+    SIDES,
+    KtoRecord,
+    PairRecord,
+    Sequence,
+    kto_table,
+    pair_table,
+    trained_tokens,
+)
+from mtdpo.cache.writer import CacheWriter, write_reference, write_reference_columns
 
 __all__ = [
     "IGNORE_INDEX",
+    "KTO",
+    "PAIR",
     "SIDES",
     "CacheWriter",
+    "KtoRecord",
     "Manifest",
     "OpenCache",
     "PairRecord",
@@ -33,6 +48,8 @@ __all__ = [
     "TokenizerInfo",
     "check_model_matches",
     "expand_cache_paths",
+    "kto_lengths",
+    "kto_table",
     "open_cache",
     "open_caches",
     "pair_lengths",
@@ -40,4 +57,5 @@ __all__ = [
     "read_manifest",
     "trained_tokens",
     "write_reference",
+    "write_reference_columns",
 ]

@@ -13,12 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtdpo import __version__
-from mtdpo.cache.schema import PAIR, SCHEMA_VERSION
+from mtdpo.cache.schema import KINDS, KTO, PAIR, SCHEMA_VERSION
 from mtdpo.errors import UsageError
 
 MANIFEST = "manifest.json"
 COUNTS = ("rows", "kept", "rejected", "dropped", "truncated")
 TOKEN_TOTALS = ("chosen_tokens", "rejected_tokens", "chosen_trained_tokens", "rejected_trained_tokens")
+# A KTO cache also counts its labels (train weighs them: kto_loss.weight_advice), and its totals by label.
+KTO_COUNTS = (*COUNTS, "desirable", "undesirable")
+KTO_TOKEN_TOTALS = ("desirable_tokens", "undesirable_tokens", "desirable_trained_tokens", "undesirable_trained_tokens")
+
+
+def counts_of(kind: str) -> tuple[str, ...]:
+    return KTO_COUNTS if kind == KTO else COUNTS
+
+
+def token_totals_of(kind: str) -> tuple[str, ...]:
+    return KTO_TOKEN_TOTALS if kind == KTO else TOKEN_TOTALS
+
+
 # What every reader needs, each refused by name when missing.
 REQUIRED = (
     ("tokenizer", "fingerprint"),
@@ -50,6 +63,9 @@ class ReferenceInfo:
     weights_sha256: str | None = None  # None: written by an mtdpo that did not record it
     columns: list[str] = field(default_factory=list)
     precision: str = "fp32"  # bf16 or fp32: the log-probs are computed at the training precision
+    # kto caches: the per-device train batch size whose chunks paired each row with its KL partner
+    # (kto_loss.kl_partners); a run with another batch size pairs differently and cannot use them.
+    kl_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,13 @@ class Manifest:
 
     @property
     def pairs(self) -> int:
+        """Records kept: pairs, or KTO rows."""
         return self.counts["kept"]
+
+    @property
+    def unit(self) -> str:
+        """What one record is called in messages: "pair" or "row"."""
+        return "row" if self.kind == KTO else "pair"
 
     def with_reference(self, reference: ReferenceInfo) -> Manifest:
         return dataclasses.replace(self, reference=reference)
@@ -88,6 +110,8 @@ class Manifest:
         out = {key: data[key] for key in order}
         if self.reference is not None:
             out["reference"] = data["reference"]
+            if self.reference.kl_batch_size is None:  # a pair cache's: no KL partners
+                del out["reference"]["kl_batch_size"]
         return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
 
     def write(self, directory: Path) -> None:
@@ -112,6 +136,8 @@ class Manifest:
                 value = value.get(key) if isinstance(value, dict) else None
             if value is None:
                 raise UsageError(f"{path} is corrupt: it lacks {'.'.join(keys)}")
+        if data.get("kind", PAIR) not in KINDS:
+            raise UsageError(f"{path}: record kind {data.get('kind')!r}, this mtdpo reads {' and '.join(KINDS)}")
         try:
             return cls._from_dict(data)
         except (KeyError, TypeError, ValueError) as err:

@@ -21,17 +21,25 @@ from mtdpo.assets import EMBEDDED_TOKENIZER
 from mtdpo.cache.files import TEMPORARY_DIR, as_verified, check_files, check_shard, shard_files
 from mtdpo.cache.manifest import Manifest
 from mtdpo.cache.schema import (
+    DESIRABLE,
+    KIND_NAMES,
+    KTO,
+    KTO_IDS,
+    KTO_LABELS,
+    LENGTH,
     LENGTH_COLUMNS,
     PAIR_INDEX,
     PROMPT_LEN,
-    REFERENCE_COLUMNS,
-    REQUIRED_COLUMNS,
     ROW,
     SIDES,
+    KtoRecord,
     PairRecord,
     ids_column,
     labels_column,
     length_column,
+    record_type,
+    reference_columns,
+    required_columns,
     starts_of,
 )
 from mtdpo.cache.writer import REFERENCE, REJECTS, SEQUENCE_STARTS, STATS, TOKENIZER
@@ -75,7 +83,8 @@ class SequenceStarts:
 
 @dataclass
 class OpenCache:
-    """One cache, or several that agree, opened: the memory-mapped pairs and what made them."""
+    """One cache, or several that agree, opened: the memory-mapped records (pairs, or KTO rows:
+    `kind`) and what made them."""
 
     paths: list[Path]
     manifests: list[Manifest]
@@ -93,12 +102,20 @@ class OpenCache:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def record(self, index: int) -> PairRecord:
-        return PairRecord.from_row(self.dataset[index], self.starts.of(index))
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def is_kto(self) -> bool:
+        return self.kind == KTO
+
+    def record(self, index: int) -> PairRecord | KtoRecord:
+        return record_type(self.kind).from_row(self.dataset[index], self.starts.of(index))
 
     @property
     def pairs(self) -> PairDataset:
-        """The pairs as records, for a DataLoader (what training iterates)."""
+        """The pairs as records, for a DataLoader (what training iterates; KTO rows: kto_data.KtoRows)."""
         return PairDataset(self)
 
     @property
@@ -146,12 +163,17 @@ class OpenCache:
 
     @cached_property
     def has_reference(self) -> bool:
-        """Whether every pair carries precomputed reference log-probs."""
-        return set(REFERENCE_COLUMNS) <= set(self.dataset.column_names)
+        """Whether every record carries precomputed reference log-probs."""
+        return set(reference_columns(self.kind)) <= set(self.dataset.column_names)
 
-    # Whole columns, for numpy work over every pair (stats, length grouping).
-    def lengths(self, side: str) -> np.ndarray:
-        return _column(self.dataset, length_column(side))
+    # Whole columns, for numpy work over every record (stats, length grouping).
+    def lengths(self, side: str | None = None) -> np.ndarray:
+        """A side's lengths (pairs), or the rows' (KTO: no side)."""
+        return _column(self.dataset, LENGTH if self.is_kto else length_column(side))
+
+    def desirable(self) -> np.ndarray:
+        """KTO rows: each row's label, True where desirable."""
+        return _column(self.dataset, DESIRABLE)
 
     def prompt_lengths(self) -> np.ndarray:
         return _column(self.dataset, PROMPT_LEN)
@@ -159,12 +181,16 @@ class OpenCache:
     def source_rows(self) -> np.ndarray:
         return _column(self.dataset, ROW)
 
-    def token_columns(self, side: str):
-        """(ids, labels) of one side as Arrow list columns (zero-copy views of the mapped shards)."""
-        return self.dataset.data.column(ids_column(side)), self.dataset.data.column(labels_column(side))
+    def token_columns(self, side: str | None = None):
+        """(ids, labels) of one side (pairs; KTO rows: no side) as Arrow list columns (zero-copy
+        views of the mapped shards)."""
+        ids, labels = (KTO_IDS, KTO_LABELS) if self.is_kto else (ids_column(side), labels_column(side))
+        return self.dataset.data.column(ids), self.dataset.data.column(labels)
 
     def token_ids_of(self, start: int, stop: int) -> dict[str, list]:
-        """Both sides' token ids of pairs [start, stop), by side (for text search)."""
+        """The token ids of records [start, stop), by side ("sequence" for KTO rows; for text search)."""
+        if self.is_kto:
+            return {"sequence": self.dataset.select_columns([KTO_IDS])[start:stop][KTO_IDS]}
         batch = self.dataset.select_columns([ids_column(side) for side in SIDES])[start:stop]
         return {side: batch[ids_column(side)] for side in SIDES}
 
@@ -224,6 +250,13 @@ def pair_lengths(dataset) -> np.ndarray:
     return np.maximum(*(columns[c] for c in LENGTH_COLUMNS))
 
 
+def kto_lengths(dataset) -> np.ndarray:
+    """The length of each row of a KTO cache dataset, read as one Arrow column."""
+    if getattr(dataset, "_indices", None) is None:
+        return dataset.with_format("arrow", columns=[LENGTH])[:][LENGTH].to_numpy()
+    return dataset.with_format("numpy", columns=[LENGTH])[:][LENGTH]
+
+
 # ── opening ───────────────────────────────────────────────────────────────────
 
 
@@ -259,21 +292,25 @@ def _load(cache: Path, manifest: Manifest, verify: bool, full: bool):
             check_shard(shard)
     check_files(cache, rehash=full or (verify and not verified))
     dataset = _load_from_disk(cache)
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    missing = [c for c in required_columns(manifest.kind) if c not in dataset.column_names]
     if missing:
         raise UsageError(f"the shards in {cache} lack the column(s) {', '.join(missing)}; preprocess again")
     if len(dataset) != manifest.pairs:
-        raise UsageError(f"the shards in {cache} hold {len(dataset):,} pairs but manifest.json says {manifest.pairs:,}")
+        unit = f"{manifest.unit}s"
+        raise UsageError(
+            f"the shards in {cache} hold {len(dataset):,} {unit} but manifest.json says {manifest.pairs:,}"
+        )
+    columns = reference_columns(manifest.kind)
     if manifest.reference is not None and (cache / REFERENCE).is_dir():
         reference = _load_from_disk(cache / REFERENCE)
         if len(reference) != len(dataset):
             raise UsageError(
-                f"{cache / REFERENCE} holds {len(reference):,} rows for {len(dataset):,} pairs; run precompute-ref again"
+                f"{cache / REFERENCE} holds {len(reference):,} rows for {len(dataset):,} {manifest.unit}s; run precompute-ref again"
             )
-        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+        dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
         dataset = datasets.concatenate_datasets([dataset, reference], axis=1)
     elif manifest.reference is None:  # columns no manifest vouches for are not used
-        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+        dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
     return dataset
 
 
@@ -316,11 +353,12 @@ def open_caches(paths: list[str], verify_all: bool = False) -> OpenCache:
     for path, manifest, dataset in zip(paths, manifests, datasets):
         if len(dataset) == 0:
             raise UsageError(
-                f"cache {path} holds no pairs (kept {manifest.pairs} of {manifest.counts.get('rows', '?')} rows; "
+                f"cache {path} holds no {manifest.unit}s (kept {manifest.pairs} of {manifest.counts.get('rows', '?')} rows; "
                 f"see {path / REJECTS})"
             )
-    with_reference = [p for p, d in zip(paths, datasets) if set(REFERENCE_COLUMNS) <= set(d.column_names)]
-    without = [p for p, d in zip(paths, datasets) if not set(REFERENCE_COLUMNS) <= set(d.column_names)]
+    columns = set(reference_columns(manifests[0].kind))
+    with_reference = [p for p, d in zip(paths, datasets) if columns <= set(d.column_names)]
+    without = [p for p, d in zip(paths, datasets) if not columns <= set(d.column_names)]
     if with_reference and without:  # the collator cannot mix batches with and without them
         raise UsageError(
             f"caches {with_reference[0]} and {without[0]}: the first holds precomputed reference log-probs, the second none; "
@@ -335,6 +373,10 @@ def open_caches(paths: list[str], verify_all: bool = False) -> OpenCache:
 def _check_agree(paths: list[Path], manifests: list[Manifest]) -> None:
     first, fingerprint = manifests[0], manifests[0].tokenizer.fingerprint
     for path, manifest in zip(paths[1:], manifests[1:]):
+        if manifest.kind != first.kind:  # DPO on pairs and KTO on labelled rows are two objectives
+            raise UsageError(
+                f"{paths[0]} is {KIND_NAMES[first.kind]} and {path} {KIND_NAMES[manifest.kind]}: train them in separate runs"
+            )
         if manifest.tokenizer.fingerprint != fingerprint and not same_tokenizer(
             fingerprint, paths[0] / TOKENIZER, path / TOKENIZER
         ):

@@ -1,8 +1,10 @@
-"""What one cached pair holds: the record type, its column names and their Arrow types.
+"""What one cached record holds: the record types, their column names and their Arrow types.
 
-The only place that spells a column name. Stage one builds `PairRecord`s and hands them to the
-writer; stage two and the inspection commands get them back with `PairRecord.from_row`, or read
-whole columns through `OpenCache` (mtdpo/cache/reader.py).
+Two record kinds (the manifest's `kind`): a **pair** (`PairRecord`: chosen and rejected, for DPO)
+and a **kto** row (`KtoRecord`: one trajectory with its desirable / undesirable label, for KTO).
+The only place that spells a column name. Stage one builds records and hands them to the
+writer; stage two and the inspection commands get them back with `from_row` (`record_type`), or
+read whole columns through `OpenCache` (mtdpo/cache/reader.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 IGNORE_INDEX = -100  # the label of every token that is not trained
 SIDES = ("chosen", "rejected")
-PAIR = "pair"  # the manifest's record kind
+PAIR = "pair"  # the manifest's record kinds
+KTO = "kto"
+KINDS = (PAIR, KTO)
+KIND_NAMES = {PAIR: "a pair cache", KTO: "a KTO cache"}  # what messages call a cache of each kind
 
 ROW = "row"  # the source row, so every pair can be traced back to its input
 PROMPT_LEN = "prompt_len"  # tokens both sequences share before they diverge
@@ -182,3 +187,114 @@ def shift_pairs(table: pa.Table, offset: int) -> pa.Table:
 
 def starts_of(table: pa.Table, row: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(tuple(table[f"{side}_starts"][row].as_py()) for side in SIDES)
+
+
+# ── the kto kind: one trajectory per row, labelled ───────────────────────────
+
+KTO_IDS, KTO_LABELS = "input_ids", "labels"
+DESIRABLE = "label"  # true: desirable, false: undesirable (TRL's unpaired-preference column)
+LENGTH = "length"  # the sequence's length, for length grouping without reading the lists
+REFERENCE_LOGP = "ref_logp"  # the reference's summed log-prob of the row's trained tokens
+REFERENCE_KL_LOGP = "ref_kl_logp"  # ... and of its KL sequence (the row's prompt + its KL partner's completion)
+KTO_REFERENCE_COLUMNS = (REFERENCE_LOGP, REFERENCE_KL_LOGP)
+KTO_COLUMNS = {
+    KTO_IDS: pa.list_(pa.int32()),
+    KTO_LABELS: pa.list_(pa.int32()),
+    DESIRABLE: pa.bool_(),
+    PROMPT_LEN: pa.int32(),
+    LENGTH: pa.int32(),
+    ROW: pa.int64(),
+}
+KTO_REQUIRED_COLUMNS = (*KTO_COLUMNS.keys() - {LENGTH},)
+KTO_GROUPS = ("desirable", "undesirable")  # what stats and show-sample call the two labels
+
+
+@cache
+def kto_features():
+    from datasets import Features
+
+    return Features.from_arrow_schema(pa.schema(KTO_COLUMNS))
+
+
+@dataclass(frozen=True)
+class KtoRecord:
+    """One unpaired trajectory as cached: its whole conversation, whether it is desirable, and
+    `prompt_len`, the tokens before its first trained token (what a KL sequence keeps of it)."""
+
+    sequence: Sequence
+    desirable: bool
+    prompt_len: int
+    row: int
+    reference: tuple[float, float] | None = None  # (row, KL sequence) log-probs, when precomputed
+
+    @property
+    def group(self) -> str:
+        return KTO_GROUPS[0] if self.desirable else KTO_GROUPS[1]
+
+    @property
+    def starts(self) -> None:
+        """None: a KTO row is one sequence (see `starts_table`; preprocess rejects a trajectory
+        scored in several generation contexts, whose KL sequences are not defined yet)."""
+        return None
+
+    def side(self, name: str) -> Sequence:
+        """The one sequence, under its group's name (the inspection commands' view of a record)."""
+        if name != self.group:
+            raise KeyError(f"row {self.row} is {self.group}, not {name}")
+        return self.sequence
+
+    def to_row(self) -> dict:
+        return {
+            KTO_IDS: self.sequence.input_ids,
+            KTO_LABELS: self.sequence.labels,
+            DESIRABLE: self.desirable,
+            PROMPT_LEN: self.prompt_len,
+            LENGTH: len(self.sequence),
+            ROW: self.row,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict, starts=None) -> KtoRecord:
+        """A row read from the shards back as a record (`starts`: for the pair kind's signature; a
+        KTO row is one sequence, preprocess keeps no other)."""
+        reference = tuple(row[c] for c in KTO_REFERENCE_COLUMNS) if REFERENCE_LOGP in row else None
+        sequence = Sequence(row[KTO_IDS], row[KTO_LABELS])
+        return cls(sequence, bool(row[DESIRABLE]), row[PROMPT_LEN], row[ROW], reference)
+
+
+def first_trained(labels) -> int:
+    """The position of the first trained label (after position 0, which nothing predicts), or
+    the length when none is: a KtoRecord's prompt_len."""
+    return next((t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX), len(labels))
+
+
+def kto_table(records: list[KtoRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=kto_features().arrow_schema)
+
+
+# ── by kind ──────────────────────────────────────────────────────────────────
+
+
+def features_of(kind: str):
+    return kto_features() if kind == KTO else pair_features()
+
+
+def table_of(kind: str, records: list) -> pa.Table:
+    return kto_table(records) if kind == KTO else pair_table(records)
+
+
+def record_type(kind: str) -> type:
+    return KtoRecord if kind == KTO else PairRecord
+
+
+def required_columns(kind: str) -> tuple[str, ...]:
+    return KTO_REQUIRED_COLUMNS if kind == KTO else REQUIRED_COLUMNS
+
+
+def reference_columns(kind: str) -> tuple[str, ...]:
+    """The log-prob columns precompute-ref writes for a cache of this kind."""
+    return KTO_REFERENCE_COLUMNS if kind == KTO else REFERENCE_COLUMNS
+
+
+def length_columns(kind: str) -> tuple[str, ...]:
+    return (LENGTH,) if kind == KTO else LENGTH_COLUMNS

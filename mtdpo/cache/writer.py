@@ -30,7 +30,15 @@ from mtdpo.cache.files import (
 )
 from mtdpo.cache.manifest import MANIFEST, Manifest, ReferenceInfo
 from mtdpo.cache.output import write_errors
-from mtdpo.cache.schema import REFERENCE_COLUMNS, REFERENCE_TYPE, STARTS_SCHEMA, pair_features, shift_pairs
+from mtdpo.cache.schema import (
+    REFERENCE_COLUMNS,
+    REFERENCE_TYPE,
+    STARTS_SCHEMA,
+    features_of,
+    pair_features,
+    reference_columns,
+    shift_pairs,
+)
 
 BATCH_ROWS = 1000  # records per Arrow record batch (datasets' default writer batch)
 SEQUENCE_STARTS = "sequence_starts.arrow"  # where sides of several sequences split (absent: none does)
@@ -97,6 +105,9 @@ class CacheWriter:
         with CacheWriter(out, max_bytes) as cache:
             cache.write(pair_table(records)); cache.reject({"row": 3, "reason": ...})
             cache.finish(manifest, stats)
+
+    Either record kind: pass `features=kto_features()` (schema.features_of(kind)) for KTO rows;
+    `finish` refuses a manifest of the other kind.
     """
 
     def __init__(self, out: Path, max_shard_bytes: int, features=None):
@@ -144,6 +155,8 @@ class CacheWriter:
             os.replace(self.directory / REJECTS, path)
 
     def finish(self, manifest: Manifest, stats: dict) -> None:
+        if features_of(manifest.kind) != self.features:
+            raise ValueError(f"a {manifest.kind} manifest for shards of another record kind")
         with write_errors(self.out):
             self._rejects.flush()
             names = self._shards.close(complete=True)
@@ -171,16 +184,28 @@ class CacheWriter:
 def write_reference(
     cache: Path, manifest: Manifest, chosen: list[float], rejected: list[float], reference: ReferenceInfo
 ) -> Manifest:
+    """Store a pair cache's reference log-probs (chosen, rejected) beside its token shards."""
+    return write_reference_columns(cache, manifest, dict(zip(REFERENCE_COLUMNS, (chosen, rejected))), reference)
+
+
+def write_reference_columns(
+    cache: Path, manifest: Manifest, values: list[list[float]] | dict, reference: ReferenceInfo
+) -> Manifest:
     """Store reference log-probs in `cache` beside its token shards, in a `reference/` dataset of
-    two float32 columns, row for row. The token shards are not touched.
+    float32 columns (the kind's `reference_columns`, in that order), row for row. The token
+    shards are not touched.
 
     The new reference directory is renamed into place, then checksums.json and manifest.json are
     replaced (each atomically): a crash in between leaves a reference the manifest does not name,
     which readers ignore and the next run replaces."""
     from datasets import Features
 
-    features = Features.from_arrow_schema(pa.schema({c: REFERENCE_TYPE for c in REFERENCE_COLUMNS}))
-    table = pa.table({REFERENCE_COLUMNS[0]: chosen, REFERENCE_COLUMNS[1]: rejected}, schema=features.arrow_schema)
+    columns = reference_columns(manifest.kind)
+    values = values if isinstance(values, dict) else dict(zip(columns, values))
+    if list(values) != list(columns):
+        raise ValueError(f"a {manifest.kind} cache's reference columns are {columns}, not {tuple(values)}")
+    features = Features.from_arrow_schema(pa.schema({c: REFERENCE_TYPE for c in columns}))
+    table = pa.table(values, schema=features.arrow_schema)
     with writing(Path(cache) / REFERENCE, kind="ref") as tmp:
         shards = ShardWriter(tmp, 1 << 62, features)
         shards.write(table)

@@ -9,6 +9,10 @@ renamed into place only when complete: an interrupted run never leaves a cache t
 Nothing but an mtdpo cache is ever replaced, one run at a time per output (mtdpo/cache/output.py);
 workers end with the main process however it ends (workers.py); each row is bounded in characters
 and in time (limits.py).
+
+The input's first rows decide the record kind (`detect_kind`): pairs make a pair cache,
+unpaired labelled rows a KTO cache. A file holds one kind: a row of the other kind stops the
+run in one line naming it (a mix is two datasets joined by mistake, and a cache holds one kind).
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from mtdpo import compat
-from mtdpo.cache import CacheWriter, Manifest, TokenizerInfo, pair_table
+from mtdpo.cache import PAIR, CacheWriter, Manifest, TokenizerInfo
 from mtdpo.cache.files import remove_stale_runs
-from mtdpo.cache.manifest import COUNTS, TOKEN_TOTALS
+from mtdpo.cache.manifest import counts_of, token_totals_of
 from mtdpo.cache.output import check_free_space, check_output_path, check_replaceable, output_lock
-from mtdpo.cache.schema import starts_table
+from mtdpo.cache.schema import features_of, starts_table, table_of
 from mtdpo.errors import UsageError
 from mtdpo.fingerprint import sha256_text, tokenizer_fingerprint, vocabulary_hash
 from mtdpo.preprocess.limits import (
@@ -42,8 +46,8 @@ from mtdpo.preprocess.limits import (
     default_max_chars,
     time_limit,
 )
-from mtdpo.preprocess.records import Dropped, MaskOptions, RecordBuilder
-from mtdpo.preprocess.rows import RowError
+from mtdpo.preprocess.records import Dropped, MaskOptions, OtherKind, RecordBuilder, builder_for
+from mtdpo.preprocess.rows import RowError, row_kind
 from mtdpo.preprocess.seed import resolve_seed_markers
 from mtdpo.preprocess.sources import Source, open_source, parse_line
 from mtdpo.preprocess.tokenizer import load_tokenizer
@@ -53,6 +57,7 @@ CHUNK_ROWS = 256  # rows per task sent to a worker
 # The first rows of a run all over --render-timeout: the template never finishes, so the run stops
 # rather than spend the limit on every row of the input.
 STALLED_ROWS = 3
+KIND_ROWS = 1000  # rows read to find the record kind before giving up (then: pairs, and each row says why not)
 BACKGROUND_SAVE_VOCAB = 100_000  # tokens: larger tokenizers are saved by a forked process
 
 
@@ -72,6 +77,48 @@ class Tally:
     def merge(self, other: Tally) -> None:
         for name, value in vars(other).items():
             setattr(self, name, getattr(self, name) + value)
+
+    def count(self, record, truncated: bool) -> None:
+        """A kept record's contribution."""
+        self.kept += 1
+        self.truncated += truncated
+        self.chosen_tokens += len(record.chosen)
+        self.rejected_tokens += len(record.rejected)
+        self.chosen_trained_tokens += record.chosen.trained_tokens
+        self.rejected_trained_tokens += record.rejected.trained_tokens
+
+
+@dataclass
+class KtoTally:
+    """Tally's counts for a KTO cache: its rows by label, tokens by label."""
+
+    rows: int = 0
+    kept: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+    desirable_tokens: int = 0
+    undesirable_tokens: int = 0
+    desirable_trained_tokens: int = 0
+    undesirable_trained_tokens: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    merge = Tally.merge
+
+    def count(self, record, truncated: bool) -> None:
+        group = record.group  # "desirable" or "undesirable"
+        self.kept += 1
+        self.truncated += truncated
+        setattr(self, group, getattr(self, group) + 1)
+        setattr(self, f"{group}_tokens", getattr(self, f"{group}_tokens") + len(record.sequence))
+        trained = getattr(self, f"{group}_trained_tokens") + record.sequence.trained_tokens
+        setattr(self, f"{group}_trained_tokens", trained)
+
+
+def new_tally(kind: str) -> Tally | KtoTally:
+    return Tally() if kind == PAIR else KtoTally()
 
 
 @dataclass
@@ -110,12 +157,13 @@ _limits = RowLimits()
 
 
 def process_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
-    records, rejects, tally = [], [], Tally()
+    records, rejects, tally = [], [], new_tally(_builder.kind)
     reached = timed_out = 0  # rows that got to rendering, and those of them that ran out of time
     for n, row in chunk:
         tally.rows += 1
         try:
             row = _checked_row(row)
+            _builder.check_kind(row)
             reached += 1
             with time_limit(_limits.render_timeout):
                 record, truncated = _builder(n, row)
@@ -123,19 +171,16 @@ def process_chunk(chunk: list[tuple[int, object]]) -> ChunkResult:
             timed_out += 1
             _reject(tally, rejects, n, RowError(str(err)))
             if getattr(chunk, "first", False) and timed_out == reached >= STALLED_ROWS:
-                return ChunkResult(pair_table(records), starts_table(records), rejects, tally, stalled=True)
+                return ChunkResult(
+                    table_of(_builder.kind, records), starts_table(records), rejects, tally, stalled=True
+                )
             continue
         except RowError as err:
             _reject(tally, rejects, n, err)
             continue
         records.append(record)
-        tally.kept += 1
-        tally.truncated += truncated
-        tally.chosen_tokens += len(record.chosen)
-        tally.rejected_tokens += len(record.rejected)
-        tally.chosen_trained_tokens += record.chosen.trained_tokens
-        tally.rejected_trained_tokens += record.rejected.trained_tokens
-    return ChunkResult(pair_table(records), starts_table(records), rejects, tally)
+        tally.count(record, truncated)
+    return ChunkResult(table_of(_builder.kind, records), starts_table(records), rejects, tally)
 
 
 def _checked_row(row: object) -> object:
@@ -149,11 +194,12 @@ def _checked_row(row: object) -> object:
     return row
 
 
-def _reject(tally: Tally, rejects: list[dict], n: int, err: RowError) -> None:
+def _reject(tally, rejects: list[dict], n: int, err: RowError) -> None:
     kind = "dropped" if isinstance(err, Dropped) else "rejected"
     setattr(tally, kind, getattr(tally, kind) + 1)
     tally.reasons[_reason_kind(str(err))] += 1
-    rejects.append({"row": n, "reason": str(err), "dropped": kind == "dropped"})
+    reject = {"row": n, "reason": str(err), "dropped": kind == "dropped"}
+    rejects.append(reject | ({"other_kind": True} if isinstance(err, OtherKind) else {}))
 
 
 def _reason_kind(reason: str) -> str:
@@ -198,27 +244,36 @@ def preprocess(
             source.count_rows()  # each file's rows, for global row numbers and the --shard slice
             if source.total == 0:
                 raise UsageError(f"input {input_path} holds no rows")
+            kind, decided_by = detect_kind(source)
             check_free_space(out, _estimated_cache_bytes(source, options.max_length))
             with long_lived():
                 tok = load_tokenizer(tokenizer, chat_template, trust_remote_code)
                 if options.mode == "seed":
                     markers = resolve_seed_markers(options.user_marker, options.end_marker, tok.chat_template)
                     options = dataclasses.replace(options, user_marker=markers[0], end_marker=markers[1])
-                _builder = _record_builder(tok, options, limits.render_timeout, chat_template or tok.name_or_path)
+                where = chat_template or tok.name_or_path
+                _builder = _record_builder(tok, options, limits.render_timeout, where, kind)
             _limits = limits
             workers = worker_count(num_proc, source.rows, CHUNK_ROWS, progress)
             # Renamed to `out` only when complete; the tokenizer copy is written while rows are processed.
             with (
-                CacheWriter(out, shard_bytes) as cache,
+                CacheWriter(out, shard_bytes, features_of(kind)) as cache,
                 BackgroundSave(tok, cache.tokenizer_dir) as saver,
                 closing(ordered_map(process_chunk, _chunks(source.read(parse=False), CHUNK_ROWS), workers)) as results,
             ):
-                tally = Tally()
+                tally = new_tally(kind)
                 for result in _with_progress(results, source.rows, progress):
                     if result.stalled:
                         raise UsageError(
                             f"the chat template never finishes rendering: the first {STALLED_ROWS} rows each took "
                             f"more than {limits.render_timeout:g} s (--render-timeout); no cache written"
+                        )
+                    if other := next((r for r in result.rejects if r.get("other_kind")), None):
+                        where = source.where(other["row"])
+                        at = f" ({where['file']} row {where['file_row']})" if where else ""
+                        raise UsageError(
+                            f"row {other['row']}{at}: {other['reason']} (row {decided_by} is the first of its kind); "
+                            "a cache holds one kind: put pairs and unpaired rows in separate files"
                         )
                     if strict and (bad := next((r for r in result.rejects if not r["dropped"]), None)):
                         where = source.where(bad["row"])  # the file and its row, for a directory input
@@ -232,7 +287,8 @@ def preprocess(
                     _nothing_kept(input_path, out, shard, tally, cache, time.perf_counter() - started)
                 saver.wait()
                 stats = _stats(tally, time.perf_counter() - started)
-                cache.finish(build_manifest(tok, cache.tokenizer_dir, options, source, tally, chat_template), stats)
+                manifest = build_manifest(tok, cache.tokenizer_dir, options, source, tally, chat_template, kind)
+                cache.finish(manifest, stats)
                 return stats
     finally:
         _builder, _limits = None, RowLimits()
@@ -258,12 +314,13 @@ def _row_limits(max_chars: int | None, render_timeout: float | None, max_length:
     return RowLimits(chars, render_timeout or None)
 
 
-def _record_builder(tok, options: MaskOptions, render_timeout: float | None, where) -> RecordBuilder:
-    """The RecordBuilder; its chat template renders a one-turn probe first, so a template that
-    never finishes is caught here, once, under the same time limit as a row."""
+def _record_builder(tok, options: MaskOptions, render_timeout: float | None, where, kind: str = PAIR) -> RecordBuilder:
+    """The RecordBuilder (KtoRecordBuilder for unpaired rows); its chat template renders a one-turn
+    probe first, so a template that never finishes is caught here, once, under the same time
+    limit as a row."""
     try:
         with time_limit(render_timeout):
-            return RecordBuilder(tok, options)
+            return builder_for(kind)(tok, options)
     except RenderTimeout as err:
         raise UsageError(
             f"the chat template of {where} never finishes rendering: a one-turn conversation took more than "
@@ -293,7 +350,7 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _nothing_kept(input_path, out: Path, shard: str | None, tally: Tally, cache: CacheWriter, seconds: float) -> None:
+def _nothing_kept(input_path, out: Path, shard: str | None, tally, cache: CacheWriter, seconds: float) -> None:
     """Stop a run that kept no row: no cache (train would refuse an empty one), but the rejects are
     kept beside the output, where they do not make it look like a cache."""
     if not tally.rows:
@@ -307,8 +364,17 @@ def _nothing_kept(input_path, out: Path, shard: str | None, tally: Tally, cache:
     )
 
 
+def detect_kind(source: Source) -> tuple[str, int | None]:
+    """The record kind of the input and the row that decided it: the first of its first KIND_ROWS
+    rows whose keys name a kind (`rows.row_kind`); pairs when none does."""
+    for n, row in islice(source.read(parse=True), KIND_ROWS):
+        if (kind := row_kind(row)) is not None:
+            return kind, n
+    return PAIR, None
+
+
 def build_manifest(
-    tok, saved_tokenizer: Path, options: MaskOptions, source: Source, tally: Tally, chat_template
+    tok, saved_tokenizer: Path, options: MaskOptions, source: Source, tally, chat_template, kind: str = PAIR
 ) -> Manifest:
     """What made the cache: the tokenizer, template and mask options, the input and its slice,
     counts and token totals."""
@@ -330,8 +396,9 @@ def build_manifest(
         max_length=options.max_length,
         input=source.describe(),
         shard=source.shard_info(),
-        counts={k: getattr(tally, k) for k in COUNTS},
-        tokens={k: getattr(tally, k) for k in TOKEN_TOTALS},
+        counts={k: getattr(tally, k) for k in counts_of(kind)},
+        tokens={k: getattr(tally, k) for k in token_totals_of(kind)},
+        kind=kind,
     )
 
 

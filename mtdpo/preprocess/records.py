@@ -1,6 +1,7 @@
 """One raw row in, one cache record out: validate, render and mask both sides, truncate.
 
 to_pair(row)            the row as two whole conversations and their shared prompt (rows.py)
+                        (KtoRecordBuilder: to_unpaired(row), one labelled conversation)
 mask_side(...)          render one side, find its trained turns in their generation contexts
                         (skeleton.py, else spans.py), encode each sequence (tokens.py),
                         self-check, label
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtdpo.cache import PairRecord, Sequence
+from mtdpo.cache import KTO, PAIR, KtoRecord, PairRecord, Sequence
+from mtdpo.cache.schema import first_trained
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.rows import Pair, RowError, to_pair
+from mtdpo.preprocess.rows import Pair, RowError, row_kind, to_pair, to_unpaired
 from mtdpo.preprocess.seed import seed_mask
 from mtdpo.preprocess.skeleton import SkeletonCache
 from mtdpo.preprocess.spans import (
@@ -31,6 +33,11 @@ from mtdpo.preprocess.tokens import PrefixReusingEncoder, TokenSurfaces, common_
 
 class Dropped(RowError):
     """A valid row that truncation left without a trained token on one side."""
+
+
+class OtherKind(RowError):
+    """A row of the other record kind (a pair in a file of unpaired rows, or the reverse): a cache
+    holds one kind, so preprocess stops at the first such row (pipeline.py)."""
 
 
 MASK_MODES = ("assistant", "seed")  # seed: the original research rule (seed.py)
@@ -53,6 +60,8 @@ class MaskOptions:
 
 class RecordBuilder:
     """`builder(n, row) -> (PairRecord, truncated)` for row number n, or RowError / Dropped."""
+
+    kind = PAIR
 
     def __init__(self, tokenizer, options: MaskOptions, one_render: bool = True):
         self.options = options
@@ -80,13 +89,22 @@ class RecordBuilder:
     def refuse_control_text(self, pair: Pair) -> None:
         """A message whose text holds a control token's text would be encoded as that token."""
         for side, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            for k, message in enumerate(messages):
-                for what in ("content", "reasoning_content"):
-                    if isinstance(text := message.get(what), str) and (token := self.chat.control_tokens.find(text)):
-                        raise RowError(
-                            f"{side}[{k}] {what} holds the text of the control token {token!r}, which the tokenizer "
-                            "would encode as that token: remove or escape it"
-                        )
+            self.refuse_control_text_in(side, messages)
+
+    def refuse_control_text_in(self, side: str, messages: list[dict]) -> None:
+        for k, message in enumerate(messages):
+            for what in ("content", "reasoning_content"):
+                if isinstance(text := message.get(what), str) and (token := self.chat.control_tokens.find(text)):
+                    raise RowError(
+                        f"{side}[{k}] {what} holds the text of the control token {token!r}, which the tokenizer "
+                        "would encode as that token: remove or escape it"
+                    )
+
+    def check_kind(self, row: object) -> None:
+        """Refuse a row whose keys make it a record of the other kind."""
+        if (kind := row_kind(row)) not in (None, self.kind):
+            shape = "a pair (chosen/rejected)" if kind == PAIR else "an unpaired row (label, messages or completion)"
+            raise OtherKind(f"{shape} in a file of {'pairs' if self.kind == PAIR else 'unpaired rows'}")
 
     def _mask(self, pair: Pair, messages: list[dict]) -> Sequence:
         options = self.options
@@ -115,6 +133,33 @@ class RecordBuilder:
             check_spans(group.text, bounds, messages, group.spans)
             pieces.append(Sequence(tokens.ids, labels_for(tokens.ids, trained_ranges(bounds.starts, group.spans))))
         return Sequence.join(pieces)
+
+
+class KtoRecordBuilder(RecordBuilder):
+    """`builder(n, row) -> (KtoRecord, truncated)`: one labelled trajectory, masked by the same
+    rule as a pair's side (every assistant message after the prompt), truncated the same way."""
+
+    kind = KTO
+
+    def __call__(self, n: int, row: object) -> tuple[KtoRecord, bool]:
+        unpaired = to_unpaired(row, self.options.string_arguments)
+        self.refuse_control_text_in("messages", unpaired.messages)
+        sequence = self._mask(unpaired, unpaired.messages)  # an Unpaired has what _mask reads of a Pair
+        if not sequence.is_one_sequence:
+            raise RowError(
+                f"the trajectory is scored in {len(sequence.starts)} generation contexts (the chat template is not "
+                "prefix-stable): a KTO row is one sequence, its KL sequence joining its prompt to another row's completion"
+            )
+        limit = self.options.max_length
+        truncated = len(sequence) > limit
+        sequence = truncate(sequence, limit)
+        if sequence.trained_tokens == 0:
+            raise Dropped(f"no trained token left after truncation to --max-length {limit}")
+        return KtoRecord(sequence, unpaired.desirable, first_trained(sequence.labels), n), truncated
+
+
+def builder_for(kind: str) -> type[RecordBuilder]:
+    return KtoRecordBuilder if kind == KTO else RecordBuilder
 
 
 def truncate(sequence: Sequence, max_length: int) -> Sequence:

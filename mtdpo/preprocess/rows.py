@@ -1,6 +1,7 @@
-"""Turn one raw input row into a validated preference pair of full conversations.
+"""Turn one raw input row into a validated preference pair of full conversations, or (for a KTO
+cache) into one labelled conversation.
 
-Two row shapes are accepted (docs/DESIGN.md, "Input"):
+Two pair shapes are accepted (docs/DESIGN.md, "Input"):
   {"chosen": [msgs], "rejected": [msgs]}                 full conversations (RLHFlow style)
   {"prompt": [msgs] | str, "chosen": [msgs] | str, "rejected": [msgs] | str}   TRL style
 Either way the shared prompt is the longest common prefix of whole messages of the two
@@ -16,6 +17,14 @@ keys: `tools` (JSON schemas, given to the template as `tools=`; `chosen_tools` /
 `rejected_tools` must then be equal) and `chat_template_kwargs` (e.g. `enable_thinking`). The sides must first differ at an
 assistant message (on at least one side): a pair whose sides first differ at a user, system or
 tool message on both sides answers two different prompts, which DPO cannot compare.
+
+Unpaired rows (KTO; `to_unpaired`), in two shapes:
+  {"messages": [msgs], "label": true | false}           a whole trajectory (`mtdpo pairs --kto`)
+  {"prompt": [msgs] | str, "completion": [msgs] | str, "label": true | false}   TRL's shape
+The prompt is `prompt` when given, else the messages before the first assistant message; every
+assistant message after it is trained, as on a pair's side. `tools` and `chat_template_kwargs`
+work as for pairs; other keys (`prompt_id`, `reward`, `gt` …) are carried by the input only.
+`row_kind` tells the two families apart by their keys: a file holds one (preprocess refuses a mix).
 
 Every RowError message is written to rejects.jsonl as is, so it names the place (`chosen[1]`)
 and says what is wrong in JSON terms (null, a number, an object), not Python's.
@@ -100,6 +109,65 @@ def with_parsed_arguments(message: dict) -> dict:
             call = {**call, "function": {**call["function"], "arguments": json.loads(arguments)}}
         parsed.append(call)
     return {**message, "tool_calls": parsed}
+
+
+PAIR_KEYS = ("chosen", "rejected")
+UNPAIRED_KEYS = ("label", "completion", "messages")
+
+
+def row_kind(row: object) -> str | None:
+    """ "pair" for a row with chosen/rejected, "kto" for an unpaired one (label, completion or
+    messages), None when its keys say neither (it is rejected as a row of the file's kind)."""
+    if not isinstance(row, dict):
+        return None
+    if any(row.get(key) is not None for key in PAIR_KEYS):
+        return "pair"
+    if any(row.get(key) is not None for key in UNPAIRED_KEYS):
+        return "kto"
+    return None
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """One labelled trajectory (KTO): its messages, how many of them are the prompt, the label."""
+
+    messages: list[dict]
+    n_prompt: int  # leading messages never trained
+    desirable: bool
+    tools: list[dict] | None = None
+    template_kwargs: dict | None = None
+
+
+def to_unpaired(row: object, string_arguments: bool = False) -> Unpaired:
+    """The row as an Unpaired trajectory; tool-call arguments as `to_pair` reads them."""
+    if not isinstance(row, dict):
+        raise RowError(f"row is {json_type(row)}, expected a JSON object")
+    if "label" not in row:
+        raise RowError(f"missing key 'label' (row keys: {sorted(row)})")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise RowError(f"label is {json_type(label)}, expected true (desirable) or false (undesirable)")
+    if row.get("completion") is not None:
+        prompt = _messages(row["prompt"], "prompt", "user") if row.get("prompt") is not None else []
+        completion = _messages(row["completion"], "completion", "assistant")
+        if row.get("messages") is not None:
+            raise RowError("the row has both 'messages' and 'completion': give the trajectory once")
+        messages, n_prompt = prompt + completion, len(prompt)
+        where = "completion"
+    elif row.get("messages") is not None:
+        messages = _messages(row["messages"], "messages", "user")
+        n_prompt = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+        where = "messages"
+    else:
+        raise RowError(f"missing key 'messages' or 'completion' (row keys: {sorted(row)})")
+    if len(messages) > MAX_MESSAGES:
+        raise RowError(f"{where} has {len(messages):,} messages, more than the {MAX_MESSAGES} mtdpo renders per row")
+    if not any(m["role"] == "assistant" for m in messages[n_prompt:]):
+        after = f" after the prompt ({n_prompt} messages)" if where == "completion" else ""
+        raise RowError(f"{where} has no assistant message{after}")
+    if not string_arguments:
+        messages = [with_parsed_arguments(m) for m in messages]
+    return Unpaired(messages, n_prompt, label, _tools(row), _template_kwargs(row))
 
 
 def _tools(row: dict) -> list[dict] | None:
