@@ -32,6 +32,21 @@ def make_cache(tmp: Path, rows=None, n: int = 32, name: str = "cache", **kwargs)
     return tmp / name
 
 
+def kto_rows(n: int, seed: int = 3) -> list[dict]:
+    """2n unpaired multi-turn rows ({"messages", "label"}) from n generated pairs: each pair's
+    chosen conversation (desirable) then its rejected one (undesirable)."""
+    rows = []
+    for pair in make_pairs(n, seed=seed):
+        prompt = pair.get("prompt", [])
+        rows += [{"messages": prompt + pair[side], "label": side == "chosen"} for side in ("chosen", "rejected")]
+    return rows
+
+
+def make_kto_cache(tmp: Path, n: int = 8, name: str = "kto", **kwargs) -> Path:
+    """A KTO cache of 2n multi-turn rows (kto_rows)."""
+    return make_cache(tmp, kto_rows(n), name=name, **kwargs)
+
+
 def single_turn_rows(n: int) -> list[dict]:
     return [
         {
@@ -73,10 +88,40 @@ def mtdpo_trainer(
     return MultiTurnDPOTrainer(policy, ref, args, plan, train_dataset=data.pairs, data_collator=PairCollator(0))
 
 
+def kto_trainer(cache: Path, policy, ref, tmp: Path, reference: Reference | None = None, **config):
+    """A MultiTurnKTOTrainer on a KTO cache, as `mtdpo_trainer` builds a DPO one (fp32, padded
+    batches unless `padding_free`): its train_dataset is the cache's rows with their KL partners."""
+    from mtdpo.train.kto_trainer import kto_run_parts
+
+    defaults = dict(
+        output_dir=str(tmp / "run"),
+        data=[str(cache)],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        bf16=False,
+        loss_type="kto",
+        train_sampling_strategy="sequential",
+    )
+    args = MtdpoConfig(**{**defaults, **config})
+    ref = None if ref is None else copy.deepcopy(ref).eval().requires_grad_(False)
+    data = open_caches([str(cache)])
+    plan = make_plan(args, data, None, policy.config)
+    plan = plan if reference is None else dataclasses.replace(plan, reference=reference)
+    parts = kto_run_parts(args, plan, data, None)
+    return parts["trainer"](
+        policy, ref, args, plan, train_dataset=parts["train_dataset"], data_collator=parts["collator"]
+    )
+
+
+def kto_batch(trainer, indices) -> dict:
+    """The collated batch of the trainer's rows at these dataset positions (their partners included)."""
+    return trainer.data_collator([trainer.train_dataset[i] for i in indices])
+
+
 def loss_metrics_grads(trainer: MultiTurnDPOTrainer, inputs: dict) -> tuple[float, dict, list[torch.Tensor]]:
     """One forward and backward of `inputs` through the trainer's loss: the loss, its logged
     metrics and a copy of every parameter's gradient (to compare two batch layouts)."""
-    loss, metrics = trainer.pair_loss(trainer.model, inputs)
+    loss, metrics = trainer.batch_loss(trainer.model, inputs)
     loss.backward()
     return loss.item(), metrics, [p.grad.clone() for p in trainer.model.parameters()]
 

@@ -97,15 +97,15 @@ class ProgressLine(TrainerCallback):
             mfu = f"  MFU {logs['mfu']:.1f}%" if "mfu" in logs else ""
             print(
                 f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
-                f"  loss {logs['loss']:.4f}  dpo {logs.get('dpo_loss', NAN):.4f}  nll {logs.get('nll', NAN):.4f}"
-                f"  margin {logs.get('rewards/margins', NAN):+.3f}  acc {accuracy(logs)}"
+                f"  loss {logs['loss']:.4f}  {objective(logs)}  nll {logs.get('nll', NAN):.4f}"
+                f"  margin {logs.get('rewards/margins', NAN):+.3f}  {quality(logs)}"
                 f"  {logs.get('tokens_per_second', 0):,.0f} tok/s{mfu}  eta {clock(eta)}",
                 flush=True,
             )
         elif "eval_loss" in logs:
             print(
                 f"eval  loss {logs['eval_loss']:.4f}  margin {logs.get('eval_rewards/margins', NAN):+.3f}"
-                f"  acc {accuracy(logs, 'eval_')}",
+                f"  {quality(logs, 'eval_')}",
                 flush=True,
             )
         elif "train_runtime" in logs:
@@ -120,12 +120,30 @@ class ProgressLine(TrainerCallback):
             return ""
         first, last = self.first_log, self.last_log
         seconds = self.last_time - self.started - self.eval_seconds
+        trend = (
+            f"kl {first['kl']:.3f} → {last['kl']:.3f}"
+            if "kto_loss" in last
+            else f"acc {accuracy(first)} → {accuracy(last)}"
+        )
         return (
-            f", margin {first.get('rewards/margins', NAN):+.3f} → {last.get('rewards/margins', NAN):+.3f}"
-            f", acc {accuracy(first)} → {accuracy(last)}"
+            f", margin {first.get('rewards/margins', NAN):+.3f} → {last.get('rewards/margins', NAN):+.3f}, {trend}"
             f", {self.tokens / seconds if seconds > 0 else 0:,.0f} tok/s"
             + (f", MFU {self.mfu_seconds / seconds:.1f}%" if "mfu" in last and seconds > 0 else "")
         )
+
+
+def objective(logs: dict) -> str:
+    """The preference term: dpo, or kto on a KTO cache."""
+    if "kto_loss" in logs:
+        return f"kto {logs['kto_loss']:.4f}"
+    return f"dpo {logs.get('dpo_loss', NAN):.4f}"
+
+
+def quality(logs: dict, prefix: str = "") -> str:
+    """Reward accuracy for pairs; for KTO (no pairs to be right about) the reference point kl."""
+    if f"{prefix}kto_loss" in logs:
+        return f"kl {logs.get(f'{prefix}kl', NAN):.3f}"
+    return f"acc {accuracy(logs, prefix)}"
 
 
 def accuracy(logs: dict, prefix: str = "") -> str:

@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mtdpo.errors import UsageError
+from mtdpo.train.kto_loss import KTO_LOSS_TYPES, NEEDS_KL
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, REFERENCE_FREE
 
 
@@ -33,16 +34,26 @@ class MtdpoConfig(TrainingArguments):
     beta: float = field(
         default=0.1, metadata={"help": "DPO temperature: larger keeps the policy closer to the reference."}
     )
-    nll_coef: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the NLL term on chosen tokens (1.0: the math-agent recipe; 0: plain DPO)."},
+    nll_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the NLL term on chosen tokens (KTO: on desirable rows). 0: plain DPO / KTO. "
+            "[default: 1.0 with a pair loss (the math-agent recipe), 0 with kto and apo_zero_unpaired (M-KTO and TRL add none)]"
+        },
     )
     loss_type: str = field(
         default="sigmoid",
         metadata={
-            "help": "sigmoid (DPO), ipo, hinge, robust, sigmoid_norm (length-normalised), "
-            "simpo (no reference model; wants --beta 2-10), apo_zero, bco_pair."
+            "help": "Pair caches: sigmoid (DPO), ipo, hinge, robust, sigmoid_norm (length-normalised), "
+            "simpo (no reference model; wants --beta 2-10), apo_zero, bco_pair. "
+            "KTO caches: kto (with TRL's KL reference point), apo_zero_unpaired."
         },
+    )
+    desirable_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight of the desirable rows' losses (the paper's lambda_D)."}
+    )
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight of the undesirable rows' losses (the paper's lambda_U)."}
     )
     label_smoothing: float = field(
         default=0.0,
@@ -169,6 +180,8 @@ class MtdpoConfig(TrainingArguments):
         else:
             self.precision_note = "set by --bf16" if self.bf16 else "set by --no-bf16"
         super().__post_init__()
+        if self.nll_coef is None:  # M-KTO (the paper's code) and TRL's KTOTrainer add no NLL term
+            self.nll_coef = 0.0 if self.loss_type in KTO_LOSS_TYPES else 1.0
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.data:
@@ -179,8 +192,21 @@ class MtdpoConfig(TrainingArguments):
 
     def check(self) -> None:
         """Options that cannot work together, refused in one line before anything is loaded."""
-        if self.loss_type not in LOSS_TYPES:
-            raise UsageError(f"unknown --loss-type {self.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+        if self.loss_type not in LOSS_TYPES + KTO_LOSS_TYPES:
+            known = f"{', '.join(LOSS_TYPES)} (pair caches) or {', '.join(KTO_LOSS_TYPES)} (KTO caches)"
+            raise UsageError(f"unknown --loss-type {self.loss_type!r}; use one of {known}")
+        if self.loss_type in NEEDS_KL and self.per_device_train_batch_size < 2:
+            raise UsageError(
+                f"--loss-type {self.loss_type} needs --per-device-train-batch-size 2 or more: with 1, each row's KL "
+                "partner is the row itself and the reference point its own reward (TRL refuses it too); "
+                "raise it, lowering --gradient-accumulation-steps for the same step"
+            )
+        for flag, weight in (
+            ("--desirable-weight", self.desirable_weight),
+            ("--undesirable-weight", self.undesirable_weight),
+        ):
+            if not weight > 0:
+                raise UsageError(f"{flag} {weight}: a KTO class weight is a positive number")
         if self.nll_norm not in NLL_NORMS:
             raise UsageError(f"unknown --nll-norm {self.nll_norm!r}; use one of {', '.join(NLL_NORMS)}")
         if self.loss_scope not in ("step", "micro_batch"):

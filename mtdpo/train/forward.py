@@ -11,11 +11,12 @@ from mtdpo.cache import IGNORE_INDEX
 from mtdpo.train.attention import SEGMENT_ATTENTION
 
 
-def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_sequence_logps(model, inputs: dict, n_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss.sequence_logps` computed through the fused head: the same numbers (tested),
     without the logits, summed in fp32. Works on every layout of `data.PairCollator`:
     padded [2B, T] rows, and packed or prefix-shared rows, whose `logp_index` says which
-    predicted position counts for which sequence."""
+    predicted position counts for which sequence (`n_sequences` of them: by default the 2B
+    sides of the batch's pairs; KTO's packed batches say theirs)."""
     segments = inputs.get("segments") if uses_segment_attention(model) else None
     # With segments, a mask of ones: transformers then builds no [T, T] mask (the segments say it
     # all). Other kernels get the batch's own mask, or none for a packed row (positions mark it).
@@ -37,7 +38,7 @@ def fused_sequence_logps(model, inputs: dict) -> tuple[torch.Tensor, torch.Tenso
             logps, tokens = logps.new_zeros(n).index_add(0, side, logps), tokens.new_zeros(n).index_add(0, side, tokens)
         return logps, tokens
     position, sequence = inputs["logp_index"]
-    n = 2 * len(inputs["rows"])
+    n = 2 * len(inputs["rows"]) if n_sequences is None else n_sequences
     logps = log_probs.new_zeros(n).index_add(0, sequence, log_probs[0, position])
     return logps, torch.bincount(sequence, minlength=n)
 

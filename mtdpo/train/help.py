@@ -18,7 +18,17 @@ from rich.table import Table
 # the TrainingArguments a DPO run most often sets.
 OPTION_GROUPS = {
     "Data": ("data", "eval_data", "allow_mismatch", "verify_cache", "train_sampling_strategy"),
-    "Objective": ("beta", "nll_coef", "nll_norm", "loss_scope", "loss_type", "label_smoothing", "simpo_gamma"),
+    "Objective": (
+        "beta",
+        "nll_coef",
+        "nll_norm",
+        "loss_scope",
+        "loss_type",
+        "label_smoothing",
+        "simpo_gamma",
+        "desirable_weight",
+        "undesirable_weight",
+    ),
     "Reference": ("ref_model",),
     "Model": ("model", "attn_implementation", "prefix_sharing", "prefix_forest", "padding_free", "trust_remote_code"),
     "Run": (
@@ -40,12 +50,19 @@ OPTION_GROUPS = {
 }
 # TrainingArguments' own help runs to several lines each: one line here (`--help-all` has theirs).
 SHORT_HELP = {
+    "nll_coef": "NLL weight on chosen tokens (KTO: desirable rows). [default: 1.0; 0 with a KTO loss]",
+    "nll_norm": "token: over all trained chosen tokens; sequence: per conversation.",
+    "loss_scope": "step: means over the optimizer step; micro_batch: per micro-batch.",
+    "loss_type": "sigmoid, ipo, hinge, robust, sigmoid_norm, simpo, apo_zero, bco_pair; "
+    "KTO caches: kto, apo_zero_unpaired.",
+    "desirable_weight": "KTO: weight of the desirable rows.",
+    "undesirable_weight": "KTO: weight of the undesirable rows.",
     "data": "Caches from `mtdpo preprocess` (or globs).",
     "train_sampling_strategy": "group_by_length (less padding), random, sequential.",
     "allow_mismatch": "Train even if the model's tokenizer differs from the cache's.",
     "num_train_epochs": "Passes over the data.",
     "max_steps": "Optimizer steps to run; overrides --num-train-epochs when > 0.",
-    "per_device_train_batch_size": "Pairs per batch on each device.",
+    "per_device_train_batch_size": "Pairs (KTO: rows) per batch on each device; for KTO it also fixes each row's KL partner (TRL's rule), so precompute-ref needs the run's.",
     "per_device_eval_batch_size": "Pairs per forward pass in evaluation and precompute-ref.",
     "gradient_accumulation_steps": "Batches per optimizer step (the update equals one batch this many times larger).",
     "bf16": "bfloat16 mixed precision; --no-bf16: fp32. [default: where the hardware has it: GPU, CPU with AMX or avx512_bf16]",
@@ -96,6 +113,7 @@ PRECOMPUTE_OPTIONS = (
     "prefix_sharing",
     "padding_free",
     "per_device_eval_batch_size",
+    "per_device_train_batch_size",
     "allow_mismatch",
     "trust_remote_code",
     "verify_cache",

@@ -152,6 +152,25 @@ def kl_partners(n: int, batch_size: int | None = None) -> list[int]:
     return partners
 
 
+def kl_partner(position: int, n: int, batch_size: int) -> int:
+    """`kl_partners(n, batch_size)[position]` alone: the partner of the row at `position` of a
+    dataset of n rows, a pure function of the two (what a trainer reading rows in any order uses)."""
+    if not 0 <= position < n:
+        raise IndexError(f"position {position} of {n} rows")
+    start = position - position % batch_size
+    return min(start + batch_size, n) - 1 if position == start else position - 1
+
+
+def mismatched_sequence(row: Row, partner: Row, max_length: int | None = None) -> tuple[list[int], list[int], int]:
+    """One KL sequence: `row`'s prompt followed by `partner`'s completion (see mismatched_pairs)."""
+    (ids, _, prompt_len), (other_ids, other_labels, other_prompt_len) = row, partner
+    kl_ids = [*ids[:prompt_len], *other_ids[other_prompt_len:]]
+    kl_labels = [IGNORE_INDEX] * prompt_len + [*other_labels[other_prompt_len:]]
+    if max_length is not None:
+        kl_ids, kl_labels = kl_ids[:max_length], kl_labels[:max_length]
+    return kl_ids, kl_labels, min(prompt_len, len(kl_ids))
+
+
 def mismatched_pairs(
     rows: Sequence[Row], batch_size: int | None = None, max_length: int | None = None
 ) -> list[tuple[list[int], list[int], int]]:
@@ -166,15 +185,7 @@ def mismatched_pairs(
     keeps each sequence's first tokens, as TRL's collator truncates (the KL sequence can be
     longer than both of the rows it joins).
     """
-    pairs = []
-    for (ids, _, prompt_len), j in zip(rows, kl_partners(len(rows), batch_size)):
-        other_ids, other_labels, other_prompt_len = rows[j]
-        kl_ids = [*ids[:prompt_len], *other_ids[other_prompt_len:]]
-        kl_labels = [IGNORE_INDEX] * prompt_len + [*other_labels[other_prompt_len:]]
-        if max_length is not None:
-            kl_ids, kl_labels = kl_ids[:max_length], kl_labels[:max_length]
-        pairs.append((kl_ids, kl_labels, min(prompt_len, len(kl_ids))))
-    return pairs
+    return [mismatched_sequence(row, rows[j], max_length) for row, j in zip(rows, kl_partners(len(rows), batch_size))]
 
 
 def desirable_nll(

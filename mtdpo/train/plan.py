@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mtdpo.cache import OpenCache
+from mtdpo.cache.schema import KIND_NAMES
 from mtdpo.errors import UsageError
 from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.kto_loss import KTO_LOSS_TYPES, NEEDS_KL
 from mtdpo.train.layout import Layout, choose_layout
-from mtdpo.train.loss import REFERENCE_FREE
+from mtdpo.train.loss import LOSS_TYPES, REFERENCE_FREE
 from mtdpo.train.provenance import check_provenance
 
 
@@ -68,9 +70,8 @@ class Plan:
 
 def make_plan(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache | None, model_config) -> Plan:
     """Decide, in one place, and refuse what cannot work in one line."""
-    layout = choose_layout(
-        config.attn_implementation, config.prefix_sharing, config.padding_free, model_config, config.prefix_forest
-    )
+    check_loss_fits(config, train, evaluation)
+    layout = layout_for(config, train, model_config)
     plan = Plan(
         reference=reference_source(config, train),
         eval_reference=None if evaluation is None else reference_source(config, evaluation),
@@ -93,7 +94,72 @@ def make_plan(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache | Non
                     f"trains in {plan.precision}: step 1 would not start from a tie. Re-run `mtdpo precompute-ref {path}` "
                     f"with this run's options, or pass {'--bf16' if manifest.reference.precision == 'bf16' else '--no-bf16'}"
                 )
+        if train.is_kto and config.loss_type in NEEDS_KL:
+            for cache in used:
+                check_kl_partners(cache, config.per_device_train_batch_size)
     return plan
+
+
+def check_loss_fits(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache | None) -> None:
+    """A pair loss on pairs, a KTO loss on KTO rows; the eval cache of the train cache's kind."""
+    if evaluation is not None and evaluation.kind != train.kind:
+        raise UsageError(
+            f"--eval-data {evaluation.path} is {KIND_NAMES[evaluation.kind]} and --data {train.path} {KIND_NAMES[train.kind]}: "
+            "evaluate on a cache of the training data's kind"
+        )
+    if train.is_kto and config.loss_type not in KTO_LOSS_TYPES:
+        raise UsageError(
+            f"{train.path} is a KTO cache (unpaired rows): --loss-type {config.loss_type} needs pairs; "
+            f"use --loss-type {' or '.join(KTO_LOSS_TYPES)}"
+        )
+    if train.is_kto and config.nll_norm != "token":
+        raise UsageError(
+            "--nll-norm sequence is for pairs: KTO's NLL on desirable rows is per token (--nll-norm token)"
+        )
+    if not train.is_kto and config.loss_type not in LOSS_TYPES:
+        raise UsageError(
+            f"--loss-type {config.loss_type} needs a KTO cache (unpaired rows), and {train.path} is a pair cache; "
+            "preprocess rows of {messages, label} (`mtdpo pairs --kto`) for KTO, or pick a pair loss"
+        )
+
+
+def layout_for(config: MtdpoConfig, train: OpenCache, model_config) -> Layout:
+    """The pair layouts of layout.choose_layout; a KTO row is one sequence, so prefix sharing (a
+    pair's two sides over one prompt) does not apply to it: padded, or packed with --padding-free."""
+    if not train.is_kto:
+        return choose_layout(
+            config.attn_implementation, config.prefix_sharing, config.padding_free, model_config, config.prefix_forest
+        )
+    pair_only = (
+        ("--prefix-sharing", config.prefix_sharing),
+        ("--prefix-forest", config.prefix_forest),
+        ("--group-by-prompt", config.group_by_prompt),
+        ("--max-tokens-per-batch", config.max_tokens_per_batch),
+    )
+    for flag, value in pair_only:
+        if value:
+            raise UsageError(f"{flag} lays out pairs; a KTO row is one sequence: drop it (or use --padding-free)")
+    return choose_layout(config.attn_implementation, False, config.padding_free, model_config)
+
+
+def check_kl_partners(cache: OpenCache, batch_size: int) -> None:
+    """Stored KL log-probs fit this run only if its rows get the partners they were computed with:
+    the same per-device batch size, and (caches trained together) each cache starting a new chunk."""
+    offset = 0
+    for path, manifest in zip(cache.paths, cache.manifests):
+        stored = manifest.reference.kl_batch_size
+        if stored != batch_size:
+            raise UsageError(
+                f"cache {path} holds KL log-probs of partners paired in chunks of {stored} rows (--per-device-train-batch-size "
+                f"{stored}), but this run pairs in chunks of {batch_size}: re-run `mtdpo precompute-ref {path} "
+                f"--per-device-train-batch-size {batch_size}`, or train with {stored}"
+            )
+        if offset % batch_size:
+            raise UsageError(
+                f"cache {path} starts at row {offset} of the joined caches, inside a chunk of {batch_size}: its rows' KL "
+                "partners differ from the ones precompute-ref paired; train the caches without stored log-probs, or one at a time"
+            )
+        offset += manifest.pairs
 
 
 def reference_source(config: MtdpoConfig, cache: OpenCache) -> Reference:

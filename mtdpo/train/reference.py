@@ -13,13 +13,22 @@ import torch
 from transformers import set_seed
 from trl.trainer.utils import add_fused_lm_head
 
-from mtdpo.cache import Manifest, OpenCache, ReferenceInfo, check_model_matches, open_cache, write_reference
-from mtdpo.cache.schema import REFERENCE_COLUMNS
+from mtdpo.cache import (
+    Manifest,
+    OpenCache,
+    ReferenceInfo,
+    check_model_matches,
+    open_cache,
+    write_reference,
+    write_reference_columns,
+)
+from mtdpo.cache.schema import REFERENCE_COLUMNS, reference_columns
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.forward import fused_sequence_logps
-from mtdpo.train.layout import choose_layout
+from mtdpo.train.kto_data import KtoCollator, KtoRows, sub_batch_logps
 from mtdpo.train.model import load_model_config, load_policy
+from mtdpo.train.plan import layout_for
 from mtdpo.train.provenance import reference_identity
 
 
@@ -30,18 +39,18 @@ def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest
     cache = open_cache(config.data[0], verify=True, full=config.verify_cache)  # never vouch for changed bytes
     model_config = load_model_config(name, config.trust_remote_code)
     check_model_matches(cache, name, model_config.vocab_size, config.allow_mismatch)
-    layout = choose_layout(
-        config.attn_implementation, config.prefix_sharing, config.padding_free, model_config, config.prefix_forest
-    )
+    layout = layout_for(config, cache, model_config)
     set_seed(config.seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
     model = load_policy(name, config.attn_implementation, torch.float32, config.trust_remote_code)
     model.set_attn_implementation(layout.attention)
     add_fused_lm_head(model)
     model.to(config.device).eval()
+    identity = reference_identity(name, config.seed)
+    if cache.is_kto:
+        return precompute_kto(model, cache, config, layout, identity, progress)
     collate = PairCollator(cache.manifest.tokenizer.pad_token_id or 0, **layout.collator_options())
     with autocast(config):
         chosen, rejected = reference_logps(model, cache, collate, config.per_device_eval_batch_size, progress)
-    identity = reference_identity(name, config.seed)
     info = ReferenceInfo(
         model=name or "tiny random Gemma (seeded)",
         columns=list(REFERENCE_COLUMNS),
@@ -49,6 +58,54 @@ def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest
         **identity,
     )
     return write_reference(cache.path, cache.manifest, chosen, rejected, info)
+
+
+def precompute_kto(model, cache: OpenCache, config: MtdpoConfig, layout, identity: dict, progress: bool) -> Manifest:
+    """A KTO cache's reference log-probs: of each row and of its KL sequence. The KL partners are
+    those of a run with this --per-device-train-batch-size (recorded: train refuses another)."""
+    batch_size = config.per_device_train_batch_size
+    rows = KtoRows(cache, batch_size)
+    options = layout.collator_options()
+    collate = KtoCollator(
+        cache.manifest.tokenizer.pad_token_id or 0,
+        options["padding_free"],
+        options["segments"],
+        cache.manifest.max_length,
+    )
+    values = [[], []]  # rows, KL sequences
+    with autocast(config), torch.no_grad(), progress_bar("rows", len(rows), progress) as advance:
+        for start in range(0, len(rows), config.per_device_eval_batch_size):
+            batch = collate([rows[i] for i in range(start, min(start + config.per_device_eval_batch_size, len(rows)))])
+            for k, part in enumerate(("policy", "kl")):
+                inputs = {key: value.to(model.device) for key, value in batch[part].items()}
+                values[k] += sub_batch_logps(model, inputs)[0].float().tolist()
+            advance(len(batch["rows"]))
+    info = ReferenceInfo(
+        model=config.ref_model or config.model or "tiny random Gemma (seeded)",
+        columns=list(reference_columns(cache.kind)),
+        precision="bf16" if config.bf16 else "fp32",
+        kl_batch_size=batch_size,
+        **identity,
+    )
+    return write_reference_columns(cache.path, cache.manifest, values, info)
+
+
+@contextlib.contextmanager
+def progress_bar(unit: str, total: int, enabled: bool = True):
+    """A transient bar "reference log-probs ... N/M unit"; yields advance(n)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("reference log-probs"), BarColumn(), MofNCompleteColumn(), TextColumn(unit))
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=True) as bar:
+        task = bar.add_task("reference", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def autocast(config: MtdpoConfig):

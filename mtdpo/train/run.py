@@ -16,6 +16,7 @@ from mtdpo.errors import Interrupted
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
+from mtdpo.train.kto_trainer import kto_run_parts
 from mtdpo.train.lora import add_lora, finish_adapters
 from mtdpo.train.model import load_model_config, load_policy, load_reference
 from mtdpo.train.plan import make_plan
@@ -69,17 +70,28 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     output_dir = Path(config.output_dir)
     stop = StopOnSignal()  # SIGTERM: checkpoint, then stop (mtdpo/train/safety.py)
     callbacks = [stop, *callbacks]
-    trainer = MultiTurnDPOTrainer(
+    parts = {  # a pair cache's; a KTO cache's rows come with their KL partners (kto_trainer.py)
+        "trainer": MultiTurnDPOTrainer,
+        "train_dataset": train_data.pairs,
+        "eval_dataset": None if eval_data is None else eval_data.pairs,
+        "collator": PairCollator(train_data.manifest.tokenizer.pad_token_id or 0, **plan.layout.collator_options()),
+        "advice": None,
+    }
+    if train_data.is_kto:
+        parts = kto_run_parts(config, plan, train_data, eval_data)
+    trainer = parts["trainer"](
         policy,
         ref,
         config,
         plan,
-        train_dataset=train_data.pairs,
-        eval_dataset=None if eval_data is None else eval_data.pairs,
-        data_collator=PairCollator(train_data.manifest.tokenizer.pad_token_id or 0, **plan.layout.collator_options()),
+        train_dataset=parts["train_dataset"],
+        eval_dataset=parts["eval_dataset"],
+        data_collator=parts["collator"],
         callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
     )
-    progress.header = f"{plan.describe()}; {trainer.mfu_note}"
+    progress.header = f"{plan.describe()}; {trainer.mfu_note}" + (
+        f"\nKTO weights: {parts['advice']}" if parts["advice"] else ""
+    )
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
     if resume == "auto":

@@ -107,7 +107,7 @@ class MultiTurnDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         reference = self.plan.reference if mode == "train" else self.plan.eval_reference
-        loss, metrics = self.pair_loss(
+        loss, metrics = self.batch_loss(
             model, inputs, reference, step_counts=num_items_in_batch if mode == "train" else None
         )
         if mode == "train" and not self.nonfinite.finite(
@@ -118,8 +118,16 @@ class MultiTurnDPOTrainer(Trainer):
             self._metrics[mode][name].append(value)
         if mode == "train":
             self._tokens_since_log += int(self.accelerator.gather(real_tokens(inputs)).sum())
-            self._sequences_since_log += 2 * len(inputs["rows"]) * self.accelerator.num_processes
+            self._sequences_since_log += self._sequences(inputs) * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
+
+    def batch_loss(self, model, inputs, reference=None, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """A batch's loss and logged metrics: here a pair batch's (`pair_loss`)."""
+        return self.pair_loss(model, inputs, reference, step_counts)
+
+    def _sequences(self, inputs) -> int:
+        """Sequences whose tokens `real_tokens` counts (for the mean length of MFU): both sides of each pair."""
+        return 2 * len(inputs["rows"])
 
     def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
         """[pairs, trained chosen tokens] of the optimizer step, over every micro-batch and rank:

@@ -1,0 +1,297 @@
+"""KTO on KTO caches: KL partners, batches, the multi-turn mask in the loss, layouts, the checks
+that keep pair losses and KTO losses on their own caches, precompute-ref, LoRA and resume.
+(TRL parity: test_kto_parity.py; two ranks: test_kto_distributed.py, slow.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_train import run_config
+from trainkit import (
+    kto_batch,
+    kto_rows,
+    kto_trainer,
+    logged,
+    loss_metrics_grads,
+    make_cache,
+    make_kto_cache,
+    precompute,
+    tiny_model,
+)
+
+from mtdpo.cache import KtoRecord, Sequence, open_caches
+from mtdpo.errors import UsageError
+from mtdpo.train.attention import SEGMENT_ATTENTION
+from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.kto_data import KtoCollator, KtoRows
+from mtdpo.train.kto_loss import (
+    KTO_LOSS_TYPES,
+    desirable_nll,
+    kl_estimate,
+    kl_partner,
+    kl_partners,
+    kto_mean,
+    unpaired_loss,
+)
+from mtdpo.train.loss import sequence_logps
+from mtdpo.train.run import train
+
+X = -100
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_kto_cache(tmp_path_factory.mktemp("kto"), n=8)  # 16 multi-turn rows
+
+
+def kto_config(cache, tmp_path, **overrides):
+    return run_config(cache, tmp_path, **{"loss_type": "kto", "per_device_train_batch_size": 4, **overrides})
+
+
+# ── partners and batches ──────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 8, 16])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 8])
+def test_a_row_s_partner_is_a_function_of_its_position_alone(n, batch_size):
+    assert [kl_partner(i, n, batch_size) for i in range(n)] == kl_partners(n, batch_size)
+
+
+def test_rows_come_with_their_partner_in_any_order(cache):
+    data = open_caches([str(cache)])
+    rows = KtoRows(data, 3)
+    for i in reversed(range(len(rows))):  # any sampler's order: the partner follows the position
+        record, partner = rows[i]
+        assert record == data.record(i) and partner == data.record(kl_partners(16, 3)[i])
+    assert rows[15][1] == rows[15][0]  # the last chunk holds row 15 alone: paired with itself
+    assert KtoRows(data, 3, with_partners=False)[4][1] is None
+
+
+def test_the_collator_by_hand():
+    # row 10: prompt [2, 5], completion [6, 7] (desirable); row 11: prompt [2, 8], completion [9] (undesirable)
+    a = KtoRecord(Sequence([2, 5, 6, 7], [X, X, 6, 7]), True, 2, 10, reference=(-1.5, -2.5))
+    b = KtoRecord(Sequence([2, 8, 9], [X, X, 9]), False, 2, 11, reference=(-3.0, -4.0))
+    batch = KtoCollator(0)([(a, b), (b, a)])
+    assert batch["policy"]["input_ids"].tolist() == [[2, 5, 6, 7], [2, 8, 9, 0]]
+    assert batch["policy"]["labels"].tolist() == [[X, X, 6, 7], [X, X, 9, X]]
+    # each row's prompt, then its partner's completion with the partner's labels
+    assert batch["kl"]["input_ids"].tolist() == [[2, 5, 9, 0], [2, 8, 6, 7]]
+    assert batch["kl"]["labels"].tolist() == [[X, X, 9, X], [X, X, 6, 7]]
+    assert batch["desirable"].tolist() == [True, False] and batch["rows"].tolist() == [10, 11]
+    assert batch["pair_tokens"].item() == 7  # the rows' tokens (the trained ones), not the KL sequences'
+    assert batch["chosen_tokens"].item() == 2  # trained tokens of desirable rows: the NLL's divisor
+    assert batch["ref_logps"].tolist() == [-1.5, -3.0] and batch["ref_kl_logps"].tolist() == [-2.5, -4.0]
+    packed = KtoCollator(0, padding_free=True)([(a, b), (b, a)])
+    assert packed["policy"]["input_ids"].tolist() == [[2, 5, 6, 7, 2, 8, 9]]
+    assert packed["kl"]["input_ids"].tolist() == [[2, 5, 9, 2, 8, 6, 7]]
+    # (shifted position, sequence) of each trained token
+    assert packed["kl"]["logp_index"].tolist() == [[1, 4, 5], [0, 1, 1]]
+    truncated = KtoCollator(0, max_length=3)([(b, a)])  # a KL sequence longer than the cache allows keeps its start
+    assert truncated["kl"]["input_ids"].tolist() == [[2, 8, 6]]
+
+
+# ── the multi-turn mask in the loss ───────────────────────────────────────────
+
+
+@pytest.mark.parametrize("nll_coef", [0.0, 1.0])
+@pytest.mark.parametrize("loss_type", KTO_LOSS_TYPES)
+def test_untrained_positions_leave_the_kto_loss_bit_identical(cache, loss_type, nll_coef):
+    """Logits that predict user turns, tool output, headers or the prompt (label -100), in the
+    rows and in their KL sequences, never reach the loss nor get a gradient."""
+    data = open_caches([str(cache)])
+    rows = KtoRows(data, 4)
+    batch = KtoCollator(0)([rows[i] for i in range(4)])
+    labels, kl_labels, desirable = batch["policy"]["labels"], batch["kl"]["labels"], batch["desirable"]
+    g = torch.Generator().manual_seed(1)
+
+    def draw(like):
+        return torch.randn(*like.shape, 64, generator=g)
+
+    logits = draw(labels).requires_grad_(True)
+    ref, kl_logits, ref_kl = draw(labels), draw(kl_labels), draw(kl_labels)
+    # ids below 64 for these logits: the comparison is of which positions count, not of the vocabulary
+    labels, kl_labels = labels.where(labels == X, labels % 64), kl_labels.where(kl_labels == X, kl_labels % 64)
+
+    def objective(policy_logits, ref_logits, policy_kl, reference_kl):
+        logps, tokens = sequence_logps(policy_logits, labels)
+        ref_logps = sequence_logps(ref_logits, labels)[0]
+        kl = kl_estimate(sequence_logps(policy_kl, kl_labels)[0], sequence_logps(reference_kl, kl_labels)[0])
+        losses, _ = unpaired_loss(loss_type, logps, ref_logps, desirable, kl, 0.1)
+        return kto_mean(losses) + nll_coef * desirable_nll(logps, tokens, desirable)
+
+    loss = objective(logits, ref, kl_logits, ref_kl)
+    loss.backward()
+
+    def untrained(lab):
+        return torch.cat([lab[:, 1:] == X, torch.ones(len(lab), 1, dtype=torch.bool)], 1)[..., None]
+
+    gaps = [(row[row != X].numel(), (row == X).nonzero().max().item()) for row in labels[:, 1:]]
+    assert all(trained > 0 for trained, _ in gaps)
+    # multi-turn: untrained stretches (user turns, tool output) between trained turns
+    inside = [((row[:-1] != X) & (row[1:] == X)).sum().item() for row in labels]
+    assert max(inside) >= 2
+    noise = 50 * torch.randn(logits.shape, generator=g)
+    kl_noise = 50 * torch.randn(kl_logits.shape, generator=g)
+    with torch.no_grad():
+        perturbed = objective(
+            logits + noise * untrained(labels),
+            ref - noise * untrained(labels),
+            kl_logits + kl_noise * untrained(kl_labels),
+            ref_kl - kl_noise * untrained(kl_labels),
+        )
+    assert torch.equal(perturbed, loss.detach())
+    assert torch.all(logits.grad[untrained(labels).expand_as(logits)] == 0)
+    assert logits.grad.abs().sum() > 0
+
+
+def noisier(model):
+    """The model with noise on every weight: near-uniform distributions spread, so it gives the
+    completions lower log-probs than the model did and the KL mean is > 0 (tests/train/test_kto_parity.py)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_padding_free_batches_equal_padded_ones(cache, tmp_path):
+    results = []
+    for padding_free in (False, True):
+        model, ref = tiny_model(), noisier(tiny_model())  # kl > 0: not clamped
+        for m in (model, ref):
+            m.set_attn_implementation(SEGMENT_ATTENTION)
+        trainer = kto_trainer(cache, model, ref, tmp_path, padding_free=padding_free, nll_coef=1.0)
+        assert trainer.data_collator.padding_free is padding_free
+        results.append(loss_metrics_grads(trainer, kto_batch(trainer, range(4))))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for name in ("kl", "nll", "logps/chosen", "logps/rejected"):
+        assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-5), name
+    # rewards are beta x differences of log-probs summed in another order (fp32 rounding of sums ~ -300)
+    for name in ("rewards/chosen", "rewards/rejected"):
+        assert metrics_b[name] == pytest.approx(metrics_a[name], abs=1e-4), name
+    assert metrics_a["kl"] > 0
+    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-5
+
+
+def test_nll_on_desirable_rows_by_the_count_of_their_trained_tokens(cache, tmp_path):
+    trainer = kto_trainer(cache, tiny_model(), tiny_model(), tmp_path, nll_coef=1.0)
+    inputs = kto_batch(trainer, range(4))
+    loss, metrics = trainer.batch_loss(trainer.model, inputs)
+    from mtdpo.train.forward import fused_sequence_logps
+
+    with torch.no_grad():
+        logps, tokens = fused_sequence_logps(trainer.model, inputs["policy"])
+    desirable = inputs["desirable"]
+    assert metrics["nll"] == pytest.approx(-logps[desirable].sum().item() / tokens[desirable].sum().item(), rel=1e-6)
+    assert inputs["chosen_tokens"].item() == tokens[desirable].sum().item()
+    # the policy is its own reference: rewards 0, kl 0, every row's loss 1 - sigmoid(0) = 0.5
+    assert metrics["kl"] == 0 and metrics["rewards/margins"] == 0
+    assert metrics["kto_loss"] == pytest.approx(0.5) and loss.item() == pytest.approx(0.5 + metrics["nll"])
+
+
+# ── the checks ────────────────────────────────────────────────────────────────
+
+
+def test_kto_losses_go_on_kto_caches_and_pair_losses_on_pairs(cache, tmp_path):
+    pairs = make_cache(tmp_path, n=4)
+    with pytest.raises(UsageError, match=r"is a KTO cache \(unpaired rows\): --loss-type sigmoid needs pairs"):
+        train(kto_config(cache, tmp_path, loss_type="sigmoid"))
+    with pytest.raises(UsageError, match=r"--loss-type kto needs a KTO cache .* is a pair cache"):
+        train(run_config(pairs, tmp_path, loss_type="kto"))
+    with pytest.raises(UsageError, match=rf"{tmp_path / 'cache'} is a pair cache and {cache} a KTO cache: train"):
+        train(run_config(pairs, tmp_path, data=[str(pairs), str(cache)]))
+    with pytest.raises(UsageError, match="--eval-data .* is a pair cache and --data .* a KTO cache"):
+        train(kto_config(cache, tmp_path, eval_data=str(pairs)))
+    with pytest.raises(UsageError, match="--prefix-sharing lays out pairs"):
+        train(kto_config(cache, tmp_path, prefix_sharing=True))
+    with pytest.raises(UsageError, match="--nll-norm sequence is for pairs"):
+        train(kto_config(cache, tmp_path, nll_norm="sequence"))
+    with pytest.raises(UsageError, match="--desirable-weight 0.0: a KTO class weight is a positive number"):
+        kto_config(cache, tmp_path, desirable_weight=0.0)
+    with pytest.raises(UsageError, match="--loss-type kto needs --per-device-train-batch-size 2 or more"):
+        kto_config(cache, tmp_path, per_device_train_batch_size=1)
+    kto_config(cache, tmp_path, per_device_train_batch_size=1, loss_type="apo_zero_unpaired")  # no KL: fine
+    with pytest.raises(UsageError, match="unknown --loss-type 'kto_pair'"):
+        kto_config(cache, tmp_path, loss_type="kto_pair")
+
+
+def test_the_nll_default_follows_the_loss(tmp_path):
+    base = dict(data=["x"], output_dir=str(tmp_path), use_cpu=True)
+    assert MtdpoConfig(**base).nll_coef == 1.0  # the multi-turn DPO recipe
+    assert MtdpoConfig(**base, loss_type="kto").nll_coef == 0.0  # M-KTO and TRL: no NLL
+    assert MtdpoConfig(**base, loss_type="apo_zero_unpaired").nll_coef == 0.0
+    assert MtdpoConfig(**base, loss_type="kto", nll_coef=0.5).nll_coef == 0.5
+
+
+# ── runs ──────────────────────────────────────────────────────────────────────
+
+
+def test_a_kto_run_logs_what_trl_logs_and_says_when_the_weights_are_off(tmp_path, capsys):
+    rows = [dict(r, label=r["label"] or k % 4 == 1) for k, r in enumerate(kto_rows(6))]  # 9 desirable, 3 not
+    cache = make_cache(tmp_path, rows, name="lopsided")
+    counts = json.loads((cache / "manifest.json").read_text())["counts"]
+    assert (counts["desirable"], counts["undesirable"]) == (9, 3)
+    train(kto_config(cache, tmp_path, max_steps=3))
+    out = capsys.readouterr().out
+    assert "KTO weights: 9 desirable and 3 undesirable rows" in out
+    assert "Set EITHER desirable_weight in [0.33, 0.44] OR undesirable_weight in [2.26, 3]" in out
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = lines[0]
+    assert {"loss", "kto_loss", "nll", "kl", "rewards/chosen", "logps/chosen", "tokens_per_second"} <= set(first)
+    assert first["nll"] == 0 and first["loss"] == pytest.approx(first["kto_loss"])  # no NLL by default
+    assert "kto " in out and "  kl " in out
+    train(kto_config(cache, tmp_path, max_steps=1, desirable_weight=0.4, output_dir=str(tmp_path / "weighted")))
+    assert "KTO weights" not in capsys.readouterr().out
+
+
+def test_precomputed_reference_gives_the_same_losses_and_fixes_the_batch_size(cache, tmp_path):
+    live = tmp_path / "live"
+    train(kto_config(cache, tmp_path, output_dir=str(live), seed=42, nll_coef=1.0))
+    cached = tmp_path / "cached"
+    shutil.copytree(cache, cached)
+    precompute(cached, per_device_train_batch_size=4)  # the seed-42 tiny model: the run's start and reference
+    manifest = json.loads((cached / "manifest.json").read_text())
+    assert (
+        manifest["reference"]["columns"] == ["ref_logp", "ref_kl_logp"] and manifest["reference"]["kl_batch_size"] == 4
+    )
+    pre = tmp_path / "pre"
+    train(kto_config(cached, tmp_path, output_dir=str(pre), seed=42, nll_coef=1.0))
+    for key in ("loss", "kl"):
+        for step, value in logged(live, key).items():
+            assert logged(pre, key)[step] == pytest.approx(value, rel=1e-6, abs=1e-5)
+    with pytest.raises(UsageError, match=r"paired in chunks of 4 rows .* this run pairs in chunks of 2: re-run"):
+        train(kto_config(cached, tmp_path, per_device_train_batch_size=2))
+    train(kto_config(cached, tmp_path, per_device_train_batch_size=2, loss_type="apo_zero_unpaired", max_steps=1))
+    odd = tmp_path / "odd"  # 6 rows: a second cache joined after it would start inside a chunk of 4
+    shutil.copytree(make_kto_cache(tmp_path, n=3, name="kto-odd"), odd)
+    precompute(odd, per_device_train_batch_size=4)
+    with pytest.raises(UsageError, match=r"starts at row 6 of the joined caches, inside a chunk of 4"):
+        train(kto_config(odd, tmp_path, data=[str(odd), str(cached)]))
+
+
+def test_lora_kto_starts_from_a_tie_and_trains_only_the_adapters(cache, tmp_path):
+    trainer = train(kto_config(cache, tmp_path, lora_r=4, lora_alpha=8, learning_rate=5e-3, max_steps=3))
+    assert trainer.plan.reference.name == "ADAPTERS_OFF" and trainer.ref_model is None
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == 0 and first["rewards/margins"] == 0  # adapters start at zero: policy = reference
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad
+    )
+    assert logged(tmp_path / "run", "kl")[3] != 0  # the adapters moved the policy
+
+
+def test_resume_replays_the_same_kto_steps(cache, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    options = dict(max_steps=6, train_sampling_strategy="group_by_length", per_device_train_batch_size=2)
+    train(kto_config(cache, tmp_path, output_dir=str(straight), save_strategy="steps", save_steps=3, **options))
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    train(kto_config(cache, tmp_path, output_dir=str(resumed), resume_from_checkpoint="auto", **options))
+    for key in ("loss", "kl", "rewards/chosen"):
+        before, after = logged(straight, key), logged(resumed, key)
+        assert sorted(after) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert after[step] == pytest.approx(before[step], abs=1e-6), key
+    assert len({round(v, 5) for v in logged(straight, "loss").values()}) > 1
