@@ -1,4 +1,5 @@
-"""`mtdpo plot`: training curves (loss, reward margins, accuracy) from runs/NAME/metrics.jsonl.
+"""`mtdpo plot`: training curves (loss, reward margins, accuracy) from runs/NAME/metrics.jsonl; for
+a KTO run, the KL reference point instead of the accuracy (there are no pairs to be right about).
 
 matplotlib is an optional extra (`pip install 'mtdpo[plot]'`); without it the commands that
 draw stop with that hint instead of a traceback.
@@ -65,15 +66,21 @@ CURVES = (  # panel title, [(metric key, label)]
     ("rewards", [("rewards/margins", "margin"), ("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")]),
     ("preference accuracy", [("rewards/accuracies", "accuracy")]),
 )
+KTO_CURVES = (  # rewards of desirable rows are logged as "chosen", of undesirable ones as "rejected" (as TRL logs them)
+    ("loss", [("loss", "loss (kto + nll_coef · nll)"), ("kto_loss", "kto"), ("nll", "nll")]),
+    ("rewards", [("rewards/margins", "margin"), ("rewards/chosen", "desirable"), ("rewards/rejected", "undesirable")]),
+    ("KL reference point", [("kl", "kl (z0)")]),
+)
 
 
 def plot_run(run: Path, out: Path) -> dict:
     """Draw the curves to `out`; returns the first and last logged values of each plotted key."""
     plt = pyplot()
     train, evals = read_metrics(run)
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(16, 4.5))
+    curves = KTO_CURVES if any("kto_loss" in e for e in train) else CURVES
+    fig, axes = plt.subplots(1, len(curves), figsize=(16, 4.5))
     drawn = {}
-    for axis, (title, keys) in zip(axes, CURVES):
+    for axis, (title, keys) in zip(axes, curves):
         for key, label in keys:
             points = [(e["step"], e[key]) for e in train if key in e]
             if not points:

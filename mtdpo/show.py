@@ -1,4 +1,5 @@
-"""Show one cached pair with its mask, from the shards and the tokenizer copy in the cache.
+"""Show one cached pair with its mask, from the shards and the tokenizer copy in the cache (or,
+for a KTO cache, one row: its one sequence under its label, desirable or undesirable).
 
 Three views of the same model (a pair → sides → turns → tokens):
 - a terminal: chosen and rejected side by side (stacked when narrow), trained tokens green,
@@ -23,7 +24,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from mtdpo.cache import IGNORE_INDEX, OpenCache, PairRecord, open_cache
+from mtdpo.cache import IGNORE_INDEX, KtoRecord, OpenCache, PairRecord, open_cache
 from mtdpo.errors import UsageError
 from mtdpo.families import Family, detect_family
 from mtdpo.turns import token_starts, turn_starts
@@ -88,9 +89,15 @@ class PairView:
     family: str | None  # template family the turns were read from (None: trained/masked runs)
     sides: list[Side]
     how: str = ""  # how the pair was picked, when not by --index ("random", "first match for …")
+    label: str | None = None  # a KTO row's: "desirable" or "undesirable" (its one side's name)
+
+    @property
+    def diverges_at(self) -> int:
+        """The token where the sides part (▶); a KTO row has one side: none."""
+        return -1 if self.label else self.prompt_len
 
 
-def build_side(pair: PairRecord, tokenizer, side: str, family: Family | None) -> Side:
+def build_side(pair: PairRecord | KtoRecord, tokenizer, side: str, family: Family | None) -> Side:
     pieces, offsets = pair.side(side).pieces(), pair.side(side).starts
     turns = [
         turn
@@ -135,13 +142,15 @@ def first_of(side: Side, sequence: int) -> Turn | None:
     return next((turn for turn in side.turns if turn.sequence == sequence), None)
 
 
-def build_view(pair: PairRecord, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
+def build_view(pair: PairRecord | KtoRecord, tokenizer, index: int, sides: list[str], how: str = "") -> PairView:
+    label = pair.group if isinstance(pair, KtoRecord) else None
+    sides = [label] if label else sides
     family = detect_family(tokenizer.chat_template)
     built = [build_side(pair, tokenizer, side, family) for side in sides]
     has_turns = family is not None and any(
         turn.role not in ("trained", "masked") for side in built for turn in side.turns
     )
-    return PairView(index, pair.row, pair.prompt_len, family.name if has_turns else None, built, how)
+    return PairView(index, pair.row, pair.prompt_len, family.name if has_turns else None, built, how, label)
 
 
 def runs(turn: Turn, prompt_len: int):
@@ -189,29 +198,28 @@ def pick_index(
         matches = find_pairs(cache, tokenizer, search, start=index or 0, first_only=not pick_random)
         if not matches:
             where = f" at or after --index {index}" if index else ""
-            raise UsageError(f"no pair in {cache.path} contains {search!r}{where}")
+            raise UsageError(f"no {cache.manifest.unit} in {cache.path} contains {search!r}{where}")
         if pick_random:
             return rng.choice(matches), f"random match for {search!r}, 1 of {len(matches)}"
         return matches[0], f"first match for {search!r}"
     if pick_random:
         if len(cache) == 0:
-            raise UsageError(f"{cache.path} holds no pairs")
+            raise UsageError(f"{cache.path} holds no {cache.manifest.unit}s")
         return rng.randrange(len(cache)), "random"
     index = 0 if index is None else index
     if not 0 <= index < len(cache):
-        raise UsageError(f"--index {index} is out of range: {cache.path} holds {len(cache)} pairs")
+        raise UsageError(f"--index {index} is out of range: {cache.path} holds {len(cache)} {cache.manifest.unit}s")
     return index, ""
 
 
 def find_pairs(cache: OpenCache, tokenizer, text: str, start: int = 0, first_only: bool = True) -> list[int]:
-    """Positions of the pairs whose chosen or rejected text contains `text`, ignoring case."""
+    """Positions of the pairs whose chosen or rejected text (a KTO row's text) contains `text`, ignoring case."""
     needle, found = text.casefold(), []
     for begin in range(max(start, 0), len(cache), SEARCH_BATCH):
         batch = cache.token_ids_of(begin, begin + SEARCH_BATCH)
-        chosen = tokenizer.batch_decode(batch["chosen"])
-        rejected = tokenizer.batch_decode(batch["rejected"])
-        for offset, (c, r) in enumerate(zip(chosen, rejected)):
-            if needle in c.casefold() or needle in r.casefold():
+        texts = [tokenizer.batch_decode(ids) for ids in batch.values()]  # chosen, rejected; or the one sequence
+        for offset, sides in enumerate(zip(*texts)):
+            if any(needle in text.casefold() for text in sides):
                 found.append(begin + offset)
                 if first_only:
                     return found
@@ -221,16 +229,19 @@ def find_pairs(cache: OpenCache, tokenizer, text: str, start: int = 0, first_onl
 # ── JSON ──────────────────────────────────────────────────────────────────────
 
 
-def pair_as_json(pair: PairRecord, tokenizer, index: int, sides: list[str]) -> dict:
+def pair_as_json(pair: PairRecord | KtoRecord, tokenizer, index: int, sides: list[str]) -> dict:
     """The pair for scripts: per side, `sequences` (one entry per generation context, each with
     its input_ids and labels: the contract an outside checker reads), and the side's tokens laid
-    end to end with their decoded text and turns."""
+    end to end with their decoded text and turns. A KTO row: its one side under "sequence", and
+    its "label" (true: desirable)."""
     view = build_view(pair, tokenizer, index, sides)
     out = {"index": index, "row": pair.row, "prompt_len": pair.prompt_len}
+    if view.label:
+        out["label"] = pair.desirable  # true: desirable
     for side in view.sides:
         sequence = pair.side(side.name)
         ids, labels = sequence.input_ids, sequence.labels
-        out[side.name] = {
+        out["sequence" if view.label else side.name] = {
             "sequences": [{"input_ids": p.input_ids, "labels": p.labels} for p in sequence.pieces()],
             "input_ids": ids,
             "labels": labels,
@@ -266,7 +277,7 @@ def plain_text(view: PairView, with_ids: bool = False) -> str:
             if heading := sequence_heading(turn, side):
                 out.append(f"┄┄ {heading} ┄┄\n")
             out.append(f"▸ {_turn_title(turn)}\n")
-            for run in runs(turn, view.prompt_len):
+            for run in runs(turn, view.diverges_at):
                 if run is None:
                     out.append("<<diverges here>>")
                 else:
@@ -278,6 +289,8 @@ def plain_text(view: PairView, with_ids: bool = False) -> str:
 
 def _title(view: PairView) -> str:
     how = f"; {view.how}" if view.how else ""
+    if view.label:
+        return f"row {view.index} (source row {view.row}{how}), {view.label}, prompt {view.prompt_len} tokens"
     return f"pair {view.index} (source row {view.row}{how}), shared prompt {view.prompt_len} tokens"
 
 
@@ -296,14 +309,15 @@ def _turn_title(turn: Turn) -> str:
 def rich_view(view: PairView, width: int, with_ids: bool = False):
     """Chosen and rejected side by side when the terminal is wide enough, else stacked."""
     header = Text(_title(view) + "  ")
-    header.append("trained", style=TRAINED).append(" · ").append("masked", style=MASKED).append(" · ")
-    header.append("▶ diverges", style=DIVERGE)
+    header.append("trained", style=TRAINED).append(" · ").append("masked", style=MASKED)
+    if not view.label:
+        header.append(" · ").append("▶ diverges", style=DIVERGE)
     if view.family is None:
         header.append(
             "\nturns: template family unknown, each run of trained or masked tokens is shown as one", style="italic"
         )
     sides = [
-        (Text(_side_title(side), style="bold"), _rich_side(side, view.prompt_len, with_ids)) for side in view.sides
+        (Text(_side_title(side), style="bold"), _rich_side(side, view.diverges_at, with_ids)) for side in view.sides
     ]
     if len(sides) == 2 and width >= SIDE_BY_SIDE_WIDTH:
         table = Table(box=box.SIMPLE_HEAD, expand=True, padding=(0, 1))
@@ -366,7 +380,7 @@ pre {{ white-space: pre-wrap; overflow-wrap: anywhere; margin: 2px 0 0; font: in
 def html_page(view: PairView, with_ids: bool = False) -> str:
     """A standalone page: inline CSS, no script, nothing fetched (a CSP forbids it)."""
     e = html.escape
-    sides = "\n".join(_html_side(side, view.prompt_len, with_ids) for side in view.sides)
+    sides = "\n".join(_html_side(side, view.diverges_at, with_ids) for side in view.sides)
     note = (
         '<p class="note">turns: template family unknown, each run of trained or masked tokens is shown as one</p>'
         if view.family is None
@@ -376,11 +390,11 @@ def html_page(view: PairView, with_ids: bool = False) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>mtdpo: pair {view.index}</title>
+<title>mtdpo: {"row" if view.label else "pair"} {view.index}</title>
 <style>{CSS}</style></head>
 <body>
 <h1>{e(_title(view))}</h1>
-<p class="legend"><span class="trained">trained</span> <span class="masked">masked</span> <span class="diverge">▶ diverges</span></p>
+<p class="legend"><span class="trained">trained</span> <span class="masked">masked</span>{"" if view.label else ' <span class="diverge">▶ diverges</span>'}</p>
 {note}
 <main class="sides">
 {sides}
@@ -428,9 +442,11 @@ def sides_of(side: str) -> list[str]:
 
 def load_view(
     cache: Path, index: int | None, side: str, search: str | None = None, pick_random: bool = False
-) -> tuple[PairView, PairRecord, object]:
+) -> tuple[PairView, PairRecord | KtoRecord, object]:
     sides = sides_of(side)  # a bad --side is an error before anything is read
     opened = open_cache(cache)
+    if opened.is_kto and side != "both":
+        raise UsageError(f"{cache} is a KTO cache: a row is one sequence, with its label; drop --side {side}")
     tokenizer = opened.load_tokenizer()
     index, how = pick_index(opened, tokenizer, index, search, pick_random)
     pair = opened.record(index)
@@ -482,7 +498,9 @@ def show_sample(
         print()
     elif html_file is not None:
         Path(html_file).write_text(html_page(view, with_ids), encoding="utf-8")
-        console.print(f"wrote {html_file} (pair {view.index})", highlight=False, soft_wrap=True)
+        console.print(
+            f"wrote {html_file} ({'row' if view.label else 'pair'} {view.index})", highlight=False, soft_wrap=True
+        )
     elif console.is_terminal:
         console.print(rich_view(view, console.width, with_ids))
     else:

@@ -1,5 +1,8 @@
 """`mtdpo stats`: what is in a cache, before renting GPUs for it.
 
+A pair cache is described side by side (chosen, rejected); a KTO cache by label (desirable,
+undesirable rows), with the same numbers.
+
 Lengths, turns, trained-token and trained tool-call counts (by the family's call token, e.g.
 Qwen's `<tool_call>`) are read column-wise from the memory-mapped Arrow shards with numpy (no
 Python loop over rows); counts and reject reasons come from
@@ -17,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mtdpo.cache import IGNORE_INDEX, SIDES, OpenCache, open_cache
-from mtdpo.cache.manifest import COUNTS
+from mtdpo.cache.manifest import counts_of
+from mtdpo.cache.schema import KTO_GROUPS
 from mtdpo.errors import UsageError
 from mtdpo.preprocess.tokens import common_prefix_length
 
@@ -81,8 +85,14 @@ def summary(values: np.ndarray, digits: int = 1) -> dict | None:
 # ── the whole cache ───────────────────────────────────────────────────────────
 
 
+def groups_of(cache: OpenCache) -> tuple[str, str]:
+    """What the numbers are split by: a pair's sides, or a KTO row's label."""
+    return KTO_GROUPS if cache.is_kto else SIDES
+
+
 def per_row_arrays(cache: OpenCache) -> dict[str, np.ndarray]:
-    """Every per-pair number, one numpy array each (what --plot draws)."""
+    """Every per-pair number, one numpy array each (what --plot draws); for a KTO cache, each
+    number of the desirable and of the undesirable rows."""
     arrays = {"prompt_len": cache.prompt_lengths(), "row": cache.source_rows()}
     family = cache.family()
     # Ids of the tokens that open a turn (None: the family is unknown or its markers are not single
@@ -90,15 +100,28 @@ def per_row_arrays(cache: OpenCache) -> dict[str, np.ndarray]:
     # when the family writes calls without one, as Llama 3's JSON).
     start_ids = cache.token_ids(family.start_tokens) if family else None
     call_ids = cache.token_ids(family.call_tokens) if family else None
+    if cache.is_kto:
+        arrays["desirable"] = desirable = cache.desirable()
+        columns = _sequence_arrays(*cache.token_columns(), cache.lengths(), start_ids, call_ids)
+        for group, mask in zip(KTO_GROUPS, (desirable, ~desirable)):
+            arrays.update({f"{group}_{name}": values[mask] for name, values in columns.items()})
+        return arrays
     for side in SIDES:
-        ids, labels = cache.token_columns(side)
-        arrays[f"{side}_len"] = cache.lengths(side)
-        arrays[f"{side}_trained"] = per_row(labels, trained_tokens)
-        arrays[f"{side}_trained_turns"] = per_row(labels, trained_run_starts)
-        if start_ids is not None:
-            arrays[f"{side}_turns"] = per_row(ids, tokens_among(start_ids))
-        if call_ids is not None:  # calls the model makes: trained call tokens (a label is its id)
-            arrays[f"{side}_tool_calls"] = per_row(labels, tokens_among(call_ids))
+        columns = _sequence_arrays(*cache.token_columns(side), cache.lengths(side), start_ids, call_ids)
+        arrays.update({f"{side}_{name}": values for name, values in columns.items()})
+    return arrays
+
+
+def _sequence_arrays(ids, labels, lengths, start_ids, call_ids) -> dict[str, np.ndarray]:
+    arrays = {
+        "len": lengths,
+        "trained": per_row(labels, trained_tokens),
+        "trained_turns": per_row(labels, trained_run_starts),
+    }
+    if start_ids is not None:
+        arrays["turns"] = per_row(ids, tokens_among(start_ids))
+    if call_ids is not None:  # calls the model makes: trained call tokens (a label is its id)
+        arrays["tool_calls"] = per_row(labels, tokens_among(call_ids))
     return arrays
 
 
@@ -109,38 +132,39 @@ def cache_stats(path: Path, batch_size: int = 8) -> dict:
     manifest = cache.manifest
     arrays = per_row_arrays(cache)
     saved = _read_json(cache.stats_file) or {}
-    counts = {name: saved.get(name, manifest.counts.get(name)) for name in COUNTS}
-    pairs = len(arrays["row"])
+    counts = {name: saved.get(name, manifest.counts.get(name)) for name in counts_of(manifest.kind)}
+    groups, unit = groups_of(cache), manifest.unit  # chosen / rejected pairs, or desirable / undesirable rows
+    first = groups[0]
     out = {
         "cache": str(path),
-        "pairs": pairs,
+        "kind": manifest.kind,
+        f"{unit}s": len(arrays["row"]),
         "template_family": family.name if (family := cache.family()) else None,
         "mask_mode": manifest.mask_mode,
         "max_length": manifest.max_length,
         "counts": counts,
         "reasons": reject_reasons(cache.rejects_file, saved.get("reasons")),
-        "lengths": {side: summary(arrays[f"{side}_len"], 0) for side in SIDES}
-        | {"prompt": summary(arrays["prompt_len"], 0)},
-        "turns": {side: summary(arrays[f"{side}_turns"], 0) for side in SIDES} if "chosen_turns" in arrays else None,
-        "trained_turns": {side: summary(arrays[f"{side}_trained_turns"], 0) for side in SIDES},
-        "tool_calls": {side: summary(arrays[f"{side}_tool_calls"], 0) for side in SIDES}
-        if "chosen_tool_calls" in arrays
+        "lengths": {g: summary(arrays[f"{g}_len"], 0) for g in groups} | {"prompt": summary(arrays["prompt_len"], 0)},
+        "turns": {g: summary(arrays[f"{g}_turns"], 0) for g in groups} if f"{first}_turns" in arrays else None,
+        "trained_turns": {g: summary(arrays[f"{g}_trained_turns"], 0) for g in groups},
+        "tool_calls": {g: summary(arrays[f"{g}_tool_calls"], 0) for g in groups}
+        if f"{first}_tool_calls" in arrays
         else None,
         "tokens": {},
         "trained_fraction": {},
-        "trained_fraction_per_pair": {},
+        f"trained_fraction_per_{unit}": {},
     }
     out["generation_contexts"] = generation_contexts(cache)
     out["layout_tokens"] = layout_tokens(cache, batch_size)
     if out["tool_calls"] is not None:
-        out["tokens"]["tool_calls"] = {side: int(arrays[f"{side}_tool_calls"].sum()) for side in SIDES}
-    for side in SIDES:
-        total, trained = int(arrays[f"{side}_len"].sum()), int(arrays[f"{side}_trained"].sum())
-        out["tokens"][side] = total
-        out["tokens"][f"{side}_trained"] = trained
-        out["trained_fraction"][side] = round(trained / total, 4) if total else None
-        out["trained_fraction_per_pair"][side] = summary(_fraction(arrays, side), 3)
-    out["tokens"]["total"] = out["tokens"]["chosen"] + out["tokens"]["rejected"]
+        out["tokens"]["tool_calls"] = {g: int(arrays[f"{g}_tool_calls"].sum()) for g in groups}
+    for g in groups:
+        total, trained = int(arrays[f"{g}_len"].sum()), int(arrays[f"{g}_trained"].sum())
+        out["tokens"][g] = total
+        out["tokens"][f"{g}_trained"] = trained
+        out["trained_fraction"][g] = round(trained / total, 4) if total else None
+        out[f"trained_fraction_per_{unit}"][g] = summary(_fraction(arrays, g), 3)
+    out["tokens"]["total"] = out["tokens"][groups[0]] + out["tokens"][groups[1]]
     out["tokens"]["prompt"] = int(arrays["prompt_len"].sum())
     return out
 
@@ -220,23 +244,25 @@ def _read_json(path: Path) -> dict | None:
 
 
 def stats_tables(stats: dict) -> list:
-    """A title line, the per-pair distributions and the totals, for console.print."""
+    """A title line, the per-pair (KTO: per-row) distributions and the totals, for console.print."""
+    kto = stats.get("kind") == "kto"
+    groups, unit = (KTO_GROUPS, "row") if kto else (SIDES, "pair")
     title = Text(
-        f"{stats['cache']}: {stats['pairs']:,} pairs · template {stats['template_family'] or 'unknown'}"
+        f"{stats['cache']}: {stats[f'{unit}s']:,} {'KTO rows' if kto else 'pairs'} · template {stats['template_family'] or 'unknown'}"
         f" · mask {stats['mask_mode']} · max length {stats['max_length']}",
         style="bold",
     )
     dist = Table()
-    dist.add_column("per pair", style="bold")
+    dist.add_column(f"per {unit}", style="bold")
     for name in ("min", "mean", "median", "p95", "max"):
         dist.add_column(name, justify="right")
-    rows = [(f"{name} tokens", stats["lengths"][name], False) for name in ("chosen", "rejected", "prompt")]
+    rows = [(f"{name} tokens", stats["lengths"][name], False) for name in (*groups, "prompt")]
     if stats["turns"]:
-        rows += [(f"turns ({side})", stats["turns"][side], False) for side in SIDES]
-    rows += [(f"trained turns ({side})", stats["trained_turns"][side], False) for side in SIDES]
+        rows += [(f"turns ({side})", stats["turns"][side], False) for side in groups]
+    rows += [(f"trained turns ({side})", stats["trained_turns"][side], False) for side in groups]
     if stats.get("tool_calls"):
-        rows += [(f"tool calls ({side})", stats["tool_calls"][side], False) for side in SIDES]
-    rows += [(f"trained fraction ({side})", stats["trained_fraction_per_pair"][side], True) for side in SIDES]
+        rows += [(f"tool calls ({side})", stats["tool_calls"][side], False) for side in groups]
+    rows += [(f"trained fraction ({side})", stats[f"trained_fraction_per_{unit}"][side], True) for side in groups]
     for name, values, is_fraction in rows:
         dist.add_row(name, *_cells(values, is_fraction))
 
@@ -245,7 +271,9 @@ def stats_tables(stats: dict) -> list:
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     totals.add_row("input rows", _int(counts["rows"]))
-    totals.add_row("kept pairs", _int(counts["kept"]))
+    totals.add_row(f"kept {unit}s", _int(counts["kept"]))
+    if kto:
+        totals.add_row("desirable / undesirable rows", f"{_int(counts['desirable'])} / {_int(counts['undesirable'])}")
     totals.add_row("rejected (unusable rows)", _int(counts["rejected"]))
     totals.add_row("dropped (nothing trained after truncation)", _int(counts["dropped"]))
     if stats["reasons"]:
@@ -256,11 +284,13 @@ def stats_tables(stats: dict) -> list:
     share = (
         f" ({counts['truncated'] / counts['kept']:.1%})" if counts["truncated"] is not None and counts["kept"] else ""
     )
-    totals.add_row(f"kept pairs cut to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
-    totals.add_row(
-        "tokens chosen / rejected / total", f"{tokens['chosen']:,} / {tokens['rejected']:,} / {tokens['total']:,}"
-    )
-    totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
+    totals.add_row(f"kept {unit}s cut to {stats['max_length']} tokens", _int(counts["truncated"]) + share)
+    a, b = groups
+    totals.add_row(f"tokens {a} / {b} / total", f"{tokens[a]:,} / {tokens[b]:,} / {tokens['total']:,}")
+    if kto:
+        totals.add_row("prompt tokens (before each row's first trained token)", f"{tokens['prompt']:,}")
+    else:
+        totals.add_row("shared-prompt tokens (in each side)", f"{tokens['prompt']:,}")
     contexts = stats["generation_contexts"]
     if contexts["pairs"]:
         sides, sequences, repeated = (contexts[k] for k in ("sides", "sequences", "repeated_context_tokens"))
@@ -278,14 +308,11 @@ def stats_tables(stats: dict) -> list:
         fewer = f" ({layouts['alone'] / layouts[key]:.2f}× fewer)" if layouts[key] else ""
         totals.add_row(f"  {name}", f"{layouts[key]:,}{fewer}")
     if "tool_calls" in tokens:
-        totals.add_row(
-            "tool calls trained chosen / rejected",
-            f"{tokens['tool_calls']['chosen']:,} / {tokens['tool_calls']['rejected']:,}",
-        )
+        totals.add_row(f"tool calls trained {a} / {b}", f"{tokens['tool_calls'][a]:,} / {tokens['tool_calls'][b]:,}")
     fraction = stats["trained_fraction"]
     totals.add_row(
-        "trained chosen / rejected",
-        f"{tokens['chosen_trained']:,} ({_pct(fraction['chosen'])}) / {tokens['rejected_trained']:,} ({_pct(fraction['rejected'])})",
+        f"trained {a} / {b}",
+        f"{tokens[f'{a}_trained']:,} ({_pct(fraction[a])}) / {tokens[f'{b}_trained']:,} ({_pct(fraction[b])})",
     )
     return [title, dist, totals]
 
@@ -320,28 +347,33 @@ def plot_stats(cache: Path, out: Path) -> None:
     from mtdpo.plot import pyplot
 
     plt = pyplot()
-    arrays = per_row_arrays(open_cache(cache))
-    turns_key = "turns" if "chosen_turns" in arrays else "trained_turns"
+    opened = open_cache(cache)
+    arrays = per_row_arrays(opened)
+    (a, b), unit = groups_of(opened), opened.manifest.unit  # chosen / rejected pairs, desirable / undesirable rows
+    turns_key = "turns" if f"{a}_turns" in arrays else "trained_turns"
     fig, (lengths, fraction, turns) = plt.subplots(1, 3, figsize=(16, 4.5))
-    longest = max(int(arrays["chosen_len"].max(initial=1)), int(arrays["rejected_len"].max(initial=1)))
+    longest = max(int(arrays[f"{a}_len"].max(initial=1)), int(arrays[f"{b}_len"].max(initial=1)))
     bins = np.linspace(0, longest, 41)
-    for name, key in (("chosen", "chosen_len"), ("rejected", "rejected_len"), ("prompt", "prompt_len")):
+    for name, key in ((a, f"{a}_len"), (b, f"{b}_len"), ("prompt", "prompt_len")):
         lengths.hist(arrays[key], bins=bins, histtype="step", linewidth=1.6, label=name)
-    lengths.set(title="sequence length", xlabel="tokens", ylabel="pairs")
+    lengths.set(title="sequence length", xlabel="tokens", ylabel=f"{unit}s")
     lengths.legend()
-    index = np.arange(len(arrays["row"]))
-    for side, marker in (("chosen", "o"), ("rejected", "x")):
-        fraction.scatter(index, _fraction(arrays, side), s=10, marker=marker, label=side)
-    fraction.set(title="trained-token fraction per pair", xlabel="pair", ylabel="trained / tokens", ylim=(0, 1))
+    if opened.is_kto:  # each row once, at its position in the cache
+        positions = {a: np.flatnonzero(arrays["desirable"]), b: np.flatnonzero(~arrays["desirable"])}
+    else:
+        positions = {a: np.arange(len(arrays["row"])), b: np.arange(len(arrays["row"]))}
+    for side, marker in ((a, "o"), (b, "x")):
+        fraction.scatter(positions[side], _fraction(arrays, side), s=10, marker=marker, label=side)
+    fraction.set(title=f"trained-token fraction per {unit}", xlabel=unit, ylabel="trained / tokens", ylim=(0, 1))
     fraction.legend()
-    most = int(max(arrays[f"chosen_{turns_key}"].max(initial=0), arrays[f"rejected_{turns_key}"].max(initial=0)))
-    for shift, side in ((-0.2, "chosen"), (0.2, "rejected")):
+    most = int(max(arrays[f"{a}_{turns_key}"].max(initial=0), arrays[f"{b}_{turns_key}"].max(initial=0)))
+    for shift, side in ((-0.2, a), (0.2, b)):
         counts = np.bincount(arrays[f"{side}_{turns_key}"], minlength=most + 1)
         turns.bar(np.arange(most + 1) + shift, counts, width=0.4, label=side)
     label = "turns per conversation" if turns_key == "turns" else "trained assistant turns per conversation"
-    turns.set(title=label, xlabel="turns", ylabel="pairs")
+    turns.set(title=label, xlabel="turns", ylabel=f"{unit}s")
     turns.legend()
-    fig.suptitle(f"{cache}: {len(index):,} pairs")
+    fig.suptitle(f"{cache}: {len(arrays['row']):,} {unit}s")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -154,3 +154,17 @@ def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
     result = invoke("plot", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert png_size(tmp_path / "run" / "curves.png") == (1600, 450)
+
+
+def test_a_kto_run_plots_its_kl_instead_of_an_accuracy(tmp_path):
+    pytest.importorskip("matplotlib")
+    lines = [
+        {"step": n, "loss": 0.5 - n / 100, "kto_loss": 0.5 - n / 100, "nll": 0.0, "kl": n / 10,
+         "rewards/chosen": n / 50, "rewards/rejected": -n / 50, "rewards/margins": n / 25}
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = invoke("plot", tmp_path, "--out", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {tmp_path / 'c.png'}: margin +0.040 → +0.120, kl 0.100 → 0.300"
+    assert png_size(tmp_path / "c.png") == (1600, 450)

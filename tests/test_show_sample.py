@@ -451,3 +451,48 @@ def test_html_renders_in_headless_chromium_with_the_colours(cli_cache, tmp_path)
         assert near(show.COLORS[name], picture) > 100, name
     for half in (picture[:, :700], picture[:, 700:]):  # side by side: trained text in both columns
         assert near(show.COLORS["trained"], half) > 100
+
+
+# ── a KTO cache: one sequence per row, under its label ─────────────────────────
+
+
+@pytest.fixture(scope="module")
+def kto_cache(tmp_path_factory):
+    from trainkit import make_kto_cache
+
+    return make_kto_cache(tmp_path_factory.mktemp("kto-show"), n=3)  # rows 0, 2, 4 desirable; 1, 3, 5 not
+
+
+def test_a_kto_row_is_shown_as_one_sequence_with_its_label(kto_cache):
+    result = invoke("show-sample", kto_cache, "--index", 1)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    record = open_cache(kto_cache).record(1)
+    assert (
+        lines[0]
+        == f"row 1 (source row 1), undesirable, prompt {record.prompt_len} tokens; trained text is [[bracketed]]"
+    )
+    assert lines[1].startswith("── undesirable: ") and "<<diverges here>>" not in result.stdout
+    assert "chosen" not in result.stdout and "── " not in "".join(lines[2:])
+    tok = embedded_tokenizer()
+    shown = re.findall(r"\[\[(.*?)\]\]", "\n".join(lines[1:]), flags=re.S)  # the title names [[bracketed]]
+    assert shown == decoded_runs(tok, record.sequence.input_ids, record.sequence.labels)
+    as_json = json.loads(invoke("show-sample", kto_cache, "--index", 2, "--json").stdout)
+    assert as_json["label"] is True and set(as_json) == {"index", "row", "prompt_len", "label", "sequence"}
+    assert as_json["sequence"]["labels"] == open_cache(kto_cache).record(2).sequence.labels
+    assert_user_error(
+        invoke("show-sample", kto_cache, "--side", "chosen"),
+        f"{kto_cache} is a KTO cache: a row is one sequence, with its label; drop --side chosen",
+    )
+    assert_user_error(
+        invoke("show-sample", kto_cache, "--index", 9), f"--index 9 is out of range: {kto_cache} holds 6 rows"
+    )
+
+
+def test_a_kto_row_is_found_by_its_text_and_drawn_as_html(kto_cache, tmp_path):
+    result = invoke("show-sample", kto_cache, "--search", "boxed", "--index", 3)
+    assert result.exit_code == 0 and result.stdout.startswith("row 3 (source row 3; first match for 'boxed')")
+    page = tmp_path / "row.html"
+    assert invoke("show-sample", kto_cache, "--index", 0, "--html", page).stdout.startswith(f"wrote {page} (row 0)")
+    text = page.read_text()
+    assert "<title>mtdpo: row 0</title>" in text and "diverges" not in text and 'id="desirable"' in text

@@ -249,3 +249,38 @@ def test_numpy_views_do_not_copy_the_shards(messy_cache):
     chunk = ds.data.column("chosen_labels").chunks[0]
     values = chunk.values.to_numpy()
     assert not values.flags.owndata and values.dtype == np.int32
+
+
+def test_a_kto_cache_is_described_by_label(tmp_path):
+    """Each number of the desirable and the undesirable rows, recounted row by row."""
+    from trainkit import make_kto_cache
+
+    from mtdpo.cache import open_cache
+
+    cache = make_kto_cache(tmp_path, n=5)
+    stats = cache_stats(cache)
+    opened = open_cache(cache)
+    records = [opened.record(i) for i in range(len(opened))]
+    assert stats["kind"] == "kto" and stats["rows"] == 10 and "pairs" not in stats
+    assert stats["counts"] | {} == {
+        "rows": 10,
+        "kept": 10,
+        "rejected": 0,
+        "dropped": 0,
+        "truncated": 0,
+        "desirable": 5,
+        "undesirable": 5,
+    }
+    for group, label in (("desirable", True), ("undesirable", False)):
+        mine = [r for r in records if r.desirable is label]
+        assert stats["tokens"][group] == sum(len(r.sequence) for r in mine)
+        assert stats["tokens"][f"{group}_trained"] == sum(r.sequence.trained_tokens for r in mine)
+        assert stats["lengths"][group]["max"] == max(len(r.sequence) for r in mine)
+        runs = [len(trained_runs(r.sequence.input_ids, r.sequence.labels)) for r in mine]
+        assert stats["trained_turns"][group]["max"] == max(runs) and stats["trained_turns"][group]["min"] == min(runs)
+    assert stats["tokens"]["prompt"] == sum(r.prompt_len for r in records)
+    result = invoke("stats", cache)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"{cache}: 10 KTO rows · template gemma · mask assistant · max length 2048"
+    assert "trained fraction (undesirable)" in result.stdout and "desirable / undesirable rows" in result.stdout
+    assert json.loads(invoke("stats", cache, "--json").stdout)["trained_fraction_per_row"]["desirable"]["max"] <= 1
