@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Nothing is ever downloaded from a model hub.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint test-slow test-real clean
+.PHONY: demo iterate-demo test lint test-slow test-real clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 	$(BIN)/mtdpo train --config configs/tiny.yaml --data data_cache/demo --output-dir runs/demo
 	$(BIN)/mtdpo show-sample data_cache/demo --index 0
 	@echo "trained model: runs/demo (loads with AutoModelForCausalLM / AutoTokenizer); metrics: runs/demo/metrics.jsonl"
+
+# The paper's iterative round twice (M-DPO, then M-KTO) on the tiny model, on CPU (docs/ITERATIVE.md).
+iterate-demo: $(STAMP)
+	MTDPO=$(BIN)/mtdpo PYTHON=$(BIN)/python scripts/iterate_demo.sh
 
 test: lint
 	$(BIN)/pytest -q

@@ -10,6 +10,8 @@ from mtdpo.errors import UsageError
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_TOKENIZER = ASSETS / "tokenizer"  # the tiny Gemma-style byte-level BPE (the default)
 SAMPLE_DATA = ASSETS / "sample.jsonl"  # 240 math-agent pairs
+ROLLOUTS = ASSETS / "rollouts.jsonl"  # graded rollouts, 40 problems x 8 (the input of `mtdpo pairs`; round 1)
+ROLLOUTS_ROUND2 = ASSETS / "rollouts-round2.jsonl"  # the same problems, another seed: round 2 (docs/ITERATIVE.md)
 TINY_MODEL = ASSETS / "tiny-gemma"  # config.json of a 0.5M-parameter Gemma sized to the embedded tokenizer
 TEMPLATES = ASSETS / "templates"  # `--chat-template gemma3` picks templates/gemma3.jinja
 

@@ -531,6 +531,18 @@ def test_bundled_rollouts_are_what_the_script_writes(tmp_path):
     assert (tmp_path / "r.jsonl").read_bytes() == BUNDLED.read_bytes()
 
 
+def test_round_two_rollouts_are_what_the_script_writes_with_seed_1(tmp_path):
+    """The iterative-round demo's stand-in for the round-1 model's rollouts: other problems."""
+    subprocess.run(
+        [sys.executable, REPO / "scripts" / "make_rollouts.py", "--out", tmp_path / "r2.jsonl", "--seed", "1"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    round2 = BUNDLED.with_name("rollouts-round2.jsonl")
+    assert (tmp_path / "r2.jsonl").read_bytes() == round2.read_bytes() != BUNDLED.read_bytes()
+
+
 def test_preprocess_accepts_the_pairs_of_the_bundled_rollouts(tmp_path):
     command = [sys.executable, "-m", "mtdpo"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
