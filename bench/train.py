@@ -5,6 +5,7 @@ TRL's DPOTrainer, side by side on this machine.
     python bench/train.py --quick    # tiny model and lengths: checks the harness in a few minutes
     python bench/train.py --lengths 2048 --repeats 1 --name train-2k   # one length, one repeat
     python bench/train.py --table bench/results/train-1k.json bench/results/train-2k.json   # tables of saved runs
+    python bench/train.py --kto      # KTO beside DPO at equal tokens (mtdpo only; see benchmark_kto)
 
 Both systems: the same rows (multi-turn pairs whose shared prompt spans earlier assistant and
 tool turns), tokenizer (the embedded one), model (a 25M-parameter Gemma-architecture model,
@@ -142,6 +143,8 @@ def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: in
     losses: list[float] = []
     if system == "TRL":
         counter = _train_trl(model, rows, steps, batch, bf16, clock, losses)
+    elif system in KTO_SYSTEMS:
+        counter = _train_mtdpo_kto(KTO_SYSTEMS[system], model, cache, steps, batch, bf16, clock, losses)
     else:
         counter = _train_mtdpo(MTDPO_MODES[system], model, cache, steps, batch, bf16, clock, losses)
     timed = sum(counter.tokens[warm:steps])
@@ -155,6 +158,8 @@ def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: in
         "step_wall_s": [b - a for a, b in zip(clock.wall[warm - 1 : steps - 1], clock.wall[warm:steps])],
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
+        # KTO: tokens of the KL sequences the policy also forwarded (without gradient) in the timed steps
+        "kl_tokens": sum(getattr(counter, "kl_tokens", [])[warm:steps]),
     }
 
 
@@ -442,6 +447,229 @@ def summarise(runs: dict) -> dict:
     }
 
 
+# ── KTO beside DPO at equal tokens ────────────────────────────────────────────
+#
+# The same sequences, as many per step: DPO trains B pairs per step, KTO the 2B rows they make
+# (each pair's chosen conversation as a desirable row, then its rejected one as an undesirable row),
+# both read in the cache's order (sequential sampling), so KTO's step k holds exactly the sequences
+# of DPO's step k. Tokens/s counts those sequences' tokens in both (for KTO what TRL's KTOTrainer
+# counts: the rows, not their KL sequences). Both padded (segment attention), both the same
+# precision. KTO does more per token: besides the rows' forward and backward and their reference
+# forward (DPO's work on its pairs), the policy's and the reference's forwards of the KL sequences
+# (as many again, without gradient). With a stored reference (precompute-ref, both objectives) what
+# remains extra is the policy's KL forward. `work` below counts forward-equivalents per step
+# (a forward and backward = 3) from the tokens each system processed, so `tok/s x work` compares
+# the implementations once the objectives' different amounts of work are taken out.
+
+KTO_SYSTEMS = {
+    "DPO padded": {"objective": "dpo", "stored": False},
+    "KTO padded": {"objective": "kto", "stored": False},
+    "DPO padded, stored reference": {"objective": "dpo", "stored": True},
+    "KTO padded, stored reference": {"objective": "kto", "stored": True},
+}
+
+
+class KtoTokenCounter(TokenCounter):
+    """TokenCounter (the rows' tokens) that also counts the KL sequences' real tokens."""
+
+    def __init__(self, collator):
+        super().__init__(collator)
+        self.kl_tokens = []
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        kl = batch.get("kl")
+        self.kl_tokens.append(0 if kl is None else int(kl["attention_mask"].sum()))
+        return batch
+
+
+def _train_mtdpo_kto(mode: dict, model: str, cache: str, steps: int, batch: int, bf16: bool, clock, losses):
+    """One of KTO_SYSTEMS: `batch` pairs per step for DPO, their 2 x batch rows for KTO."""
+    import mtdpo.train.run as run
+    from mtdpo.train.config import MtdpoConfig
+
+    kto = mode["objective"] == "kto"
+    if kto:
+        counters, original = [], run.kto_run_parts
+
+        def counting(*args, **kwargs):
+            parts = original(*args, **kwargs)
+            counters.append(KtoTokenCounter(parts["collator"]))
+            parts["collator"] = counters[-1]
+            return parts
+
+        run.kto_run_parts = counting
+    else:
+        counters = count_mtdpo_tokens()
+    config = MtdpoConfig(
+        data=[cache],
+        model=model,
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        max_steps=steps,
+        bf16=bf16,
+        per_device_train_batch_size=2 * batch if kto else batch,
+        train_sampling_strategy="sequential",
+        prefix_sharing=False,
+        padding_free=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        learning_rate=1e-6,
+        beta=0.1,
+        loss_type="kto" if kto else "sigmoid",
+        nll_coef=0.0 if kto else 1.0,  # each objective's default
+    )
+    run.train(config, callbacks=[clock.callback, _LossLog(losses).callback])
+    return counters[0]
+
+
+def kto_rows_of(pairs: Path, out: Path) -> Path:
+    """Each pair's chosen conversation (desirable), then its rejected one (undesirable)."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    unpaired = [{"messages": r[side], "label": side == "chosen"} for r in rows for side in ("chosen", "rejected")]
+    out.write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    return out
+
+
+def stored_reference_copy(cache: Path, model: Path, bf16: bool, batch: int) -> Path:
+    """A copy of `cache` with the reference's log-probs stored, computed as the run computes them."""
+    import shutil
+
+    from mtdpo.train.config import MtdpoConfig
+    from mtdpo.train.reference import precompute_reference
+
+    out = cache.with_name(cache.name + ("-ref-bf16" if bf16 else "-ref-fp32"))
+    if not (out / "reference").is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(cache, out)
+        config = MtdpoConfig(
+            data=[str(out)],
+            model=str(model),
+            use_cpu=True,
+            bf16=bf16,
+            prefix_sharing=False,
+            per_device_train_batch_size=batch,
+            per_device_eval_batch_size=batch,
+        )
+        precompute_reference(config, progress=False)
+    return out
+
+
+def benchmark_kto(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int, lengths=None) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    lengths = lengths or ((256,) if quick else (1024,))
+    steps, warm, batch = (4, 1, 2) if quick else (3, 1, 2)  # batch: pairs (DPO), twice as many rows (KTO)
+    model = model_dir(quick)
+    results = {
+        "kind": "kto-vs-dpo",
+        "machine": _machine(),
+        "quick": quick,
+        "bf16": bf16,
+        "batch_pairs": batch,
+        "steps": steps,
+        "warm": warm,
+        "repeats": repeats,
+        "threads": threads,
+        "parallel": parallel,
+        "model": {**(GEMMA_TINY if quick else GEMMA_25M), "parameters": _parameters(model)},
+        "lengths": {},
+    }
+    systems = list(KTO_SYSTEMS)
+    for length in lengths:
+        n = batch * steps
+        pairs = write_multiturn_rows(WORK / f"kto-bench-pairs-{length}-{n}.jsonl", n, approx_tokens=length)
+        dpo_cache = cache_for(pairs, f"kto-bench-dpo-{length}-{n}")
+        kto_cache = cache_for(
+            kto_rows_of(pairs, WORK / f"kto-bench-rows-{length}-{n}.jsonl"), f"kto-bench-kto-{length}-{n}"
+        )
+        caches = {
+            "DPO padded": dpo_cache,
+            "KTO padded": kto_cache,
+            "DPO padded, stored reference": stored_reference_copy(dpo_cache, model, bf16, batch),
+            "KTO padded, stored reference": stored_reference_copy(kto_cache, model, bf16, 2 * batch),
+        }
+        runs = {system: [] for system in systems}
+        entry = results["lengths"][str(length)] = {"data": cache_stats(dpo_cache), "runs": runs}
+        print(f"~{length} tokens: {entry['data']}", flush=True)
+        for repeat in range(repeats):
+            order = systems[repeat % len(systems) :] + systems[: repeat % len(systems)]  # rotate who goes first
+
+            def measure(system, repeat=repeat, caches=caches):
+                started = time.time()
+                result = run_worker(
+                    threads, system=system, model=str(model), rows="", cache=str(caches[system]),
+                    steps=steps, batch=batch, bf16=bf16, warm=warm,
+                )  # fmt: skip
+                result["wall_s"] = time.time() - started
+                print(
+                    f"  {system:30s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, "
+                    f"{result['tokens_per_s']:8.1f} tok/s wall  ({result['wall_s']:.0f} s)",
+                    flush=True,
+                )
+                return result
+
+            with ThreadPoolExecutor(parallel) as pool:
+                for system, result in zip(order, pool.map(measure, order)):
+                    runs[system].append(result)
+        entry["summary"] = summarise(runs)
+        entry["work"] = kto_work(runs)
+    return results
+
+
+def kto_work(runs: dict) -> dict:
+    """Forward-equivalents per timed token of each system (forward + backward = 3): DPO 3 + 1
+    (its reference) per token, KTO the same on its rows plus 2 per KL token (the policy's and the
+    reference's forwards), 1 with a stored reference; from the tokens the first run processed."""
+    work = {}
+    for system, results in runs.items():
+        tokens = results[0]["tokens_per_s"] * sum(results[0]["step_wall_s"])  # the timed tokens
+        kl = results[0]["kl_tokens"] / tokens if tokens else 0.0
+        stored = KTO_SYSTEMS[system]["stored"]
+        work[system] = (3 if stored else 4) + kl * (1 if stored else 2)
+    return work
+
+
+def kto_table(results: dict, key: str = "tokens_per_cpu_s") -> str:
+    precision = "bf16" if results["bf16"] else "fp32"
+    lines = [
+        "| tokens per sequence (mean) | system | tokens/s median (min) | KTO / DPO | work per token | KTO / DPO x work ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for length, entry in results["lengths"].items():
+        summary, work = entry["summary"], entry["work"]
+        for system in KTO_SYSTEMS:
+            values = summary[system][key]
+            cells = [
+                f"~{length} ({entry['data']['mean_seq_len']:,.0f})",
+                system,
+                f"{values['median']:,.0f} ({values['min']:,.0f})",
+            ]
+            if system.startswith("KTO"):
+                dpo = system.replace("KTO", "DPO")
+                ratio = values["median"] / summary[dpo][key]["median"]
+                low = values["min"] / summary[dpo][key]["min"]
+                cells += [
+                    f"{ratio:.2f}× (min {low:.2f}×)",
+                    f"{work[system]:.2f}",
+                    f"{ratio * work[system] / work[dpo]:.2f}×",
+                ]
+            else:
+                cells += ["", f"{work[system]:.2f}", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    unit = "Tokens per CPU-second" if key == "tokens_per_cpu_s" else "Tokens per wall-clock second"
+    lines += [
+        "",
+        f"{unit} of the trained sequences (DPO: both sides of each pair; KTO: the rows, the same sequences), median (min) "
+        f"of {results['repeats']} runs each, interleaved, {results['threads']} thread(s) per process, {results['parallel']} "
+        f"processes at a time, {precision} on both, {results['batch_pairs']} pairs (DPO) or {2 * results['batch_pairs']} rows "
+        f"(KTO) per step, {results['steps'] - results['warm']} timed step(s) after {results['warm']} warm-up; "
+        f"{results['model']['parameters'] / 1e6:.1f}M parameters. Work: forward-equivalents per token (see benchmark_kto).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         print(json.dumps(worker(**json.loads(sys.argv[2]))))
@@ -479,7 +707,28 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (1: CPU time is not inflated by other jobs)"
     )
+    parser.add_argument(
+        "--kto", action="store_true", help="KTO beside DPO at equal tokens (mtdpo, with live and stored references)"
+    )
     args = parser.parse_args()
+    if args.kto:
+        bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
+        results = benchmark_kto(
+            args.quick,
+            bf16,
+            args.repeats or (1 if args.quick else 3),
+            args.threads,
+            args.parallel,
+            tuple(args.lengths or ()),
+        )
+        results["machine"]["load_after"] = os.getloadavg()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = args.name or ("train-kto-quick" if args.quick else "train-kto")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        markdown = kto_table(results) + "\n" + kto_table(results, "tokens_per_s")
+        (RESULTS / f"{stem}.md").write_text(markdown)
+        print(markdown)
+        return
     if args.table:  # e.g. the ~1k and ~2k tokens runs made separately
         print(table(merged_results(args.table)) + "\n" + table(merged_results(args.table), "tokens_per_s"))
         return
