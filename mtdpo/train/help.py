@@ -26,8 +26,6 @@ OPTION_GROUPS = {
         "loss_type",
         "label_smoothing",
         "simpo_gamma",
-        "desirable_weight",
-        "undesirable_weight",
     ),
     "Reference": ("ref_model",),
     "Model": ("model", "attn_implementation", "prefix_sharing", "prefix_forest", "padding_free", "trust_remote_code"),
@@ -45,6 +43,7 @@ OPTION_GROUPS = {
         "skip_nonfinite",
         "resume_from_checkpoint",
     ),
+    "KTO (on KTO caches)": ("desirable_weight", "undesirable_weight"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapters", "load_in_4bit"),
     "Output": ("output_dir", "logging_steps", "eval_strategy", "eval_steps", "save_steps", "report_to"),
 }
