@@ -155,7 +155,8 @@ def cache_stats(path: Path, batch_size: int = 8) -> dict:
         f"trained_fraction_per_{unit}": {},
     }
     out["generation_contexts"] = generation_contexts(cache)
-    out["layout_tokens"] = layout_tokens(cache, batch_size)
+    # a KTO row is laid out alone (padded or padding-free): the pair layouts do not apply to it
+    out["layout_tokens"] = {"alone": int(cache.lengths().sum())} if cache.is_kto else layout_tokens(cache, batch_size)
     if out["tool_calls"] is not None:
         out["tokens"]["tool_calls"] = {g: int(arrays[f"{g}_tool_calls"].sum()) for g in groups}
     for g in groups:
@@ -301,10 +302,15 @@ def stats_tables(stats: dict) -> list:
         totals.add_row("context tokens computed again for them", f"{repeated['chosen']:,} / {repeated['rejected']:,}")
     layouts = stats["layout_tokens"]
     totals.add_row("tokens computed, sequences alone", f"{layouts['alone']:,}")
-    for name, key in (
-        ("prefix-shared", "prefix_sharing"),
-        (f"prefix forest, batch {layouts['batch_size']}", "prefix_forest"),
-    ):
+    shared = (
+        ()
+        if kto
+        else (
+            ("prefix-shared", "prefix_sharing"),
+            (f"prefix forest, batch {layouts.get('batch_size')}", "prefix_forest"),
+        )
+    )
+    for name, key in shared:
         fewer = f" ({layouts['alone'] / layouts[key]:.2f}× fewer)" if layouts[key] else ""
         totals.add_row(f"  {name}", f"{layouts[key]:,}{fewer}")
     if "tool_calls" in tokens:
