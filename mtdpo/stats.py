@@ -19,7 +19,7 @@ import pyarrow as pa
 from rich.table import Table
 from rich.text import Text
 
-from mtdpo.cache import IGNORE_INDEX, SIDES, OpenCache, open_cache
+from mtdpo.cache import IGNORE_INDEX, SIDES, KtoRecord, OpenCache, open_cache
 from mtdpo.cache.manifest import counts_of
 from mtdpo.cache.schema import KTO_GROUPS
 from mtdpo.errors import UsageError
@@ -155,8 +155,7 @@ def cache_stats(path: Path, batch_size: int = 8) -> dict:
         f"trained_fraction_per_{unit}": {},
     }
     out["generation_contexts"] = generation_contexts(cache)
-    # a KTO row is laid out alone (padded or padding-free): the pair layouts do not apply to it
-    out["layout_tokens"] = {"alone": int(cache.lengths().sum())} if cache.is_kto else layout_tokens(cache, batch_size)
+    out["layout_tokens"] = layout_tokens(cache, batch_size)
     if out["tool_calls"] is not None:
         out["tokens"]["tool_calls"] = {g: int(arrays[f"{g}_tool_calls"].sum()) for g in groups}
     for g in groups:
@@ -194,24 +193,35 @@ def generation_contexts(cache: OpenCache) -> dict:
 
 def layout_tokens(cache: OpenCache, batch_size: int) -> dict:
     """Tokens one epoch computes in each layout: every sequence alone (padded or padding-free,
-    padding not counted), prefix sharing (a pair's prompt once) and the prefix forest (every
-    prefix a micro-batch shares once, micro-batches of `batch_size` pairs grouped by prompt)."""
+    padding not counted), prefix sharing (a pair's prompt once; pairs only) and the prefix forest
+    (every prefix a micro-batch shares once, micro-batches of `batch_size` pairs or KTO rows
+    grouped by prompt; a KTO row's KL sequence not counted, as in throughput)."""
     from mtdpo.train.forest import forest_tokens
     from mtdpo.train.sampler import group_batches
 
-    pairs = cache.pairs
-    keys, suffix, prompt = pairs.prompts()
-    alone = int(sum(cache.lengths(side).sum() for side in SIDES))
+    keys, suffix, prompt = cache.prompts()
     forest = 0
     for batch in group_batches(keys, suffix, prompt, seed=42, batch_size=batch_size):
-        records = pairs.__getitems__(batch)
-        forest += forest_tokens([piece.input_ids for r in records for side in SIDES for piece in r.side(side).pieces()])
+        forest += forest_tokens([ids for record in _records(cache, batch) for ids in _sequences(record)])
+    if cache.is_kto:
+        return {"batch_size": batch_size, "alone": int(cache.lengths().sum()), "prefix_forest": forest}
+    alone = int(sum(cache.lengths(side).sum() for side in SIDES))
     return {
         "batch_size": batch_size,
         "alone": alone,
         "prefix_sharing": alone - int(np.maximum(prompt - 1, 0).sum()),
         "prefix_forest": forest,
     }
+
+
+def _records(cache: OpenCache, indices: list[int]) -> list:
+    return [cache.record(i) for i in indices] if cache.is_kto else cache.pairs.__getitems__(indices)
+
+
+def _sequences(record) -> list[list[int]]:
+    """The token sequences a record lays out: a KTO row's one, every piece of a pair's sides."""
+    sides = [record.sequence] if isinstance(record, KtoRecord) else [record.side(side) for side in SIDES]
+    return [piece.input_ids for side in sides for piece in side.pieces()]
 
 
 def reject_reasons(path: Path, reasons: dict | None) -> list[dict]:
@@ -302,14 +312,8 @@ def stats_tables(stats: dict) -> list:
         totals.add_row("context tokens computed again for them", f"{repeated['chosen']:,} / {repeated['rejected']:,}")
     layouts = stats["layout_tokens"]
     totals.add_row("tokens computed, sequences alone", f"{layouts['alone']:,}")
-    shared = (
-        ()
-        if kto
-        else (
-            ("prefix-shared", "prefix_sharing"),
-            (f"prefix forest, batch {layouts.get('batch_size')}", "prefix_forest"),
-        )
-    )
+    forest = (f"prefix forest, batch {layouts['batch_size']}", "prefix_forest")
+    shared = (forest,) if kto else (("prefix-shared", "prefix_sharing"), forest)
     for name, key in shared:
         fewer = f" ({layouts['alone'] / layouts[key]:.2f}× fewer)" if layouts[key] else ""
         totals.add_row(f"  {name}", f"{layouts[key]:,}{fewer}")

@@ -284,3 +284,27 @@ def test_a_kto_cache_is_described_by_label(tmp_path):
     assert result.stdout.splitlines()[0] == f"{cache}: 10 KTO rows · template gemma · mask assistant · max length 2048"
     assert "trained fraction (undesirable)" in result.stdout and "desirable / undesirable rows" in result.stdout
     assert json.loads(invoke("stats", cache, "--json").stdout)["trained_fraction_per_row"]["desirable"]["max"] <= 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_kto_layout_tokens_are_what_the_kto_collator_lays_out(tmp_path, batch_size):
+    """A KTO cache's rows alone and as forests of rows grouped by prompt (rows 2k and 2k + 1
+    share one: kto_rows), each what KtoCollator's policy sub-batch holds."""
+    from trainkit import make_kto_cache
+
+    from mtdpo.cache import open_cache
+    from mtdpo.train.kto_data import KtoCollator
+    from mtdpo.train.sampler import group_batches
+
+    cache = make_kto_cache(tmp_path, n=5)
+    opened = open_cache(cache)
+    layouts = cache_stats(cache, batch_size)["layout_tokens"]
+    assert layouts["alone"] == sum(len(opened.record(i).sequence) for i in range(len(opened)))
+    forest = KtoCollator(0, prefix_forest=True)
+    laid_out = sum(
+        forest([(opened.record(i), None) for i in b])["policy"]["input_ids"].shape[1]
+        for b in group_batches(*opened.prompts(), seed=42, batch_size=batch_size)
+    )
+    assert layouts["prefix_forest"] == laid_out
+    assert (layouts["prefix_forest"] < layouts["alone"]) is (batch_size > 1)  # a prompt once per problem
+    assert "prefix forest, batch 4" in invoke("stats", cache, "--batch-size", "4").stdout

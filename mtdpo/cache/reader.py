@@ -181,6 +181,29 @@ class OpenCache:
     def source_rows(self) -> np.ndarray:
         return _column(self.dataset, ROW)
 
+    def prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt key, tokens past the prompt, prompt tokens) per pair or KTO row: records
+        answering one prompt (the same first `prompt_len` tokens) share a key, the same on every
+        rank. What `--group-by-prompt` groups by and a forest's token budget counts."""
+        data = self.dataset.data
+        prompt = data.column(PROMPT_LEN).to_numpy().astype(np.int64)
+        if self.is_kto:
+            ids, total = KTO_IDS, data.column(LENGTH).to_numpy().astype(np.int64)
+        else:
+            ids, total = (
+                ids_column(SIDES[0]),
+                sum(data.column(length_column(s)).to_numpy().astype(np.int64) for s in SIDES),
+            )
+        suffix = total - prompt * (1 if self.is_kto else len(SIDES))
+        keys, at = np.zeros(len(prompt), dtype=np.int64), 0
+        for chunk in data.column(ids).chunks:
+            offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
+            for k in range(len(chunk)):
+                tokens = values[offsets[k] : offsets[k] + prompt[at]].tobytes()
+                keys[at] = int.from_bytes(hashlib.blake2b(tokens, digest_size=8).digest(), "little", signed=True)
+                at += 1
+        return keys, suffix, prompt
+
     def token_columns(self, side: str | None = None):
         """(ids, labels) of one side (pairs; KTO rows: no side) as Arrow list columns (zero-copy
         views of the mapped shards)."""
@@ -224,19 +247,7 @@ class PairDataset:
         return pair_lengths(self.cache.dataset)
 
     def prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(prompt key, tokens past the prompt, prompt tokens) per pair: pairs answering one
-        prompt (the same first `prompt_len` tokens) share a key, the same on every rank."""
-        data = self.cache.dataset
-        prompt = data.data.column(PROMPT_LEN).to_numpy().astype(np.int64)
-        suffix = sum(data.data.column(length_column(side)).to_numpy().astype(np.int64) for side in SIDES) - 2 * prompt
-        keys, at = np.zeros(len(prompt), dtype=np.int64), 0
-        for chunk in data.data.column(ids_column(SIDES[0])).chunks:
-            offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
-            for k in range(len(chunk)):
-                tokens = values[offsets[k] : offsets[k] + prompt[at]].tobytes()
-                keys[at] = int.from_bytes(hashlib.blake2b(tokens, digest_size=8).digest(), "little", signed=True)
-                at += 1
-        return keys, suffix, prompt
+        return self.cache.prompts()
 
 
 def pair_lengths(dataset) -> np.ndarray:

@@ -101,14 +101,14 @@ class MtdpoConfig(TrainingArguments):
     group_by_prompt: bool | None = field(
         default=None,
         metadata={
-            "help": "Keep the pairs of one prompt in one micro-batch (what a forest shares). "
+            "help": "Keep the pairs (or KTO rows) of one prompt in one micro-batch (what a forest shares). "
             "[default: on with --prefix-forest]"
         },
     )
     max_tokens_per_batch: int = field(
         default=0,
         metadata={
-            "help": "Forest tokens per micro-batch at most (a prompt counted once), beside the pairs per batch; "
+            "help": "Forest tokens per micro-batch at most (a prompt counted once), beside the pairs (rows) per batch; "
             "0: no limit."
         },
     )

@@ -174,10 +174,16 @@ def shared(pairs: list[PairRecord]) -> dict[str, torch.Tensor]:
 
 
 def forest_batch(pairs: list[PairRecord]) -> dict[str, torch.Tensor | list]:
-    """B pairs as one prefix forest (forest.py): each sequence of each side, scored for its side
-    (0..B-1 chosen, B..2B-1 rejected)."""
+    """B pairs as one prefix forest: each sequence of each side, scored for its side (0..B-1
+    chosen, B..2B-1 rejected)."""
     sides = [p.side(side) for side in SIDES for p in pairs]
-    tree = build_forest([(piece.input_ids, piece.labels, k) for k, side in enumerate(sides) for piece in side.pieces()])
+    return forest_row([(piece.input_ids, piece.labels, k) for k, side in enumerate(sides) for piece in side.pieces()])
+
+
+def forest_row(sequences: list[tuple[list[int], list[int], int]]) -> dict[str, torch.Tensor | list]:
+    """(input_ids, labels, owner) sequences as one prefix-forest row (forest.py), each trained
+    token scored for its owner."""
+    tree = build_forest(sequences)
     return {
         "input_ids": torch.tensor([tree.input_ids]),
         "labels": torch.tensor([tree.labels]),

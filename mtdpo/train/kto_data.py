@@ -11,7 +11,8 @@ sequential order on one device the partner is in the same batch, as in TRL.
 
 A batch holds two sub-batches laid out alike: "policy" (the rows, whose log-probs are trained)
 and "kl" (their KL sequences, forwarded without gradient); with `--padding-free` each is one
-packed row. `pair_tokens` counts the rows' tokens, the ones trained (forward and backward): the
+packed row, with `--prefix-forest` one forest row (forest.py: the rows of one problem, grouped
+into one micro-batch by `--group-by-prompt`, compute their prompt once, as their KL sequences do). `pair_tokens` counts the rows' tokens, the ones trained (forward and backward): the
 tokens/s and MFU of a KTO run count those, as a DPO run's count both sides of its pairs (and, as
 there, neither the reference's forwards nor, here, the KL sequences').
 """
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtdpo.cache import KtoRecord, OpenCache, kto_lengths
-from mtdpo.train.data import packed, padded
+from mtdpo.train.data import forest_row, packed, padded
 from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.kto_loss import kl_partner, mismatched_sequence
 
@@ -51,6 +52,10 @@ class KtoRows(Dataset):
         """Each row's length: what length grouping sorts by (read as one column)."""
         return kto_lengths(self.cache.dataset)
 
+    def prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What `--group-by-prompt` groups by (`OpenCache.prompts`): the rows of one prompt."""
+        return self.cache.prompts()
+
 
 def kl_sequence(record: KtoRecord, partner: KtoRecord, max_length: int | None = None) -> tuple[list[int], list[int]]:
     """The row's prompt + the partner's completion, as (input_ids, labels)."""
@@ -70,6 +75,7 @@ class KtoCollator:
     padding_free: bool = False
     segments: bool = False  # padded batches: describe each row's real tokens for segment attention
     max_length: int | None = None  # KL sequences longer than this keep their start (as TRL's collator)
+    prefix_forest: bool = False  # each sub-batch one row, every prefix its sequences share computed once
 
     def __call__(self, items: list[tuple[KtoRecord, KtoRecord | None]]) -> dict:
         records = [record for record, _ in items]
@@ -88,6 +94,8 @@ class KtoCollator:
         return batch
 
     def lay_out(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        if self.prefix_forest:
+            return forest_row([(ids, labels, k) for k, (ids, labels) in enumerate(sequences)])
         ids = [torch.tensor(i) for i, _ in sequences]
         labels = [torch.tensor(label) for _, label in sequences]
         if self.padding_free:
@@ -95,8 +103,7 @@ class KtoCollator:
         return padded(ids, labels, self.pad_token_id, self.segments)
 
 
-def sub_batch_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and trained-token counts of a sub-batch's sequences ("policy" or "kl"),
-    in either layout."""
-    n = len(batch["segments"]) if "logp_index" in batch else None  # packed: one segment per sequence
-    return fused_sequence_logps(model, batch, n)
+def sub_batch_logps(model, sub_batch: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and trained-token counts of a sub-batch's sequences ("policy" or "kl":
+    one per row), in any layout."""
+    return fused_sequence_logps(model, sub_batch, rows)

@@ -41,10 +41,10 @@ class MultiTurnKTOTrainer(MultiTurnDPOTrainer):
         kl = None
         if self.needs_kl:
             with torch.no_grad():
-                policy_kl = sub_batch_logps(model, inputs["kl"])[0]
+                policy_kl = sub_batch_logps(model, inputs["kl"], len(inputs["rows"]))[0]
             ref_kl = self.kl_reference_logps(model, inputs, reference)
             kl = kl_estimate(policy_kl, ref_kl, gather=self.accelerator.gather)
-        logps, tokens = sub_batch_logps(model, inputs["policy"])
+        logps, tokens = sub_batch_logps(model, inputs["policy"], len(inputs["rows"]))
         ref_logps = self.row_reference_logps(model, inputs, reference)
         return self.kto_objective(logps, ref_logps, tokens, inputs["desirable"], kl, step_counts)
 
@@ -52,13 +52,13 @@ class MultiTurnKTOTrainer(MultiTurnDPOTrainer):
         if reference is Reference.COLUMNS:
             return inputs["ref_logps"]
         with torch.no_grad(), self.reference_model(model, reference) as frozen:
-            return sub_batch_logps(frozen, inputs["policy"])[0]
+            return sub_batch_logps(frozen, inputs["policy"], len(inputs["rows"]))[0]
 
     def kl_reference_logps(self, model, inputs, reference: Reference) -> torch.Tensor:
         if reference is Reference.COLUMNS:
             return inputs["ref_kl_logps"]
         with torch.no_grad(), self.reference_model(model, reference) as frozen:
-            return sub_batch_logps(frozen, inputs["kl"])[0]
+            return sub_batch_logps(frozen, inputs["kl"], len(inputs["rows"]))[0]
 
     def kto_objective(
         self, logps, ref_logps, tokens, desirable, kl, step_counts=None
@@ -131,6 +131,7 @@ def kto_run_parts(config, plan, train_data, eval_data) -> dict:
         padding_free=plan.layout.padding_free,
         segments=plan.layout.collator_options()["segments"],
         max_length=train_data.manifest.max_length,
+        prefix_forest=plan.layout.prefix_forest,
     )
     return {
         "trainer": MultiTurnKTOTrainer,

@@ -124,22 +124,16 @@ def check_loss_fits(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache
 
 
 def layout_for(config: MtdpoConfig, train: OpenCache, model_config) -> Layout:
-    """The pair layouts of layout.choose_layout; a KTO row is one sequence, so prefix sharing (a
-    pair's two sides over one prompt) does not apply to it: padded, or packed with --padding-free."""
-    if not train.is_kto:
-        return choose_layout(
-            config.attn_implementation, config.prefix_sharing, config.padding_free, model_config, config.prefix_forest
+    """The layouts of layout.choose_layout. A KTO row is one sequence, so prefix sharing (a
+    pair's two sides over one prompt) does not apply to it; the prefix forest does (the rows of
+    one problem share their prompt): padded, packed with --padding-free, or a forest."""
+    if train.is_kto and config.prefix_sharing:
+        raise UsageError(
+            "--prefix-sharing lays out pairs; a KTO row is one sequence: drop it "
+            "(--prefix-forest computes the prompt the rows of one problem share once)"
         )
-    pair_only = (
-        ("--prefix-sharing", config.prefix_sharing),
-        ("--prefix-forest", config.prefix_forest),
-        ("--group-by-prompt", config.group_by_prompt),
-        ("--max-tokens-per-batch", config.max_tokens_per_batch),
-    )
-    for flag, value in pair_only:
-        if value:
-            raise UsageError(f"{flag} lays out pairs; a KTO row is one sequence: drop it (or use --padding-free)")
-    return choose_layout(config.attn_implementation, False, config.padding_free, model_config)
+    sharing = False if train.is_kto else config.prefix_sharing
+    return choose_layout(config.attn_implementation, sharing, config.padding_free, model_config, config.prefix_forest)
 
 
 def check_kl_partners(cache: OpenCache, batch_size: int) -> None:

@@ -78,7 +78,7 @@ def precompute_kto(model, cache: OpenCache, config: MtdpoConfig, layout, identit
             batch = collate([rows[i] for i in range(start, min(start + config.per_device_eval_batch_size, len(rows)))])
             for k, part in enumerate(("policy", "kl")):
                 inputs = {key: value.to(model.device) for key, value in batch[part].items()}
-                values[k] += sub_batch_logps(model, inputs)[0].float().tolist()
+                values[k] += sub_batch_logps(model, inputs, len(batch["rows"]))[0].float().tolist()
             advance(len(batch["rows"]))
     info = ReferenceInfo(
         model=config.ref_model or config.model or "tiny random Gemma (seeded)",

@@ -295,3 +295,45 @@ def test_resume_replays_the_same_kto_steps(cache, tmp_path):
         for step in (4, 5, 6):
             assert after[step] == pytest.approx(before[step], abs=1e-6), key
     assert len({round(v, 5) for v in logged(straight, "loss").values()}) > 1
+
+
+# ── the prefix forest ─────────────────────────────────────────────────────────
+
+
+def test_a_forest_of_kto_rows_gives_the_padded_losses_and_gradients(cache, tmp_path):
+    """Rows 2k and 2k + 1 answer one prompt (kto_rows): in a forest each prompt is computed once
+    for the rows and once for their KL sequences; the losses and gradients are the padded ones."""
+    results, rows = [], range(6)
+    for forest in (False, True):
+        model, ref = tiny_model(), noisier(tiny_model())  # kl > 0: not clamped
+        for m in (model, ref):
+            m.set_attn_implementation(SEGMENT_ATTENTION)
+        trainer = kto_trainer(cache, model, ref, tmp_path, prefix_forest=forest, nll_coef=1.0)
+        assert trainer.data_collator.prefix_forest is forest
+        inputs = kto_batch(trainer, rows)
+        results.append((*loss_metrics_grads(trainer, inputs), inputs))
+    (loss_a, metrics_a, grads_a, padded), (loss_b, metrics_b, grads_b, forest) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for name in ("kl", "nll", "logps/chosen", "logps/rejected"):
+        assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-5), name
+    assert metrics_a["kl"] > 0
+    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-5
+    for part in ("policy", "kl"):  # one row, each shared prompt once: fewer tokens than the rows hold
+        assert forest[part]["input_ids"].shape[0] == 1
+        assert forest[part]["input_ids"].shape[1] < padded[part]["attention_mask"].sum().item()
+
+
+def test_group_by_prompt_puts_a_problem_s_kto_rows_in_one_micro_batch(cache, tmp_path):
+    data = open_caches([str(cache)])
+    keys, suffix, prompt = KtoRows(data, 4).prompts()
+    assert (keys[0::2] == keys[1::2]).all() and len(set(keys.tolist())) == len(keys) // 2  # pairs of rows share one
+    assert (suffix + prompt).tolist() == data.lengths().tolist()
+    sampler = kto_trainer(cache, tiny_model(), None, tmp_path, prefix_forest=True)._get_train_sampler()
+    assert sorted(i for batch in sampler.batches for i in batch) == list(range(len(keys)))
+    for batch in sampler.batches:  # groups of two rows, four rows a micro-batch: every group whole
+        assert len(batch) <= 4 and all(keys[i] in keys[[j for j in batch if j != i]] for i in batch)
+    run = tmp_path / "forest"
+    train(
+        kto_config(cache, tmp_path, output_dir=str(run), prefix_forest=True, max_steps=2, per_device_train_batch_size=4)
+    )
+    assert sorted(logged(run, "loss")) == [1, 2]
