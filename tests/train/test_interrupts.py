@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Value
-from helpers import TESTS, cache_dataset, hidden_leftovers, run_preprocess, write_jsonl
+from helpers import TESTS, cache_dataset, edit_manifest, hidden_leftovers, run_preprocess, write_jsonl
 from trainkit import logged
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
@@ -451,9 +451,7 @@ def test_damaged_state_and_count_are_refused(small_cache, tmp_path):
     with pytest.raises(UsageError, match=f"^{cache}/state.json is corrupt: "):
         cache_dataset(cache)
     cache = shutil.copytree(small_cache, tmp_path / "other")
-    manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["counts"]["kept"] = 25
-    (cache / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(cache, lambda m: m["counts"].update(kept=25))
     with pytest.raises(UsageError, match=f"^the shards in {cache} hold 24 pairs but manifest.json says 25$"):
         cache_dataset(cache)
 
