@@ -357,7 +357,7 @@ def with_reference(cache: Path, out: Path, bad_row: int, value: float) -> Path:
 def test_a_non_finite_loss_stops_training_naming_step_and_rows(tiny_cache, tmp_path, value):
     cache = with_reference(tiny_cache, tmp_path / "cache", bad_row=5, value=value)
     with pytest.raises(NonFiniteLoss) as err:
-        train(config(cache, tmp_path / "run", max_steps=4))
+        train(config(cache, tmp_path / "run", max_steps=4, bf16=False))  # the columns are fp32 ones
     match = re.fullmatch(
         r"the loss is (\S+) at step (\d+) \(source rows (\d+), (\d+)\); check those rows or lower the learning rate, "
         r"or pass --skip-nonfinite to skip such batches",
@@ -372,9 +372,11 @@ def test_a_non_finite_loss_stops_training_naming_step_and_rows(tiny_cache, tmp_p
 def test_skip_nonfinite_skips_and_counts(tiny_cache, tmp_path):
     cache = with_reference(tiny_cache, tmp_path / "cache", bad_row=5, value=float("nan"))
     with pytest.raises(NonFiniteLoss) as err:
-        train(config(cache, tmp_path / "stop", max_steps=4))
+        train(config(cache, tmp_path / "stop", max_steps=4, bf16=False))
     step = int(re.search(r"at step (\d+)", str(err.value))[1])
-    trainer = train(config(cache, tmp_path / "skip", max_steps=8, skip_nonfinite=True))  # two epochs: skipped twice
+    trainer = train(
+        config(cache, tmp_path / "skip", max_steps=8, skip_nonfinite=True, bf16=False)
+    )  # two epochs: skipped twice
     assert trainer.nonfinite.skipped == 2
     skipped = logged(tmp_path / "skip", "nonfinite_skipped")
     assert min(skipped) == step and skipped[step] == 1 and skipped[8] == 2
