@@ -9,6 +9,10 @@ class NonFiniteLoss(UsageError):
     """A NaN or infinite loss: the message names the step and the batch's source rows."""
 
 
+class NonFiniteWeights(UsageError):
+    """Weights that are NaN or infinite after a step: the run stops before saving them."""
+
+
 class Interrupted(Exception):
     """Training stopped by a signal after saving a checkpoint; the CLI exits with 128 + signal."""
 

@@ -283,6 +283,18 @@ def run_preprocess(input_path: Path, out: Path, **kwargs) -> dict:
     return preprocess(input_path, out, progress=False, **kwargs)
 
 
+def edit_manifest(cache: Path, change) -> Path:
+    """Apply `change` to a cache's manifest (a dict, changed in place) and record the new bytes in
+    checksums.json, as a deliberate edit: what a test of a later check needs."""
+    from mtdpo.cache.files import record_checksums
+
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    change(manifest)
+    (Path(cache) / "manifest.json").write_text(json.dumps(manifest))
+    record_checksums(cache, ["manifest.json"])
+    return Path(cache)
+
+
 def hidden_leftovers(folder: Path) -> list[str]:
     """Temporary siblings preprocess may create (.NAME.incomplete-PID, .parts-, .old-)."""
     return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("."))

@@ -22,8 +22,9 @@ from mtdpo.errors import UsageError
 from mtdpo.fingerprint import sha256_file, sha256_text
 
 CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the shards and CHECKED_FILES
-# Plus every data-*.arrow shard. Not state.json: datasets puts a random fingerprint in it, and
-# checksums.json should be byte-equal when the shards are (state.json is parsed on load anyway).
+# Plus every data-*.arrow shard and, in a cache, manifest.json and the tokenizer copy (writer.py).
+# Not state.json: its fingerprint is derived from checksums.json (and it is parsed on load anyway).
+# Not verified.json either: it only spares re-hashing, and --verify-cache re-hashes regardless.
 CHECKED_FILES = ("dataset_info.json",)
 # Size and modification time of those files when their SHA-256 last matched checksums.json: a run
 # re-hashes only files that changed since (start-up does not grow with the data).
@@ -194,9 +195,15 @@ def _entry(file: Path) -> dict:
     return {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
 
 
-def checksum_entries(directory: Path, names: list[str]) -> dict:
-    """checksums.json entries for files under `directory` (for another directory's checksums)."""
-    return {name: _entry(Path(directory) / name) for name in names}
+def record_checksums(cache: Path, names: list[str], replacing: str | None = None) -> None:
+    """Record the size and SHA-256 of the files `names` of a cache in its checksums.json (replaced
+    atomically), dropping first the entries under the folder `replacing` (rewritten whole)."""
+    sums = read_json(Path(cache) / CHECKSUMS)
+    if replacing:
+        sums = {name: entry for name, entry in sums.items() if not name.startswith(f"{replacing}/")}
+    sums.update({name: _entry(Path(cache) / name) for name in names})
+    replace_file(Path(cache) / CHECKSUMS, json.dumps(sums, indent=2) + "\n")
+    write_stamp(cache)
 
 
 def check_files(cache: Path, rehash: bool) -> None:

@@ -83,6 +83,9 @@ class Manifest:
     shard: dict | None = None  # the --shard slice of the input, or None for all of it
     reference: ReferenceInfo | None = None
     kind: str = PAIR
+    # preprocess --trust-remote-code: the tokenizer copy may hold code (auto_map, *.py), which train
+    # then copies into the model folder; without it such a copy is refused (reader.tokenizer_copy).
+    trust_remote_code: bool = False
     schema_version: int = SCHEMA_VERSION
     mtdpo_version: str = __version__
 
@@ -106,7 +109,8 @@ class Manifest:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         order = ("schema_version", "mtdpo_version", "kind", "tokenizer", "chat_template_sha256", "chat_template_file")
-        order += ("mask_mode", "seed_markers", "max_length", "truncation", "input", "shard", "counts", "tokens")
+        order += ("trust_remote_code", "mask_mode", "seed_markers", "max_length", "truncation", "input", "shard")
+        order += ("counts", "tokens")
         out = {key: data[key] for key in order}
         if self.reference is not None:
             out["reference"] = data["reference"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -46,6 +48,14 @@ from mtdpo.cache.writer import REFERENCE, REJECTS, SEQUENCE_STARTS, STATS, TOKEN
 from mtdpo.errors import UsageError
 from mtdpo.families import Family, detect_family
 from mtdpo.fingerprint import same_tokenizer
+
+# What a tokenizer's save_pretrained writes (slow and fast tokenizers, templates): the files of the
+# cache's tokenizer copy that train puts next to the model. Anything else stays in the cache.
+TOKENIZER_FILES = re.compile(
+    r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
+    r"|chat_template\.json|vocab\.json|vocab\.txt|merges\.txt|tokenizer\.model|spiece\.model|[\w.-]+\.tiktoken"
+    r"|sentencepiece\.bpe\.model|additional_chat_templates/[\w.-]+\.jinja"
+)
 
 
 class SequenceStarts:
@@ -121,6 +131,42 @@ class OpenCache:
     @property
     def tokenizer_dir(self) -> Path:
         return self.path / TOKENIZER
+
+    def tokenizer_copy(self) -> list[Path]:
+        """The files of the tokenizer copy that go next to a trained model: the known tokenizer
+        files, regular ones only (a symlink is refused, never followed). Code (an `auto_map`, a
+        .py file) is refused unless preprocess ran with --trust-remote-code, so a model folder never
+        carries code nobody chose to trust."""
+        folder, files = self.tokenizer_dir, []
+        for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            name = file.relative_to(folder).as_posix()
+            if file.is_symlink():
+                raise UsageError(f"{file} in the cache's tokenizer copy is a symlink: refused (not followed)")
+            is_code = file.suffix == ".py"
+            if file.is_dir() or not (is_code or TOKENIZER_FILES.fullmatch(name)):
+                continue  # left out: not a tokenizer file
+            if is_code and not self.manifest.trust_remote_code:
+                raise UsageError(
+                    f"the cache's tokenizer copy holds code ({file}) but was not preprocessed with --trust-remote-code: "
+                    "not copied next to the model; preprocess again with --trust-remote-code if you trust it"
+                )
+            files.append(file)
+        config = folder / "tokenizer_config.json"
+        if not self.manifest.trust_remote_code and config.is_file() and "auto_map" in _json_object(config):
+            raise UsageError(
+                f"{config} names tokenizer code (auto_map) but the cache was not preprocessed with --trust-remote-code: "
+                "not copied next to the model; preprocess again with --trust-remote-code if you trust it"
+            )
+        return files
+
+    def copy_tokenizer(self, destination: Path) -> None:
+        """Put the tokenizer copy (`tokenizer_copy`) next to a model, so it loads with AutoTokenizer."""
+        for file in self.tokenizer_copy():
+            target = Path(destination) / file.relative_to(self.tokenizer_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_symlink():  # written through, it would land wherever it points
+                target.unlink()
+            shutil.copyfile(file, target, follow_symlinks=False)
 
     @property
     def rejects_file(self) -> Path:
@@ -216,6 +262,14 @@ class OpenCache:
             return {"sequence": self.dataset.select_columns([KTO_IDS])[start:stop][KTO_IDS]}
         batch = self.dataset.select_columns([ids_column(side) for side in SIDES])[start:stop]
         return {side: batch[ids_column(side)] for side in SIDES}
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is corrupt: {err}") from None
+    return data if isinstance(data, dict) else {}
 
 
 def _column(dataset, name: str) -> np.ndarray:

@@ -19,13 +19,11 @@ import pyarrow as pa
 from mtdpo import compat
 from mtdpo.cache.files import (
     CHECKED_FILES,
-    CHECKSUMS,
-    checksum_entries,
-    read_json,
+    record_checksums,
     replace_file,
+    signals_held,
     write_dataset_files,
     write_json,
-    write_stamp,
     writing,
 )
 from mtdpo.cache.manifest import MANIFEST, Manifest, ReferenceInfo
@@ -164,9 +162,10 @@ class CacheWriter:
             if self._starts is not None:
                 self._starts.close()
                 extra.append(SEQUENCE_STARTS)
-            write_dataset_files(self.directory, names, self.features, extra)
             write_json(self.directory / STATS, stats)
-            manifest.write(self.directory)
+            manifest.write(self.directory)  # checksummed with the tokenizer copy: --verify-cache covers them
+            extra += [MANIFEST, *tokenizer_files(self.directory)]
+            write_dataset_files(self.directory, names, self.features, extra)
         self._finished = True
 
     def __exit__(self, kind, error, traceback) -> bool | None:
@@ -179,6 +178,13 @@ class CacheWriter:
             return self._stack.__exit__(type(error), error, error.__traceback__)
         with write_errors(self.out):  # renaming the finished directory into place
             return self._stack.__exit__(kind, error, traceback)
+
+
+def tokenizer_files(cache: Path) -> list[str]:
+    """The files of a cache's tokenizer copy, as names under the cache (regular files only)."""
+    folder = Path(cache) / TOKENIZER
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else []
+    return [f.relative_to(cache).as_posix() for f in files]
 
 
 def write_reference(
@@ -195,9 +201,10 @@ def write_reference_columns(
     float32 columns (the kind's `reference_columns`, in that order), row for row. The token
     shards are not touched.
 
-    The new reference directory is renamed into place, then checksums.json and manifest.json are
-    replaced (each atomically): a crash in between leaves a reference the manifest does not name,
-    which readers ignore and the next run replaces."""
+    The new reference directory is renamed into place, then manifest.json and checksums.json
+    (which lists both) are replaced, each atomically, with Ctrl-C and SIGTERM held until both are:
+    only a kill in between leaves files that disagree with checksums.json, and that cache is
+    refused naming the file (preprocess it again)."""
     from datasets import Features
 
     columns = reference_columns(manifest.kind)
@@ -211,13 +218,10 @@ def write_reference_columns(
         shards.write(table)
         names = shards.close(complete=True)
         write_dataset_files(tmp, names, features)
-        files = [f"{REFERENCE}/{name}" for name in (*names, *CHECKED_FILES)]
-        entries = checksum_entries(tmp, [*names, *CHECKED_FILES])
     # writing() renamed tmp to cache/reference: now the two small files that name it
-    kept = {k: v for k, v in read_json(Path(cache) / CHECKSUMS).items() if not k.startswith(f"{REFERENCE}/")}
-    kept.update(dict(zip(files, entries.values())))
-    replace_file(Path(cache) / CHECKSUMS, json.dumps(kept, indent=2) + "\n")
     updated = manifest.with_reference(reference)
-    replace_file(Path(cache) / MANIFEST, updated.to_json())
-    write_stamp(cache)
+    with signals_held():
+        replace_file(Path(cache) / MANIFEST, updated.to_json())
+        files = [f"{REFERENCE}/{name}" for name in (*names, *CHECKED_FILES)]
+        record_checksums(cache, [MANIFEST, *files], replacing=REFERENCE)
     return updated

@@ -288,6 +288,7 @@ def preprocess(
                 saver.wait()
                 stats = _stats(tally, time.perf_counter() - started)
                 manifest = build_manifest(tok, cache.tokenizer_dir, options, source, tally, chat_template, kind)
+                manifest = dataclasses.replace(manifest, trust_remote_code=trust_remote_code)
                 cache.finish(manifest, stats)
                 return stats
     finally:

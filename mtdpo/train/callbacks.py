@@ -102,6 +102,12 @@ class ProgressLine(TrainerCallback):
                 f"  {logs.get('tokens_per_second', 0):,.0f} tok/s{mfu}  eta {clock(eta)}",
                 flush=True,
             )
+        elif "skipped" in logs:  # --skip-nonfinite: every step of this line was skipped
+            print(
+                f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}  skipped"
+                f" (a loss or gradient was not finite; {logs['nonfinite_skipped']} step(s) skipped so far)",
+                flush=True,
+            )
         elif "eval_loss" in logs:
             print(
                 f"eval  loss {logs['eval_loss']:.4f}  margin {logs.get('eval_rewards/margins', NAN):+.3f}"
@@ -110,7 +116,9 @@ class ProgressLine(TrainerCallback):
             )
         elif "train_runtime" in logs:
             print(
-                f"done: {state.global_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}{self._trend()}",
+                f"done: {state.global_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}"
+                + (f" ({logs['nonfinite_skipped']} skipped)" if logs.get("nonfinite_skipped") else "")
+                + self._trend(),
                 flush=True,
             )
 

@@ -119,7 +119,7 @@ class MtdpoConfig(TrainingArguments):
     skip_nonfinite: bool = field(
         default=False,
         metadata={
-            "help": "Skip (zero gradient, counted as nonfinite_skipped) a batch whose loss is NaN or infinite, instead of stopping."
+            "help": "Skip an optimizer step whose loss or gradient is NaN or infinite (no weight moves; logged as skipped), instead of stopping."
         },
     )
     lora_r: int = field(

@@ -36,7 +36,9 @@ def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest
     """Add reference log-probs to the cache `config.data[0]`: of `--ref-model`, by default `--model`
     (the tiny random model of `--seed` when neither is given). Returns the updated manifest."""
     name = config.ref_model or config.model
-    cache = open_cache(config.data[0], verify=True, full=config.verify_cache)  # never vouch for changed bytes
+    # Every file re-hashed, whatever its stamp says: the checksums this run writes must never vouch
+    # for changed bytes (hashing costs little beside a forward pass over every record).
+    cache = open_cache(config.data[0], verify=True, full=True)
     model_config = load_model_config(name, config.trust_remote_code)
     check_model_matches(cache, name, model_config.vocab_size, config.allow_mismatch)
     layout = layout_for(config, cache, model_config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
@@ -34,6 +33,7 @@ def save_random_base(policy, path: Path, config: MtdpoConfig) -> str:
 def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTurnDPOTrainer:
     config.data = expand_cache_paths(config.data)  # quoted globs → the caches they match
     train_data = open_caches(config.data, config.verify_cache)
+    train_data.tokenizer_copy()  # refused now, not after training: code nobody trusted, a symlink
     eval_data = open_caches([config.eval_data], config.verify_cache) if config.eval_data else None
     model_config = load_model_config(config.model, config.trust_remote_code)
     check_model_matches(train_data, config.model, model_config.vocab_size, config.allow_mismatch)
@@ -108,8 +108,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     policy.set_attn_implementation(config.attn_implementation)
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        # The cache's tokenizer copy goes next to the model, so the result loads with AutoTokenizer.
-        shutil.copytree(train_data.tokenizer_dir, output_dir, dirs_exist_ok=True)
+        # The cache's tokenizer files go next to the model, so the result loads with AutoTokenizer.
+        train_data.copy_tokenizer(output_dir)
         if plan.lora:
             finish_adapters(output_dir, base, config.merge_adapters, torch.bfloat16 if config.load_in_4bit else dtype)
     close_process_group()

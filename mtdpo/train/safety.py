@@ -7,9 +7,15 @@ every rank at the same step, even when only some ranks were signalled. Further S
 ignored (a scheduler and torchrun may both send one to each rank): SIGINT (Ctrl-C) and SIGKILL
 still stop at once, without a checkpoint.
 
-NonFiniteGuard: a NaN or infinite loss stops training with the step and the batch's source
-rows named (they are the cache's `row` column: line numbers of the input), before any weight
-is touched. With --skip-nonfinite the batch gives a zero gradient instead and is counted.
+NonFiniteGuard: a NaN or infinite loss, or a gradient that is not finite (an overflow: the
+loss can be finite while its gradient is not), stops training with the step and the batch's
+source rows named (they are the cache's `row` column: line numbers of the input), before any
+weight is touched. With --skip-nonfinite the whole optimizer step is skipped instead: every
+gradient is set to None, which torch's optimizers take as "leave this weight alone" (no update,
+no weight decay, no Adam moment or step count moves); the step is logged as skipped, not as a
+loss. Whatever the option, the weights are checked after every step and at the end: weights that
+are not finite (under DeepSpeed, whose own optimizer step cannot be skipped) stop the run before
+anything is saved.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from transformers import TrainerCallback
 
-from mtdpo.errors import NonFiniteLoss
+from mtdpo.errors import NonFiniteLoss, NonFiniteWeights
 
 logger = logging.getLogger("mtdpo")
 
@@ -65,13 +71,23 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
 
-class NonFiniteGuard:
-    def __init__(self, skip: bool):
-        self.skip = skip
-        self.skipped = 0  # batches skipped so far (logged as nonfinite_skipped)
+class NonFiniteGuard(TrainerCallback):
+    """The trainer calls `finite` on each training batch's loss and `add_loss` with what its
+    training_step returns; as a callback it decides each optimizer step and checks the weights."""
+
+    def __init__(self, skip: bool, trainer):
+        self.skip, self.trainer = skip, trainer
+        self.skipped = 0  # optimizer steps skipped so far (logged as nonfinite_skipped)
+        self.kept_since_log = self.skipped_since_log = 0
+        self._new_step()
+
+    def _new_step(self) -> None:
+        self.bad_batch, self.step_loss, self.rows = False, 0.0, []
 
     def finite(self, loss: torch.Tensor, rows: torch.Tensor | None, step: int, accelerator) -> bool:
-        """True if the loss is finite on every rank; else raise NonFiniteLoss, or (skip) count it."""
+        """True if the loss is finite on every rank; else raise NonFiniteLoss, or (skip) note it."""
+        if rows is not None:
+            self.rows += rows.tolist()
         here = not bool(torch.isfinite(loss.detach()).all())
         # Every rank must take the same way out, or the others would wait for it forever.
         if not bool(accelerator.gather(torch.tensor([int(here)], device=loss.device)).any()):
@@ -87,19 +103,74 @@ class NonFiniteGuard:
                 f"the loss is {value} at step {step} ({source}); check those rows or lower the learning rate, "
                 "or pass --skip-nonfinite to skip such batches"
             )
-        self.skipped += 1
-        logger.warning(
-            "step %d: skipped a batch whose loss is %s (%s); %d skipped so far", step, value, source, self.skipped
-        )
+        self.bad_batch = True
+        logger.warning("step %d: skipped: the loss of a batch is %s (%s)", step, value, source)
         return False
 
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """What training_step returned (and Trainer adds to its logged loss) for a batch of this step."""
+        self.step_loss = self.step_loss + loss.detach()
 
-def zero_gradient(model, loss: torch.Tensor) -> torch.Tensor:
-    """A loss with the batch's value (Trainer's logging leaves non-finite values out of the
-    logged mean) and a zero gradient for every weight, so the batch moves nothing. Every rank
-    still runs backward, as DDP needs."""
-    zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-    return zero + loss.detach()
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step + 1
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        bad_gradient = not all_finite(gradients, args.device)
+        if not (self.bad_batch or bad_gradient):
+            self.kept_since_log += 1
+            self._new_step()
+            return
+        source = f"source rows {', '.join(map(str, self.rows))} on this rank" if self.rows else "its batches"
+        if not self.bad_batch:
+            if not self.skip:
+                raise NonFiniteLoss(
+                    f"the gradient is not finite at step {step} ({source}), though the loss is: lower the learning "
+                    "rate, or pass --skip-nonfinite to skip such steps"
+                )
+            logger.warning("step %d: skipped: the gradient is not finite (%s)", step, source)
+        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves weights without a gradient alone
+        self.trainer.forget_loss(self.step_loss)
+        self.skipped += 1
+        self.skipped_since_log += 1
+        self._new_step()
+
+    def interval(self) -> tuple[int, int]:
+        """(kept, skipped) optimizer steps since the last call: the steps a logged line covers."""
+        counts = self.kept_since_log, self.skipped_since_log
+        self.kept_since_log = self.skipped_since_log = 0
+        return counts
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.check_weights(model, args.device, f"after step {state.global_step}", trainable_only=True)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.check_weights(model, args.device, "at the end of training", trainable_only=False)
+
+    @staticmethod
+    def check_weights(model, device, when: str, trainable_only: bool) -> None:
+        """Stop before a checkpoint or the model is saved if a weight is NaN or infinite."""
+        weights = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+        if not all_finite([getattr(p, "ds_tensor", p) for p in weights], device):  # ZeRO-3: this rank's partition
+            bad = [n for n, p in model.named_parameters() if p.numel() and not all_finite([p], device, gather=False)]
+            raise NonFiniteWeights(
+                f"the weights are not finite {when} ({', '.join(bad[:3]) or 'on another rank'}"
+                f"{', …' if len(bad) > 3 else ''}): stopped before saving them; lower the learning rate"
+            )
+
+
+def all_finite(tensors: list[torch.Tensor], device, gather: bool = True) -> bool:
+    """Whether no floating tensor holds a NaN or an infinity, on any rank (one reduction: the
+    largest magnitude of each tensor, which is NaN or inf when one of its values is)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: this rank's shard
+    peaks = [torch.linalg.vector_norm(t.detach(), float("inf")) for t in local if t.numel() and t.is_floating_point()]
+    bad = bool(peaks) and not bool(torch.isfinite(torch.stack([p.float().to(peaks[0].device) for p in peaks])).all())
+    return not (_max_over_ranks(int(bad), device) if gather else bad)
+
+
+def zero_gradient(model) -> torch.Tensor:
+    """A loss of value 0 (with finite weights) and a zero gradient for every weight, for a batch
+    whose step will be skipped: it adds nothing to the logged loss. Every rank still runs
+    backward, as DDP needs."""
+    return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
 
 
 def _max_over_ranks(value: int, device) -> int:

@@ -46,7 +46,8 @@ class MultiTurnDPOTrainer(Trainer):
             ref_model = self._prepare_reference(ref_model)
         self.ref_model, self.plan = ref_model, plan
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.nonfinite = NonFiniteGuard(args.skip_nonfinite)
+        self.nonfinite = NonFiniteGuard(args.skip_nonfinite, self)
+        self.add_callback(self.nonfinite)
         self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, time.perf_counter()
         self.peak_flops, self.mfu_note = peak_flops(self.args.device, bool(self.args.bf16))
 
@@ -113,13 +114,23 @@ class MultiTurnDPOTrainer(Trainer):
         if mode == "train" and not self.nonfinite.finite(
             loss, inputs.get("rows"), self.state.global_step + 1, self.accelerator
         ):
-            loss, metrics = zero_gradient(model, loss), {}  # --skip-nonfinite: the batch moves no weight
+            loss, metrics = zero_gradient(model), {}  # --skip-nonfinite: the step will be skipped
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         if mode == "train":
             self._tokens_since_log += int(self.accelerator.gather(real_tokens(inputs)).sum())
             self._sequences_since_log += self._sequences(inputs) * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.add_loss(loss)  # what Trainer adds to the logged loss, taken back if the step is skipped
+        return loss
+
+    def forget_loss(self, loss) -> None:
+        """Take a skipped step's batches out of the loss Trainer sums for its next logged line."""
+        if isinstance(getattr(self, "_tr_loss", None), torch.Tensor):
+            self._tr_loss -= loss
 
     def batch_loss(self, model, inputs, reference=None, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
         """A batch's loss and logged metrics: here a pair batch's (`pair_loss`)."""
@@ -222,6 +233,28 @@ class MultiTurnDPOTrainer(Trainer):
         }
         return loss, metrics
 
+    def skipped_steps_line(self, logs: dict) -> None:
+        """A logged line over steps of which some were skipped (--skip-nonfinite): its loss is the
+        mean of the kept steps' (Trainer divided their sum by every step); a line of skipped steps
+        only has no loss, and `skipped` says how many it covers."""
+        kept, skipped = self.nonfinite.interval()
+        if self.nonfinite.skipped:
+            logs["nonfinite_skipped"] = self.nonfinite.skipped  # steps skipped so far
+        if not skipped:
+            return
+        logs["skipped"] = skipped  # steps of this line
+        if kept:
+            logs["loss"] *= (kept + skipped) / kept
+        else:
+            del logs["loss"]
+            logs.pop("grad_norm", None)
+
+    def skipped_steps_summary(self, logs: dict) -> None:
+        """The run's mean loss over its kept steps (Trainer divides by every step)."""
+        logs["nonfinite_skipped"] = self.nonfinite.skipped
+        kept = self.state.global_step - self.nonfinite.skipped
+        logs["train_loss"] = logs["train_loss"] * self.state.global_step / kept if kept > 0 else float("nan")
+
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()
         try:
@@ -240,9 +273,10 @@ class MultiTurnDPOTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
         self._metrics[mode].clear()
+        if mode == "train" and "train_loss" in logs and self.nonfinite.skipped:
+            self.skipped_steps_summary(logs)
         if mode == "train" and "loss" in logs:
-            if self.nonfinite.skipped:
-                logs["nonfinite_skipped"] = self.nonfinite.skipped  # batches skipped so far
+            self.skipped_steps_line(logs)
             now = time.perf_counter()
             tokens_per_second = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
             logs["tokens_per_second"] = round(tokens_per_second, 1)

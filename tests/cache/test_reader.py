@@ -139,9 +139,10 @@ def test_shards_are_read_to_their_end_only_when_a_file_changed(cache, monkeypatc
 def test_a_changed_file_is_hashed_and_a_good_one_stamped_again(cache, hashed):
     os.utime(cache / SHARD)  # touched: same bytes, new modification time
     cache_dataset(cache, verify=True)
-    assert hashed == [SHARD, "dataset_info.json"]  # every listed file, once
+    listed = [SHARD, "manifest.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert hashed == [*listed, "dataset_info.json"]  # every listed file, once
     cache_dataset(cache, verify=True)
-    assert hashed == [SHARD, "dataset_info.json"]  # stamped again: not hashed a second time
+    assert hashed == [*listed, "dataset_info.json"]  # stamped again: not hashed a second time
 
 
 def test_full_verification_sees_what_the_stamp_cannot(cache, hashed):

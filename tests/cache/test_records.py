@@ -78,11 +78,14 @@ def test_reference_log_probs_go_beside_the_shards_and_the_shards_stay(sample_cac
 
 
 def test_a_reference_the_manifest_does_not_name_is_ignored(sample_cache, tmp_path):
-    """What a crash between renaming reference/ into place and replacing manifest.json leaves."""
+    """What a crash between renaming reference/ into place and replacing manifest.json (then
+    checksums.json) leaves."""
     cache = shutil.copytree(sample_cache, tmp_path / "cache")
     manifest = open_cache(cache).manifest
+    before = {name: (cache / name).read_bytes() for name in ("manifest.json", "checksums.json")}
     info = ReferenceInfo(model="m", weights_sha256="ab" * 32, columns=list(REFERENCE_COLUMNS))
     write_reference(cache, manifest, [0.0] * 240, [0.0] * 240, info)
-    manifest.write(cache)  # the manifest as it was before the reference
+    for name, data in before.items():  # the two files as they were before the reference
+        (cache / name).write_bytes(data)
     assert not open_cache(cache).has_reference
     assert set(REFERENCE_COLUMNS).isdisjoint(cache_dataset(cache).column_names)

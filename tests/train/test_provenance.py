@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from helpers import invoke
+from helpers import edit_manifest, invoke
 from test_train import logged, run_config
 from trainkit import make_cache, precompute, single_turn_rows, tiny_model
 
@@ -128,12 +128,10 @@ def test_reference_columns_without_a_record_are_refused(setup, tmp_path):
     _, _, _, precomputed = setup
     old = tmp_path / "old"
     shutil.copytree(precomputed["default"], old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["reference"] = {
-        "model": "tiny random Gemma (seeded)",
-        "columns": manifest["reference"]["columns"],
-    }  # as before
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(
+        old,
+        lambda m: m.update(reference={"model": "tiny random Gemma (seeded)", "columns": m["reference"]["columns"]}),
+    )  # as before
     with pytest.raises(UsageError, match=f"cache {old} holds reference log-probs with no record of the model"):
         train(run_config(old, tmp_path, max_steps=1))
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 import transformers
+from helpers import edit_manifest
 from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, precompute, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,9 +112,7 @@ def test_training_never_loads_a_tokenizer(cache, tmp_path, monkeypatch):
 def test_tokenizer_mismatch_is_refused_unless_allowed(cache, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(cache, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tokenizer"]["fingerprint"] = "0" * 64
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(other, lambda m: m["tokenizer"].update(fingerprint="0" * 64))
     with pytest.raises(UsageError, match="differs from the cache's"):
         train(run_config(other, tmp_path, max_steps=1))
     train(run_config(other, tmp_path, max_steps=1, allow_mismatch=True))
@@ -122,9 +121,7 @@ def test_tokenizer_mismatch_is_refused_unless_allowed(cache, tmp_path):
 def test_vocabulary_too_small_is_refused(cache, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(cache, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tokenizer"]["vocab_size"] = 32000
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(other, lambda m: m["tokenizer"].update(vocab_size=32000))
     with pytest.raises(UsageError, match="token ids up to 31999"):
         train(run_config(other, tmp_path, max_steps=1, allow_mismatch=True))
 
