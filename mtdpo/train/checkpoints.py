@@ -19,6 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from mtdpo.cache.files import CHECKSUMS
+from mtdpo.cache.manifest import MANIFEST
 from mtdpo.errors import UsageError
 from mtdpo.fingerprint import sha256_file, sha256_text
 
@@ -71,24 +73,31 @@ RECORDED = (
 LENGTH = ("max_steps", "num_train_epochs")
 LABELS = {
     "kind": "a cache of kind",
-    "data": "--data caches whose checksums.json hash to",
+    "data": "--data caches whose contents hash to",
     "world_size": "a number of processes (world size) of",
 }
 
 
 def run_record(config, caches: list[Path], kind: str) -> dict:
-    """What a run trains on, as recorded in each of its checkpoints: the caches by the SHA-256 of
-    their checksums.json (contents, not paths), models by path (a local one resolved)."""
+    """What a run trains on, as recorded in each of its checkpoints: the caches by their contents
+    (`cache_fingerprint`), models by path (a local one resolved)."""
     values = {name: getattr(config, name) for name in RECORDED if hasattr(config, name)}
     values.update(
         kind=kind,
-        data=[sha256_text((Path(cache) / "checksums.json").read_text())[:16] for cache in caches],
+        data=[cache_fingerprint(Path(cache)) for cache in caches],
         model=_model_path(config.model),
         ref_model=_model_path(config.ref_model),
         optim=str(getattr(config.optim, "value", config.optim)),
         lr_scheduler_type=str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)),
     )
     return json.loads(json.dumps(values))  # as read back from a checkpoint: lists, not tuples
+
+
+def cache_fingerprint(cache: Path) -> str:
+    """A cache's contents in 16 hex digits: the SHA-256 of its checksums.json (which holds each
+    shard's), or of its manifest.json for a cache rewritten by a tool that wrote none."""
+    source = cache / CHECKSUMS if (cache / CHECKSUMS).is_file() else cache / MANIFEST
+    return sha256_text(source.read_text())[:16]
 
 
 def _model_path(name: str | None) -> str | None:
@@ -201,6 +210,9 @@ def _auto_note(folder: Path | None, skipped: list[str]) -> str:
 def check_intact(folder: Path, files: dict[str, str]) -> None:
     """Every file of the checkpoint as hashed when it was saved, and no other."""
     present = _files(folder)
+    for path in present:
+        if (folder / path).is_symlink():  # Trainer and DeepSpeed write none; one could point anywhere
+            raise UsageError(f"cannot resume from {folder}: {path} is a symbolic link, which no save writes")
     for path in sorted(set(files) - set(present)):
         raise UsageError(f"cannot resume from {folder}: {path} is missing (it was saved, {MARKER} lists it)")
     for path in present:

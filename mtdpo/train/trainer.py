@@ -115,7 +115,7 @@ class MultiTurnDPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed, FSDP shards) are written
         if self.args.should_save:
             checkpoints.seal(folder, self.run_record)
-            rotate_checkpoints(folder.parent, limit, self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(str(folder.parent), limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def _get_eval_sampler(self, eval_dataset):
         if not self._groups_by_length(eval_dataset):

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import logged, make_cache
+from trainkit import REPO, logged, make_cache
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
@@ -142,9 +145,7 @@ def test_resume_refuses_a_checkpoint_trained_otherwise_naming_the_option(cache, 
 def test_resume_refuses_other_data_and_another_model(cache, straight, tmp_path):
     other = make_cache(tmp_path, n=12, name="other")
     checkpoint = str(straight / "checkpoint-2")
-    with pytest.raises(
-        UsageError, match=r"it was trained with --data caches whose checksums.json hash to \w{16}, this"
-    ):
+    with pytest.raises(UsageError, match=r"it was trained with --data caches whose contents hash to \w{16}, this"):
         train(config(other, straight, resume_from_checkpoint=checkpoint))
     from trainkit import saved_start_model
 
@@ -224,6 +225,27 @@ def test_auto_skips_a_save_cut_short_and_says_so(cache, straight, tmp_path, monk
     assert load_file(run / "checkpoint-4" / "model.safetensors").keys() == load_file(run / "model.safetensors").keys()
 
 
+def test_old_checkpoints_are_rotated_out_only_once_the_new_one_is_complete(cache, tmp_path, monkeypatch):
+    """--save-total-limit 1: Trainer deleted checkpoint-2 inside the save of checkpoint-4, before
+    mtdpo marks it complete; a kill in between would leave no complete checkpoint."""
+    from mtdpo.train import checkpoints
+
+    seal = checkpoints.seal
+
+    def killed_while_sealing_step_4(folder, record):
+        if folder.name == "checkpoint-4":
+            raise KeyboardInterrupt
+        seal(folder, record)
+
+    monkeypatch.setattr(checkpoints, "seal", killed_while_sealing_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cache, tmp_path / "run", save_total_limit=1))
+    assert (tmp_path / "run" / "checkpoint-2" / MARKER).exists()
+    monkeypatch.undo()
+    train(config(cache, tmp_path / "other", save_total_limit=1))
+    assert sorted(p.name for p in (tmp_path / "other").glob("checkpoint-*")) == ["checkpoint-4"]
+
+
 def test_auto_with_no_complete_checkpoint_starts_at_step_0(cache, straight, tmp_path, capsys):
     run = shutil.copytree(straight, tmp_path / "run")
     for marker in run.glob(f"checkpoint-*/{MARKER}"):
@@ -296,3 +318,47 @@ def test_sigterm_in_the_last_step_resumes_with_nothing_to_train(cache, tmp_path,
     )
     assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
     assert (run / "model.safetensors").exists()  # the merged model
+
+
+# ── 13 under DeepSpeed: a pickle payload in a checkpoint file never runs ──────
+
+
+class Payload:
+    """Unpickling it creates a file: what a payload added to a checkpoint would run instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def zero2(cache: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """2 CPU ranks under DeepSpeed ZeRO-2 (accelerate launch), batch 2, checkpoints every 2 steps."""
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file"]
+    launcher += [str(REPO / "configs/accelerate/zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+    options = ["--data", str(cache), "--output-dir", str(out), "--use-cpu", "--bf16", "false", "--max-steps", "4"]
+    options += ["--per-device-train-batch-size", "2", "--save-steps", "2", "--report-to", "none"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [*launcher, "--main_process_port", "29547", "-m", "mtdpo", "train", *options, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_pickle_payload_in_a_deepspeed_checkpoint_is_refused_before_it_is_loaded(cache, tmp_path):
+    """DeepSpeed loads its checkpoint files with torch.load(weights_only=False): a payload put in
+    mp_rank_00_model_states.pt used to run on resume. mtdpo-checkpoint.json lists every file
+    DeepSpeed wrote, and a file that differs is refused before DeepSpeed opens it."""
+    run = tmp_path / "run"
+    assert zero2(cache, run).returncode == 0
+    files = json.loads((run / "checkpoint-4" / MARKER).read_text())["files"]
+    states = "global_step4/mp_rank_00_model_states.pt"
+    assert states in files and any(f.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for f in files)
+    pwned = tmp_path / "pwned"
+    (run / "checkpoint-4" / states).write_bytes(pickle.dumps(Payload(pwned)))
+    result = zero2(cache, run, "--resume-from-checkpoint", "auto")
+    assert result.returncode != 0 and not pwned.exists()
+    assert (
+        f"error: cannot resume from {run}/checkpoint-4: {states} changed since it was saved (its SHA-256 differs "
+        f"from {MARKER}); checkpoint files are loaded with pickle by DeepSpeed" in result.stderr
+    )
