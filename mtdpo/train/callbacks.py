@@ -47,6 +47,8 @@ class ProgressLine(TrainerCallback):
         self.tokens, self.mfu_seconds, self.last_time = 0.0, 0.0, self.started
         if state.is_world_process_zero and self.header:
             print(self.header, flush=True)
+        if state.is_world_process_zero and state.global_step >= state.max_steps:
+            print(f"nothing to train: resumed at step {state.global_step} of {state.max_steps}", flush=True)
         self.eval_seconds, self._eval = 0.0, None  # (progress bar, task, start time) while evaluating
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
@@ -114,9 +116,9 @@ class ProgressLine(TrainerCallback):
                 f"  {quality(logs, 'eval_')}",
                 flush=True,
             )
-        elif "train_runtime" in logs:
-            print(
-                f"done: {state.global_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}"
+        elif "train_runtime" in logs and state.global_step > self.first_step:  # else: "nothing to train"
+            print(  # this run's steps: a resumed run did not run the checkpoint's
+                f"done: {state.global_step - self.first_step} steps in {clock(logs['train_runtime'])}, mean loss {logs['train_loss']:.4f}"
                 + (f" ({logs['nonfinite_skipped']} skipped)" if logs.get("nonfinite_skipped") else "")
                 + self._trend(),
                 flush=True,

@@ -157,6 +157,16 @@ class MtdpoConfig(TrainingArguments):
         },
     )
     output_dir: str = field(default="runs/mtdpo", metadata={"help": "Checkpoints, final model, metrics.jsonl."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an --output-dir that holds another run's checkpoints, removing them."},
+    )
+    resume_new_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume with another --max-steps / --num-train-epochs than the checkpoint's (the schedule is stretched to it)."
+        },
+    )
     learning_rate: float = field(
         default=1e-6, metadata={"help": "Peak learning rate (the paper's Gemma recipe: 4e-7)."}
     )

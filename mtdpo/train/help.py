@@ -42,10 +42,19 @@ OPTION_GROUPS = {
         "seed",
         "skip_nonfinite",
         "resume_from_checkpoint",
+        "resume_new_length",
     ),
     "KTO (on KTO caches)": ("desirable_weight", "undesirable_weight"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapters", "load_in_4bit"),
-    "Output": ("output_dir", "logging_steps", "eval_strategy", "eval_steps", "save_steps", "report_to"),
+    "Output": (
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "eval_strategy",
+        "eval_steps",
+        "save_steps",
+        "report_to",
+    ),
 }
 # TrainingArguments' own help runs to several lines each: one line here (`--help-all` has theirs).
 SHORT_HELP = {
@@ -67,7 +76,9 @@ SHORT_HELP = {
     "bf16": "bfloat16 mixed precision; --no-bf16: fp32. [default: where the hardware has it: GPU, CPU with AMX or avx512_bf16]",
     "activation_checkpointing": "Recompute activations in the backward pass: less memory, ~20% slower. Alias: --gradient-checkpointing.",
     "seed": "Seed for the data order and the tiny default model.",
-    "resume_from_checkpoint": "A checkpoint directory, or `auto` for the latest one in --output-dir.",
+    "resume_from_checkpoint": "A checkpoint directory, or `auto` for the newest complete one in --output-dir.",
+    "resume_new_length": "Resume with another --max-steps / --num-train-epochs than the checkpoint's.",
+    "overwrite_output_dir": "Start afresh in an --output-dir holding another run's checkpoints (removed).",
     "eval_strategy": "When to evaluate on --eval-data: no, steps or epoch.",
     "eval_steps": "Evaluate every N steps (with --eval-strategy steps); default: --logging-steps.",
     "save_steps": "Save a checkpoint every N steps.",

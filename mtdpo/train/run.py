@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as transformers_logging
 
 from mtdpo.cache import check_model_matches, expand_cache_paths, open_caches
 from mtdpo.errors import Interrupted
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
+from mtdpo.train.checkpoints import resume_point, run_record
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.kto_trainer import kto_run_parts
@@ -38,6 +38,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     model_config = load_model_config(config.model, config.trust_remote_code)
     check_model_matches(train_data, config.model, model_config.vocab_size, config.allow_mismatch)
     plan = make_plan(config, train_data, eval_data, model_config)
+    record = run_record(config, train_data.paths, train_data.kind)
+    resume = resume_point(config, record)  # checked before any model is loaded
 
     set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint; ProgressLine reports the run
@@ -93,9 +95,7 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         f"\nKTO weights: {parts['advice']}" if parts["advice"] else ""
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
-    resume = config.resume_from_checkpoint
-    if resume == "auto":
-        resume = get_last_checkpoint(str(output_dir))  # None when there is none yet: start fresh
+    trainer.run_record = record
     with stop.installed():
         trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_at is not None:  # no final model: the run is not finished

@@ -7,15 +7,19 @@ resume and loggers; this class only says how a batch becomes a loss and what to 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import rotate_checkpoints
 from trl.trainer.utils import add_fused_lm_head
 
+from mtdpo.train import checkpoints
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.forward import fused_sequence_logps, real_tokens
 from mtdpo.train.lora import adapters_disabled, is_lora
@@ -50,6 +54,7 @@ class MultiTurnDPOTrainer(Trainer):
         self.add_callback(self.nonfinite)
         self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, time.perf_counter()
         self.peak_flops, self.mfu_note = peak_flops(self.args.device, bool(self.args.bf16))
+        self.run_record: dict | None = None  # what each checkpoint records (run.py sets it: checkpoints.run_record)
 
     def _prepare_reference(self, ref_model):
         if self.is_deepspeed_enabled:  # ZeRO-3 must shard the reference too
@@ -86,11 +91,32 @@ class MultiTurnDPOTrainer(Trainer):
         return self._epoch_sampler
 
     def _run_epoch(self, *args, **kwargs):
+        # Resumed at the last step (a SIGTERM during it): nothing to train; Trainer would train step max + 1.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
         # Trainer hands the epoch to the sampler through the dataloader's wrappers, but not through
         # the ones that skip a resumed epoch's first batches on several ranks: set it here.
         if getattr(self, "_epoch_sampler", None) is not None:
             self._epoch_sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's save, then the marker that makes it complete (checkpoints.seal), then the
+        rotation of old checkpoints: never one deleted before the new one is complete."""
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.exists():  # an interrupted save's leftovers: none may outlive it
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # Trainer would rotate before the seal
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed, FSDP shards) are written
+        if self.args.should_save:
+            checkpoints.seal(folder, self.run_record)
+            rotate_checkpoints(str(folder.parent), limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def _get_eval_sampler(self, eval_dataset):
         if not self._groups_by_length(eval_dataset):
