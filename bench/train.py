@@ -712,6 +712,10 @@ PADDED = {"prefix_sharing": False, "padding_free": False}
 SHARING = {"prefix_sharing": True}
 FOREST = {"prefix_forest": True, "group_by_prompt": False}  # the same length-grouped batches as the others
 FOREST_GROUPS = {"prefix_forest": True, "group_by_prompt": True}  # a problem's pairs in one micro-batch
+# The pairs in the cache's order: `mtdpo pairs` writes a problem's pairs together, so micro-batches of
+# 16 are whole problems. What group-by-prompt should give; it splits a problem whose pairs have
+# different prompt_len (two trajectories that open with the same turn share more than the prompt).
+FOREST_CACHE_ORDER = {"prefix_forest": True, "group_by_prompt": False, "train_sampling_strategy": "sequential"}
 
 # Plans of `mtdpo.synthetic` that `mtdpo pairs`' default filters keep (code in every turn before the
 # answer, no error in the last tool output): 4 correct and 4 incorrect, so each problem's
@@ -830,13 +834,14 @@ def sequences_per_side(cache: Path) -> float:
 
 def scenario_groups(quick: bool) -> dict:
     """Pairs of `mtdpo pairs --rule all` (16 per problem), a problem per micro-batch of 16 pairs."""
-    steps, warm, batch = 3, 1, 16
-    prompt, tool = (32, 32) if quick else (128, 64)
+    steps, warm, batch = 2, 1, 16  # one timed step: a TRL step of 16 pairs costs ~40 CPU-seconds
+    prompt, tool = 32 if quick else 64, 32
     rollouts = write_group_rollouts(WORK / f"groups-{prompt}-{tool}.jsonl", steps + 1, prompt, tool)
     rows = group_pairs(rollouts)
     cache = cache_for(rows, f"groups-{prompt}-{tool}")
     systems = {
         "forest + group-by-prompt": {"cache": cache, "mode": FOREST_GROUPS},
+        "forest, a problem per micro-batch": {"cache": cache, "mode": FOREST_CACHE_ORDER},
         "prefix-sharing": {"cache": cache, "mode": SHARING},
         "padded": {"cache": cache, "mode": PADDED},
         "TRL": {"rows": rows},
@@ -844,6 +849,14 @@ def scenario_groups(quick: bool) -> dict:
     targets = [
         ("forest ≥ 2× per-pair prefix sharing", "forest + group-by-prompt", "prefix-sharing", "tokens_per_cpu_s", 2.0),
         ("forest ≥ 3× TRL", "forest + group-by-prompt", "TRL", "tokens_per_cpu_s", 3.0),
+        (
+            "(whole problems) forest ≥ 2× per-pair prefix sharing",
+            "forest, a problem per micro-batch",
+            "prefix-sharing",
+            "tokens_per_cpu_s",
+            2.0,
+        ),
+        ("(whole problems) forest ≥ 3× TRL", "forest, a problem per micro-batch", "TRL", "tokens_per_cpu_s", 3.0),
     ]
     data = {
         **cache_stats(cache),
@@ -858,7 +871,7 @@ def scenario_groups(quick: bool) -> dict:
 
 def scenario_contexts(quick: bool) -> dict:
     """Qwen3 rows (3 answers with reasoning, follow-up questions) as Qwen3 renders them and prefix-stable."""
-    steps, warm, batch = (3, 1, 2) if quick else (4, 1, 4)
+    steps, warm, batch = 3, 1, 2
     length = 256 if quick else 1024
     rows = write_context_rows(WORK / f"contexts-{length}.jsonl", batch * steps, length)
     tokenizers = qwen3_tokenizers()
@@ -897,10 +910,11 @@ def scenario_contexts(quick: bool) -> dict:
 
 def scenario_pairs(quick: bool) -> dict:
     """Single multi-turn pairs (bench/train.py's rows) at ~1k tokens: one pair per prompt."""
-    steps, warm, batch = (3, 1, 4) if quick else (4, 1, 4)
+    steps, warm, batch = 3, 1, 2
     length = 256 if quick else 1024
-    rows = write_multiturn_rows(WORK / f"train-mt-{length}.jsonl", 4 * batch * steps, approx_tokens=length)
-    cache = cache_for(rows, f"train-mt-{length}")
+    n = 4 * batch * steps
+    rows = write_multiturn_rows(WORK / f"forest-pairs-{length}-{n}.jsonl", n, approx_tokens=length)
+    cache = cache_for(rows, f"forest-pairs-{length}-{n}")
     systems = {
         name: {"cache": cache, "mode": mode}
         for name, mode in (("prefix-forest", FOREST), ("prefix-sharing", SHARING), ("padded", PADDED))
