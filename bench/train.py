@@ -833,15 +833,18 @@ def sequences_per_side(cache: Path) -> float:
 
 
 def scenario_groups(quick: bool) -> dict:
-    """Pairs of `mtdpo pairs --rule all` (16 per problem), a problem per micro-batch of 16 pairs."""
-    steps, warm, batch = 2, 1, 16  # one timed step: a TRL step of 16 pairs costs ~40 CPU-seconds
+    """Pairs of `mtdpo pairs --rule all` (16 per problem), 16 pairs per micro-batch. Padded, sharing
+    and TRL time one step (a TRL step of 16 pairs costs ~40 CPU-seconds; their steps are alike);
+    the forests, whose micro-batches vary (group-by-prompt makes a problem's leftover pairs a
+    micro-batch of their own), time 4 steps after the warm-up: an epoch of the 4 problems."""
+    steps, warm, batch, problems = 2, 1, 16, 4
     prompt, tool = 32 if quick else 64, 32
-    rollouts = write_group_rollouts(WORK / f"groups-{prompt}-{tool}.jsonl", steps + 1, prompt, tool)
+    rollouts = write_group_rollouts(WORK / f"groups-{prompt}-{tool}-{problems}.jsonl", problems, prompt, tool)
     rows = group_pairs(rollouts)
-    cache = cache_for(rows, f"groups-{prompt}-{tool}")
+    cache = cache_for(rows, f"groups-{prompt}-{tool}-{problems}")
     systems = {
-        "forest + group-by-prompt": {"cache": cache, "mode": FOREST_GROUPS},
-        "forest, a problem per micro-batch": {"cache": cache, "mode": FOREST_CACHE_ORDER},
+        "forest + group-by-prompt": {"cache": cache, "mode": FOREST_GROUPS, "steps": warm + problems},
+        "forest, a problem per micro-batch": {"cache": cache, "mode": FOREST_CACHE_ORDER, "steps": warm + problems},
         "prefix-sharing": {"cache": cache, "mode": SHARING},
         "padded": {"cache": cache, "mode": PADDED},
         "TRL": {"rows": rows},
@@ -970,7 +973,7 @@ def benchmark_scenario(name: str, quick: bool, bf16: bool, repeats: int, threads
                 rows=str(spec.get("rows", "")),
                 cache=str(spec.get("cache", "")),
                 mode=spec.get("mode"),
-                steps=scenario["steps"],
+                steps=spec.get("steps", scenario["steps"]),
                 batch=scenario["batch"],
                 bf16=bf16,
                 warm=scenario["warm"],
@@ -1012,8 +1015,8 @@ def scenario_table(results: dict) -> str:
     summary, data = results["summary"], results["data"]
     precision = "bf16" if results["bf16"] else "fp32"
     lines = [
-        "| system | pair tokens per CPU-s, median (min) | pairs per CPU-s, median (min) | pair tokens per wall-s, median | row tokens per pair | peak RSS MB, median (max) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| system | pair tokens per CPU-s, median (min) | pairs per CPU-s, median (min) | pair tokens per wall-s, median | row tokens per pair | peak RSS MB, median (max) | timed steps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for system, values in summary.items():
         row_tokens = statistics.median(r["row_tokens_per_pair"] for r in results["runs"][system])
@@ -1024,6 +1027,7 @@ def scenario_table(results: dict) -> str:
             f"{values['tokens_per_s']['median']:,.0f}",
             "" if system == "TRL" else f"{row_tokens:,.0f}",
             f"{values['peak_rss_mb']['median']:,.0f} ({values['peak_rss_mb']['max']:,.0f})",
+            str(results["runs"][system][0]["steps_timed"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     machine = results["machine"]
@@ -1031,8 +1035,8 @@ def scenario_table(results: dict) -> str:
         "",
         f"Median (min) of {results['repeats']} runs each, interleaved, {results['threads']} thread(s) per process, "
         f"{results['parallel']} processes at a time, {precision} on every side, {results['batch']} pairs per micro-batch "
-        f"(with group-by-prompt: up to that many), {results['steps'] - results['warm']} timed step(s) after "
-        f"{results['warm']} warm-up; {results['model']['parameters'] / 1e6:.1f}M parameters. Load average "
+        f"(with group-by-prompt: up to that many), the timed steps after {results['warm']} warm-up; "
+        f"{results['model']['parameters'] / 1e6:.1f}M parameters. Load average "
         f"{machine['load_before'][0]:.1f} before, {machine.get('load_after', [float('nan')])[0]:.1f} after; {machine['date']}.",
         f"Data: {json.dumps(data)}",
         "",
