@@ -1129,6 +1129,10 @@ def main() -> None:
         (RESULTS / f"{stem}.md").write_text(markdown)
         print(markdown)
         return
+    forest_tables = [json.loads(Path(path).read_text()) for path in args.table or ()]
+    if forest_tables and all(str(t.get("kind", "")).startswith("forest-") for t in forest_tables):
+        print("\n".join(scenario_table(t) for t in forest_tables))  # the tables of --groups/--contexts/--pairs runs
+        return
     if args.table:  # e.g. the ~1k and ~2k tokens runs made separately
         print(table(merged_results(args.table)) + "\n" + table(merged_results(args.table), "tokens_per_s"))
         return
