@@ -64,13 +64,21 @@ def _lengthen(messages: list[dict], target_chars: int) -> None:
         message["content"] = message["content"] + "\n" + "\n".join(lines)[:share]
 
 
-def cache_for(rows: Path, name: str, num_proc: int = 2) -> Path:
+def cache_for(rows: Path, name: str, num_proc: int = 2, tokenizer: Path | None = None) -> Path:
     from mtdpo.preprocess.pipeline import preprocess
     from mtdpo.preprocess.records import MaskOptions
 
     out = WORK / name
     if not (out / "manifest.json").exists():
-        preprocess(rows, out, options=MaskOptions(max_length=4096), num_proc=num_proc, overwrite=True, progress=False)
+        preprocess(
+            rows,
+            out,
+            tokenizer=str(tokenizer) if tokenizer else None,
+            options=MaskOptions(max_length=4096),
+            num_proc=num_proc,
+            overwrite=True,
+            progress=False,
+        )
     return out
 
 
@@ -208,14 +216,17 @@ class StepClock:
 
 
 class TokenCounter:
-    """Wraps a collator to count real (non-pad) tokens of every batch, in order."""
+    """Wraps a collator to count, for every batch in order, its real (non-pad) tokens, its pairs
+    and the tokens of the rows the model computes (`input_ids`, padding included)."""
 
     def __init__(self, collator):
-        self.collator, self.tokens = collator, []
+        self.collator, self.tokens, self.pairs, self.row_tokens = collator, [], [], []
 
     def __call__(self, examples):
         batch = self.collator(examples)
         self.tokens.append(int(batch["pair_tokens"] if "pair_tokens" in batch else batch["attention_mask"].sum()))
+        self.pairs.append(len(examples))
+        self.row_tokens.append(int(batch["input_ids"].numel()) if "input_ids" in batch else 0)
         return batch
 
 

@@ -6,6 +6,9 @@ TRL's DPOTrainer, side by side on this machine.
     python bench/train.py --lengths 2048 --repeats 1 --name train-2k   # one length, one repeat
     python bench/train.py --table bench/results/train-1k.json bench/results/train-2k.json   # tables of saved runs
     python bench/train.py --kto      # KTO beside DPO at equal tokens (mtdpo only; see benchmark_kto)
+    python bench/train.py --groups   # prefix forest (issue 33): --rule all pairs, 16 per problem, vs sharing, padded, TRL
+    python bench/train.py --contexts # prefix forest on Qwen3 multi-context sides vs the rows rendered prefix-stable
+    python bench/train.py --pairs    # prefix forest on single pairs at ~1k tokens vs sharing and padded
 
 Both systems: the same rows (multi-turn pairs whose shared prompt spans earlier assistant and
 tool turns), tokenizer (the embedded one), model (a 25M-parameter Gemma-architecture model,
@@ -101,15 +104,17 @@ def _filler(chars: int, start: int) -> str:
     return "\n".join(lines)[:chars]
 
 
-def model_dir(tiny: bool) -> Path:
-    """The random model both systems load (same weights), written once."""
+def model_dir(tiny: bool, vocab: int | None = None) -> Path:
+    """The random model both systems load (same weights), written once; `vocab`: for a tokenizer
+    with more tokens than the embedded one (its added special tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, GemmaConfig, set_seed
 
-    out = WORK / ("gemma-tiny" if tiny else "gemma-25m")
+    sizes = {**(GEMMA_TINY if tiny else GEMMA_25M), **({"vocab_size": vocab} if vocab else {})}
+    out = WORK / (("gemma-tiny" if tiny else "gemma-25m") + (f"-vocab{vocab}" if vocab else ""))
     if not (out / "config.json").exists():
         set_seed(0)
-        config = GemmaConfig(**(GEMMA_TINY if tiny else GEMMA_25M), pad_token_id=0, bos_token_id=2, eos_token_id=1)
+        config = GemmaConfig(**sizes, pad_token_id=0, bos_token_id=2, eos_token_id=1)
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     return out
 
@@ -135,7 +140,18 @@ class StepClock:
         self.callback = Callback()
 
 
-def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: int, bf16: bool, warm: int) -> dict:
+def worker(
+    system: str,
+    model: str,
+    rows: str,
+    cache: str,
+    steps: int,
+    batch: int,
+    bf16: bool,
+    warm: int,
+    mode: dict | None = None,
+) -> dict:
+    """One measurement; `mode`: MtdpoConfig options of an mtdpo system (default: MTDPO_MODES[system])."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
@@ -146,12 +162,17 @@ def worker(system: str, model: str, rows: str, cache: str, steps: int, batch: in
     elif system in KTO_SYSTEMS:
         counter = _train_mtdpo_kto(KTO_SYSTEMS[system], model, cache, steps, batch, bf16, clock, losses)
     else:
-        counter = _train_mtdpo(MTDPO_MODES[system], model, cache, steps, batch, bf16, clock, losses)
+        counter = _train_mtdpo(mode or MTDPO_MODES[system], model, cache, steps, batch, bf16, clock, losses)
     timed = sum(counter.tokens[warm:steps])
+    pairs = sum(counter.pairs[warm:steps])
     wall, cpu = clock.wall[steps - 1] - clock.wall[warm - 1], clock.cpu[steps - 1] - clock.cpu[warm - 1]
     return {
         "tokens_per_s": timed / wall,
         "tokens_per_cpu_s": timed / cpu,
+        "pairs_per_s": pairs / wall,
+        "pairs_per_cpu_s": pairs / cpu,
+        "pairs_timed": pairs,
+        "row_tokens_per_pair": sum(counter.row_tokens[warm:steps]) / pairs,  # what the model computes (mtdpo)
         "steps_timed": steps - warm,
         "mean_seq_len": timed / (2 * batch * (steps - warm)),
         "threads": torch.get_num_threads(),
@@ -440,9 +461,17 @@ def merged_results(paths: list[str]) -> dict:
 
 
 def summarise(runs: dict) -> dict:
-    keys = ("tokens_per_cpu_s", "tokens_per_s")
+    keys = ("tokens_per_cpu_s", "tokens_per_s", "pairs_per_cpu_s", "pairs_per_s", "peak_rss_mb")
     return {
-        system: {k: {"min": min(r[k] for r in rs), "median": statistics.median(r[k] for r in rs)} for k in keys}
+        system: {
+            k: {
+                "min": min(r[k] for r in rs),
+                "median": statistics.median(r[k] for r in rs),
+                "max": max(r[k] for r in rs),
+            }
+            for k in keys
+            if all(k in r for r in rs)  # results saved before pairs were counted have tokens only
+        }
         for system, rs in runs.items()
     }
 
@@ -670,6 +699,352 @@ def kto_table(results: dict, key: str = "tokens_per_cpu_s") -> str:
     return "\n".join(lines) + "\n"
 
 
+# ── prefix forest scenarios (issue 33) ────────────────────────────────────────
+#
+# Each scenario runs a few systems (an mtdpo layout on a cache, or TRL on the rows), each in its own
+# process, interleaved and rotated like `benchmark`, at one precision (fp32 unless --bf16, set
+# explicitly on both sides). Tokens of pairs per second count both sequences of every pair (for a
+# side of several sequences: all of them), the same number in every mtdpo layout of one cache;
+# pairs per second compare one set of conversations rendered two ways (scenario "contexts").
+# "row tokens per pair" is what the model computes: the rows' input_ids, padding included.
+
+PADDED = {"prefix_sharing": False, "padding_free": False}
+SHARING = {"prefix_sharing": True}
+FOREST = {"prefix_forest": True, "group_by_prompt": False}  # the same length-grouped batches as the others
+FOREST_GROUPS = {"prefix_forest": True, "group_by_prompt": True}  # a problem's pairs in one micro-batch
+# The pairs in the cache's order: `mtdpo pairs` writes a problem's pairs together, so micro-batches of
+# 16 are whole problems. What group-by-prompt should give; it splits a problem whose pairs have
+# different prompt_len (two trajectories that open with the same turn share more than the prompt).
+FOREST_CACHE_ORDER = {"prefix_forest": True, "group_by_prompt": False, "train_sampling_strategy": "sequential"}
+
+# Plans of `mtdpo.synthetic` that `mtdpo pairs`' default filters keep (code in every turn before the
+# answer, no error in the last tool output): 4 correct and 4 incorrect, so each problem's
+# trajectories are distinct and `--rule all` makes 16 pairs of it.
+CORRECT_PLANS = [
+    ["code", "final"],
+    ["code", "verify", "final"],
+    ["err", "code", "final"],
+    ["err", "code", "verify", "final"],
+]
+WRONG_PLANS = [["bad", "wfinal"], ["code", "wfinal"], ["bad", "bverify", "wfinal"], ["err", "bad", "wfinal"]]
+
+
+def write_group_rollouts(path: Path, problems: int, prompt_tokens: int, tool_tokens: int, seed: int = 0) -> Path:
+    """Graded rollouts, 4 correct and 4 incorrect trajectories per problem: the problem's user turn
+    lengthened by about `prompt_tokens` (a data listing all its trajectories share), each tool
+    output by about `tool_tokens` (~2 characters a token). A tool output depends only on the
+    conversation before it, as a real tool's does: trajectories that begin with the same code
+    share its output, so they part at an assistant turn."""
+    import random
+    import zlib
+
+    from mtdpo.synthetic import SYSTEMS, USER_SUFFIX, _problem, _steps
+
+    if path.exists():
+        return path
+    r, rows = random.Random(seed), []
+    for k in range(problems):
+        p = _problem(r)
+        user = p["q"] + USER_SUFFIX + "\n\nData:\n" + _filler(2 * prompt_tokens, r.randrange(1000))
+        prompt = [{"role": "system", "content": r.choice(SYSTEMS)}, {"role": "user", "content": user}]
+        for plan, reward in [*((q, 1.0) for q in CORRECT_PLANS), *((q, 0.0) for q in WRONG_PLANS)]:
+            messages = prompt + _steps(r, p, plan)
+            for at, message in enumerate(messages):
+                if message["role"] == "tool":
+                    before = zlib.crc32(json.dumps(messages[:at]).encode()) % 100_000
+                    message["content"] += "\n" + _filler(2 * tool_tokens, before)
+            rows.append({"prompt_id": f"problem-{k:05d}", "messages": messages, "reward": reward, "gt": p["ans"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def group_pairs(rollouts: Path) -> Path:
+    """`mtdpo pairs --rule all` on the rollouts: every correct x incorrect pair of each problem."""
+    from mtdpo.pairs import PairOptions, make_pairs_file
+
+    out = rollouts.with_suffix(".pairs.jsonl")
+    if not out.exists():
+        make_pairs_file(rollouts, out, PairOptions(rule="all"))
+    return out
+
+
+def write_context_rows(path: Path, n: int, approx_tokens: int, turns: int = 3, seed: int = 0) -> Path:
+    """n Qwen3-style pairs of `turns` answers with reasoning, each after a question (a document
+    of ~30% of `approx_tokens` in the first): per turn ~60%/turns in reasoning, ~10%/turns in the
+    answer (~2 characters a token). The sides differ from the first answer on. Qwen3's template
+    drops an answered turn's reasoning from the history, so each turn is scored in its own
+    context: a side of `turns` sequences."""
+    import random
+
+    if path.exists():
+        return path
+    r, rows = random.Random(seed), []
+    chars = 2 * approx_tokens
+
+    def side() -> list[dict]:
+        messages = []
+        for turn in range(turns):
+            if turn:
+                messages.append({"role": "user", "content": f"And what does step {r.randrange(1000)} give?"})
+            answer = f"It gives {r.randrange(1000)}.\n" + _filler(int(0.1 * chars / turns), r.randrange(100_000))
+            thought = _filler(int(0.6 * chars / turns), r.randrange(100_000))
+            messages.append({"role": "assistant", "content": answer, "reasoning_content": thought})
+        return messages
+
+    for k in range(n):
+        question = f"Read the log below. Which value does step {k} give?\n" + _filler(
+            int(0.3 * chars), r.randrange(1000)
+        )
+        prompt = [{"role": "user", "content": question}]
+        rows.append({"chosen": prompt + side(), "rejected": prompt + side()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+QWEN3_DROPS_REASONING = "{%- if loop.index0 > ns.last_query_index %}"  # reasoning only after the last question
+
+
+def qwen3_tokenizers() -> dict[str, Path]:
+    """The tests' Qwen3 tokenizer (the embedded BPE, Qwen3's special tokens and template) saved
+    twice: as Qwen3 renders (several generation contexts per side) and with a template that keeps
+    every turn's reasoning (prefix-stable: one sequence per side)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import family_tokenizer, with_template
+
+    tokenizer = family_tokenizer("qwen3")
+    assert QWEN3_DROPS_REASONING in tokenizer.chat_template
+    stable = with_template("qwen3", tokenizer.chat_template.replace(QWEN3_DROPS_REASONING, "{%- if true %}"))
+    out = {}
+    for name, tok in (("multi-context", tokenizer), ("prefix-stable", stable)):
+        out[name] = WORK / f"qwen3-{name}-tokenizer"
+        if not (out[name] / "tokenizer_config.json").exists():
+            tok.save_pretrained(out[name])
+    return out
+
+
+def sequences_per_side(cache: Path) -> float:
+    from mtdpo.cache import open_cache
+
+    opened = open_cache(cache)
+    records = [opened.record(k) for k in range(len(opened.dataset))]
+    return sum(len(side.pieces()) for r in records for side in (r.chosen, r.rejected)) / (2 * len(records))
+
+
+def scenario_groups(quick: bool) -> dict:
+    """Pairs of `mtdpo pairs --rule all` (16 per problem), 16 pairs per micro-batch. Padded, sharing
+    and TRL time one step (a TRL step of 16 pairs costs ~40 CPU-seconds; their steps are alike);
+    the forests, whose micro-batches vary (group-by-prompt makes a problem's leftover pairs a
+    micro-batch of their own), time 4 steps after the warm-up: an epoch of the 4 problems."""
+    steps, warm, batch, problems = 2, 1, 16, 4
+    prompt, tool = 32 if quick else 64, 32
+    rollouts = write_group_rollouts(WORK / f"groups-{prompt}-{tool}-{problems}.jsonl", problems, prompt, tool)
+    rows = group_pairs(rollouts)
+    cache = cache_for(rows, f"groups-{prompt}-{tool}-{problems}")
+    systems = {
+        "forest + group-by-prompt": {"cache": cache, "mode": FOREST_GROUPS, "steps": warm + problems},
+        "forest, a problem per micro-batch": {"cache": cache, "mode": FOREST_CACHE_ORDER, "steps": warm + problems},
+        "prefix-sharing": {"cache": cache, "mode": SHARING},
+        "padded": {"cache": cache, "mode": PADDED},
+        "TRL": {"rows": rows},
+    }
+    targets = [
+        ("forest ≥ 2× per-pair prefix sharing", "forest + group-by-prompt", "prefix-sharing", "tokens_per_cpu_s", 2.0),
+        ("forest ≥ 3× TRL", "forest + group-by-prompt", "TRL", "tokens_per_cpu_s", 3.0),
+        (
+            "(whole problems) forest ≥ 2× per-pair prefix sharing",
+            "forest, a problem per micro-batch",
+            "prefix-sharing",
+            "tokens_per_cpu_s",
+            2.0,
+        ),
+        ("(whole problems) forest ≥ 3× TRL", "forest, a problem per micro-batch", "TRL", "tokens_per_cpu_s", 3.0),
+    ]
+    data = {
+        **cache_stats(cache),
+        "pairs_per_problem": 16,
+        "prompt_filler_tokens": prompt,
+        "tool_filler_tokens": tool,
+    }
+    return dict(
+        systems=systems, targets=targets, data=data, steps=steps, warm=warm, batch=batch, model=model_dir(quick)
+    )
+
+
+def scenario_contexts(quick: bool) -> dict:
+    """Qwen3 rows (3 answers with reasoning, follow-up questions) as Qwen3 renders them and prefix-stable."""
+    steps, warm, batch = 3, 1, 2
+    length = 256 if quick else 1024
+    rows = write_context_rows(WORK / f"contexts-{length}.jsonl", batch * steps, length)
+    tokenizers = qwen3_tokenizers()
+    caches = {name: cache_for(rows, f"contexts-{length}-{name}", tokenizer=tok) for name, tok in tokenizers.items()}
+    systems = {
+        f"{layout}, {name}": {"cache": caches[name], "mode": mode}
+        for name in caches
+        for layout, mode in (("forest", FOREST), ("prefix-sharing", SHARING))
+    }
+    targets = [
+        (
+            "forest cost on multi-context ≤ 1.2× forest on prefix-stable",
+            "forest, prefix-stable",
+            "forest, multi-context",
+            "pairs_per_cpu_s",
+            -1.2,
+        ),
+        (
+            "forest cost on multi-context ≤ 1.2× prefix sharing on prefix-stable",
+            "prefix-sharing, prefix-stable",
+            "forest, multi-context",
+            "pairs_per_cpu_s",
+            -1.2,
+        ),
+    ]
+    data = {
+        name: {**cache_stats(cache), "sequences_per_side": sequences_per_side(cache)} for name, cache in caches.items()
+    }
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizers["multi-context"])))
+    return dict(
+        systems=systems, targets=targets, data=data, steps=steps, warm=warm, batch=batch, model=model_dir(quick, vocab)
+    )
+
+
+def scenario_pairs(quick: bool) -> dict:
+    """Single multi-turn pairs (bench/train.py's rows) at ~1k tokens: one pair per prompt."""
+    steps, warm, batch = 3, 1, 2
+    length = 256 if quick else 1024
+    n = 4 * batch * steps
+    rows = write_multiturn_rows(WORK / f"forest-pairs-{length}-{n}.jsonl", n, approx_tokens=length)
+    cache = cache_for(rows, f"forest-pairs-{length}-{n}")
+    systems = {
+        name: {"cache": cache, "mode": mode}
+        for name, mode in (("prefix-forest", FOREST), ("prefix-sharing", SHARING), ("padded", PADDED))
+    }
+    targets = [
+        ("forest ≥ 0.97× per-pair prefix sharing", "prefix-forest", "prefix-sharing", "tokens_per_cpu_s", 0.97),
+        ("prefix sharing ≥ 1.2× padded", "prefix-sharing", "padded", "tokens_per_cpu_s", 1.2),
+    ]
+    return dict(
+        systems=systems,
+        targets=targets,
+        data=cache_stats(cache),
+        steps=steps,
+        warm=warm,
+        batch=batch,
+        model=model_dir(quick),
+    )
+
+
+SCENARIOS = {"groups": scenario_groups, "contexts": scenario_contexts, "pairs": scenario_pairs}
+
+
+def benchmark_scenario(name: str, quick: bool, bf16: bool, repeats: int, threads: int, parallel: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    scenario = SCENARIOS[name](quick)
+    systems, model = scenario["systems"], scenario["model"]
+    results = {
+        "kind": f"forest-{name}",
+        "machine": _machine(),
+        "quick": quick,
+        "bf16": bf16,
+        **{k: scenario[k] for k in ("steps", "warm", "batch", "data")},
+        "repeats": repeats,
+        "threads": threads,
+        "parallel": parallel,
+        "model": {**json.loads((model / "config.json").read_text()), "parameters": _parameters(model)},
+        "targets": scenario["targets"],
+        "runs": {system: [] for system in systems},
+    }
+    print(f"{name}: {json.dumps(scenario['data'])}", flush=True)
+    names = list(systems)
+    for repeat in range(repeats):
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotate who goes first
+
+        def measure(system, repeat=repeat):
+            started = time.time()
+            spec = systems[system]
+            result = run_worker(
+                threads,
+                system="TRL" if "rows" in spec else system,
+                model=str(model),
+                rows=str(spec.get("rows", "")),
+                cache=str(spec.get("cache", "")),
+                mode=spec.get("mode"),
+                steps=spec.get("steps", scenario["steps"]),
+                batch=scenario["batch"],
+                bf16=bf16,
+                warm=scenario["warm"],
+            )
+            result["wall_s"] = time.time() - started
+            print(
+                f"  {system:32s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, "
+                f"{result['pairs_per_cpu_s']:6.3f} pairs/CPU-s, {result['peak_rss_mb']:6.0f} MB  ({result['wall_s']:.0f} s)",
+                flush=True,
+            )
+            return result
+
+        with ThreadPoolExecutor(parallel) as pool:
+            for system, result in zip(order, pool.map(measure, order)):
+                results["runs"][system].append(result)
+    results["summary"] = summarise(results["runs"])
+    return results
+
+
+def target_lines(results: dict) -> list[str]:
+    """Each target with its measured ratio: of medians, of minima, and each repeat's own (runs
+    made at the same time). A negative bound is a cost: the denominator's time over the numerator's."""
+    lines = []
+    for text, a, b, key, bound in results["targets"]:
+        runs, summary = results["runs"], results["summary"]
+        cost = bound < 0
+        ratio = summary[a][key]["median"] / summary[b][key]["median"]
+        low = summary[a][key]["min"] / summary[b][key]["min"]
+        each = [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
+        met = ratio <= -bound if cost else ratio >= bound
+        lines.append(
+            f"- {text}: **{'met' if met else 'missed'}**, {ratio:.2f}× (ratio of minima {low:.2f}×; each repeat "
+            f"{', '.join(f'{r:.2f}' for r in each)}): {f'time per pair of {b} / {a}' if cost else f'{a} / {b}'}, {key}"
+        )
+    return lines
+
+
+def scenario_table(results: dict) -> str:
+    summary, data = results["summary"], results["data"]
+    precision = "bf16" if results["bf16"] else "fp32"
+    lines = [
+        "| system | pair tokens per CPU-s, median (min) | pairs per CPU-s, median (min) | pair tokens per wall-s, median | row tokens per pair | peak RSS MB, median (max) | timed steps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system, values in summary.items():
+        row_tokens = statistics.median(r["row_tokens_per_pair"] for r in results["runs"][system])
+        cells = [
+            system,
+            f"{values['tokens_per_cpu_s']['median']:,.0f} ({values['tokens_per_cpu_s']['min']:,.0f})",
+            f"{values['pairs_per_cpu_s']['median']:.3f} ({values['pairs_per_cpu_s']['min']:.3f})",
+            f"{values['tokens_per_s']['median']:,.0f}",
+            "" if system == "TRL" else f"{row_tokens:,.0f}",
+            f"{values['peak_rss_mb']['median']:,.0f} ({values['peak_rss_mb']['max']:,.0f})",
+            str(results["runs"][system][0]["steps_timed"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = results["machine"]
+    lines += [
+        "",
+        f"Median (min) of {results['repeats']} runs each, interleaved, {results['threads']} thread(s) per process, "
+        f"{results['parallel']} processes at a time, {precision} on every side, {results['batch']} pairs per micro-batch "
+        f"(with group-by-prompt: up to that many), the timed steps after {results['warm']} warm-up; "
+        f"{results['model']['parameters'] / 1e6:.1f}M parameters. Load average "
+        f"{machine['load_before'][0]:.1f} before, {machine.get('load_after', [float('nan')])[0]:.1f} after; {machine['date']}.",
+        f"Data: {json.dumps(data)}",
+        "",
+        *target_lines(results),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         print(json.dumps(worker(**json.loads(sys.argv[2]))))
@@ -710,7 +1085,32 @@ def main() -> None:
     parser.add_argument(
         "--kto", action="store_true", help="KTO beside DPO at equal tokens (mtdpo, with live and stored references)"
     )
+    for name, help in (
+        (
+            "groups",
+            "prefix forest on `mtdpo pairs --rule all` pairs (4 correct x 4 incorrect per problem) vs per-pair sharing, padded and TRL",
+        ),
+        (
+            "contexts",
+            "prefix forest on Qwen3 sides of several generation contexts vs the same rows rendered prefix-stable",
+        ),
+        ("pairs", "prefix forest on single multi-turn pairs (~1k tokens) vs per-pair sharing and padded"),
+    ):
+        parser.add_argument(f"--{name}", action="store_true", help=f"{help}; fp32 unless --bf16 (issue 33's targets)")
     args = parser.parse_args()
+    scenario = next((name for name in SCENARIOS if getattr(args, name)), None)
+    if scenario:
+        results = benchmark_scenario(
+            scenario, args.quick, bool(args.bf16), args.repeats or (1 if args.quick else 3), args.threads, args.parallel
+        )
+        results["machine"]["load_after"] = os.getloadavg()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = args.name or (f"train-forest-{scenario}" + ("-quick" if args.quick else ""))
+        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        markdown = scenario_table(results)
+        (RESULTS / f"{stem}.md").write_text(markdown)
+        print(markdown)
+        return
     if args.kto:
         bf16 = auto_bf16(use_cpu=True)[0] if args.bf16 is None else args.bf16
         results = benchmark_kto(
@@ -728,6 +1128,10 @@ def main() -> None:
         markdown = kto_table(results) + "\n" + kto_table(results, "tokens_per_s")
         (RESULTS / f"{stem}.md").write_text(markdown)
         print(markdown)
+        return
+    forest_tables = [json.loads(Path(path).read_text()) for path in args.table or ()]
+    if forest_tables and all(str(t.get("kind", "")).startswith("forest-") for t in forest_tables):
+        print("\n".join(scenario_table(t) for t in forest_tables))  # the tables of --groups/--contexts/--pairs runs
         return
     if args.table:  # e.g. the ~1k and ~2k tokens runs made separately
         print(table(merged_results(args.table)) + "\n" + table(merged_results(args.table), "tokens_per_s"))

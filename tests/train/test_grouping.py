@@ -83,6 +83,23 @@ def grouped(tmp_path_factory):
     return tmp, make_cache(tmp, rows=rows), saved_start_model(tmp / "init")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (bench/results/train-forest-groups.md): the key is the pair's first prompt_len tokens, and "
+    "--rule all pairs whose two trajectories open with the same turn share more than the problem's prompt",
+)
+def test_the_pairs_of_a_problem_share_one_key(grouped):
+    # what --group-by-prompt promises: one key per problem, so a problem's pairs can share a micro-batch
+    tmp, cache, _ = grouped
+    rows = [json.loads(line) for line in (tmp / "pairs.jsonl").read_text().splitlines()][:18]
+    opened = open_caches([str(cache)])
+    keys, _, _ = opened.pairs.prompts()
+    problems = [r["prompt_id"] for r in rows]
+    prompt_len = opened.prompt_lengths()
+    assert len(set(zip(problems, prompt_len.tolist()))) > len(set(problems))  # the fixture has such pairs
+    assert len(set(zip(problems, keys.tolist()))) == len(set(problems)) == len(set(keys.tolist()))
+
+
 def test_a_step_of_grouped_forest_micro_batches_equals_one_padded_batch_of_every_pair(grouped, tmp_path):
     tmp, cache, init = grouped
     keys, suffix, prompt = open_caches([str(cache)]).pairs.prompts()
