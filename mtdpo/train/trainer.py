@@ -48,7 +48,7 @@ class MultiTurnDPOTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite = NonFiniteGuard(args.skip_nonfinite)
         self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, time.perf_counter()
-        self.peak_flops, self.mfu_note = peak_flops(self.args.device, bool(self.args.bf16))
+        self.peak_flops = peak_flops(self.args.device, bool(self.args.bf16))[0]  # run.py prints why when None
 
     def _prepare_reference(self, ref_model):
         if self.is_deepspeed_enabled:  # ZeRO-3 must shard the reference too
