@@ -376,7 +376,7 @@ def plot(
     drawn = plot_run(run, out)
     margin, accuracy = drawn.get("rewards/margins"), drawn.get("rewards/accuracies")
     detail = f": margin {margin[0]:+.3f} → {margin[1]:+.3f}" if margin else ""
-    detail += f", accuracy {accuracy[0]:.2f} → {accuracy[1]:.2f}" if accuracy else ""
+    detail += f", accuracy {accuracy[0]} → {accuracy[1]}" if accuracy else ""  # "0.50" or "tie"
     detail += f", kl {drawn['kl'][0]:.3f} → {drawn['kl'][1]:.3f}" if "kl" in drawn else ""  # a KTO run
     console.print(f"wrote {out}{detail}", highlight=False, soft_wrap=True)
 

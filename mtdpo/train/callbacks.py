@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from mtdpo.plot import is_tie
 from mtdpo.progress import clock, phase
 
 NAN = float("nan")
@@ -150,6 +151,6 @@ def quality(logs: dict, prefix: str = "") -> str:
 def accuracy(logs: dict, prefix: str = "") -> str:
     """Reward accuracy, or "tie" when every margin was exactly 0 (the policy still equals its
     reference, at step 0 or in the first eval): 0.00 would read as "always wrong"."""
-    if logs.get(f"{prefix}rewards/ties", 0.0) >= 1.0:
+    if is_tie(logs, prefix):
         return "tie"
     return f"{logs.get(f'{prefix}rewards/accuracies', NAN):.2f}"

@@ -6,7 +6,10 @@ One dataclass, parsed by TRL's TrlParser, so each field can be set in a YAML fil
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -179,7 +182,8 @@ class MtdpoConfig(TrainingArguments):
         self.bf16, self.precision_note = choose_bf16(self.bf16, launcher_precision(), self.use_cpu)
         if self.bf16 and not self.use_cpu and not _has_accelerator():
             self.use_cpu = True  # where training runs anyway; TrainingArguments wants it said for CPU bf16
-        super().__post_init__()
+        with library_output_to_stderr():  # device setup: DeepSpeed builds and announces its ops here
+            super().__post_init__()
         if self.nll_coef is None:  # M-KTO (the paper's code) and TRL's KTOTrainer add no NLL term
             self.nll_coef = 0.0 if self.loss_type in KTO_LOSS_TYPES else 1.0
         if isinstance(self.data, str):
@@ -255,6 +259,18 @@ def _has_accelerator() -> bool:
         or torch.backends.mps.is_available()
         or (hasattr(torch, "xpu") and torch.xpu.is_available())
     )
+
+
+@contextlib.contextmanager
+def library_output_to_stderr():
+    """stdout carries mtdpo's lines (the plan, one line per logging step); what libraries print
+    meanwhile (DeepSpeed's "... built successfully" on every rank, its logger's warnings) goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+    if "deepspeed" in sys.modules:  # DeepSpeed's logger writes to stdout
+        for handler in logging.getLogger("DeepSpeed").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
 
 
 def launcher_precision() -> str | None:

@@ -19,7 +19,7 @@ from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.kto_trainer import kto_run_parts
 from mtdpo.train.lora import add_lora, finish_adapters
-from mtdpo.train.model import load_model_config, load_policy, load_reference
+from mtdpo.train.model import has_unused_parameters, load_model_config, load_policy, load_reference
 from mtdpo.train.plan import make_plan
 from mtdpo.train.safety import StopOnSignal
 from mtdpo.train.throughput import peak_flops
@@ -52,6 +52,8 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
             config.model, config.attn_implementation, dtype, config.trust_remote_code, config.load_in_4bit
         )
     policy.set_attn_implementation(plan.layout.attention)
+    if config.ddp_find_unused_parameters is None:  # transformers' default for a model without checkpointing: True
+        config.ddp_find_unused_parameters = has_unused_parameters(policy)
     if plan.lora:
         base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
         policy = add_lora(
