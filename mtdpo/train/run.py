@@ -15,7 +15,7 @@ from mtdpo.cache import check_model_matches, expand_cache_paths, open_caches
 from mtdpo.errors import Interrupted
 from mtdpo.progress import phase
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
-from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.config import MtdpoConfig, library_output_to_stderr
 from mtdpo.train.data import PairCollator
 from mtdpo.train.kto_trainer import kto_run_parts
 from mtdpo.train.lora import add_lora, finish_adapters
@@ -90,16 +90,17 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     }
     if train_data.is_kto:
         parts = kto_run_parts(config, plan, train_data, eval_data)
-    trainer = parts["trainer"](
-        policy,
-        ref,
-        config,
-        plan,
-        train_dataset=parts["train_dataset"],
-        eval_dataset=parts["eval_dataset"],
-        data_collator=parts["collator"],
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
-    )
+    with library_output_to_stderr():  # the accelerator starts here: DeepSpeed builds and announces its ops
+        trainer = parts["trainer"](
+            policy,
+            ref,
+            config,
+            plan,
+            train_dataset=parts["train_dataset"],
+            eval_dataset=parts["eval_dataset"],
+            data_collator=parts["collator"],
+            callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
+        )
     progress.header = f"KTO weights: {parts['advice']}" if parts["advice"] else ""
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     resume = config.resume_from_checkpoint
