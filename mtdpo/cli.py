@@ -244,7 +244,7 @@ def _train_config(args: list[str]):
 def precompute_ref(ctx: typer.Context) -> None:
     """Store the reference model's log-probs in a cache; training then loads no reference model.
 
-    Usage: mtdpo precompute-ref CACHE [--model M | --ref-model R] [--seed S] [--bf16] [--config X.yaml]:
+    Usage: mtdpo precompute-ref CACHE [--model M | --ref-model R] [--seed S] [--bf16] [--config X.yaml] [-q]:
     the options of `mtdpo train` that decide the reference's log-probs (`mtdpo precompute-ref --help`).
     """
     from mtdpo.train.help import print_precompute_help
@@ -257,10 +257,11 @@ def precompute_ref(ctx: typer.Context) -> None:
     cache, *options = ctx.args
     if cache.startswith("-"):
         raise UsageError("precompute-ref takes the cache first: mtdpo precompute-ref CACHE [options]")
+    quiet = bool({"-q", "--quiet"} & set(options))
     # --batch-size: the name this command has always had for the forward's batch
     options = ["--per-device-eval-batch-size" if arg == "--batch-size" else arg for arg in options]
-    config = _train_config(["--data", cache, *options])
-    manifest = precompute_reference(config)
+    config = _train_config(["--data", cache, *(arg for arg in options if arg not in ("-q", "--quiet"))])
+    manifest = precompute_reference(config, progress=not quiet)
     reference = manifest.reference
     console.print(
         f"stored {reference.precision} reference log-probs of {reference.model} in [bold]{escape(cache)}[/]",
@@ -375,7 +376,7 @@ def plot(
     drawn = plot_run(run, out)
     margin, accuracy = drawn.get("rewards/margins"), drawn.get("rewards/accuracies")
     detail = f": margin {margin[0]:+.3f} → {margin[1]:+.3f}" if margin else ""
-    detail += f", accuracy {accuracy[0]:.2f} → {accuracy[1]:.2f}" if accuracy else ""
+    detail += f", accuracy {accuracy[0]} → {accuracy[1]}" if accuracy else ""  # "0.50" or "tie"
     detail += f", kl {drawn['kl'][0]:.3f} → {drawn['kl'][1]:.3f}" if "kl" in drawn else ""  # a KTO run
     console.print(f"wrote {out}{detail}", highlight=False, soft_wrap=True)
 

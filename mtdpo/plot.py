@@ -73,8 +73,26 @@ KTO_CURVES = (  # rewards of desirable rows are logged as "chosen", of undesirab
 )
 
 
+ACCURACY = "rewards/accuracies"
+TIE = 0.5  # where a step whose margins were all 0 is drawn: a tie is chance, not "always wrong"
+
+
+def is_tie(entry: dict, prefix: str = "") -> bool:
+    """Every margin exactly 0 (the policy still equals its reference): accuracy, the fraction of
+    margins > 0, reads 0.00 there; the log line says "tie" and the plot draws its own marker."""
+    return entry.get(f"{prefix}rewards/ties", 0.0) >= 1.0
+
+
+def curve(entries: list[dict], key: str, prefix: str = "") -> tuple[list[tuple], list[int]]:
+    """(step, value) points of a metric, and for accuracy the steps that were ties (not among the points)."""
+    name = prefix + key
+    ties = [e["step"] for e in entries if key == ACCURACY and name in e and is_tie(e, prefix)]
+    return [(e["step"], e[name]) for e in entries if name in e and e["step"] not in ties], ties
+
+
 def plot_run(run: Path, out: Path) -> dict:
-    """Draw the curves to `out`; returns the first and last logged values of each plotted key."""
+    """Draw the curves to `out`; returns the first and last logged values of each plotted key
+    (accuracy's as printed: "0.50", or "tie")."""
     plt = pyplot()
     train, evals = read_metrics(run)
     curves = KTO_CURVES if any("kto_loss" in e for e in train) else CURVES
@@ -82,15 +100,21 @@ def plot_run(run: Path, out: Path) -> dict:
     drawn = {}
     for axis, (title, keys) in zip(axes, curves):
         for key, label in keys:
-            points = [(e["step"], e[key]) for e in train if key in e]
-            if not points:
+            points, ties = curve(train, key)
+            if not points and not ties:
                 continue
-            steps, values = zip(*points)
-            line = axis.plot(steps, values, marker=".", label=label)[0]
-            drawn[key] = (values[0], values[-1])
-            eval_points = [(e["step"], e[f"eval_{key}"]) for e in evals if f"eval_{key}" in e]
+            color = axis.plot(*zip(*points), marker=".", label=label)[0].get_color() if points else "grey"
+            eval_points, eval_ties = curve(evals, key, "eval_")
             if eval_points:
-                axis.plot(*zip(*eval_points), linestyle="--", marker="o", color=line.get_color(), label=f"eval {label}")
+                axis.plot(*zip(*eval_points), linestyle="--", marker="o", color=color, label=f"eval {label}")
+            if ties or eval_ties:
+                steps = ties + eval_ties
+                axis.scatter(steps, [TIE] * len(steps), marker="x", color="grey", zorder=3, label="tie (all margins 0)")
+            if key == ACCURACY:  # as the log lines print it
+                logged = [e for e in train if key in e]
+                drawn[key] = tuple("tie" if is_tie(e) else f"{e[key]:.2f}" for e in (logged[0], logged[-1]))
+            else:
+                drawn[key] = (points[0][1], points[-1][1])
         axis.set(title=title, xlabel="step")
         if title == "preference accuracy":
             axis.set_ylim(-0.02, 1.02)

@@ -168,3 +168,26 @@ def test_a_kto_run_plots_its_kl_instead_of_an_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"wrote {tmp_path / 'c.png'}: margin +0.040 → +0.120, kl 0.100 → 0.300"
     assert png_size(tmp_path / "c.png") == (1600, 450)
+
+
+def test_a_tie_is_drawn_as_a_tie_not_as_accuracy_0(tmp_path):
+    """Step 1 (and the first eval) of a run whose policy is its reference: every margin 0, so
+    accuracy (margins > 0) is 0.00; the plot draws a tie marker at 0.5 and says "tie"."""
+    from mtdpo.plot import TIE, curve
+
+    pytest.importorskip("matplotlib")
+    lines = [
+        step(1, 2.0, 0.0, 0.0, **{"rewards/ties": 1.0}),
+        {"step": 1, "eval_loss": 2.0, "eval_rewards/accuracies": 0.0, "eval_rewards/ties": 1.0},
+        step(2, 1.5, 0.5, 0.0, **{"rewards/ties": 0.5}),  # half the margins 0, none > 0: 0.00, not a tie
+        step(3, 1.0, 2.0, 1.0, **{"rewards/ties": 0.0}),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    train, evals = read_metrics(tmp_path)
+    assert curve(train, "rewards/accuracies") == ([(2, 0.0), (3, 1.0)], [1])
+    assert curve(evals, "rewards/accuracies", "eval_") == ([], [1])
+    assert curve(train, "rewards/margins") == ([(1, 0.0), (2, 0.5), (3, 2.0)], [])
+    assert TIE == 0.5
+    result = invoke("plot", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("margin +0.000 → +2.000, accuracy tie → 1.00\n")

@@ -1,14 +1,18 @@
-"""What a training run prints and writes as it goes: one line per logging step, a progress
-bar while evaluating, a summary at the end, and metrics.jsonl (main process only)."""
+"""What a training run prints and writes as it goes: one line per logging step, progress
+(mtdpo/progress.py) through the first step and while evaluating, a summary at the end, and
+metrics.jsonl (main process only)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from mtdpo.plot import is_tie
+from mtdpo.progress import clock, phase
 
 NAN = float("nan")
 
@@ -31,10 +35,10 @@ class MetricsFile(TrainerCallback):
 
 
 class ProgressLine(TrainerCallback):
-    """A line on precision and layout, one compact line per logging step (loss, margins,
+    """A header (KTO: the class weights' advice), one compact line per logging step (loss, margins,
     accuracy, tokens/s, MFU, ETA) and a summary.
 
-    Evaluation gets a progress bar of its own, and its time is left out of the ETA and of the
+    The first step and each evaluation show their progress on stderr; an eval's time is left out of the ETA and of the
     tokens/s (both are about training: an eval of 20 pairs on CPU takes minutes)."""
 
     def __init__(self, header: str = ""):
@@ -47,36 +51,38 @@ class ProgressLine(TrainerCallback):
         self.tokens, self.mfu_seconds, self.last_time = 0.0, 0.0, self.started
         if state.is_world_process_zero and self.header:
             print(self.header, flush=True)
-        if state.is_world_process_zero and state.global_step >= state.max_steps:
+        nothing_to_train = state.global_step >= state.max_steps
+        if state.is_world_process_zero and nothing_to_train:
             print(f"nothing to train: resumed at step {state.global_step} of {state.max_steps}", flush=True)
-        self.eval_seconds, self._eval = 0.0, None  # (progress bar, task, start time) while evaluating
+        self.eval_seconds, self._eval = 0.0, None  # (its progress, start time) while evaluating
+        # The first step compiles, allocates and warms caches: on a real model on CPU, minutes.
+        self._first_step = contextlib.ExitStack()
+        self._first_step.enter_context(
+            phase(
+                f"step {state.global_step + 1} (the first forward and backward)",
+                enabled=state.is_world_process_zero and not nothing_to_train,
+            )
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._first_step.close()  # the first step ends the phase begun in on_train_begin
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._first_step.close()  # a run of no step (a resume at its end) has no first one
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
         if self._eval is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            columns = (
-                TextColumn("eval"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("batches"),
-                TimeElapsedColumn(),
+            total = len(eval_dataloader) if hasattr(eval_dataloader, "__len__") else None
+            self._eval = contextlib.ExitStack(), time.perf_counter()
+            self._advance_eval = self._eval[0].enter_context(
+                phase("eval", total, "batches", enabled=state.is_world_process_zero)
             )
-            bar = Progress(*columns, transient=True, disable=not sys.stdout.isatty())  # piped: no bar, no blank line
-            total = (
-                len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
-            )
-            bar.start()
-            self._eval = (bar, bar.add_task("eval", total=total), time.perf_counter())
-        bar, task, _ = self._eval
-        bar.advance(task)
+        self._advance_eval()
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self._eval is not None:
-            bar, _, started = self._eval
-            bar.stop()
+            bar, started = self._eval
+            bar.close()
             seconds = time.perf_counter() - started
             self.eval_seconds += seconds
             self.last_time += seconds  # the next step's tokens/s x interval must not span the eval
@@ -159,11 +165,6 @@ def quality(logs: dict, prefix: str = "") -> str:
 def accuracy(logs: dict, prefix: str = "") -> str:
     """Reward accuracy, or "tie" when every margin was exactly 0 (the policy still equals its
     reference, at step 0 or in the first eval): 0.00 would read as "always wrong"."""
-    if logs.get(f"{prefix}rewards/ties", 0.0) >= 1.0:
+    if is_tie(logs, prefix):
         return "tie"
     return f"{logs.get(f'{prefix}rewards/accuracies', NAN):.2f}"
-
-
-def clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"

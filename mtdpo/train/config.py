@@ -6,6 +6,10 @@ One dataclass, parsed by TRL's TrlParser, so each field can be set in a YAML fil
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -183,13 +187,13 @@ class MtdpoConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:  # decided here, before TrainingArguments checks it against the device
-            self.bf16, self.precision_note = auto_bf16(self.use_cpu)
-            if self.bf16 and not self.use_cpu and not _has_accelerator():
-                self.use_cpu = True  # where training runs anyway; TrainingArguments wants it said for CPU bf16
-        else:
-            self.precision_note = "set by --bf16" if self.bf16 else "set by --no-bf16"
-        super().__post_init__()
+        # Decided here, before TrainingArguments checks it against the device (and before it lets
+        # --bf16 override the launcher's ACCELERATE_MIXED_PRECISION, or the launcher's bf16 a --no-bf16).
+        self.bf16, self.precision_note = choose_bf16(self.bf16, launcher_precision(), self.use_cpu)
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            self.use_cpu = True  # where training runs anyway; TrainingArguments wants it said for CPU bf16
+        with library_output_to_stderr():  # device setup: DeepSpeed builds and announces its ops here
+            super().__post_init__()
         if self.nll_coef is None:  # M-KTO (the paper's code) and TRL's KTOTrainer add no NLL term
             self.nll_coef = 0.0 if self.loss_type in KTO_LOSS_TYPES else 1.0
         if isinstance(self.data, str):
@@ -265,6 +269,45 @@ def _has_accelerator() -> bool:
         or torch.backends.mps.is_available()
         or (hasattr(torch, "xpu") and torch.xpu.is_available())
     )
+
+
+@contextlib.contextmanager
+def library_output_to_stderr():
+    """stdout carries mtdpo's lines (the plan, one line per logging step); what libraries print
+    meanwhile (DeepSpeed's "... built successfully" on every rank, its logger's warnings) goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+    if "deepspeed" in sys.modules:  # DeepSpeed's logger writes to stdout
+        for handler in logging.getLogger("DeepSpeed").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
+
+
+def launcher_precision() -> str | None:
+    """The precision `accelerate launch` chose (its --mixed_precision flag or config file; "no"
+    when neither says), or None outside accelerate launch."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION")
+
+
+def choose_bf16(flag: bool | None, launcher: str | None, use_cpu: bool) -> tuple[bool, str]:
+    """bf16 or fp32, and why: the launcher's choice wins over the automatic one; a --bf16 or
+    --no-bf16 that contradicts it is refused (accelerate would autocast one way, mtdpo report the other)."""
+    if launcher is not None and launcher not in ("no", "bf16"):
+        raise UsageError(
+            f"accelerate launch set mixed_precision {launcher}: mtdpo trains in bf16 or fp32; launch with "
+            "--mixed_precision bf16 or no"
+        )
+    if flag is None:
+        if launcher is None:
+            return auto_bf16(use_cpu)
+        return launcher == "bf16", f"set by accelerate launch: mixed_precision {launcher}"
+    if launcher is not None and flag != (launcher == "bf16"):
+        option, wanted = ("--bf16", "bf16") if flag else ("--no-bf16", "no")
+        raise UsageError(
+            f"{option} contradicts accelerate launch's mixed_precision {launcher} (its --mixed_precision or config "
+            f"file): drop {option} (the launcher decides), or launch with --mixed_precision {wanted}"
+        )
+    return flag, "set by --bf16" if flag else "set by --no-bf16"
 
 
 def auto_bf16(use_cpu: bool) -> tuple[bool, str]:

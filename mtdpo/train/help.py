@@ -149,6 +149,7 @@ def print_precompute_help(console: Console | None = None) -> None:
     for name in PRECOMPUTE_OPTIONS:
         flag = f"--{name.replace('_', '-')}" + (" (--batch-size)" if name == "per_device_eval_batch_size" else "")
         table.add_row(flag, escape(_describe(fields[name])))
+    table.add_row("-q, --quiet", "No progress (loading, fingerprinting, the forward passes) on stderr. [default: off]")
     console.print(Panel(table, title="Options (those of `mtdpo train`)", title_align="left", border_style="dim"))
 
 

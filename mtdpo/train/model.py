@@ -87,3 +87,12 @@ def load_reference(
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def has_unused_parameters(model) -> bool:
+    """Whether a text forward leaves trainable parameters without a gradient: a multimodal
+    checkpoint's vision or audio tower. DDP must then search for them every step
+    (find_unused_parameters=True); for a text model that search finds nothing, costs a walk of
+    the graph per step and warns on every rank of every run. (Tied embeddings are one parameter,
+    LoRA's frozen base is not trained, and the fused LM head still reaches the head's weight.)"""
+    return any(getattr(model.config, tower, None) is not None for tower in ("vision_config", "audio_config"))

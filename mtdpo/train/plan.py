@@ -91,8 +91,9 @@ def make_plan(config: MtdpoConfig, train: OpenCache, evaluation: OpenCache | Non
             if manifest.reference.precision != plan.precision:
                 raise UsageError(
                     f"cache {path} holds reference log-probs computed in {manifest.reference.precision}, but this run "
-                    f"trains in {plan.precision}: step 1 would not start from a tie. Re-run `mtdpo precompute-ref {path}` "
-                    f"with this run's options, or pass {'--bf16' if manifest.reference.precision == 'bf16' else '--no-bf16'}"
+                    f"trains in {plan.precision} ({plan.precision_note}): step 1 would not start from a tie. Re-run "
+                    f"`mtdpo precompute-ref {path} {'--bf16' if plan.bf16 else '--no-bf16'}` with this run's other "
+                    f"options, or train in {manifest.reference.precision}"
                 )
         if train.is_kto and config.loss_type in NEEDS_KL:
             for cache in used:

@@ -23,6 +23,7 @@ from mtdpo.cache import (
     write_reference_columns,
 )
 from mtdpo.cache.schema import REFERENCE_COLUMNS, reference_columns
+from mtdpo.progress import phase
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.forward import fused_sequence_logps
@@ -30,6 +31,8 @@ from mtdpo.train.kto_data import KtoCollator, KtoRows, sub_batch_logps
 from mtdpo.train.model import load_model_config, load_policy
 from mtdpo.train.plan import layout_for
 from mtdpo.train.provenance import reference_identity
+
+LABEL = "reference log-probs"
 
 
 def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest:
@@ -43,11 +46,13 @@ def precompute_reference(config: MtdpoConfig, progress: bool = True) -> Manifest
     check_model_matches(cache, name, model_config.vocab_size, config.allow_mismatch)
     layout = layout_for(config, cache, model_config)
     set_seed(config.seed)  # the tiny default model is random: the same seed as `mtdpo train` gives the same one
-    model = load_policy(name, config.attn_implementation, torch.float32, config.trust_remote_code)
+    with phase(f"loading {name or 'the tiny random model'}", enabled=progress):
+        model = load_policy(name, config.attn_implementation, torch.float32, config.trust_remote_code)
     model.set_attn_implementation(layout.attention)
     add_fused_lm_head(model)
     model.to(config.device).eval()
-    identity = reference_identity(name, config.seed)
+    with phase("fingerprinting the reference's weights", enabled=progress):
+        identity = reference_identity(name, config.seed)
     if cache.is_kto:
         return precompute_kto(model, cache, config, layout, identity, progress)
     collate = PairCollator(cache.manifest.tokenizer.pad_token_id or 0, **layout.collator_options())
@@ -75,7 +80,7 @@ def precompute_kto(model, cache: OpenCache, config: MtdpoConfig, layout, identit
         cache.manifest.max_length,
     )
     values = [[], []]  # rows, KL sequences
-    with autocast(config), torch.no_grad(), progress_bar("rows", len(rows), progress) as advance:
+    with autocast(config), torch.no_grad(), phase(LABEL, len(rows), "rows", progress) as advance:
         for start in range(0, len(rows), config.per_device_eval_batch_size):
             batch = collate([rows[i] for i in range(start, min(start + config.per_device_eval_batch_size, len(rows)))])
             for k, part in enumerate(("policy", "kl")):
@@ -92,24 +97,6 @@ def precompute_kto(model, cache: OpenCache, config: MtdpoConfig, layout, identit
     return write_reference_columns(cache.path, cache.manifest, values, info)
 
 
-@contextlib.contextmanager
-def progress_bar(unit: str, total: int, enabled: bool = True):
-    """A transient bar "reference log-probs ... N/M unit"; yields advance(n)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("reference log-probs"), BarColumn(), MofNCompleteColumn(), TextColumn(unit))
-    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=True) as bar:
-        task = bar.add_task("reference", total=total)
-        yield lambda n: bar.advance(task, n)
-
-
 def autocast(config: MtdpoConfig):
     """The mixed precision the training run will use (Trainer autocasts its forwards the same way)."""
     if not config.bf16:
@@ -121,22 +108,8 @@ def reference_logps(
     model, cache: OpenCache, collate, batch_size: int, progress: bool = True
 ) -> tuple[list[float], list[float]]:
     """Summed log-probs of the trained tokens of every chosen and rejected sequence, in cache order."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("reference log-probs"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"))
     chosen, rejected = [], []
-    with (
-        Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress, transient=True) as bar,
-        torch.no_grad(),
-    ):
-        task = bar.add_task("reference", total=len(cache))
+    with phase(LABEL, len(cache), "pairs", progress) as advance, torch.no_grad():
         for start in range(0, len(cache), batch_size):
             batch = collate([cache.record(i) for i in range(start, min(start + batch_size, len(cache)))])
             batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -144,5 +117,5 @@ def reference_logps(
             c, r = logps.float().chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()
-            bar.advance(task, len(c))
+            advance(len(c))
     return chosen, rejected

@@ -11,15 +11,17 @@ from transformers.utils import logging as transformers_logging
 
 from mtdpo.cache import check_model_matches, expand_cache_paths, open_caches
 from mtdpo.errors import Interrupted
+from mtdpo.progress import phase
 from mtdpo.train.callbacks import MetricsFile, ProgressLine
 from mtdpo.train.checkpoints import resume_point, run_record
-from mtdpo.train.config import MtdpoConfig
+from mtdpo.train.config import MtdpoConfig, library_output_to_stderr
 from mtdpo.train.data import PairCollator
 from mtdpo.train.kto_trainer import kto_run_parts
 from mtdpo.train.lora import add_lora, finish_adapters
-from mtdpo.train.model import load_model_config, load_policy, load_reference
+from mtdpo.train.model import has_unused_parameters, load_model_config, load_policy, load_reference
 from mtdpo.train.plan import make_plan
 from mtdpo.train.safety import StopOnSignal
+from mtdpo.train.throughput import peak_flops
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 
@@ -41,11 +43,19 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     record = run_record(config, train_data.paths, train_data.kind)
     resume = resume_point(config, record)  # checked before any model is loaded
 
+    if config.process_index == 0:  # the first line, before minutes of model loading: what the run will do
+        print(f"{plan.describe()}; {peak_flops(config.device, plan.bf16)[1]}", flush=True)
+
     set_seed(config.seed)  # the tiny default model is randomly initialised: make it reproducible
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint; ProgressLine reports the run
     dtype = torch.float32  # master weights; --bf16 trains in mixed precision
-    policy = load_policy(config.model, config.attn_implementation, dtype, config.trust_remote_code, config.load_in_4bit)
+    with phase(f"loading {config.model or 'the tiny random model'}", enabled=config.process_index == 0):
+        policy = load_policy(
+            config.model, config.attn_implementation, dtype, config.trust_remote_code, config.load_in_4bit
+        )
     policy.set_attn_implementation(plan.layout.attention)
+    if config.ddp_find_unused_parameters is None:  # transformers' default for a model without checkpointing: True
+        config.ddp_find_unused_parameters = has_unused_parameters(policy)
     if plan.lora:
         base = config.model or save_random_base(policy, Path(config.output_dir) / "base-model", config)
         policy = add_lora(
@@ -58,15 +68,16 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
         )
     ref = None
     if plan.loads_reference_model:
-        ref = load_reference(
-            policy,
-            config.ref_model,
-            config.attn_implementation,
-            dtype,
-            config.trust_remote_code,
-            policy_path=config.model,
-            seed=config.seed,
-        )
+        with phase(f"loading the reference ({plan.reference.value})", enabled=config.process_index == 0):
+            ref = load_reference(
+                policy,
+                config.ref_model,
+                config.attn_implementation,
+                dtype,
+                config.trust_remote_code,
+                policy_path=config.model,
+                seed=config.seed,
+            )
         ref.set_attn_implementation(plan.layout.attention)
 
     output_dir = Path(config.output_dir)
@@ -81,19 +92,18 @@ def train(config: MtdpoConfig, callbacks: list[TrainerCallback] = ()) -> MultiTu
     }
     if train_data.is_kto:
         parts = kto_run_parts(config, plan, train_data, eval_data)
-    trainer = parts["trainer"](
-        policy,
-        ref,
-        config,
-        plan,
-        train_dataset=parts["train_dataset"],
-        eval_dataset=parts["eval_dataset"],
-        data_collator=parts["collator"],
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
-    )
-    progress.header = f"{plan.describe()}; {trainer.mfu_note}" + (
-        f"\nKTO weights: {parts['advice']}" if parts["advice"] else ""
-    )
+    with library_output_to_stderr():  # the accelerator starts here: DeepSpeed builds and announces its ops
+        trainer = parts["trainer"](
+            policy,
+            ref,
+            config,
+            plan,
+            train_dataset=parts["train_dataset"],
+            eval_dataset=parts["eval_dataset"],
+            data_collator=parts["collator"],
+            callbacks=[MetricsFile(output_dir / "metrics.jsonl"), progress := ProgressLine(), *callbacks],
+        )
+    progress.header = f"KTO weights: {parts['advice']}" if parts["advice"] else ""
     trainer.remove_callback(PrinterCallback)  # ProgressLine prints a compact line instead of the raw dict
     trainer.run_record = record
     with stop.installed():

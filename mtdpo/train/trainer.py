@@ -53,7 +53,7 @@ class MultiTurnDPOTrainer(Trainer):
         self.nonfinite = NonFiniteGuard(args.skip_nonfinite, self)
         self.add_callback(self.nonfinite)
         self._tokens_since_log, self._sequences_since_log, self._last_log_time = 0, 0, time.perf_counter()
-        self.peak_flops, self.mfu_note = peak_flops(self.args.device, bool(self.args.bf16))
+        self.peak_flops = peak_flops(self.args.device, bool(self.args.bf16))[0]  # run.py prints why when None
         self.run_record: dict | None = None  # what each checkpoint records (run.py sets it: checkpoints.run_record)
 
     def _prepare_reference(self, ref_model):

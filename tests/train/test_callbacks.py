@@ -1,4 +1,4 @@
-"""What `mtdpo train` prints: one line per logging step, an eval progress bar whose time stays
+"""What `mtdpo train` prints: one line per logging step, eval progress (stderr) whose time stays
 out of the ETA and tokens/s, ties shown as ties, and the summary line."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def test_summary_reports_first_and_last_margin_accuracy_and_tokens_per_second(cl
     line = callbacks.ProgressLine()
     state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10)
     line.on_train_begin(None, state, None)
+    line.on_step_end(None, state, None)
     for state.global_step, clock.t, tokens_per_second, margin, accuracy in (
         (5, 102.0, 1000.0, 0.1, 0.5),
         (10, 106.0, 500.0, 2.0, 1.0),
@@ -56,13 +57,12 @@ def test_eval_time_is_left_out_of_eta_and_tokens_per_second(clock, capsys):
     line = callbacks.ProgressLine()
     state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=4)
     line.on_train_begin(None, state, None)
+    line.on_step_end(None, state, None)
     state.global_step, clock.t = 2, 102.0
     line.on_log(None, state, None, logs=step_logs(0.1, 0.5, 100.0))
     loader = [0, 1, 2]
     for clock.t in (110.0, 150.0, 202.0):
         line.on_prediction_step(None, state, None, eval_dataloader=loader)
-    bar = line._eval[0]
-    assert bar.tasks[0].total == 3 and bar.tasks[0].completed == 3
     line.on_evaluate(None, state, None)
     line.on_log(
         None,
@@ -73,10 +73,17 @@ def test_eval_time_is_left_out_of_eta_and_tokens_per_second(clock, capsys):
     state.global_step, clock.t = 4, 204.0
     line.on_log(None, state, None, logs=step_logs(0.3, 1.0, 100.0))
     line.on_log(None, state, None, logs={"train_runtime": 104.0, "train_loss": 1.0})
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]  # the bar leaves a blank line
+    captured = capsys.readouterr()
+    printed = captured.out.splitlines()
     assert printed[0].endswith("100 tok/s  eta 0:00:02")
     assert printed[1] == "eval  loss 0.7000  margin +0.000  acc tie"
     assert printed[-1].endswith("acc 0.50 → 1.00, 100 tok/s")
+    # stderr (a log, not a terminal): the eval's progress once it has run 2 s, then every 10 s, and its end
+    assert captured.err.splitlines() == [
+        "eval: 2/3 batches, 0:00:40 elapsed, eta 0:00:20",
+        "eval: 3/3 batches, 0:01:32 elapsed, eta 0:00:00",
+        "eval: 3/3 batches in 0:01:32",
+    ]
 
 
 def test_accuracy_of_exact_ties_reads_tie():
