@@ -110,6 +110,13 @@ def preprocess(
         "chat server does before the template sees them).",
         show_default="off",
     ),
+    tools_as_text: bool = typer.Option(
+        False,
+        help="Write tool calls, tool results and `tools` schemas as text, for chat templates without tool support "
+        "(Gemma's): each call a ```python or ```tool_call block in the assistant's text, each result an ```output "
+        "user turn, the schemas in the system or first user message (docs/MASKING.md).",
+        show_default="off",
+    ),
     num_proc: int = typer.Option(
         1,
         help="Worker processes, at most the CPUs available and one per 256-row chunk; the output is identical "
@@ -146,7 +153,7 @@ def preprocess(
     from mtdpo.preprocess.sources import default_output
 
     out = out or default_output(input, shard)
-    options = MaskOptions(mask_mode, max_length, user_marker, end_marker, string_arguments)
+    options = MaskOptions(mask_mode, max_length, user_marker, end_marker, string_arguments, tools_as_text)
     try:
         stats = preprocess_input(
             input,
