@@ -239,7 +239,7 @@ def _train_config(args: list[str]):
         from mtdpo.train.config import MtdpoConfig
 
         names = [f.name for f in fields(MtdpoConfig)] + ["config"]
-        raise UsageError(explain_unknown_options(str(err).splitlines()[0], names)) from None
+        raise UsageError(explain_unknown_options(str(err).splitlines()[0], names, args)) from None
 
 
 @app.command(
@@ -264,6 +264,10 @@ def precompute_ref(ctx: typer.Context) -> None:
     cache, *options = ctx.args
     if cache.startswith("-"):
         raise UsageError("precompute-ref takes the cache first: mtdpo precompute-ref CACHE [options]")
+    if options and not options[0].startswith("-"):  # --data would take it as a second cache, left untouched
+        raise UsageError(
+            f"unexpected argument {options[0]!r} after the cache {cache}: precompute-ref takes one cache; run it once per cache"
+        )
     # --batch-size: the name this command has always had for the forward's batch
     options = ["--per-device-eval-batch-size" if arg == "--batch-size" else arg for arg in options]
     config = _train_config(["--data", cache, *options])
