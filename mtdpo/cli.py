@@ -110,6 +110,13 @@ def preprocess(
         "chat server does before the template sees them).",
         show_default="off",
     ),
+    tools_as_text: bool = typer.Option(
+        False,
+        help="Write tool calls, tool results and `tools` schemas as text, for chat templates without tool support "
+        "(Gemma's): each call a ```python or ```tool_call block in the assistant's text, each result an ```output "
+        "user turn, the schemas in the system or first user message (docs/MASKING.md).",
+        show_default="off",
+    ),
     num_proc: int = typer.Option(
         1,
         help="Worker processes, at most the CPUs available and one per 256-row chunk; the output is identical "
@@ -140,31 +147,34 @@ def preprocess(
     ),
 ) -> None:
     """Tokenize and mask conversations once; write Arrow shards that `mtdpo train` memory-maps."""
+    from mtdpo import api
     from mtdpo.preprocess.pipeline import NothingKept
-    from mtdpo.preprocess.pipeline import preprocess as preprocess_input
-    from mtdpo.preprocess.records import MaskOptions
     from mtdpo.preprocess.sources import default_output
 
     out = out or default_output(input, shard)
-    options = MaskOptions(mask_mode, max_length, user_marker, end_marker, string_arguments)
     try:
-        stats = preprocess_input(
+        stats = api.preprocess(
             input,
             out,
             tokenizer=tokenizer,
             chat_template=chat_template,
-            options=options,
+            max_length=max_length,
+            max_chars=max_chars,
+            render_timeout=render_timeout,
+            mask_mode=mask_mode,
+            user_marker=user_marker,
+            end_marker=end_marker,
+            string_arguments=string_arguments,
+            tools_as_text=tools_as_text,
             num_proc=num_proc,
             strict=strict,
             overwrite=overwrite,
-            fmt=format,
+            format=format,
             max_shard_size=max_shard_size,
-            progress=not quiet,
-            trust_remote_code=trust_remote_code,
-            split=split,
             shard=shard,
-            max_chars=max_chars,
-            render_timeout=render_timeout,
+            split=split,
+            quiet=quiet,
+            trust_remote_code=trust_remote_code,
         )
     except NothingKept as err:  # the counts and reasons of a run that wrote no cache, then its one-line error
         if not quiet:
@@ -210,29 +220,13 @@ def train(ctx: typer.Context) -> None:
 
         print_help(console)
         return
+    from mtdpo.api import train_config
     from mtdpo.train.run import train as train_model
 
     args = ["--help" if arg == "--help-all" else arg for arg in ctx.args]  # argparse's full listing
-    config = _train_config(args)
-    trainer = train_model(config)
+    trainer = train_model(config := train_config(args))
     if trainer.is_world_process_zero():
         console.print(f"saved model and tokenizer to [bold]{config.output_dir}[/]")
-
-
-def _train_config(args: list[str]):
-    """`mtdpo train`'s options (also what precompute-ref reads), with unknown ones explained."""
-    from mtdpo.train.config import parse_train_args
-
-    try:
-        return parse_train_args(args)
-    except ValueError as err:
-        from dataclasses import fields
-
-        from mtdpo.suggest import explain_unknown_options
-        from mtdpo.train.config import MtdpoConfig
-
-        names = [f.name for f in fields(MtdpoConfig)] + ["config"]
-        raise UsageError(explain_unknown_options(str(err).splitlines()[0], names)) from None
 
 
 @app.command(
@@ -252,15 +246,20 @@ def precompute_ref(ctx: typer.Context) -> None:
     if {"-h", "--help"} & set(ctx.args) or not ctx.args:
         print_precompute_help(console)
         return
+    from mtdpo.api import train_config
     from mtdpo.train.reference import precompute_reference
 
     cache, *options = ctx.args
     if cache.startswith("-"):
         raise UsageError("precompute-ref takes the cache first: mtdpo precompute-ref CACHE [options]")
+    if options and not options[0].startswith("-"):  # --data would take it as a second cache, left untouched
+        raise UsageError(
+            f"unexpected argument {options[0]!r} after the cache {cache}: precompute-ref takes one cache; run it once per cache"
+        )
     quiet = bool({"-q", "--quiet"} & set(options))
     # --batch-size: the name this command has always had for the forward's batch
     options = ["--per-device-eval-batch-size" if arg == "--batch-size" else arg for arg in options]
-    config = _train_config(["--data", cache, *(arg for arg in options if arg not in ("-q", "--quiet"))])
+    config = train_config(["--data", cache, *(arg for arg in options if arg not in ("-q", "--quiet"))])
     manifest = precompute_reference(config, progress=not quiet)
     reference = manifest.reference
     console.print(

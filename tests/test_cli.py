@@ -218,6 +218,70 @@ def test_typos_of_commands_and_options_suggest_the_right_one(cli_cache, tmp_path
     assert result.stderr == "error: unknown key in the config file: nll_coeff (did you mean nll_coef?)\n"
 
 
+def test_a_stray_argument_is_named_with_the_option_it_followed(cli_cache):
+    """Two caches to --eval-data used to say `error: unknown option: ` with a blank name."""
+    result = invoke("train", "--data", cli_cache, "--eval-data", cli_cache, cli_cache)
+    assert_user_error(
+        result,
+        f"unexpected argument '{cli_cache}' after --eval-data {cli_cache}: --eval-data takes one value "
+        "(only --data takes several)",
+    )
+    result = invoke("train", "stray", "--data", cli_cache)
+    assert_user_error(
+        result, "unexpected argument 'stray': options come as --name VALUE (caches: --data CACHE [CACHE ...])"
+    )
+    # precompute-ref used to take a second cache as one more --data cache, and leave it untouched
+    result = invoke("precompute-ref", cli_cache, "other-cache")
+    assert_user_error(
+        result,
+        f"unexpected argument 'other-cache' after the cache {cli_cache}: precompute-ref takes one cache; "
+        "run it once per cache",
+    )
+
+
+def test_trl_names_point_to_mtdpo_options_not_to_lookalikes(cli_cache, tmp_path):
+    """A TRL config's rpo_alpha used to be matched to lora_alpha."""
+    config = tmp_path / "trl.yaml"
+    config.write_text("rpo_alpha: 1.0\nmax_length: 1024\nmax_prompt_length: 512\nmodel_name_or_path: m\nbeta: 0.1\n")
+    result = invoke("train", "--data", cli_cache, "--config", config)
+    cut = "sequences are cut when the cache is made: `mtdpo preprocess --max-length N`"
+    assert_user_error(
+        result,
+        "unknown keys in the config file: rpo_alpha (TRL's name; mtdpo's is nll_coef: the weight of the NLL term on "
+        f"chosen tokens), max_length (TRL's: {cut}), max_prompt_length (TRL's: {cut}, keeping the whole prompt and "
+        "cutting the tail), model_name_or_path (TRL's name; mtdpo's is model)",
+    )
+    result = invoke("train", "--data", cli_cache, "--rpo-alpha", "1")
+    assert_user_error(
+        result,
+        "unknown option: --rpo-alpha (TRL's name; mtdpo's is --nll-coef: the weight of the NLL term on chosen tokens)",
+    )
+
+
+def test_hub_names_without_network_fail_at_once_in_one_line(tmp_path, cli_cache):
+    """They used to retry for 24-51 s, then name the hub client's error."""
+    advice = "pass a local path"
+    result = invoke("preprocess", SAMPLE_DATA, "--tokenizer", "nobody/no-tokenizer", "--out", tmp_path / "c", "-q")
+    assert_user_error(
+        result,
+        f"no network: tokenizer nobody/no-tokenizer is not a local path nor in the local hub cache, and HF_HUB_OFFLINE is set; {advice}",
+    )
+    result = invoke("train", "--data", cli_cache, "--model", "nobody/no-model", "--output-dir", tmp_path / "run")
+    assert_user_error(
+        result,
+        f"no network: model nobody/no-model is not a local path nor in the local hub cache, and HF_HUB_OFFLINE is set; {advice}",
+    )
+    # Offline mode not set, the hub's endpoint refusing connections: the probe answers, no retries.
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1]), "HF_ENDPOINT": "http://127.0.0.1:1"}
+    command = [sys.executable, "-m", "mtdpo", "preprocess", "nobody/no-data", "--out", str(tmp_path / "d"), "-q"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        f"error: no network: input nobody/no-data is not a local path, and 127.0.0.1 cannot be reached "
+        f"(Connection refused); {advice}\n"
+    )
+
+
 def test_shell_completion_of_commands_and_options():
     """typer's completion: what `mtdpo --install-completion` wires into bash, run directly."""
     mtdpo = Path(sys.executable).parent / "mtdpo"

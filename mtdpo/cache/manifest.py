@@ -78,6 +78,7 @@ class Manifest:
     tokens: dict = field(default_factory=dict)  # TOKEN_TOTALS
     chat_template_file: str | None = None
     seed_markers: list[str] | None = None  # seed mode: [user-turn start, end of turn]
+    tools_as_text: bool = False  # tool calls, results and schemas were written as text (--tools-as-text)
     truncation: str = "keep_start"
     input: dict = field(default_factory=dict)  # path, format, sha256 (, split, files)
     shard: dict | None = None  # the --shard slice of the input, or None for all of it
@@ -109,9 +110,18 @@ class Manifest:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         order = ("schema_version", "mtdpo_version", "kind", "tokenizer", "chat_template_sha256", "chat_template_file")
-        order += ("trust_remote_code", "mask_mode", "seed_markers", "max_length", "truncation", "input", "shard")
-        order += ("counts", "tokens")
-        out = {key: data[key] for key in order}
+        order += (
+            "trust_remote_code",
+            "mask_mode",
+            "seed_markers",
+            "tools_as_text",
+            "max_length",
+            "truncation",
+            "input",
+        )
+        order += ("shard", "counts", "tokens")
+        # tools_as_text only when on: the manifests of other caches stay as they were
+        out = {key: data[key] for key in order if key != "tools_as_text" or self.tools_as_text}
         if self.reference is not None:
             out["reference"] = data["reference"]
             if self.reference.kl_batch_size is None:  # a pair cache's: no KL partners

@@ -46,7 +46,7 @@ from mtdpo.preprocess.limits import (
     default_max_chars,
     time_limit,
 )
-from mtdpo.preprocess.records import Dropped, MaskOptions, OtherKind, RecordBuilder, builder_for
+from mtdpo.preprocess.records import NO_TOOL_SUPPORT, Dropped, MaskOptions, OtherKind, RecordBuilder, builder_for
 from mtdpo.preprocess.rows import RowError, row_kind
 from mtdpo.preprocess.seed import resolve_seed_markers
 from mtdpo.preprocess.sources import Source, open_source, parse_line
@@ -204,7 +204,7 @@ def _reject(tally, rejects: list[dict], n: int, err: RowError) -> None:
 
 def _reason_kind(reason: str) -> str:
     """Group reasons for the summary: drop the row-specific tail (indexes, values)."""
-    grouped = ("invalid JSON", "chat template error", "row too long")
+    grouped = ("invalid JSON", "chat template error", "row too long", NO_TOOL_SUPPORT)
     return reason.split(":")[0] if reason.startswith(grouped) else reason
 
 
@@ -394,6 +394,7 @@ def build_manifest(
         chat_template_file=str(chat_template) if chat_template else None,
         mask_mode=options.mode,
         seed_markers=[options.user_marker, options.end_marker] if options.mode == "seed" else None,
+        tools_as_text=options.tools_as_text,
         max_length=options.max_length,
         input=source.describe(),
         shard=source.shard_info(),

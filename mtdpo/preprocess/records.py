@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from mtdpo.cache import KTO, PAIR, KtoRecord, PairRecord, Sequence
 from mtdpo.cache.schema import first_trained
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.rows import Pair, RowError, row_kind, to_pair, to_unpaired
+from mtdpo.preprocess.rows import Pair, RowError, Unpaired, row_kind, to_pair, to_unpaired
 from mtdpo.preprocess.seed import seed_mask
 from mtdpo.preprocess.skeleton import SkeletonCache
 from mtdpo.preprocess.spans import (
@@ -40,7 +40,10 @@ class OtherKind(RowError):
     holds one kind, so preprocess stops at the first such row (pipeline.py)."""
 
 
-MASK_MODES = ("assistant", "seed")  # seed: the original research rule (seed.py)
+MASK_MODES = ("assistant", "seed")
+# The start of the reason of a row the template cannot render for want of tool support (the
+# summary groups reasons by it, pipeline._reason_kind).
+NO_TOOL_SUPPORT = "the chat template has no tool support (--tools-as-text writes tool calls and results as text)"  # seed: the original research rule (seed.py)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class MaskOptions:
     user_marker: str | None = None  # seed mode only
     end_marker: str | None = None
     string_arguments: bool = False  # keep tool-call arguments given as JSON strings as strings
+    tools_as_text: bool = False  # write tool calls, results and schemas as text (text_tools.py)
 
     def __post_init__(self):
         if self.mode not in MASK_MODES:
@@ -72,9 +76,7 @@ class RecordBuilder:
         self.skeletons = SkeletonCache(self.chat) if one_render else None
 
     def __call__(self, n: int, row: object) -> tuple[PairRecord, bool]:
-        pair = to_pair(row, self.options.string_arguments)
-        self.refuse_control_text(pair)
-        chosen, rejected = self._mask(pair, pair.chosen), self._mask(pair, pair.rejected)
+        _, (chosen, rejected) = self.parse_and_mask(row)
         if chosen.input_ids == rejected.input_ids:
             raise RowError("chosen and rejected render to the same tokens")
         limit = self.options.max_length
@@ -85,6 +87,38 @@ class RecordBuilder:
                 raise Dropped(f"{side} has no trained token left after truncation to --max-length {limit}")
         prompt_len = common_prefix_length(chosen.pieces()[0].input_ids, rejected.pieces()[0].input_ids)
         return PairRecord(chosen, rejected, prompt_len, n), truncated
+
+    def parse(self, row: object, tools_as_text: bool) -> Pair:
+        pair = to_pair(row, self.options.string_arguments, tools_as_text)
+        self.refuse_control_text(pair)
+        return pair
+
+    def mask_all(self, pair: Pair) -> list[Sequence]:
+        return [self._mask(pair, pair.chosen), self._mask(pair, pair.rejected)]
+
+    def parse_and_mask(self, row: object) -> tuple[Pair, list[Sequence]]:
+        """The row parsed and its sequences masked; a row rejected for want of the template's tool
+        support (a template that never names a tool) says so, naming --tools-as-text."""
+        parsed = self.parse(row, self.options.tools_as_text)
+        try:
+            return parsed, self.mask_all(parsed)
+        except RowError as err:
+            if self.options.tools_as_text or self.chat.has_tool_support or not self.renders_as_text(row, parsed):
+                raise
+            raise RowError(f"{NO_TOOL_SUPPORT}: {err}") from None
+
+    def renders_as_text(self, row: object, parsed: Pair) -> bool:
+        """Whether a row the template could not render as given renders once its tool calls,
+        results and schemas are text: then the missing tool support is the cause (another
+        fault, such as a system role the template refuses, stays the reason). Asked of rejected rows only."""
+        try:
+            as_text = self.parse(row, tools_as_text=True)
+            if as_text == parsed:  # no tool in the row
+                return False
+            self.mask_all(as_text)
+        except RowError:
+            return False
+        return True
 
     def refuse_control_text(self, pair: Pair) -> None:
         """A message whose text holds a control token's text would be encoded as that token."""
@@ -141,10 +175,16 @@ class KtoRecordBuilder(RecordBuilder):
 
     kind = KTO
 
-    def __call__(self, n: int, row: object) -> tuple[KtoRecord, bool]:
-        unpaired = to_unpaired(row, self.options.string_arguments)
+    def parse(self, row: object, tools_as_text: bool) -> Unpaired:
+        unpaired = to_unpaired(row, self.options.string_arguments, tools_as_text)
         self.refuse_control_text_in("messages", unpaired.messages)
-        sequence = self._mask(unpaired, unpaired.messages)  # an Unpaired has what _mask reads of a Pair
+        return unpaired
+
+    def mask_all(self, unpaired: Unpaired) -> list[Sequence]:
+        return [self._mask(unpaired, unpaired.messages)]  # an Unpaired has what _mask reads of a Pair
+
+    def __call__(self, n: int, row: object) -> tuple[KtoRecord, bool]:
+        unpaired, (sequence,) = self.parse_and_mask(row)
         if not sequence.is_one_sequence:
             raise RowError(
                 f"the trajectory is scored in {len(sequence.starts)} generation contexts (the chat template is not "

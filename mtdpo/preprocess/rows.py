@@ -36,6 +36,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from mtdpo.preprocess import text_tools
+
 ROLES = ("system", "user", "assistant", "tool", "observation", "ipython", "function")
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' names, first = standard
 # Names the template itself is rendered with: a row cannot override them.
@@ -58,9 +60,10 @@ class Pair:
     template_kwargs: dict | None = None  # extra template variables (enable_thinking …)
 
 
-def to_pair(row: object, string_arguments: bool = False) -> Pair:
+def to_pair(row: object, string_arguments: bool = False, tools_as_text: bool = False) -> Pair:
     """The row as a Pair. Tool-call arguments given as a JSON string are parsed to an object, as a
-    chat server does before rendering (the model writes the object); `string_arguments` keeps them."""
+    chat server does before rendering (the model writes the object); `string_arguments` keeps them.
+    `tools_as_text` writes tool calls, results and schemas into the messages' text (text_tools.py)."""
     if not isinstance(row, dict):
         raise RowError(f"row is {json_type(row)}, expected a JSON object")
     for key in ("chosen", "rejected"):
@@ -80,6 +83,9 @@ def to_pair(row: object, string_arguments: bool = False) -> Pair:
             )
     if not string_arguments:
         sides = {side: [with_parsed_arguments(m) for m in msgs] for side, msgs in sides.items()}
+    tools = _tools(row)
+    if tools_as_text:
+        sides, tools = {side: text_tools.tools_as_text(msgs, tools) for side, msgs in sides.items()}, None
     chosen, rejected = sides["chosen"], sides["rejected"]
     if chosen == rejected:
         raise RowError("chosen and rejected are identical")
@@ -93,7 +99,7 @@ def to_pair(row: object, string_arguments: bool = False) -> Pair:
             f"the sides disagree on the prompt: they first differ at message {n_prompt} "
             f"({first['chosen']} in chosen, {first['rejected']} in rejected), not at an assistant message"
         )
-    return Pair(chosen, rejected, n_prompt, _tools(row), _template_kwargs(row))
+    return Pair(chosen, rejected, n_prompt, tools, _template_kwargs(row))
 
 
 def with_parsed_arguments(message: dict) -> dict:
@@ -138,8 +144,8 @@ class Unpaired:
     template_kwargs: dict | None = None
 
 
-def to_unpaired(row: object, string_arguments: bool = False) -> Unpaired:
-    """The row as an Unpaired trajectory; tool-call arguments as `to_pair` reads them."""
+def to_unpaired(row: object, string_arguments: bool = False, tools_as_text: bool = False) -> Unpaired:
+    """The row as an Unpaired trajectory; tool-call arguments and `tools_as_text` as `to_pair` reads them."""
     if not isinstance(row, dict):
         raise RowError(f"row is {json_type(row)}, expected a JSON object")
     if "label" not in row:
@@ -167,7 +173,11 @@ def to_unpaired(row: object, string_arguments: bool = False) -> Unpaired:
         raise RowError(f"{where} has no assistant message{after}")
     if not string_arguments:
         messages = [with_parsed_arguments(m) for m in messages]
-    return Unpaired(messages, n_prompt, label, _tools(row), _template_kwargs(row))
+    tools = _tools(row)
+    if tools_as_text:  # the schemas go into the prompt, which stays the prompt
+        prompt = text_tools.tools_as_text(messages[:n_prompt], tools)
+        messages, n_prompt, tools = prompt + text_tools.tools_as_text(messages[n_prompt:]), len(prompt), None
+    return Unpaired(messages, n_prompt, label, tools, _template_kwargs(row))
 
 
 def _tools(row: dict) -> list[dict] | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from mtdpo import hub
 from mtdpo.errors import UsageError
 from mtdpo.fingerprint import sha256_file, sha256_files
 from mtdpo.preprocess.rows import RowError
@@ -34,7 +35,6 @@ from mtdpo.preprocess.rows import RowError
 # File suffix -> format; "arrow" is a saved `datasets` directory, never a file in a directory input.
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 FORMATS = ("jsonl", "json", "parquet", "arrow")
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BOM = b"\xef\xbb\xbf"
 MAX_INT_DIGITS = 4300  # sys.int_info.default_max_str_digits
 
@@ -371,12 +371,15 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def _looks_like_hub_name(spec: str) -> bool:
     """`owner/name` or `name`, not a path a user meant to be local (./x, /x, x.jsonl)."""
-    return bool(HUB_NAME.match(spec)) and Path(spec).suffix.lower() not in (*SUFFIXES, ".arrow", ".txt", ".csv")
+    return bool(hub.HUB_NAME.match(spec)) and Path(spec).suffix.lower() not in (*SUFFIXES, ".arrow", ".txt", ".csv")
 
 
 def _load_hub(name: str, split: str):
     import datasets
 
+    # Streamed from the hub itself, no cache to fall back on. (Offline mode: `datasets` says so at once.)
+    if not hub.offline_mode() and (reason := hub.probe()):
+        raise hub.no_network("input", name, reason, cache_searched=False)
     try:
         return datasets.load_dataset(name, split=split, streaming=True)
     except Exception as err:  # offline, no such dataset, no such split: datasets raises many kinds

@@ -33,6 +33,8 @@ class ChatTemplate:
         self._globals = dict(self._template.globals)
         self._variables = {**self._globals, **tokenizer.special_tokens_map}
         family = detect_family(tokenizer.chat_template)
+        # A template that never names a tool (Gemma's) renders no call, result or schema.
+        self.has_tool_support = "tool" in tokenizer.chat_template.lower()
         self.ends_with_next_role = bool(family and family.ends_with_next_role)
         self.end_markers = family.end_markers if family and family.end_markers else self._probe_end_markers()
         self.untokenized_end = "" if self.end_markers or self.ends_with_next_role else self._untokenized_end()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mtdpo import hub
 from mtdpo.assets import EMBEDDED_TOKENIZER, chat_template_file, packaged_templates
 from mtdpo.errors import UsageError
 
@@ -16,9 +17,14 @@ def load_tokenizer(name_or_path: str | None = None, chat_template: Path | None =
     from transformers import AutoTokenizer
 
     source = str(name_or_path or EMBEDDED_TOKENIZER)
+    offline = hub.unreachable() if hub.looks_like_hub_name(source) else None  # then only the hub cache is asked
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=bool(offline)
+        )
     except Exception as err:
+        if offline:
+            raise hub.no_network("tokenizer", source, offline) from None
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise UsageError(f"tokenizer not found or not loadable: {source} ({reason})") from None
     if not tokenizer.is_fast:

@@ -1,4 +1,8 @@
-"""Stage two: train on the cache, never calling a tokenizer (docs/DESIGN.md)."""
+"""Stage two: train on the cache, never calling a tokenizer (docs/DESIGN.md).
+
+Called, the package trains: `from mtdpo import train; train("data_cache/x", max_steps=10)`
+(mtdpo/api.py).
+"""
 
 import os as _os
 
@@ -9,3 +13,7 @@ import torch as _torch
 # makes it say so at its info level, which it does not print.
 if not _torch.cuda.is_available():
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from mtdpo.api import callable_package  # noqa: E402  (after DS_ACCELERATOR is set)
+
+callable_package(__name__)

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from mtdpo import hub
 from mtdpo.assets import TINY_MODEL
 from mtdpo.errors import UsageError
 from mtdpo.train.lora import qlora_config
@@ -29,9 +30,14 @@ def load_model_config(name_or_path: str | None, trust_remote_code: bool):
         return AutoConfig.from_pretrained(str(TINY_MODEL))
     if looks_local(name_or_path) and not Path(name_or_path).exists():  # HF would answer about repo-id syntax
         raise UsageError(f"model not found: {name_or_path} (no such directory)")
+    offline = hub.unreachable() if hub.looks_like_hub_name(name_or_path) else None  # then only the hub cache
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, local_files_only=bool(offline)
+        )
     except (OSError, ValueError) as err:
+        if offline:
+            raise hub.no_network("model", name_or_path, offline) from None
         raise UsageError(f"model not found or not loadable: {name_or_path} ({str(err).splitlines()[0]})") from None
 
 

@@ -7,6 +7,7 @@ trained text written out by hand from the real template's output.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ from helpers import IGNORE, REPO, RowEncoder, decoded_runs, family_tokenizer, ms
 from jinja2 import TemplateError
 
 from mtdpo.cache import PairRecord
-from mtdpo.preprocess.records import MaskOptions, RecordBuilder
+from mtdpo.preprocess.records import NO_TOOL_SUPPORT, MaskOptions, RecordBuilder
 from mtdpo.preprocess.rows import RowError, to_pair
 from mtdpo.preprocess.spans import TokenBounds, check_spans, generation_turns, sequences
 from mtdpo.preprocess.template import ChatTemplate
@@ -259,7 +260,10 @@ def test_template_that_drops_tool_calls_is_rejected():
 
     tok = with_template("qwen2", DROPS_CALLS)
     row = agent_pair(calling("Let me compute it.", call("python", {"code": "print(17 * 23)"})))
-    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its tool call 0 name is not in the rendered turn"):
+    with pytest.raises(
+        RowError,
+        match=rf"^{re.escape(NO_TOOL_SUPPORT)}: message 1 \(assistant\): its tool call 0 name is not in the rendered turn",
+    ):
         encode(tok, row)
 
 
@@ -548,7 +552,9 @@ def test_gemma3_template_masks_like_gemma2():
         "<bos><start_of_turn>user\nBe brief.\n\nWhat is 17 * 23?<end_of_turn>\n<start_of_turn>model\n"
     )
     assert decoded_runs(tok, record["chosen_input_ids"], record["chosen_labels"]) == ["391<end_of_turn>"]
-    with pytest.raises(RowError, match="^chat template error: Conversation roles must alternate"):
+    with pytest.raises(
+        RowError, match=f"^{re.escape(NO_TOOL_SUPPORT)}: chat template error: Conversation roles must alternate"
+    ):
         encode(tok, agent_pair(calling("", call("python", {"code": "1"}))))
 
 
