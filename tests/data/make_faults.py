@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+from mtdpo.preprocess.records import NO_TOOL_SUPPORT  # noqa: E402
 from mtdpo.synthetic import make_pairs  # noqa: E402
 
 ROLES = "system, user, assistant, tool, observation, ipython, function"
@@ -279,7 +280,8 @@ FAULTS: list[tuple[str, bytes, dict]] = [
             )
         ),
         rejected(
-            "message 1 (assistant): its tool call 0 name is not in the rendered turn (the template drops or alters it)"
+            f"{NO_TOOL_SUPPORT}: message 1 (assistant): its tool call 0 name is not in the rendered turn "
+            "(the template drops or alters it)"
         ),
     ),
     (
@@ -426,7 +428,9 @@ GEMMA2_FAULTS = [
     (
         "tool role after an assistant turn",
         line(pair([Q, A, msg("tool", "396"), A], [Q, A, msg("tool", "396"), B])),
-        rejected("chat template error: Conversation roles must alternate user/assistant/user/assistant/..."),
+        rejected(
+            f"{NO_TOOL_SUPPORT}: chat template error: Conversation roles must alternate user/assistant/user/assistant/..."
+        ),
     ),
 ]
 

@@ -285,8 +285,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch):
             sample,
             "--tokenizer",
             "no/such-tokenizer",
-        ): "tokenizer not found or not loadable: no/such-tokenizer (OSError: "
-        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.)",
+        ): "no network: tokenizer no/such-tokenizer is not a local path nor in the local hub cache, and HF_HUB_OFFLINE "
+        "is set; pass a local path",
         (
             sample,
             "--chat-template",
