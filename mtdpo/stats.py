@@ -209,7 +209,7 @@ def layout_tokens(cache: OpenCache, batch_size: int) -> dict:
     return {
         "batch_size": batch_size,
         "alone": alone,
-        "prefix_sharing": alone - int(np.maximum(prompt - 1, 0).sum()),
+        "prefix_sharing": alone - int(np.maximum(cache.prompt_lengths().astype(np.int64) - 1, 0).sum()),
         "prefix_forest": forest,
     }
 

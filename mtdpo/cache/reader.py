@@ -31,6 +31,7 @@ from mtdpo.cache.schema import (
     LENGTH,
     LENGTH_COLUMNS,
     PAIR_INDEX,
+    PROBLEM,
     PROMPT_LEN,
     ROW,
     SIDES,
@@ -235,27 +236,41 @@ class OpenCache:
         return _column(self.dataset, ROW)
 
     def prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(prompt key, tokens past the prompt, prompt tokens) per pair or KTO row: records
-        answering one prompt (the same first `prompt_len` tokens) share a key, the same on every
-        rank. What `--group-by-prompt` groups by and a forest's token budget counts."""
+        """(problem key, tokens past the problem's prefix, the problem's prefix) per pair or KTO row:
+        what `--group-by-prompt` groups by and a forest's token budget counts (a group costs its
+        prefix once and each member its own tokens past it), the same on every rank.
+
+        Records answering one problem share a key: the cache's PROBLEM column (the messages before
+        the first assistant turn), or in a cache written before it, their first `prompt_len` tokens.
+        A problem's prefix is the tokens all its records' first sequences share (a pair's own prompt
+        may reach further: into a first turn both its trajectories share)."""
         data = self.dataset.data
         prompt = data.column(PROMPT_LEN).to_numpy().astype(np.int64)
         if self.is_kto:
-            ids, total = KTO_IDS, data.column(LENGTH).to_numpy().astype(np.int64)
+            ids, total, sides = KTO_IDS, data.column(LENGTH).to_numpy().astype(np.int64), 1
         else:
-            ids, total = (
-                ids_column(SIDES[0]),
-                sum(data.column(length_column(s)).to_numpy().astype(np.int64) for s in SIDES),
-            )
-        suffix = total - prompt * (1 if self.is_kto else len(SIDES))
-        keys, at = np.zeros(len(prompt), dtype=np.int64), 0
+            ids = ids_column(SIDES[0])
+            total, sides = sum(data.column(length_column(s)).to_numpy().astype(np.int64) for s in SIDES), len(SIDES)
+        heads = []  # each record's first prompt_len tokens (views of the mapped shards)
         for chunk in data.column(ids).chunks:
             offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
-            for k in range(len(chunk)):
-                tokens = values[offsets[k] : offsets[k] + prompt[at]].tobytes()
-                keys[at] = int.from_bytes(hashlib.blake2b(tokens, digest_size=8).digest(), "little", signed=True)
-                at += 1
-        return keys, suffix, prompt
+            heads += [values[offsets[k] : offsets[k] + prompt[len(heads) + k]] for k in range(len(chunk))]
+        if PROBLEM in data.column_names and data.column(PROBLEM).null_count == 0:
+            keys = data.column(PROBLEM).to_numpy().astype(np.int64)
+        else:
+            keys = np.array([_token_key(head) for head in heads], dtype=np.int64)
+        # The tokens a problem's records share: the least of each one's common prefix with the first.
+        first: dict[int, int] = {}
+        shared = np.array(
+            [_common_prefix(heads[first.setdefault(k, i)], heads[i]) for i, k in enumerate(keys.tolist())]
+        )
+        _, problem = np.unique(keys, return_inverse=True)
+        least = np.full(problem.max(initial=-1) + 1, np.iinfo(np.int64).max)
+        np.minimum.at(least, problem, shared)
+        shared = least[problem]
+        # past the problem's prefix: a pair's prompt beyond it once, then each side's own tokens
+        suffix = total - prompt * (sides - 1) - shared
+        return keys, suffix, shared
 
     def token_columns(self, side: str | None = None):
         """(ids, labels) of one side (pairs; KTO rows: no side) as Arrow list columns (zero-copy
@@ -277,6 +292,16 @@ def _json_object(path: Path) -> dict:
     except (OSError, ValueError) as err:
         raise UsageError(f"{path} is corrupt: {err}") from None
     return data if isinstance(data, dict) else {}
+
+
+def _token_key(tokens: np.ndarray) -> int:
+    return int.from_bytes(hashlib.blake2b(tokens.tobytes(), digest_size=8).digest(), "little", signed=True)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 def _column(dataset, name: str) -> np.ndarray:
@@ -468,6 +493,8 @@ def open_caches(paths: list[str], verify_all: bool = False) -> OpenCache:
             f"caches {with_reference[0]} and {without[0]}: the first holds precomputed reference log-probs, the second none; "
             f"run `mtdpo precompute-ref {without[0]}` with the same reference, or pass caches of one kind"
         )
+    if not all(PROBLEM in d.column_names for d in datasets):  # one written before it: keys from prompt tokens
+        datasets = [d.remove_columns([PROBLEM]) if PROBLEM in d.column_names else d for d in datasets]
     dataset = datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets)
     offsets = np.cumsum([0, *(len(d) for d in datasets)])
     starts = sum((SequenceStarts.read(p, int(o)) for p, o in zip(paths, offsets)), SequenceStarts([]))

@@ -25,6 +25,9 @@ KIND_NAMES = {PAIR: "a pair cache", KTO: "a KTO cache"}  # what messages call a 
 
 ROW = "row"  # the source row, so every pair can be traced back to its input
 PROMPT_LEN = "prompt_len"  # tokens both sequences share before they diverge
+# A key of the problem a record answers (its messages before the first assistant turn, hashed):
+# what --group-by-prompt groups by. Caches written before it lack it (keys from prompt tokens).
+PROBLEM = "problem"
 
 
 def ids_column(side: str) -> str:
@@ -58,8 +61,9 @@ PAIR_COLUMNS = {
     length_column("chosen"): pa.int32(),
     length_column("rejected"): pa.int32(),
     ROW: pa.int64(),
+    PROBLEM: pa.int64(),
 }
-REQUIRED_COLUMNS = (*PAIR_COLUMNS.keys() - set(LENGTH_COLUMNS),)
+REQUIRED_COLUMNS = (*PAIR_COLUMNS.keys() - {*LENGTH_COLUMNS, PROBLEM},)
 REFERENCE_TYPE = pa.float32()
 
 
@@ -124,6 +128,7 @@ class PairRecord:
     prompt_len: int
     row: int
     reference: tuple[float, float] | None = None  # (chosen, rejected) log-probs, when precomputed
+    problem: int | None = None  # the PROBLEM key (None: a cache written before it)
 
     def side(self, name: str) -> Sequence:
         return self.chosen if name == "chosen" else self.rejected
@@ -135,7 +140,7 @@ class PairRecord:
             sequence = self.side(side)
             row[ids_column(side)], row[labels_column(side)] = sequence.input_ids, sequence.labels
         row.update({PROMPT_LEN: self.prompt_len, length_column("chosen"): len(self.chosen)})
-        row.update({length_column("rejected"): len(self.rejected), ROW: self.row})
+        row.update({length_column("rejected"): len(self.rejected), ROW: self.row, PROBLEM: self.problem})
         return row
 
     @property
@@ -153,7 +158,7 @@ class PairRecord:
         starts = starts or ((0,), (0,))
         sides = [Sequence(row[ids_column(side)], row[labels_column(side)], tuple(s)) for side, s in zip(SIDES, starts)]
         reference = tuple(row[c] for c in REFERENCE_COLUMNS) if REFERENCE_COLUMNS[0] in row else None
-        return cls(*sides, row[PROMPT_LEN], row[ROW], reference)
+        return cls(*sides, row[PROMPT_LEN], row[ROW], reference, row.get(PROBLEM))
 
 
 def pair_table(records: list[PairRecord]) -> pa.Table:
@@ -204,8 +209,9 @@ KTO_COLUMNS = {
     PROMPT_LEN: pa.int32(),
     LENGTH: pa.int32(),
     ROW: pa.int64(),
+    PROBLEM: pa.int64(),
 }
-KTO_REQUIRED_COLUMNS = (*KTO_COLUMNS.keys() - {LENGTH},)
+KTO_REQUIRED_COLUMNS = (*KTO_COLUMNS.keys() - {LENGTH, PROBLEM},)
 KTO_GROUPS = ("desirable", "undesirable")  # what stats and show-sample call the two labels
 
 
@@ -226,6 +232,7 @@ class KtoRecord:
     prompt_len: int
     row: int
     reference: tuple[float, float] | None = None  # (row, KL sequence) log-probs, when precomputed
+    problem: int | None = None  # the PROBLEM key (None: a cache written before it)
 
     @property
     def group(self) -> str:
@@ -251,6 +258,7 @@ class KtoRecord:
             PROMPT_LEN: self.prompt_len,
             LENGTH: len(self.sequence),
             ROW: self.row,
+            PROBLEM: self.problem,
         }
 
     @classmethod
@@ -259,7 +267,7 @@ class KtoRecord:
         KTO row is one sequence, preprocess keeps no other)."""
         reference = tuple(row[c] for c in KTO_REFERENCE_COLUMNS) if REFERENCE_LOGP in row else None
         sequence = Sequence(row[KTO_IDS], row[KTO_LABELS])
-        return cls(sequence, bool(row[DESIRABLE]), row[PROMPT_LEN], row[ROW], reference)
+        return cls(sequence, bool(row[DESIRABLE]), row[PROMPT_LEN], row[ROW], reference, row.get(PROBLEM))
 
 
 def first_trained(labels) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from mtdpo.cache import KTO, PAIR, KtoRecord, PairRecord, Sequence
 from mtdpo.cache.schema import first_trained
 from mtdpo.errors import UsageError
-from mtdpo.preprocess.rows import Pair, RowError, Unpaired, row_kind, to_pair, to_unpaired
+from mtdpo.preprocess.rows import Pair, RowError, Unpaired, problem_key, row_kind, to_pair, to_unpaired
 from mtdpo.preprocess.seed import seed_mask
 from mtdpo.preprocess.skeleton import SkeletonCache
 from mtdpo.preprocess.spans import (
@@ -76,7 +76,7 @@ class RecordBuilder:
         self.skeletons = SkeletonCache(self.chat) if one_render else None
 
     def __call__(self, n: int, row: object) -> tuple[PairRecord, bool]:
-        _, (chosen, rejected) = self.parse_and_mask(row)
+        pair, (chosen, rejected) = self.parse_and_mask(row)
         if chosen.input_ids == rejected.input_ids:
             raise RowError("chosen and rejected render to the same tokens")
         limit = self.options.max_length
@@ -86,7 +86,8 @@ class RecordBuilder:
             if sequence.trained_tokens == 0:
                 raise Dropped(f"{side} has no trained token left after truncation to --max-length {limit}")
         prompt_len = common_prefix_length(chosen.pieces()[0].input_ids, rejected.pieces()[0].input_ids)
-        return PairRecord(chosen, rejected, prompt_len, n), truncated
+        problem = problem_key(pair.chosen, pair.tools, pair.template_kwargs)
+        return PairRecord(chosen, rejected, prompt_len, n, problem=problem), truncated
 
     def parse(self, row: object, tools_as_text: bool) -> Pair:
         pair = to_pair(row, self.options.string_arguments, tools_as_text)
@@ -195,7 +196,8 @@ class KtoRecordBuilder(RecordBuilder):
         sequence = truncate(sequence, limit)
         if sequence.trained_tokens == 0:
             raise Dropped(f"no trained token left after truncation to --max-length {limit}")
-        return KtoRecord(sequence, unpaired.desirable, first_trained(sequence.labels), n), truncated
+        problem = problem_key(unpaired.messages, unpaired.tools, unpaired.template_kwargs)
+        return KtoRecord(sequence, unpaired.desirable, first_trained(sequence.labels), n, problem=problem), truncated
 
 
 def builder_for(kind: str) -> type[RecordBuilder]:

@@ -32,6 +32,7 @@ and says what is wrong in JSON terms (null, a number, an object), not Python's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ class Pair:
     n_prompt: int  # leading messages shared by both sides
     tools: list[dict] | None = None  # JSON schemas given to the template (both sides)
     template_kwargs: dict | None = None  # extra template variables (enable_thinking …)
+
+
+def problem_key(messages: list[dict], tools: list[dict] | None, template_kwargs: dict | None) -> int:
+    """A 64-bit key of the problem a conversation answers: its messages before the first assistant
+    message, with the tools and template variables it is rendered with. The pairs of one problem
+    share it even where their shared prompts differ (two trajectories that open with the same turn
+    share it too): what `--group-by-prompt` groups by."""
+    first = next((k for k, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    text = json.dumps([messages[:first], tools, template_kwargs], sort_keys=True, ensure_ascii=False, default=str)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def to_pair(row: object, string_arguments: bool = False, tools_as_text: bool = False) -> Pair:

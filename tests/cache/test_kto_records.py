@@ -32,10 +32,10 @@ def kto_cache(tmp_path_factory):
 
 
 def test_a_kto_record_round_trips_through_a_shard_row():
-    record = KtoRecord(Sequence([2, 5, 6, 7, 8], [X, X, 6, X, 8]), False, 2, 41)
+    record = KtoRecord(Sequence([2, 5, 6, 7, 8], [X, X, 6, X, 8]), False, 2, 41, problem=-7)
     row = record.to_row()
-    assert list(row) == list(KTO_COLUMNS) == ["input_ids", "labels", "label", "prompt_len", "length", "row"]
-    assert (row["label"], row["prompt_len"], row["length"], row["row"]) == (False, 2, 5, 41)
+    assert list(row) == list(KTO_COLUMNS) == ["input_ids", "labels", "label", "prompt_len", "length", "row", "problem"]
+    assert (row["label"], row["prompt_len"], row["length"], row["row"], row["problem"]) == (False, 2, 5, 41, -7)
     assert KtoRecord.from_row(row) == record and record.group == "undesirable"
     assert kto_table([record]).to_pylist() == [row]
     with_reference = KtoRecord.from_row({**row, "ref_logp": -1.5, "ref_kl_logp": -2.5})

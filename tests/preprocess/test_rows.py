@@ -9,7 +9,7 @@ import pytest
 from helpers import RowEncoder, embedded_tokenizer, family_tokenizer, math_agent_pairs, msg
 
 from mtdpo.preprocess.records import MaskOptions
-from mtdpo.preprocess.rows import ROLES, RowError, to_pair
+from mtdpo.preprocess.rows import ROLES, RowError, problem_key, to_pair
 
 Q, A, B = msg("user", "What is 2 + 3?"), msg("assistant", "It is 5."), msg("assistant", "It is 6.")
 KNOWN = "system, user, assistant, tool, observation, ipython, function"
@@ -143,3 +143,20 @@ def test_empty_assistant_message_is_rejected():
     row = good(chosen=[Q, msg("assistant", "  ")])
     with pytest.raises(RowError, match=r"^message 1 \(assistant\) is empty: no content, reasoning or tool calls$"):
         RowEncoder(embedded_tokenizer(), MaskOptions())(row)
+
+
+def test_the_problem_key_is_the_messages_before_the_first_assistant_turn_with_tools_and_template_variables():
+    question = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2 + 2?"}]
+    first = [*question, {"role": "assistant", "content": "4"}]
+    shared_turn = [*question, {"role": "assistant", "content": "Let me compute."}, {"role": "user", "content": "ok"}]
+    assert problem_key(first, None, None) == problem_key(shared_turn, None, None) == problem_key(question, None, None)
+    reordered = [{"content": m["content"], "role": m["role"]} for m in first]
+    assert problem_key(reordered, None, None) == problem_key(first, None, None)  # not the keys' order
+    tools = [{"type": "function", "function": {"name": "python"}}]
+    others = [
+        problem_key([question[0], {"role": "user", "content": "2 + 3?"}], None, None),
+        problem_key(first, tools, None),
+        problem_key(first, None, {"enable_thinking": False}),
+        problem_key(question[1:], None, None),
+    ]
+    assert len({problem_key(first, None, None), *others}) == 5

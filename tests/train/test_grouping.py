@@ -6,7 +6,9 @@ of every pair)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from trainkit import make_cache, saved_start_model
 
 from mtdpo.assets import ASSETS
 from mtdpo.cache import open_caches
+from mtdpo.cache.schema import PROBLEM
 from mtdpo.errors import UsageError
 from mtdpo.pairs import PairOptions, make_pairs_file
 from mtdpo.train.run import train
@@ -83,11 +86,6 @@ def grouped(tmp_path_factory):
     return tmp, make_cache(tmp, rows=rows), saved_start_model(tmp / "init")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (bench/results/train-forest-groups.md): the key is the pair's first prompt_len tokens, and "
-    "--rule all pairs whose two trajectories open with the same turn share more than the problem's prompt",
-)
 def test_the_pairs_of_a_problem_share_one_key(grouped):
     # what --group-by-prompt promises: one key per problem, so a problem's pairs can share a micro-batch
     tmp, cache, _ = grouped
@@ -98,6 +96,31 @@ def test_the_pairs_of_a_problem_share_one_key(grouped):
     prompt_len = opened.prompt_lengths()
     assert len(set(zip(problems, prompt_len.tolist()))) > len(set(problems))  # the fixture has such pairs
     assert len(set(zip(problems, keys.tolist()))) == len(set(problems)) == len(set(keys.tolist()))
+
+
+def test_a_problem_costs_the_tokens_its_pairs_share_once_and_each_pair_its_own(grouped):
+    _, cache, _ = grouped
+    opened = open_caches([str(cache)])
+    keys, suffix, shared = opened.pairs.prompts()
+    pairs, prompt_len = opened.pairs.__getitems__(list(range(len(keys)))), opened.prompt_lengths()
+    for key in set(keys.tolist()):
+        members = np.flatnonzero(keys == key)
+        prompts = [pairs[i].chosen.input_ids[: prompt_len[i]] for i in members]
+        assert {int(shared[i]) for i in members} == {len(os.path.commonprefix(prompts))}
+    for i, pair in enumerate(pairs):  # the pair's prompt past the problem's prefix once, then each side
+        assert suffix[i] == len(pair.chosen) + len(pair.rejected) - prompt_len[i] - shared[i]
+    assert (shared <= prompt_len).all() and (shared < prompt_len).any()
+
+
+def test_a_cache_written_before_problem_keys_groups_by_prompt_tokens(grouped):
+    _, cache, _ = grouped
+    opened = open_caches([str(cache)])
+    old = dataclasses.replace(opened, dataset=opened.dataset.remove_columns([PROBLEM]))
+    keys, suffix, shared = old.prompts()
+    prompt_len = opened.prompt_lengths()
+    assert (shared == prompt_len).all()  # a key's pairs share their whole prompt
+    assert (suffix == opened.lengths("chosen") + opened.lengths("rejected") - 2 * prompt_len).all()
+    assert len(set(keys.tolist())) > len(set(opened.pairs.prompts()[0].tolist()))  # a problem split by prompt_len
 
 
 def test_a_step_of_grouped_forest_micro_batches_equals_one_padded_batch_of_every_pair(grouped, tmp_path):
