@@ -105,7 +105,7 @@ class MtdpoConfig(TrainingArguments):
     group_by_prompt: bool | None = field(
         default=None,
         metadata={
-            "help": "Keep the pairs (or KTO rows) of one prompt in one micro-batch (what a forest shares). "
+            "help": "Keep the pairs (or KTO rows) of one problem (the same messages before the first assistant turn) in one micro-batch (what a forest shares). "
             "[default: on with --prefix-forest]"
         },
     )
