@@ -5,13 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
 import torch
 from helpers import cache_dataset, run_preprocess, write_jsonl
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from mtdpo.assets import EMBEDDED_TOKENIZER
 from mtdpo.cache import open_caches
@@ -23,6 +25,35 @@ from mtdpo.train.plan import Reference, make_plan
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def short_run(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
+    """A short fp32 run of `cache` on the CPU (4 steps of 2 pairs, no checkpoints), what most
+    training tests start from; `overrides` change any option."""
+    values = dict(
+        data=[str(cache)],
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        max_steps=4,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to="none",
+        learning_rate=1e-3,
+    )
+    return MtdpoConfig(**{**values, **overrides})
+
+
+class SigtermAt(TrainerCallback):
+    """Sends this process SIGTERM as step `step` begins, as a scheduler would mid-step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def make_cache(tmp: Path, rows=None, n: int = 32, name: str = "cache", **kwargs) -> Path:

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import REPO, logged, make_cache
-from transformers import TrainerCallback
+from trainkit import REPO, SigtermAt, logged, make_cache, short_run
 from typer.testing import CliRunner
 
 from mtdpo.cli import app
@@ -45,31 +43,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 def config(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
-    values = dict(
-        data=[str(cache)],
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        max_steps=4,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        learning_rate=1e-3,
-    )
-    return MtdpoConfig(**{**values, **overrides})
-
-
-class SigtermAt(TrainerCallback):
-    """Sends this process SIGTERM as step `step` begins, as a scheduler would mid-step."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+    return short_run(cache, output_dir, **{"save_strategy": "steps", "save_steps": 2, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import pytest
 import torch
 from datasets import Value
 from helpers import TESTS, cache_dataset, edit_manifest, hidden_leftovers, run_preprocess, write_jsonl
-from trainkit import logged
-from transformers import AutoModelForCausalLM, TrainerCallback
+from trainkit import SigtermAt, logged, short_run
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from mtdpo.cache import read_manifest
@@ -173,18 +173,8 @@ STEPS = 6
 
 
 def config(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
-    values = dict(
-        data=[str(cache)],
-        output_dir=str(output_dir),
-        use_cpu=True,
-        max_steps=STEPS,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        report_to="none",
-        learning_rate=1e-3,
-    )
-    return MtdpoConfig(**{**values, **overrides})
+    # the precision mtdpo picks, as the CLI runs these tests compare with do
+    return short_run(cache, output_dir, **{"max_steps": STEPS, "bf16": None, **overrides})
 
 
 def cli_args(cfg: MtdpoConfig) -> list[str]:
@@ -224,17 +214,6 @@ def small_cache(tmp_path_factory) -> Path:
 def tiny_cache(tmp_path_factory) -> Path:
     """8 pairs: 4 steps of 2 per epoch."""
     return make_cache(tmp_path_factory.mktemp("tiny"), 8)
-
-
-class SigtermAt(TrainerCallback):
-    """Sends this process SIGTERM as step `step` begins, as a scheduler would mid-step."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_resumed(small_cache: Path, straight: Path, stopped: Path, step: int, exact: bool = True) -> None:

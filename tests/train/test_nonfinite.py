@@ -15,7 +15,7 @@ import torch
 from datasets import Value
 from helpers import cache_dataset, run_preprocess, write_jsonl
 from safetensors.torch import load_file
-from trainkit import logged
+from trainkit import logged, short_run
 from transformers import TrainerCallback
 
 from mtdpo.errors import NonFiniteLoss, NonFiniteWeights, UsageError
@@ -43,20 +43,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 
 def config(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
-    values = dict(
-        data=[str(cache)],
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        max_steps=4,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        report_to="none",
-        learning_rate=1e-3,
-        train_sampling_strategy="sequential",
-    )
-    return MtdpoConfig(**{**values, **overrides})
+    return short_run(cache, output_dir, **{"train_sampling_strategy": "sequential", **overrides})
 
 
 def with_nan_reference(cache: Path, out: Path, bad_row: int) -> Path:

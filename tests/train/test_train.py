@@ -7,11 +7,10 @@ import pytest
 import torch
 import transformers
 from helpers import edit_manifest
-from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, precompute, tiny_model
+from trainkit import batch, logged, loss_metrics_grads, make_cache, mtdpo_trainer, precompute, short_run, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mtdpo.errors import UsageError
-from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.loss import sequence_logps
 from mtdpo.train.run import train
@@ -70,20 +69,7 @@ def test_trainer_log_probs_equal_the_definition(cache, tmp_path):
 
 
 def run_config(cache, tmp_path, **overrides):
-    values = dict(
-        data=[str(cache)],
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        max_steps=4,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        learning_rate=1e-3,
-        bf16=False,
-    )
-    return MtdpoConfig(**{**values, **overrides})
+    return short_run(cache, overrides.pop("output_dir", tmp_path / "run"), **{"disable_tqdm": True, **overrides})
 
 
 def test_training_never_loads_a_tokenizer(cache, tmp_path, monkeypatch):
