@@ -13,6 +13,11 @@ Inputs: the bundled sample (assistant and seed mode, --num-proc 1 and 2), the fa
 of tests/templates (built once into --tokenizers, from this tree's tests/helpers.py). stats.json
 is digested without its timing fields; manifest.json without mtdpo_version and with the scratch
 directory's path replaced by WORK.
+
+`--without COLUMN ...` compares the caches as if those columns did not exist, to show that a
+change which adds a column leaves every other byte of meaning as it was: the Arrow shards are
+digested by their other columns' values, dataset_info.json without those features, and
+checksums.json (which hashes the files) is left out.
 """
 
 from __future__ import annotations
@@ -84,14 +89,27 @@ def runs(work: Path, tokenizers: dict[str, Path]) -> list[tuple[str, list[str]]]
     return out
 
 
-def digest(cache: Path) -> dict[str, str]:
+def digest(cache: Path, without: tuple[str, ...] = ()) -> dict[str, str]:
     sums = {}
     for file in sorted(p for p in cache.rglob("*") if p.is_file()):
         name = str(file.relative_to(cache))
         if name in ("verified.json", "state.json") or name.startswith("tokenizer/"):
             continue
+        if without and name == "checksums.json":
+            continue
         data = file.read_bytes()
-        if name == "stats.json":
+        if without and name.endswith(".arrow"):
+            import pyarrow as pa
+
+            opened = pa.ipc.open_stream if data[:6] != b"ARROW1" else pa.ipc.open_file  # shards, sequence starts
+            table = opened(pa.BufferReader(data)).read_all()
+            table = table.drop_columns([c for c in without if c in table.column_names])
+            data = json.dumps(table.to_pydict(), sort_keys=True).encode()
+        elif without and name.endswith("dataset_info.json"):
+            info = json.loads(data)
+            info["features"] = {k: v for k, v in info.get("features", {}).items() if k not in without}
+            data = json.dumps(info, sort_keys=True).encode()
+        elif name == "stats.json":
             stats = {k: v for k, v in json.loads(data).items() if k not in TIMING_FIELDS}
             data = json.dumps(stats, sort_keys=True).encode()
         elif name == "manifest.json":
@@ -107,6 +125,7 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=REPO, help="the checkout whose mtdpo package preprocesses")
     parser.add_argument("--work", type=Path, required=True, help="scratch directory for the caches")
     parser.add_argument("--tokenizers", type=Path, default=Path("/tmp/mtdpo-family-tokenizers"))
+    parser.add_argument("--without", nargs="*", default=(), help="columns to leave out of the comparison")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(args.tree.resolve()), "HF_HUB_OFFLINE": "1"}
@@ -118,7 +137,7 @@ def main() -> None:
             message = result.stderr.strip().splitlines()[-1:]
             print(f"{name}: exit {result.returncode}: {str(message).replace(str(args.work), 'WORK')}")
             continue
-        for file, value in digest(cache).items():
+        for file, value in digest(cache, tuple(args.without)).items():
             print(f"{name}/{file} {value}")
 
 
