@@ -40,6 +40,7 @@ SCHEMA_1 = {  # docs/DESIGN.md, "The cache contract"
     "chosen_len": pa.int32(),
     "rejected_len": pa.int32(),
     "row": pa.int64(),
+    "problem": pa.int64(),  # optional to readers: caches written before it open without it
 }
 SIDES = ("chosen", "rejected")
 COUNTS = ("rows", "kept", "rejected", "dropped", "truncated")
@@ -190,6 +191,7 @@ def expected_after_truncation(full: datasets.Dataset, max_length: int) -> tuple[
             rejected_len=len(cut["rejected_input_ids"]),
             row=record["row"],
             prompt_len=common_prefix(cut["chosen_input_ids"], cut["rejected_input_ids"]),
+            problem=record["problem"],  # the messages', not the tokens': truncation keeps it
         )
         kept.append(cut)
     return kept, dropped, truncated
