@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import torch
+from datasets import Value
 from helpers import cache_dataset, run_preprocess, write_jsonl
 from transformers import TrainerCallback, set_seed
 
@@ -22,6 +23,7 @@ from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.model import load_policy
 from mtdpo.train.plan import Reference, make_plan
+from mtdpo.train.provenance import reference_identity
 from mtdpo.train.trainer import MultiTurnDPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +45,22 @@ def short_run(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
         learning_rate=1e-3,
     )
     return MtdpoConfig(**{**values, **overrides})
+
+
+def with_reference(cache: Path, out: Path, bad_row: int, value: float) -> Path:
+    """A copy of `cache` with precomputed reference log-probs (-300 each), the chosen side of the
+    pair of source row `bad_row` given `value` (NaN, inf: a fault to stop on)."""
+    ds = cache_dataset(cache)
+    chosen = [value if row == bad_row else -300.0 for row in ds["row"]]
+    ds = ds.add_column("ref_chosen_logp", chosen, feature=Value("float32"))
+    ds = ds.add_column("ref_rejected_logp", [-300.0] * len(ds), feature=Value("float32"))
+    ds.save_to_disk(str(out))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    # Columns train may use: recorded as made by the run's reference (the tiny model of seed 42).
+    manifest["reference"] = {**reference_identity(None, 42), "columns": ["ref_chosen_logp", "ref_rejected_logp"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(cache / "tokenizer", out / "tokenizer")
+    return out
 
 
 class SigtermAt(TrainerCallback):

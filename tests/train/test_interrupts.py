@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Value
 from helpers import TESTS, cache_dataset, edit_manifest, hidden_leftovers, run_preprocess, write_jsonl
-from trainkit import SigtermAt, logged, short_run
+from trainkit import SigtermAt, logged, short_run, with_reference
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -30,7 +29,6 @@ from mtdpo.cli import app
 from mtdpo.errors import Interrupted, NonFiniteLoss, UsageError
 from mtdpo.synthetic import make_pairs
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.provenance import reference_identity
 from mtdpo.train.run import train
 from mtdpo.train.safety import StopOnSignal
 
@@ -315,21 +313,6 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(small_cache, tmp_
 
 
 # ── a non-finite loss ─────────────────────────────────────────────────────────
-
-
-def with_reference(cache: Path, out: Path, bad_row: int, value: float) -> Path:
-    """The cache with precomputed reference log-probs; the pair of source row `bad_row` gets `value`."""
-    ds = cache_dataset(cache)
-    chosen = [value if row == bad_row else -300.0 for row in ds["row"]]
-    ds = ds.add_column("ref_chosen_logp", chosen, feature=Value("float32"))
-    ds = ds.add_column("ref_rejected_logp", [-300.0] * len(ds), feature=Value("float32"))
-    ds.save_to_disk(str(out))
-    manifest = json.loads((cache / "manifest.json").read_text())
-    # Columns train may use: recorded as made by the run's reference (the tiny model of seed 42).
-    manifest["reference"] = {**reference_identity(None, 42), "columns": ["ref_chosen_logp", "ref_rejected_logp"]}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copytree(cache / "tokenizer", out / "tokenizer")
-    return out
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from trainkit import batch, make_cache, mtdpo_trainer, tiny_model
+from trainkit import batch, make_cache, mtdpo_trainer, short_run, tiny_model
 
 from mtdpo.errors import UsageError
 from mtdpo.train import run as run_module
 from mtdpo.train import trainer as trainer_module
-from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.loss import LOSS_TYPES, NLL_NORMS, sequence_logps
 from mtdpo.train.run import train
 
@@ -74,18 +73,7 @@ def test_sequence_nll_weighs_each_conversation_alike(cache, logits_batch, tmp_pa
 
 
 def config(cache, tmp_path, **overrides):
-    values = dict(
-        data=[str(cache)],
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        max_steps=3,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        report_to="none",
-        learning_rate=1e-3,
-    )
-    return MtdpoConfig(**{**values, **overrides})
+    return short_run(cache, tmp_path / "run", **{"max_steps": 3, "bf16": None, **overrides})
 
 
 def test_simpo_loads_no_reference_and_runs_one_forward_per_step(cache, tmp_path, monkeypatch):

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from datasets import Value
-from helpers import cache_dataset, run_preprocess, write_jsonl
+from helpers import run_preprocess, write_jsonl
 from safetensors.torch import load_file
-from trainkit import logged, short_run
+from trainkit import logged, short_run, with_reference
 from transformers import TrainerCallback
 
 from mtdpo.errors import NonFiniteLoss, NonFiniteWeights, UsageError
 from mtdpo.plot import read_metrics
 from mtdpo.synthetic import make_pairs
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.provenance import reference_identity
 from mtdpo.train.run import train
 
 
@@ -44,21 +41,6 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 def config(cache: Path, output_dir: Path, **overrides) -> MtdpoConfig:
     return short_run(cache, output_dir, **{"train_sampling_strategy": "sequential", **overrides})
-
-
-def with_nan_reference(cache: Path, out: Path, bad_row: int) -> Path:
-    """The cache with precomputed reference log-probs, NaN for the pair of source row `bad_row`."""
-    ds = cache_dataset(cache)
-    ds = ds.add_column(
-        "ref_chosen_logp", [math.nan if r == bad_row else -300.0 for r in ds["row"]], feature=Value("float32")
-    )
-    ds = ds.add_column("ref_rejected_logp", [-300.0] * len(ds), feature=Value("float32"))
-    ds.save_to_disk(str(out))
-    manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["reference"] = {**reference_identity(None, 42), "columns": ["ref_chosen_logp", "ref_rejected_logp"]}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copytree(cache / "tokenizer", out / "tokenizer")
-    return out
 
 
 def saved_tensors_finite(run: Path) -> bool:
@@ -99,7 +81,7 @@ class Snapshots(TrainerCallback):
 
 
 def test_a_skipped_step_moves_no_weight_not_even_by_weight_decay_or_momentum(tiny_cache, tmp_path):
-    cache = with_nan_reference(tiny_cache, tmp_path / "cache", bad_row=5)
+    cache = with_reference(tiny_cache, tmp_path / "cache", bad_row=5, value=math.nan)
     snapshots = Snapshots()
     trainer = train(config(cache, tmp_path / "run", skip_nonfinite=True, weight_decay=0.1), callbacks=[snapshots])
     skipped = sorted(logged(tmp_path / "run", "skipped"))
@@ -111,7 +93,7 @@ def test_a_skipped_step_moves_no_weight_not_even_by_weight_decay_or_momentum(tin
 
 
 def test_the_logged_loss_of_several_steps_is_the_mean_of_the_kept_ones(tiny_cache, tmp_path):
-    cache = with_nan_reference(tiny_cache, tmp_path / "cache", bad_row=5)
+    cache = with_reference(tiny_cache, tmp_path / "cache", bad_row=5, value=math.nan)
     train(config(cache, tmp_path / "each", skip_nonfinite=True))
     train(config(cache, tmp_path / "all", skip_nonfinite=True, logging_steps=4))
     kept = logged(tmp_path / "each")
