@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
+import datasets
 import numpy as np
 import pytest
 from test_accumulation import SGD, largest_difference, weights
@@ -19,6 +21,7 @@ from trainkit import make_cache, saved_start_model
 
 from mtdpo.assets import ASSETS
 from mtdpo.cache import open_caches
+from mtdpo.cache.files import record_checksums
 from mtdpo.cache.schema import PROBLEM
 from mtdpo.errors import UsageError
 from mtdpo.pairs import PairOptions, make_pairs_file
@@ -121,6 +124,21 @@ def test_a_cache_written_before_problem_keys_groups_by_prompt_tokens(grouped):
     assert (shared == prompt_len).all()  # a key's pairs share their whole prompt
     assert (suffix == opened.lengths("chosen") + opened.lengths("rejected") - 2 * prompt_len).all()
     assert len(set(keys.tolist())) > len(set(opened.pairs.prompts()[0].tolist()))  # a problem split by prompt_len
+
+
+def test_a_cache_written_before_problem_keys_opens_beside_a_newer_one(grouped, tmp_path):
+    _, cache, _ = grouped
+    old = tmp_path / "old"  # the same cache as an earlier mtdpo wrote it: no problem column
+    shutil.copytree(cache, old)
+    datasets.load_from_disk(str(cache)).remove_columns([PROBLEM]).save_to_disk(str(tmp_path / "shards"))
+    for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+        shutil.copy(tmp_path / "shards" / name, old / name)
+    record_checksums(old, ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"])
+    for order in ([cache, old], [old, cache]):
+        opened = open_caches([str(c) for c in order])
+        assert PROBLEM not in opened.dataset.column_names and len(opened.prompt_lengths()) == 36
+        _, _, shared = opened.pairs.prompts()
+        assert (shared == opened.prompt_lengths()).all()  # keys from prompt tokens, for both caches
 
 
 def test_a_step_of_grouped_forest_micro_batches_equals_one_padded_batch_of_every_pair(grouped, tmp_path):
