@@ -307,10 +307,32 @@ def cache_stats(cache: Path) -> dict:
     }
 
 
+def interleaved(systems: list[str], repeats: int, parallel: int, run, line) -> dict[str, list[dict]]:
+    """Each system once per repeat, `parallel` worker processes at a time, the order rotated at
+    every repeat (who goes first); `run(system)` gives a worker's result, timed here (`wall_s`),
+    `line(result)` what its progress line says. Returns the results of each system, by repeat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = {system: [] for system in systems}
+    for repeat in range(repeats):
+        order = systems[repeat % len(systems) :] + systems[: repeat % len(systems)]
+
+        def measure(system, repeat=repeat):
+            started = time.time()
+            result = run(system)
+            result["wall_s"] = time.time() - started
+            print(f"  {system:32s} repeat {repeat}: {line(result)}  ({result['wall_s']:.0f} s)", flush=True)
+            return result
+
+        with ThreadPoolExecutor(parallel) as pool:
+            for system, result in zip(order, pool.map(measure, order)):
+                runs[system].append(result)
+    return runs
+
+
 def benchmark(
     quick: bool, bf16: bool, repeats: int, threads: int, parallel: int, lengths: tuple[int, ...] | None = None
 ) -> dict:
-    from concurrent.futures import ThreadPoolExecutor
 
     lengths = lengths or ((256, 512) if quick else (1024, 2048))
     steps, warm, batch = (
@@ -333,36 +355,25 @@ def benchmark(
     for length in lengths:
         rows = write_multiturn_rows(WORK / f"train-mt-{length}.jsonl", 4 * batch * steps, approx_tokens=length)
         cache = cache_for(rows, f"train-mt-{length}")
-        runs = {system: [] for system in SYSTEMS}
-        entry = results["lengths"][str(length)] = {"data": cache_stats(cache), "runs": runs}
+        entry = results["lengths"][str(length)] = {"data": cache_stats(cache), "runs": {}}
         print(f"~{length} tokens: {entry['data']}", flush=True)
-        for repeat in range(repeats):
-            order = SYSTEMS[repeat % len(SYSTEMS) :] + SYSTEMS[: repeat % len(SYSTEMS)]  # rotate who goes first
-
-            def measure(system, repeat=repeat, rows=rows, cache=cache):
-                started = time.time()
-                result = run_worker(
-                    threads,
-                    system=system,
-                    model=str(model),
-                    rows=str(rows),
-                    cache=str(cache),
-                    steps=steps,
-                    batch=batch,
-                    bf16=bf16,
-                    warm=warm,
-                )
-                result["wall_s"] = time.time() - started
-                print(
-                    f"  {system:22s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, {result['tokens_per_s']:8.1f} tok/s wall"
-                    f"  ({result['wall_s']:.0f} s)",
-                    flush=True,
-                )
-                return result
-
-            with ThreadPoolExecutor(parallel) as pool:  # `parallel` processes at a time, each its own system
-                for system, result in zip(order, pool.map(measure, order)):
-                    runs[system].append(result)
+        runs = entry["runs"] = interleaved(
+            SYSTEMS,
+            repeats,
+            parallel,
+            lambda system, rows=rows, cache=cache: run_worker(
+                threads,
+                system=system,
+                model=str(model),
+                rows=str(rows),
+                cache=str(cache),
+                steps=steps,
+                batch=batch,
+                bf16=bf16,
+                warm=warm,
+            ),  # fmt: skip
+            lambda r: f"{r['tokens_per_cpu_s']:8.1f} tok/CPU-s, {r['tokens_per_s']:8.1f} tok/s wall",
+        )
         entry["summary"] = summarise(runs)
         # the same batches in the three mtdpo layouts: their losses must agree (bf16: to rounding)
         first = runs["mtdpo padded"][0]["losses"]
@@ -586,7 +597,6 @@ def stored_reference_copy(cache: Path, model: Path, bf16: bool, batch: int) -> P
 
 
 def benchmark_kto(quick: bool, bf16: bool, repeats: int, threads: int, parallel: int, lengths=None) -> dict:
-    from concurrent.futures import ThreadPoolExecutor
 
     lengths = lengths or ((256,) if quick else (1024,))
     steps, warm, batch = (4, 1, 2) if quick else (3, 1, 2)  # batch: pairs (DPO), twice as many rows (KTO)
@@ -619,29 +629,25 @@ def benchmark_kto(quick: bool, bf16: bool, repeats: int, threads: int, parallel:
             "DPO padded, stored reference": stored_reference_copy(dpo_cache, model, bf16, batch),
             "KTO padded, stored reference": stored_reference_copy(kto_cache, model, bf16, 2 * batch),
         }
-        runs = {system: [] for system in systems}
-        entry = results["lengths"][str(length)] = {"data": cache_stats(dpo_cache), "runs": runs}
+        entry = results["lengths"][str(length)] = {"data": cache_stats(dpo_cache), "runs": {}}
         print(f"~{length} tokens: {entry['data']}", flush=True)
-        for repeat in range(repeats):
-            order = systems[repeat % len(systems) :] + systems[: repeat % len(systems)]  # rotate who goes first
-
-            def measure(system, repeat=repeat, caches=caches):
-                started = time.time()
-                result = run_worker(
-                    threads, system=system, model=str(model), rows="", cache=str(caches[system]),
-                    steps=steps, batch=batch, bf16=bf16, warm=warm,
-                )  # fmt: skip
-                result["wall_s"] = time.time() - started
-                print(
-                    f"  {system:30s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, "
-                    f"{result['tokens_per_s']:8.1f} tok/s wall  ({result['wall_s']:.0f} s)",
-                    flush=True,
-                )
-                return result
-
-            with ThreadPoolExecutor(parallel) as pool:
-                for system, result in zip(order, pool.map(measure, order)):
-                    runs[system].append(result)
+        runs = entry["runs"] = interleaved(
+            systems,
+            repeats,
+            parallel,
+            lambda system, caches=caches: run_worker(
+                threads,
+                system=system,
+                model=str(model),
+                rows="",
+                cache=str(caches[system]),
+                steps=steps,
+                batch=batch,
+                bf16=bf16,
+                warm=warm,
+            ),  # fmt: skip
+            lambda r: f"{r['tokens_per_cpu_s']:8.1f} tok/CPU-s, {r['tokens_per_s']:8.1f} tok/s wall",
+        )
         entry["summary"] = summarise(runs)
         entry["work"] = kto_work(runs)
     return results
@@ -941,7 +947,6 @@ SCENARIOS = {"groups": scenario_groups, "contexts": scenario_contexts, "pairs": 
 
 
 def benchmark_scenario(name: str, quick: bool, bf16: bool, repeats: int, threads: int, parallel: int) -> dict:
-    from concurrent.futures import ThreadPoolExecutor
 
     scenario = SCENARIOS[name](quick)
     systems, model = scenario["systems"], scenario["model"]
@@ -959,36 +964,31 @@ def benchmark_scenario(name: str, quick: bool, bf16: bool, repeats: int, threads
         "runs": {system: [] for system in systems},
     }
     print(f"{name}: {json.dumps(scenario['data'])}", flush=True)
-    names = list(systems)
-    for repeat in range(repeats):
-        order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotate who goes first
 
-        def measure(system, repeat=repeat):
-            started = time.time()
-            spec = systems[system]
-            result = run_worker(
-                threads,
-                system="TRL" if "rows" in spec else system,
-                model=str(model),
-                rows=str(spec.get("rows", "")),
-                cache=str(spec.get("cache", "")),
-                mode=spec.get("mode"),
-                steps=spec.get("steps", scenario["steps"]),
-                batch=scenario["batch"],
-                bf16=bf16,
-                warm=scenario["warm"],
-            )
-            result["wall_s"] = time.time() - started
-            print(
-                f"  {system:32s} repeat {repeat}: {result['tokens_per_cpu_s']:8.1f} tok/CPU-s, "
-                f"{result['pairs_per_cpu_s']:6.3f} pairs/CPU-s, {result['peak_rss_mb']:6.0f} MB  ({result['wall_s']:.0f} s)",
-                flush=True,
-            )
-            return result
+    def run(system):
+        spec = systems[system]
+        return run_worker(
+            threads,
+            system="TRL" if "rows" in spec else system,
+            model=str(model),
+            rows=str(spec.get("rows", "")),
+            cache=str(spec.get("cache", "")),
+            mode=spec.get("mode"),
+            steps=spec.get("steps", scenario["steps"]),
+            batch=scenario["batch"],
+            bf16=bf16,
+            warm=scenario["warm"],
+        )
 
-        with ThreadPoolExecutor(parallel) as pool:
-            for system, result in zip(order, pool.map(measure, order)):
-                results["runs"][system].append(result)
+    results["runs"] = interleaved(
+        list(systems),
+        repeats,
+        parallel,
+        run,
+        lambda r: (
+            f"{r['tokens_per_cpu_s']:8.1f} tok/CPU-s, {r['pairs_per_cpu_s']:6.3f} pairs/CPU-s, {r['peak_rss_mb']:6.0f} MB"
+        ),
+    )
     results["summary"] = summarise(results["runs"])
     return results
 
