@@ -123,24 +123,12 @@ def test_a_last_line_cut_off_by_a_kill_is_skipped_with_a_note(run_dir, tmp_path)
 def test_a_real_run_writes_metrics_then_plots(tmp_path, capsys):
     """End to end on the tiny model: metrics.jsonl, the summary line agreeing with it, the plot."""
     pytest.importorskip("matplotlib")
-    from trainkit import make_cache
+    from trainkit import make_cache, short_run
 
-    from mtdpo.train.config import MtdpoConfig
     from mtdpo.train.run import train
 
     cache = make_cache(tmp_path, n=8)
-    config = MtdpoConfig(
-        data=[str(cache)],
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        max_steps=3,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        report_to="none",
-        learning_rate=1e-3,
-    )
-    train(config)
+    train(short_run(cache, tmp_path / "run", max_steps=3, bf16=None))
     steps, _ = read_metrics(tmp_path / "run")
     assert [e["step"] for e in steps] == [1, 2, 3]
     first, last = steps[0], steps[-1]

@@ -155,24 +155,34 @@ def noisier(model):
     return model
 
 
-def test_padding_free_batches_equal_padded_ones(cache, tmp_path):
-    results = []
-    for padding_free in (False, True):
-        model, ref = tiny_model(), noisier(tiny_model())  # kl > 0: not clamped
-        for m in (model, ref):
-            m.set_attn_implementation(SEGMENT_ATTENTION)
-        trainer = kto_trainer(cache, model, ref, tmp_path, padding_free=padding_free, nll_coef=1.0)
-        assert trainer.data_collator.padding_free is padding_free
-        results.append(loss_metrics_grads(trainer, kto_batch(trainer, range(4))))
-    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+def laid_out(cache, tmp_path, rows, **layout):
+    """(trainer, inputs, loss, metrics, gradients) of one batch of `rows` laid out as `layout`
+    says, with a fresh tiny policy and a noisier reference (kl > 0: not clamped) on segment attention."""
+    model, ref = tiny_model(), noisier(tiny_model())
+    for m in (model, ref):
+        m.set_attn_implementation(SEGMENT_ATTENTION)
+    trainer = kto_trainer(cache, model, ref, tmp_path, nll_coef=1.0, **layout)
+    inputs = kto_batch(trainer, rows)
+    return trainer, inputs, *loss_metrics_grads(trainer, inputs)
+
+
+def assert_same_step(a, b):
+    """Two `laid_out` results: the same loss, KL, NLL, log-probs and gradients (fp32)."""
+    (_, _, loss_a, metrics_a, grads_a), (_, _, loss_b, metrics_b, grads_b) = a, b
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     for name in ("kl", "nll", "logps/chosen", "logps/rejected"):
         assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-5), name
+    assert metrics_a["kl"] > 0
+    assert max((x - y).abs().max().item() for x, y in zip(grads_a, grads_b)) < 1e-5
+
+
+def test_padding_free_batches_equal_padded_ones(cache, tmp_path):
+    padded, packed = (laid_out(cache, tmp_path, range(4), padding_free=flag) for flag in (False, True))
+    assert padded[0].data_collator.padding_free is False and packed[0].data_collator.padding_free is True
+    assert_same_step(padded, packed)
     # rewards are beta x differences of log-probs summed in another order (fp32 rounding of sums ~ -300)
     for name in ("rewards/chosen", "rewards/rejected"):
-        assert metrics_b[name] == pytest.approx(metrics_a[name], abs=1e-4), name
-    assert metrics_a["kl"] > 0
-    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-5
+        assert packed[3][name] == pytest.approx(padded[3][name], abs=1e-4), name
 
 
 def test_nll_on_desirable_rows_by_the_count_of_their_trained_tokens(cache, tmp_path):
@@ -303,24 +313,12 @@ def test_resume_replays_the_same_kto_steps(cache, tmp_path):
 def test_a_forest_of_kto_rows_gives_the_padded_losses_and_gradients(cache, tmp_path):
     """Rows 2k and 2k + 1 answer one prompt (kto_rows): in a forest each prompt is computed once
     for the rows and once for their KL sequences; the losses and gradients are the padded ones."""
-    results, rows = [], range(6)
-    for forest in (False, True):
-        model, ref = tiny_model(), noisier(tiny_model())  # kl > 0: not clamped
-        for m in (model, ref):
-            m.set_attn_implementation(SEGMENT_ATTENTION)
-        trainer = kto_trainer(cache, model, ref, tmp_path, prefix_forest=forest, nll_coef=1.0)
-        assert trainer.data_collator.prefix_forest is forest
-        inputs = kto_batch(trainer, rows)
-        results.append((*loss_metrics_grads(trainer, inputs), inputs))
-    (loss_a, metrics_a, grads_a, padded), (loss_b, metrics_b, grads_b, forest) = results
-    assert loss_b == pytest.approx(loss_a, abs=1e-5)
-    for name in ("kl", "nll", "logps/chosen", "logps/rejected"):
-        assert metrics_b[name] == pytest.approx(metrics_a[name], rel=1e-5), name
-    assert metrics_a["kl"] > 0
-    assert max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b)) < 1e-5
+    padded, forest = (laid_out(cache, tmp_path, range(6), prefix_forest=flag) for flag in (False, True))
+    assert padded[0].data_collator.prefix_forest is False and forest[0].data_collator.prefix_forest is True
+    assert_same_step(padded, forest)
     for part in ("policy", "kl"):  # one row, each shared prompt once: fewer tokens than the rows hold
-        assert forest[part]["input_ids"].shape[0] == 1
-        assert forest[part]["input_ids"].shape[1] < padded[part]["attention_mask"].sum().item()
+        assert forest[1][part]["input_ids"].shape[0] == 1
+        assert forest[1][part]["input_ids"].shape[1] < padded[1][part]["attention_mask"].sum().item()
 
 
 def test_group_by_prompt_puts_a_problem_s_kto_rows_in_one_micro_batch(cache, tmp_path):

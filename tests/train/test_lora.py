@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
-from trainkit import batch, logged, make_cache, precompute, tiny_model
+from trainkit import batch, logged, make_cache, precompute, short_run, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mtdpo.errors import UsageError
 from mtdpo.train import run as run_module
-from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.loss import sequence_logps
 from mtdpo.train.plan import Reference
@@ -26,22 +25,8 @@ def cache(tmp_path_factory):
 
 def config(cache, out, **overrides):
     # fp32 (bf16 is the default on CPUs with AMX): the tests compare numbers
-    values = dict(
-        data=[str(cache)],
-        output_dir=str(out),
-        use_cpu=True,
-        max_steps=4,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        save_strategy="no",
-        report_to="none",
-        learning_rate=5e-3,
-        lora_r=4,
-        lora_alpha=8,
-        seed=5,
-        bf16=False,
-    )
-    return MtdpoConfig(**{**values, **overrides})
+    lora = dict(learning_rate=5e-3, lora_r=4, lora_alpha=8, seed=5)
+    return short_run(cache, out, **{**lora, **overrides})
 
 
 def sequence_logps_plain(model, mb):
