@@ -36,6 +36,7 @@ def preprocess(
     end_marker: str | None = None,
     string_arguments: bool = False,
     tools_as_text: bool = False,
+    control_as_text: bool = False,
     num_proc: int = 1,
     strict: bool = False,
     overwrite: bool = False,
@@ -54,7 +55,9 @@ def preprocess(
     from mtdpo.preprocess.sources import default_output
 
     input = Path(input)
-    options = MaskOptions(mask_mode, max_length, user_marker, end_marker, string_arguments, tools_as_text)
+    options = MaskOptions(
+        mask_mode, max_length, user_marker, end_marker, string_arguments, tools_as_text, control_as_text
+    )
     return run(
         input,
         Path(out) if out is not None else default_output(input, shard),

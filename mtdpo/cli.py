@@ -117,6 +117,13 @@ def preprocess(
         "user turn, the schemas in the system or first user message (docs/MASKING.md).",
         show_default="off",
     ),
+    control_as_text: bool = typer.Option(
+        False,
+        help="Encode a control token's text written inside a message (`<|im_end|>` in a code sample) as plain text, "
+        "the tokens a model writes for those characters (off: such a row is rejected naming the token, as the "
+        "tokenizer would encode it as the token and end the turn there).",
+        show_default="off",
+    ),
     num_proc: int = typer.Option(
         1,
         help="Worker processes, at most the CPUs available and one per 256-row chunk; the output is identical "
@@ -166,6 +173,7 @@ def preprocess(
             end_marker=end_marker,
             string_arguments=string_arguments,
             tools_as_text=tools_as_text,
+            control_as_text=control_as_text,
             num_proc=num_proc,
             strict=strict,
             overwrite=overwrite,

@@ -17,7 +17,9 @@ result and part later. The shapes cycle so that any 60 consecutive rows hold eve
 - arguments as dicts and as JSON strings, content with non-ASCII text,
 - rows without `tools` (plain multi-turn chat),
 - reasoning written into the content as `<think>\n...\n</think>\n\n` (QwQ / R1 style, the only
-  form those templates render).
+  form those templates render),
+- a reasoning model's raw output as the content, `...\n</think>\n\n` + answer, without the
+  `<think>\n` its generation prompt opened (what a server returns without a reasoning parser).
 
 Tool-call ids are 9 alphanumeric characters (Mistral's templates refuse other lengths).
 """
@@ -50,7 +52,7 @@ TOOLS = [
 CITIES = ["Paris", "Zürich", "São Paulo", "東京", "Kraków", "Reykjavík", "Cairo", "Montréal"]
 SYSTEMS = ["You are a helpful assistant with tools.", "Réponds brièvement.", "You are an agent. Use tools when needed."]
 SHAPES = ["call_then_answer", "two_calls_one_turn", "reasoning", "follow_up", "content_and_call",
-          "shared_first_call", "plain_chat", "three_calls_unicode", "inline_think"]  # fmt: skip
+          "shared_first_call", "plain_chat", "three_calls_unicode", "inline_think", "raw_think"]  # fmt: skip
 
 
 def agent_rows(n: int = 60, seed: int = 0) -> list[dict]:
@@ -152,6 +154,13 @@ def _agent_row(shape: str, i: int, rng: random.Random) -> dict:
             _msg("assistant", "17 × 23 = 391."),
         ]
         rejected = [_msg("assistant", "17 × 23 = 401.")]
+    elif shape == "raw_think":
+        chosen = [
+            _assistant_call([weather], None, content="I should look the weather up.\n</think>\n\n"),
+            _tool(weather, "14°C"),
+            _msg("assistant", f"The tool says 14°C.\n</think>\n\nIt is 14°C in {city}."),
+        ]
+        rejected = [_msg("assistant", f"I can guess.\n</think>\n\nIt is hot in {city}.")]
     elif shape == "shared_first_call":
         shared = _exchange([weather], ["9°C, windy"], null_content)
         search = _call("search", {"query": f"wind {city}"}, ids(), as_string)

@@ -43,10 +43,13 @@ How each case is decided (and why):
     the model saw the newline and wrote the content);
   * G empty (Mistral: the model answers right after `[/INST]`): the message starts where the
     render parts from the same history followed by a placeholder assistant message;
-  * otherwise (QwQ's prompt opens `<think>\\n` but a message without reasoning in its content is
-    rendered without it; Nemotron's prompt opens `<think>\\n` but a call-only last message is
-    rendered without it): what the model wrote after that opener is not in the message, and the
-    turn is not expressible.
+  * G ends by opening a tag (QwQ's and Nemotron's `<think>\\n`) that the message's render lacks:
+    if the message is rendered right after the rest of G and its text closes the tag
+    (`R\\n</think>\\n\\nA`, a reasoning model's raw output), the completion is that text, written
+    after the opening tag;
+  * otherwise (a message without reasoning, or with it only in `reasoning_content` that the
+    template does not render, after a prompt that opens `<think>\\n`): what the model wrote after
+    that opener is not in the message, and the turn is not expressible.
 - A template that raises for the messages (a null content in a `+`, string concatenation of a
   dict of arguments, a tool-call id of the wrong length) makes the turn not expressible.
 - If the context's end is not a token boundary of the joint encoding, the turn is not
@@ -215,6 +218,19 @@ def _completion_after(
         at = full.rfind(header) if header else -1
         if at >= 0 and at + len(header) >= parted:
             return full[at + len(header) :], f"history re-rendered; completion taken after the last {header!r}"
+    # The prompt ends by opening a tag block, e.g. "<think>\n", which the render of the message
+    # lacks: if the message is rendered right after the rest of the prompt and closes that tag, it
+    # is the model's raw output after the opening tag.
+    stripped = opener.rstrip()
+    if stripped.endswith(">") and "<" in stripped:
+        tag_at = stripped.rindex("<")
+        name = stripped[tag_at + 1 : -1]
+        before = opener[:tag_at]
+        at = full.rfind(before) if before else -1
+        if name.isidentifier() and at >= 0 and at + len(opener) >= parted:
+            rest = full[at + len(before) :]
+            if "</" + name + ">" in rest:
+                return rest, f"the prompt opens <{name}>; the message holds the rest of the block"
     raise NotExpressible(
         f"the render with this message does not start with its generation context, and the generation prompt "
         f"{opener!r} is not where this message is rendered (they part at {full[parted : parted + 40]!r} "

@@ -50,6 +50,29 @@ def test_gemma_two_turns_by_hand():
     assert first.ok and second.ok and first.note is None
 
 
+RAW_THINK = [msg("user", "2+2?"), msg("assistant", "Two and two.\n</think>\n\n4"), msg("user", "3+3?"),
+             msg("assistant", "Three and three.\n</think>\n\n6")]  # fmt: skip
+
+
+def test_qwq_raw_output_after_the_think_opener_by_hand():
+    """QwQ's generation prompt opens `<think>\\n`; a message holding the model's raw output (the
+    rest of the block, `</think>`, the answer) is what the model wrote after it. History drops
+    the block, so each turn has its own context."""
+    first, second = turns_of("qwq", RAW_THINK, n_prompt=1)
+    assert first.context == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert first.completion == "Two and two.\n</think>\n\n4<|im_end|>"
+    assert second.context.endswith("<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\n3+3?<|im_end|>\n"
+                                   "<|im_start|>assistant\n<think>\n")  # fmt: skip
+    assert second.completion == "Three and three.\n</think>\n\n6<|im_end|>"
+    assert first.ok and second.ok and "opens <think>" in first.note
+
+
+def test_qwq_message_without_the_rest_of_the_block_is_not_expressible():
+    """An answer without `</think>`: what the model wrote inside the block is lost."""
+    (turn,) = turns_of("qwq", [msg("user", "2+2?"), msg("assistant", "4")], n_prompt=1)
+    assert not turn.ok and "generation prompt" in turn.problem
+
+
 def test_a_shared_assistant_turn_is_prompt_not_a_turn():
     (only,) = turns_of("gemma", GEMMA_TWO_TURNS, n_prompt=3)
     assert only.message == 3

@@ -68,6 +68,10 @@ class ReferenceInfo:
     kl_batch_size: int | None = None
 
 
+# Options written to the manifest only when on.
+OPT_IN = ("tools_as_text", "control_as_text")
+
+
 @dataclass(frozen=True)
 class Manifest:
     tokenizer: TokenizerInfo
@@ -79,6 +83,7 @@ class Manifest:
     chat_template_file: str | None = None
     seed_markers: list[str] | None = None  # seed mode: [user-turn start, end of turn]
     tools_as_text: bool = False  # tool calls, results and schemas were written as text (--tools-as-text)
+    control_as_text: bool = False  # control-token text in messages encoded as text (--control-as-text)
     truncation: str = "keep_start"
     input: dict = field(default_factory=dict)  # path, format, sha256 (, split, files)
     shard: dict | None = None  # the --shard slice of the input, or None for all of it
@@ -115,13 +120,14 @@ class Manifest:
             "mask_mode",
             "seed_markers",
             "tools_as_text",
+            "control_as_text",
             "max_length",
             "truncation",
             "input",
         )
         order += ("shard", "counts", "tokens")
-        # tools_as_text only when on: the manifests of other caches stay as they were
-        out = {key: data[key] for key in order if key != "tools_as_text" or self.tools_as_text}
+        # the options of rare use only when on: the manifests of other caches stay as they were
+        out = {key: data[key] for key in order if key not in OPT_IN or data[key]}
         if self.reference is not None:
             out["reference"] = data["reference"]
             if self.reference.kl_batch_size is None:  # a pair cache's: no KL partners

@@ -395,6 +395,7 @@ def build_manifest(
         mask_mode=options.mode,
         seed_markers=[options.user_marker, options.end_marker] if options.mode == "seed" else None,
         tools_as_text=options.tools_as_text,
+        control_as_text=options.control_as_text,
         max_length=options.max_length,
         input=source.describe(),
         shard=source.shard_info(),

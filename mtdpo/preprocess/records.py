@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from mtdpo.cache import KTO, PAIR, KtoRecord, PairRecord, Sequence
 from mtdpo.cache.schema import first_trained
 from mtdpo.errors import UsageError
+from mtdpo.preprocess.control_text import ControlText, message_texts
 from mtdpo.preprocess.rows import Pair, RowError, Unpaired, problem_key, row_kind, to_pair, to_unpaired
 from mtdpo.preprocess.seed import seed_mask
 from mtdpo.preprocess.skeleton import SkeletonCache
@@ -54,10 +55,13 @@ class MaskOptions:
     end_marker: str | None = None
     string_arguments: bool = False  # keep tool-call arguments given as JSON strings as strings
     tools_as_text: bool = False  # write tool calls, results and schemas as text (text_tools.py)
+    control_as_text: bool = False  # encode a control token's text in a message as text (control_text.py)
 
     def __post_init__(self):
         if self.mode not in MASK_MODES:
             raise UsageError(f"unknown --mask-mode {self.mode!r}; use {' or '.join(MASK_MODES)}")
+        if self.control_as_text and self.mode != "assistant":
+            raise UsageError("--control-as-text works with --mask-mode assistant only")
         if self.max_length < 1:
             raise UsageError("--max-length must be at least 1")
 
@@ -70,10 +74,14 @@ class RecordBuilder:
     def __init__(self, tokenizer, options: MaskOptions, one_render: bool = True):
         self.options = options
         self.chat = ChatTemplate(tokenizer)
+        # transformers sets this per call and leaves it set after `split_special_tokens=True`; the
+        # encoder calls the backend directly, where control tokens must be tokens.
+        tokenizer.backend_tokenizer.encode_special_tokens = False
         # A pair's shared prompt is encoded once; offsets are rebuilt where they can be (tokens.py).
         surfaces = TokenSurfaces(tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True), self.chat.markers)
         self.encoder = PrefixReusingEncoder(tokenizer, reuse_rule(tokenizer), surfaces)
         self.skeletons = SkeletonCache(self.chat) if one_render else None
+        self.control_text = ControlText(tokenizer, self.chat.control_tokens.tokens) if options.control_as_text else None
 
     def __call__(self, n: int, row: object) -> tuple[PairRecord, bool]:
         pair, (chosen, rejected) = self.parse_and_mask(row)
@@ -122,17 +130,20 @@ class RecordBuilder:
         return True
 
     def refuse_control_text(self, pair: Pair) -> None:
-        """A message whose text holds a control token's text would be encoded as that token."""
+        """A message whose text holds a control token's text would be encoded as that token (unless
+        --control-as-text encodes it as text)."""
         for side, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             self.refuse_control_text_in(side, messages)
 
     def refuse_control_text_in(self, side: str, messages: list[dict]) -> None:
+        if self.options.control_as_text:
+            return
         for k, message in enumerate(messages):
-            for what in ("content", "reasoning_content"):
-                if isinstance(text := message.get(what), str) and (token := self.chat.control_tokens.find(text)):
+            for what, text in message_texts(message):
+                if token := self.chat.control_tokens.find(text):
                     raise RowError(
                         f"{side}[{k}] {what} holds the text of the control token {token!r}, which the tokenizer "
-                        "would encode as that token: remove or escape it"
+                        "would encode as that token: remove or escape it, or pass --control-as-text"
                     )
 
     def check_kind(self, row: object) -> None:
@@ -154,6 +165,8 @@ class RecordBuilder:
         """Assistant mode: train what the model generates for each post-prompt assistant message,
         each in the context it was generated in (one sequence where the template is prefix-stable)."""
         chat = self.chat
+        hidden = self.control_text.hide(messages) if self.control_text else None
+        messages = hidden or messages
         render = chat.renderer(tools, template_kwargs)
         whole = render(messages)
         spans = self.skeletons.spans(messages, n_prompt, whole, tools, template_kwargs) if self.skeletons else None
@@ -163,7 +176,11 @@ class RecordBuilder:
             groups = sequences(generation_turns(chat, render, messages, n_prompt, whole), whole)
         pieces = []
         for group in groups:
-            tokens = self.encoder.encode(group.text)
+            if hidden:  # the sentinels back to the control text, encoded as text
+                text, ranges = self.control_text.reveal(group.text)
+                tokens = self.control_text.encode(self.encoder.encode(text), text, ranges)
+            else:
+                tokens = self.encoder.encode(group.text)
             bounds = TokenBounds.of(tokens.starts, tokens.ends)
             check_spans(group.text, bounds, messages, group.spans)
             pieces.append(Sequence(tokens.ids, labels_for(tokens.ids, trained_ranges(bounds.starts, group.spans))))

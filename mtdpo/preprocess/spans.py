@@ -29,6 +29,7 @@ conversation shape, where it can.)
 from __future__ import annotations
 
 import json
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -108,6 +109,8 @@ def relocated_tail(render: Render, messages: list[dict], i: int, context: str, l
             at = last.rfind(needle)
             if needle and at != -1 and at + len(needle) >= parting:
                 return last[at + len(needle) :]
+        if (tail := written_after_opener(prompt, last, parting)) is not None:
+            return tail
         raise RowError(
             f"message {i} (assistant): its generation prompt ends with {prompt[-30:]!r}, which the template does not "
             "render before the message: what the model wrote after it is not in the row"
@@ -121,6 +124,26 @@ def relocated_tail(render: Render, messages: list[dict], i: int, context: str, l
         f"message {i} (assistant): the template renders the conversation before it differently once it follows, "
         "and its generation prompt cannot be found in that render"
     )
+
+
+# A generation prompt that opens a block for the model to finish: `<think>\n` (QwQ, Nemotron).
+BLOCK_OPENER = re.compile(r"<(\w+)>\s*$")
+
+
+def written_after_opener(prompt: str, last: str, parting: int) -> str | None:
+    """A generation prompt P + `<think>\n` whose opener the template does not render before the
+    message: where the message is rendered right after P and holds the block's closer
+    (`</think>`), its text is what the model wrote after the opener, the raw output a server
+    returns without a reasoning parser ("R\n</think>\n\nA"). None otherwise (a message without
+    the closer lost the text written inside the block)."""
+    opener = BLOCK_OPENER.search(prompt)
+    if opener is None or not (head := prompt[: opener.start()]):
+        return None
+    at = last.rfind(head)
+    if at == -1 or at + len(prompt) < parting:
+        return None
+    tail = last[at + len(head) :]
+    return tail if f"</{opener.group(1)}>" in tail else None
 
 
 def completion(chat: ChatTemplate, tail: str, following: str | None, i: int) -> str:

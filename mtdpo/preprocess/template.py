@@ -184,8 +184,9 @@ class ControlTokens:
     not among them."""
 
     def __init__(self, tokens: list[str]):
+        self.tokens = list(dict.fromkeys(t for t in tokens if t))
         self.by_start: dict[str, list[str]] = {}
-        for token in dict.fromkeys(t for t in tokens if t):
+        for token in self.tokens:
             self.by_start.setdefault(token[0], []).append(token)
 
     def find(self, text: str) -> str | None:

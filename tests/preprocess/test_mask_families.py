@@ -243,6 +243,26 @@ def test_a_turn_whose_think_block_the_history_drops_is_scored_in_its_own_context
     assert second_runs == [chosen[5]["content"] + "<|im_end|>"]
 
 
+def test_raw_output_after_a_think_opener_is_trained_after_it():
+    """QwQ's generation prompt ends `<think>\\n`, which the template does not render before an
+    assistant message. A message holding the model's raw output after it (`R\\n</think>\\n\\nA`,
+    a server without a reasoning parser) is trained right after the opener, each turn in its own
+    context (history drops the block); one without `</think>` lost what the model thought."""
+    tok = family_tokenizer("qwq")
+    q = msg("user", "Is Paris a capital?")
+    chosen = [q, msg("assistant", "Recall.\n</think>\n\nYes."), msg("user", "Sure?"),
+              msg("assistant", "Check again.\n</think>\n\nYes, sure.")]  # fmt: skip
+    row = {"chosen": chosen, "rejected": [q, msg("assistant", "Hmm.\n</think>\n\nNo.")]}
+    (first, first_runs), (second, second_runs) = RowEncoder(tok).sequences(row)
+    assert first == tok.apply_chat_template(chosen[:1], tokenize=False, add_generation_prompt=True) + first_runs[0]
+    assert first_runs == ["Recall.\n</think>\n\nYes.<|im_end|>"]
+    assert second.startswith(tok.apply_chat_template(chosen[:3], tokenize=False, add_generation_prompt=True))
+    assert second_runs == ["Check again.\n</think>\n\nYes, sure.<|im_end|>"]
+    lost = {"chosen": [q, msg("assistant", "Yes.")], "rejected": row["rejected"]}
+    with pytest.raises(RowError, match=r"^message 1 \(assistant\): its generation prompt ends with '<\|im_start"):
+        RowEncoder(tok)(lost)
+
+
 def test_qwen25_consecutive_tool_messages_are_merged_and_masked():
     """Qwen2.5 merges consecutive tool messages into one user turn, so a render that ends
     with the first of them is not a prefix of the conversation. The rule never needs that

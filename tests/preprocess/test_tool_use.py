@@ -509,6 +509,8 @@ PACKAGED = {
     "kimi-k2": "kimi-k2",
     "seed-oss": "seed-oss",
     "nemotron-nano2": "nemotron-nano2",
+    "smollm3": "smollm3",
+    "olmo2": "olmo2",
 }
 
 
