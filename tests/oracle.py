@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -184,16 +185,38 @@ def dropped_parts(message: dict, completion: str) -> list[str]:
     rows a preprocessor rejects."""
     out = []
     content = message.get("content")
-    text = content.split("</think>")[-1].strip() if isinstance(content, str) else ""
-    if text and text not in completion:
+    # the answer, and the text of an inline think block (written into the content, or the raw
+    # output after a <think> opener), each piece on its own
+    pieces = re.split(r"</?think>", content) if isinstance(content, str) else []
+    if any(piece.strip() and piece.strip() not in completion for piece in pieces):
         out.append("content")
     reasoning = message.get("reasoning_content")
     if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in completion:
         out.append("reasoning")
     for n, call in enumerate(message.get("tool_calls") or []):
-        if call.get("function", call)["name"] not in completion:
+        function = call.get("function", call)
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass
+        values = [v for v in _leaves(arguments) if isinstance(v, str)]
+        shown = [(v, json.dumps(v)[1:-1]) for v in values]  # as written, or JSON-escaped (ensure_ascii)
+        if function["name"] not in completion or any(a not in completion and b not in completion for a, b in shown):
             out.append(f"tool call {n}")
     return out
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 class NotExpressible(Exception):
