@@ -307,6 +307,11 @@ def cache_stats(cache: Path) -> dict:
     }
 
 
+def token_rates(result: dict) -> str:
+    """A worker's progress line: its tokens per CPU-second and per wall second."""
+    return f"{result['tokens_per_cpu_s']:8.1f} tok/CPU-s, {result['tokens_per_s']:8.1f} tok/s wall"
+
+
 def interleaved(systems: list[str], repeats: int, parallel: int, run, line) -> dict[str, list[dict]]:
     """Each system once per repeat, `parallel` worker processes at a time, the order rotated at
     every repeat (who goes first); `run(system)` gives a worker's result, timed here (`wall_s`),
@@ -372,7 +377,7 @@ def benchmark(
                 bf16=bf16,
                 warm=warm,
             ),  # fmt: skip
-            lambda r: f"{r['tokens_per_cpu_s']:8.1f} tok/CPU-s, {r['tokens_per_s']:8.1f} tok/s wall",
+            token_rates,
         )
         entry["summary"] = summarise(runs)
         # the same batches in the three mtdpo layouts: their losses must agree (bf16: to rounding)
@@ -646,7 +651,7 @@ def benchmark_kto(quick: bool, bf16: bool, repeats: int, threads: int, parallel:
                 bf16=bf16,
                 warm=warm,
             ),  # fmt: skip
-            lambda r: f"{r['tokens_per_cpu_s']:8.1f} tok/CPU-s, {r['tokens_per_s']:8.1f} tok/s wall",
+            token_rates,
         )
         entry["summary"] = summarise(runs)
         entry["work"] = kto_work(runs)

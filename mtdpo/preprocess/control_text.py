@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator
 
 from mtdpo.preprocess.rows import RowError
+from mtdpo.preprocess.template import ControlTokens
 from mtdpo.preprocess.tokens import Tokens
 
 SENTINEL_BASE = 0xE000  # the Unicode private-use area: never in a template's own text
@@ -55,14 +56,15 @@ def _strings(value) -> Iterator[str]:
 
 
 class ControlText:
-    """Hide, reveal and plainly encode the control tokens `tokens` (strings) for one tokenizer."""
+    """Hide, reveal and plainly encode one template's control tokens (template.ControlTokens)."""
 
-    def __init__(self, tokenizer, tokens: list[str]):
+    def __init__(self, tokenizer, control_tokens: ControlTokens):
         self.backend = tokenizer.backend_tokenizer
         self.added_ids = frozenset(tokenizer.added_tokens_decoder)
-        self.tokens = list(dict.fromkeys(t for t in tokens if t))
-        self.sentinels = {chr(SENTINEL_BASE + i): token for i, token in enumerate(self.tokens)}
-        by_length = sorted(self.tokens, key=len, reverse=True)  # the longest match wins, as the tokenizer's
+        tokens = control_tokens.tokens
+        self.sentinels = {chr(SENTINEL_BASE + i): token for i, token in enumerate(tokens)}  # one character each
+        self._hidden = {token: char * len(token) for char, token in self.sentinels.items()}
+        by_length = sorted(tokens, key=len, reverse=True)  # the longest match wins, as the tokenizer's
         self._token = re.compile("|".join(map(re.escape, by_length))) if by_length else None
         self._sentinel = re.compile(f"[{''.join(self.sentinels)}]+") if self.sentinels else None
         self._escaped = re.compile("|".join(rf"\\u{ord(c):04x}" for c in self.sentinels), re.IGNORECASE)
@@ -97,15 +99,12 @@ class ControlText:
     def _hide_in(self, value):
         """`value` with the control text in every string inside it hidden."""
         if isinstance(value, str):
-            return self._token.sub(lambda m: self._sentinel_of(m.group()), value)
+            return self._token.sub(lambda m: self._hidden[m.group()], value)
         if isinstance(value, dict):
             return {k: self._hide_in(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self._hide_in(v) for v in value]
         return value
-
-    def _sentinel_of(self, token: str) -> str:
-        return chr(SENTINEL_BASE + self.tokens.index(token)) * len(token)
 
     def reveal(self, text: str) -> tuple[str, list[tuple[int, int]]]:
         """`text` with the control text back in place of each sentinel, and the character ranges

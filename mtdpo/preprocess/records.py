@@ -74,14 +74,11 @@ class RecordBuilder:
     def __init__(self, tokenizer, options: MaskOptions, one_render: bool = True):
         self.options = options
         self.chat = ChatTemplate(tokenizer)
-        # transformers sets this per call and leaves it set after `split_special_tokens=True`; the
-        # encoder calls the backend directly, where control tokens must be tokens.
-        tokenizer.backend_tokenizer.encode_special_tokens = False
         # A pair's shared prompt is encoded once; offsets are rebuilt where they can be (tokens.py).
         surfaces = TokenSurfaces(tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True), self.chat.markers)
         self.encoder = PrefixReusingEncoder(tokenizer, reuse_rule(tokenizer), surfaces)
         self.skeletons = SkeletonCache(self.chat) if one_render else None
-        self.control_text = ControlText(tokenizer, self.chat.control_tokens.tokens) if options.control_as_text else None
+        self.control_text = ControlText(tokenizer, self.chat.control_tokens) if options.control_as_text else None
 
     def __call__(self, n: int, row: object) -> tuple[PairRecord, bool]:
         pair, (chosen, rejected) = self.parse_and_mask(row)

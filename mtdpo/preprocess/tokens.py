@@ -223,6 +223,9 @@ class PrefixReusingEncoder:
 
     def __init__(self, tokenizer, rule: ReuseRule | None, surfaces: TokenSurfaces | None = None):
         self.backend, self.rule, self.surfaces = tokenizer.backend_tokenizer, rule, surfaces
+        # transformers sets this per call and leaves it set after `split_special_tokens=True`;
+        # this encoder calls the backend directly, where control tokens must be tokens.
+        self.backend.encode_special_tokens = False
         self.previous: tuple[str, Tokens] | None = None
         self.reused_tokens = 0  # for tests and benchmarks: tokens not encoded again
         self.rebuilt_offsets = 0  # for tests and benchmarks: texts encoded without offsets

@@ -20,6 +20,7 @@ from mtdpo.errors import UsageError
 from mtdpo.preprocess.control_text import SENTINEL_BASE, ControlText
 from mtdpo.preprocess.records import KtoRecordBuilder, MaskOptions
 from mtdpo.preprocess.rows import RowError
+from mtdpo.preprocess.template import ControlTokens
 
 PLAIN = MaskOptions(control_as_text=True)
 Q = {"role": "user", "content": "How does a ChatML turn end?"}
@@ -142,7 +143,7 @@ def test_a_kto_row_takes_the_option_too():
 def test_a_token_the_tokenizer_matches_even_as_text_is_a_reason():
     """`<tool_call>` is an added token that is not special: split_special_tokens leaves it a token."""
     tok = family_tokenizer("qwen2")
-    control = ControlText(tok, ["<tool_call>"])
+    control = ControlText(tok, ControlTokens(["<tool_call>"]))
     hidden = control.hide([{"role": "assistant", "content": "a <tool_call> b"}])
     text, ranges = control.reveal(hidden[0]["content"])
     assert (text, ranges) == ("a <tool_call> b", [(2, 13)])
@@ -154,7 +155,7 @@ def test_a_token_the_tokenizer_matches_even_as_text_is_a_reason():
 
 
 def test_sentinels_the_row_holds_or_the_template_escapes_are_reasons():
-    control = ControlText(family_tokenizer("qwen2"), ["<|im_end|>"])
+    control = ControlText(family_tokenizer("qwen2"), ControlTokens(["<|im_end|>"]))
     with pytest.raises(RowError, match="private-use characters"):
         control.hide([{"role": "user", "content": f"<|im_end|> {chr(SENTINEL_BASE)}"}])
     hidden = control.hide([{"role": "user", "content": "<|im_end|>"}])[0]["content"]
