@@ -501,7 +501,8 @@ def summarise(runs: dict) -> dict:
 # counts: the rows, not their KL sequences). Both padded (segment attention), both the same
 # precision. KTO does more per token: besides the rows' forward and backward and their reference
 # forward (DPO's work on its pairs), the policy's and the reference's forwards of the KL sequences
-# (as many again, without gradient). With a stored reference (precompute-ref, both objectives) what
+# (without gradient; each continues its row's prompt, so only the partner's completion and one
+# prompt token are forwarded). With a stored reference (precompute-ref, both objectives) what
 # remains extra is the policy's KL forward. `work` below counts forward-equivalents per step
 # (a forward and backward = 3) from the tokens each system processed, so `tok/s x work` compares
 # the implementations once the objectives' different amounts of work are taken out.
@@ -524,7 +525,9 @@ class KtoTokenCounter(TokenCounter):
     def __call__(self, examples):
         batch = super().__call__(examples)
         kl = batch.get("kl")
-        self.kl_tokens.append(0 if kl is None else int(kl["attention_mask"].sum()))
+        # padded whole KL sequences (eager attention), or packed continuations of the rows' prompts
+        tokens = 0 if kl is None else kl["attention_mask"].sum() if "attention_mask" in kl else kl["input_ids"].numel()
+        self.kl_tokens.append(int(tokens))
         return batch
 
 

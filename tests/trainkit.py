@@ -21,6 +21,7 @@ from mtdpo.cache import open_caches
 from mtdpo.synthetic import make_pairs
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
+from mtdpo.train.forward import uses_segment_attention
 from mtdpo.train.model import load_policy
 from mtdpo.train.plan import Reference, make_plan
 from mtdpo.train.provenance import reference_identity
@@ -150,6 +151,8 @@ def kto_trainer(cache: Path, policy, ref, tmp: Path, reference: Reference | None
         bf16=False,
         loss_type="kto",
         train_sampling_strategy="sequential",
+        # the layout the policy's attention computes (run.py sets the models' attention from the layout)
+        attn_implementation="sdpa" if uses_segment_attention(policy) else policy.config._attn_implementation,
     )
     args = MtdpoConfig(**{**defaults, **config})
     ref = None if ref is None else copy.deepcopy(ref).eval().requires_grad_(False)
@@ -165,6 +168,17 @@ def kto_trainer(cache: Path, policy, ref, tmp: Path, reference: Reference | None
 def kto_batch(trainer, indices) -> dict:
     """The collated batch of the trainer's rows at these dataset positions (their partners included)."""
     return trainer.data_collator([trainer.train_dataset[i] for i in indices])
+
+
+def whole_kl_sequences(trainer, indices, max_length: int | None = None) -> dict:
+    """The KL sequences of the rows at these dataset positions, each whole (prompt + partner's
+    completion), padded: what TRL forwards, to check the collator's continuations against."""
+    from mtdpo.train.data import padded
+    from mtdpo.train.kto_data import kl_sequence
+
+    items = [trainer.train_dataset[i] for i in indices]
+    sequences = [kl_sequence(record, partner, max_length)[:2] for record, partner in items]
+    return padded([torch.tensor(ids) for ids, _ in sequences], [torch.tensor(labels) for _, labels in sequences], 0)
 
 
 def loss_metrics_grads(trainer: MultiTurnDPOTrainer, inputs: dict) -> tuple[float, dict, list[torch.Tensor]]:

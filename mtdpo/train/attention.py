@@ -16,9 +16,16 @@ Each segment is one `scaled_dot_product_attention` call: causal (flash kernel) w
 context; with one, a [queries, context + queries] mask (never [T, T]). Registered as the attention
 implementation "sdpa_segments"; a forward without `segments` (generation, a plain batch) is
 transformers' sdpa, masks included, so the model stays an ordinary model.
+
+One forward can also keep its keys and values (`keep_keys`, a `KeptKeys`) for a later one whose
+segments attend first to ranges of them (`earlier_keys`, with `earlier_context`: per segment,
+`(row, start, end)` ranges of the kept forward's rows). KTO's KL sequences use it: each continues
+its row's prompt, whose keys and values the rows' forward has already computed (kto_data.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -28,28 +35,50 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 SEGMENT_ATTENTION = "sdpa_segments"
 
 
-def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segments=None, **kwargs):
+@dataclass
+class KeptKeys:
+    """Each layer's keys and values of one forward, by layer index (detached: a later forward reads
+    them without gradient)."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def segment_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    segments=None,
+    keep_keys: KeptKeys | None = None,
+    earlier_keys: KeptKeys | None = None,
+    earlier_context: list[list[tuple[int, int, int]]] | None = None,
+    **kwargs,
+):
     """query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None), like transformers' sdpa."""
+    if keep_keys is not None:
+        keep_keys.layers[module.layer_idx] = (key.detach(), value.detach())
     if segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise ValueError(f"attention {SEGMENT_ATTENTION!r} supports neither logit soft-capping nor sliding windows")
+    earlier = earlier_keys.layers[module.layer_idx] if earlier_context is not None else None
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # padding stays 0
-    for row, start, end, *bounds in segments:
+    for index, (row, start, end, *bounds) in enumerate(segments):
         q = query[row : row + 1, :, start:end]
-        ranges = [(a, b) for a, b in zip(bounds[::2], bounds[1::2]) if a < b] + [(start, end)]
-        k = (
-            torch.cat([key[row : row + 1, :, a:b] for a, b in ranges], dim=2)
-            if len(ranges) > 1
-            else key[row : row + 1, :, start:end]
-        )
-        v = (
-            torch.cat([value[row : row + 1, :, a:b] for a, b in ranges], dim=2)
-            if len(ranges) > 1
-            else value[row : row + 1, :, start:end]
-        )
+        # (tensors, row, start, end) of each context range, the kept forward's first, then its own
+        ranges = [(earlier, *place) for place in earlier_context[index]] if earlier is not None else []
+        ranges += [((key, value), row, a, b) for a, b in zip(bounds[::2], bounds[1::2]) if a < b]
+        ranges.append(((key, value), row, start, end))
+        if len(ranges) > 1:
+            k = torch.cat([kv[0][r : r + 1, :, a:b] for kv, r, a, b in ranges], dim=2)
+            v = torch.cat([kv[1][r : r + 1, :, a:b] for kv, r, a, b in ranges], dim=2)
+        else:
+            k, v = key[row : row + 1, :, start:end], value[row : row + 1, :, start:end]
         context = k.shape[2] - (end - start)
         mask = None  # no context: plain causal (the flash kernel)
         if context:  # all of the context, then causal (a bool mask: autocast casts q, k, v alike)

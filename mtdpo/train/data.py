@@ -19,7 +19,7 @@ import torch
 from trl.trainer.utils import pad
 
 from mtdpo.cache import IGNORE_INDEX, SIDES, PairRecord
-from mtdpo.train.forest import build_forest
+from mtdpo.train.forest import Forest, build_forest
 
 
 @dataclass
@@ -177,13 +177,13 @@ def forest_batch(pairs: list[PairRecord]) -> dict[str, torch.Tensor | list]:
     """B pairs as one prefix forest: each sequence of each side, scored for its side (0..B-1
     chosen, B..2B-1 rejected)."""
     sides = [p.side(side) for side in SIDES for p in pairs]
-    return forest_row([(piece.input_ids, piece.labels, k) for k, side in enumerate(sides) for piece in side.pieces()])
+    sequences = [(piece.input_ids, piece.labels, k) for k, side in enumerate(sides) for piece in side.pieces()]
+    return forest_row(build_forest(sequences))
 
 
-def forest_row(sequences: list[tuple[list[int], list[int], int]]) -> dict[str, torch.Tensor | list]:
-    """(input_ids, labels, owner) sequences as one prefix-forest row (forest.py), each trained
-    token scored for its owner."""
-    tree = build_forest(sequences)
+def forest_row(tree: Forest) -> dict[str, torch.Tensor | list]:
+    """A prefix forest (forest.py: the sequences' (input_ids, labels, owner)) as one batch row,
+    each trained token scored for its owner."""
     return {
         "input_ids": torch.tensor([tree.input_ids]),
         "labels": torch.tensor([tree.labels]),

@@ -50,9 +50,14 @@ class Forest:
     positions: list[int] = field(default_factory=list)
     chains: list[Chain] = field(default_factory=list)
     score: list[tuple[int, int]] = field(default_factory=list)  # (row position of a trained token, owner)
+    paths: dict[int, list[Chain]] = field(default_factory=dict)  # owner -> the chains of its path, root first
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def places(self, owner: int, depth: int) -> list[tuple[int, int]]:
+        """The row ranges holding depths [0, depth) of `owner`'s sequence (its first tokens)."""
+        return _ranges(self.paths[owner], depth)
 
 
 def build_forest(sequences: list[tuple[list[int], list[int], int]]) -> Forest:
@@ -76,6 +81,7 @@ def build_forest(sequences: list[tuple[list[int], list[int], int]]) -> Forest:
             forest.chains.append(chain)
             path = [*path, chain]
         _score(forest, path, ids, labels, owner)
+        forest.paths[owner] = path
         previous = ids
     return forest
 

@@ -8,16 +8,32 @@ from __future__ import annotations
 import torch
 
 from mtdpo.cache import IGNORE_INDEX
-from mtdpo.train.attention import SEGMENT_ATTENTION
+from mtdpo.train.attention import SEGMENT_ATTENTION, KeptKeys
 
 
-def fused_sequence_logps(model, inputs: dict, n_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_sequence_logps(
+    model,
+    inputs: dict,
+    n_sequences: int | None = None,
+    keep_keys: KeptKeys | None = None,
+    earlier_keys: KeptKeys | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss.sequence_logps` computed through the fused head: the same numbers (tested),
     without the logits, summed in fp32. Works on every layout of `data.PairCollator`:
     padded [2B, T] rows, and packed or prefix-shared rows, whose `logp_index` says which
     predicted position counts for which sequence (`n_sequences` of them: by default the 2B
-    sides of the batch's pairs; KTO's packed batches say theirs)."""
+    sides of the batch's pairs; KTO's packed batches say theirs).
+
+    Segment attention only: `keep_keys` collects each layer's keys and values, and a batch with
+    `earlier_context` attends to those of `earlier_keys` first (attention.py, kto_data.py)."""
     segments = inputs.get("segments") if uses_segment_attention(model) else None
+    reuse = {}
+    if keep_keys is not None or "earlier_context" in inputs:
+        if segments is None:
+            raise ValueError("keys and values are kept and reused by segment attention only")
+        reuse = {"keep_keys": keep_keys}
+        if "earlier_context" in inputs:
+            reuse.update(earlier_keys=earlier_keys, earlier_context=inputs["earlier_context"])
     # With segments, a mask of ones: transformers then builds no [T, T] mask (the segments say it
     # all). Other kernels get the batch's own mask, or none for a packed row (positions mark it).
     out = model(
@@ -29,6 +45,7 @@ def fused_sequence_logps(model, inputs: dict, n_sequences: int | None = None) ->
         use_cache=False,
         # read by attention.segment_attention (a forest's rows differ in length: a list, not a tensor)
         **({} if segments is None else {"segments": segments if isinstance(segments, list) else segments.tolist()}),
+        **reuse,
     )
     log_probs = out.log_probs.float()
     if "logp_index" not in inputs:

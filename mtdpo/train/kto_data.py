@@ -9,12 +9,19 @@ its partner whatever the sampler's order (sequential, length-grouped, random, re
 collator builds the KL sequence in token space (`kto_loss.mismatched_sequence`). With TRL's
 sequential order on one device the partner is in the same batch, as in TRL.
 
-A batch holds two sub-batches laid out alike: "policy" (the rows, whose log-probs are trained)
-and "kl" (their KL sequences, forwarded without gradient); with `--padding-free` each is one
-packed row, with `--prefix-forest` one forest row (forest.py: the rows of one problem, grouped
-into one micro-batch by `--group-by-prompt`, compute their prompt once, as their KL sequences do). `pair_tokens` counts the rows' tokens, the ones trained (forward and backward): the
-tokens/s and MFU of a KTO run count those, as a DPO run's count both sides of its pairs (and, as
-there, neither the reference's forwards nor, here, the KL sequences').
+A batch holds two sub-batches: "policy" (the rows, whose log-probs are trained) and "kl" (their
+KL sequences, forwarded without gradient); with `--padding-free` each is one packed row, with
+`--prefix-forest` one forest row (forest.py: the rows of one problem, grouped into one
+micro-batch by `--group-by-prompt`, compute their prompt once). A KL sequence starts with its
+row's prompt, which the rows' forward computes anyway: with segment attention the "kl" sub-batch
+holds only each KL sequence's continuation (from the prompt's last token on, `continuations`),
+attending to the prompt's keys and values as the rows' forward left them (`kto_logps`), so a
+prompt goes through each model once per row, not twice. Other attention kernels get whole KL
+sequences laid out as the rows are.
+
+`pair_tokens` counts the rows' tokens, the ones trained (forward and backward): the tokens/s and
+MFU of a KTO run count those, as a DPO run's count both sides of its pairs (and, as there,
+neither the reference's forwards nor, here, the KL sequences').
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mtdpo.cache import KtoRecord, OpenCache, kto_lengths
+from mtdpo.train.attention import KeptKeys
 from mtdpo.train.data import forest_row, packed, padded
+from mtdpo.train.forest import build_forest
 from mtdpo.train.forward import fused_sequence_logps
 from mtdpo.train.kto_loss import kl_partner, mismatched_sequence
 
@@ -57,14 +66,18 @@ class KtoRows(Dataset):
         return self.cache.prompts()
 
 
-def kl_sequence(record: KtoRecord, partner: KtoRecord, max_length: int | None = None) -> tuple[list[int], list[int]]:
-    """The row's prompt + the partner's completion, as (input_ids, labels)."""
-    ids, labels, _ = mismatched_sequence(
+def kl_sequence(
+    record: KtoRecord, partner: KtoRecord, max_length: int | None = None
+) -> tuple[list[int], list[int], int]:
+    """The row's prompt + the partner's completion, as (input_ids, labels, prompt_len)."""
+    return mismatched_sequence(
         (record.sequence.input_ids, record.sequence.labels, record.prompt_len),
         (partner.sequence.input_ids, partner.sequence.labels, partner.prompt_len),
         max_length,
     )
-    return ids, labels
+
+
+Place = tuple[int, int, int]  # (row, start, end) of a batch: where some of a sequence's tokens lie
 
 
 @dataclass
@@ -73,15 +86,28 @@ class KtoCollator:
 
     pad_token_id: int
     padding_free: bool = False
-    segments: bool = False  # padded batches: describe each row's real tokens for segment attention
+    segments: bool = (
+        False  # segment attention: padded rows describe their tokens, KL sequences continue the rows' prompts
+    )
     max_length: int | None = None  # KL sequences longer than this keep their start (as TRL's collator)
     prefix_forest: bool = False  # each sub-batch one row, every prefix its sequences share computed once
 
     def __call__(self, items: list[tuple[KtoRecord, KtoRecord | None]]) -> dict:
         records = [record for record, _ in items]
-        batch = {"policy": self.lay_out([(r.sequence.input_ids, r.sequence.labels) for r in records])}
+        batch = {}
+        batch["policy"], places = self.lay_out([(r.sequence.input_ids, r.sequence.labels) for r in records])
         if items[0][1] is not None:
-            batch["kl"] = self.lay_out([kl_sequence(r, p, self.max_length) for r, p in items])
+            kl = [kl_sequence(r, p, self.max_length) for r, p in items]
+            same = same_rows(records, kl)
+            # Every rank forwards a KL sub-batch, one sequence at least (ZeRO-3 gathers the
+            # weights of each forward with collectives all ranks must join).
+            todo = [k for k, j in enumerate(same) if j < 0] or [0]
+            same[todo[0]] = -1
+            if self.segments:
+                batch["kl"] = continuations([(k, kl[k]) for k in todo], places)
+            else:
+                batch["kl"] = self.lay_out([kl[k][:2] for k in todo])[0]
+            batch["kl_index"], batch["kl_same_as_row"] = torch.tensor(todo), torch.tensor(same)
         desirable = torch.tensor([r.desirable for r in records])
         batch["desirable"] = desirable
         batch["rows"] = torch.tensor([r.row for r in records])
@@ -93,17 +119,62 @@ class KtoCollator:
             batch["ref_kl_logps"] = torch.tensor([r.reference[1] for r in records], dtype=torch.float32)
         return batch
 
-    def lay_out(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def lay_out(self, sequences: list[tuple[list[int], list[int]]]):
+        """The sub-batch of these sequences, and `places(k, n)`: where the first n tokens of
+        sequence k lie in it."""
         if self.prefix_forest:
-            return forest_row([(ids, labels, k) for k, (ids, labels) in enumerate(sequences)])
+            tree = build_forest([(ids, labels, k) for k, (ids, labels) in enumerate(sequences)])
+            return forest_row(tree), lambda k, n: [(0, a, b) for a, b in tree.places(k, n)]
         ids = [torch.tensor(i) for i, _ in sequences]
         labels = [torch.tensor(label) for _, label in sequences]
         if self.padding_free:
-            return packed(ids, labels)
-        return padded(ids, labels, self.pad_token_id, self.segments)
+            starts = [0, *np.cumsum([len(t) for t in ids]).tolist()]
+            return packed(ids, labels), lambda k, n: [(0, starts[k], starts[k] + n)]
+        return padded(ids, labels, self.pad_token_id, self.segments), lambda k, n: [(k, 0, n)]
 
 
-def sub_batch_logps(model, sub_batch: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and trained-token counts of a sub-batch's sequences ("policy" or "kl":
-    one per row), in any layout."""
-    return fused_sequence_logps(model, sub_batch, rows)
+def same_rows(records: list[KtoRecord], kl) -> list[int]:
+    """For each KL sequence, a row of the batch it is token for token (-1: none). A row whose
+    partner answers the same prompt (the neighbours of one problem, as `mtdpo pairs --kto`
+    writes them) borrows a completion that already follows that prompt: its KL sequence is the
+    partner's row, whose log-probs the rows' forward computes anyway."""
+    rows = {}
+    for j, record in enumerate(records):
+        rows.setdefault((tuple(record.sequence.input_ids), tuple(record.sequence.labels)), j)
+    return [rows.get((tuple(ids), tuple(labels)), -1) for ids, labels, _ in kl]
+
+
+def continuations(kl: list[tuple[int, tuple[list[int], list[int], int]]], places) -> dict:
+    """KL sequences (row k, (input_ids, labels, prompt_len)) as the continuations of their rows'
+    prompts, end to end in one row (`data.packed`): each from its prompt's last token on, at its
+    own positions, attending first to the prompt's other tokens where the rows' sub-batch holds
+    them (`earlier_context`, from `places`). The prompt's last token is computed again (as
+    `data.shared_pair`'s branch copy) because it predicts the completion's first token."""
+    ids, labels, starts, context = [], [], [], []
+    for k, (kl_ids, kl_labels, prompt_len) in kl:
+        start = max(prompt_len - 1, 0)
+        ids.append(torch.tensor(kl_ids[start:]))
+        labels.append(torch.tensor(kl_labels[start:]))
+        starts.append(start)
+        context.append(places(k, start))
+    batch = packed(ids, labels)
+    batch["position_ids"] = torch.cat([torch.arange(s, s + len(t)) for s, t in zip(starts, ids)])[None]
+    batch["earlier_context"] = context
+    return batch
+
+
+def kto_logps(model, batch: dict, with_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A model's summed log-probs of the rows (with gradient where it is enabled), their
+    trained-token counts, and the summed log-probs of their KL sequences (never with gradient;
+    None without `with_kl` or a "kl" sub-batch): those the "kl" sub-batch holds (`kl_index`),
+    the others their rows' (`kl_same_as_row`)."""
+    with_kl = with_kl and "kl" in batch
+    kept = KeptKeys() if with_kl and "earlier_context" in batch["kl"] else None
+    logps, tokens = fused_sequence_logps(model, batch["policy"], len(batch["rows"]), keep_keys=kept)
+    if not with_kl:
+        return logps, tokens, None
+    index = batch["kl_index"]
+    with torch.no_grad():
+        computed = fused_sequence_logps(model, batch["kl"], len(index), earlier_keys=kept)[0]
+    kl_logps = logps.detach()[batch["kl_same_as_row"].clamp(min=0)].index_copy(0, index, computed)
+    return logps, tokens, kl_logps

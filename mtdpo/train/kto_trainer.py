@@ -5,12 +5,13 @@ Everything else is the DPO trainer's (mtdpo/train/trainer.py): the reference (a 
 normalisation, resume, DDP / ZeRO / FSDP, checkpoints and logs. Per micro-batch, as TRL's
 KTOTrainer (1.16, `_compute_loss`; tests/train/test_kto_parity.py compares the two):
 
-1. the policy's log-probs of the KL sequences, without gradient (each row's prompt + its KL
-   partner's completion: kto_data.py), and the reference's of the same;
+1. the policy's and the reference's log-probs of the rows (every trained assistant turn), and of
+   the KL sequences, without gradient (each row's prompt + its KL partner's completion:
+   kto_data.py, which computes a prompt once for its row and its KL sequence; TRL forwards the
+   KL sequences first, a different order of the same numbers);
 2. the reference point z0 = kl_estimate: their mean difference on this rank, averaged over ranks
    (`accelerator.gather`), clamped at 0;
-3. the policy's and the reference's log-probs of the rows (every trained assistant turn);
-4. kto_loss (or apo_zero_unpaired, which needs no KL batch) per row, with the class weights;
+3. kto_loss (or apo_zero_unpaired, which needs no KL batch) per row, with the class weights;
    the loss is their mean over the optimizer step's rows (TRL: over the micro-batch; the same
    for one micro-batch on one rank), plus nll_coef x the NLL of the desirable rows (off by
    default: M-KTO and TRL have none).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mtdpo.train.kto_data import sub_batch_logps
+from mtdpo.train.kto_data import kto_logps
 from mtdpo.train.kto_loss import NEEDS_KL, desirable_nll, kl_estimate, kto_mean, unpaired_loss
 from mtdpo.train.plan import Reference
 from mtdpo.train.trainer import MultiTurnDPOTrainer
@@ -38,27 +39,18 @@ class MultiTurnKTOTrainer(MultiTurnDPOTrainer):
 
     def batch_loss(self, model, inputs, reference=None, step_counts=None) -> tuple[torch.Tensor, dict[str, float]]:
         reference = reference or self.plan.reference
-        kl = None
-        if self.needs_kl:
-            with torch.no_grad():
-                policy_kl = sub_batch_logps(model, inputs["kl"], len(inputs["rows"]))[0]
-            ref_kl = self.kl_reference_logps(model, inputs, reference)
-            kl = kl_estimate(policy_kl, ref_kl, gather=self.accelerator.gather)
-        logps, tokens = sub_batch_logps(model, inputs["policy"], len(inputs["rows"]))
-        ref_logps = self.row_reference_logps(model, inputs, reference)
+        logps, tokens, policy_kl = kto_logps(model, inputs, self.needs_kl)
+        ref_logps, ref_kl = self.reference_logps(model, inputs, reference)
+        kl = kl_estimate(policy_kl, ref_kl, gather=self.accelerator.gather) if self.needs_kl else None
         return self.kto_objective(logps, ref_logps, tokens, inputs["desirable"], kl, step_counts)
 
-    def row_reference_logps(self, model, inputs, reference: Reference) -> torch.Tensor:
+    def reference_logps(self, model, inputs, reference: Reference) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference's summed log-probs of the rows and of their KL sequences (None without KL)."""
         if reference is Reference.COLUMNS:
-            return inputs["ref_logps"]
+            return inputs["ref_logps"], inputs.get("ref_kl_logps") if self.needs_kl else None
         with torch.no_grad(), self.reference_model(model, reference) as frozen:
-            return sub_batch_logps(frozen, inputs["policy"], len(inputs["rows"]))[0]
-
-    def kl_reference_logps(self, model, inputs, reference: Reference) -> torch.Tensor:
-        if reference is Reference.COLUMNS:
-            return inputs["ref_kl_logps"]
-        with torch.no_grad(), self.reference_model(model, reference) as frozen:
-            return sub_batch_logps(frozen, inputs["kl"], len(inputs["rows"]))[0]
+            logps, _, kl_logps = kto_logps(frozen, inputs, self.needs_kl)
+        return logps, kl_logps
 
     def kto_objective(
         self, logps, ref_logps, tokens, desirable, kl, step_counts=None

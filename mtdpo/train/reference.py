@@ -27,7 +27,7 @@ from mtdpo.progress import phase
 from mtdpo.train.config import MtdpoConfig
 from mtdpo.train.data import PairCollator
 from mtdpo.train.forward import fused_sequence_logps
-from mtdpo.train.kto_data import KtoCollator, KtoRows, sub_batch_logps
+from mtdpo.train.kto_data import KtoCollator, KtoRows, kto_logps
 from mtdpo.train.model import load_model_config, load_policy
 from mtdpo.train.plan import layout_for
 from mtdpo.train.provenance import reference_identity
@@ -83,9 +83,9 @@ def precompute_kto(model, cache: OpenCache, config: MtdpoConfig, layout, identit
     with autocast(config), torch.no_grad(), phase(LABEL, len(rows), "rows", progress) as advance:
         for start in range(0, len(rows), config.per_device_eval_batch_size):
             batch = collate([rows[i] for i in range(start, min(start + config.per_device_eval_batch_size, len(rows)))])
-            for k, part in enumerate(("policy", "kl")):
-                inputs = {key: value.to(model.device) for key, value in batch[part].items()}
-                values[k] += sub_batch_logps(model, inputs, len(batch["rows"]))[0].float().tolist()
+            logps, _, kl_logps = kto_logps(model, to_device(batch, model.device))
+            values[0] += logps.float().tolist()
+            values[1] += kl_logps.float().tolist()
             advance(len(batch["rows"]))
     info = ReferenceInfo(
         model=config.ref_model or config.model or "tiny random Gemma (seeded)",
@@ -112,10 +112,17 @@ def reference_logps(
     with phase(LABEL, len(cache), "pairs", progress) as advance, torch.no_grad():
         for start in range(0, len(cache), batch_size):
             batch = collate([cache.record(i) for i in range(start, min(start + batch_size, len(cache)))])
-            batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = to_device(batch, model.device)
             logps, _ = fused_sequence_logps(model, batch)
             c, r = logps.float().chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()
             advance(len(c))
     return chosen, rejected
+
+
+def to_device(batch, device):
+    """A batch's tensors, in its sub-batches too, on `device` (lists stay as they are)."""
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch

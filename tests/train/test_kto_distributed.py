@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_kto_train import noisier
-from trainkit import REPO, kto_batch, kto_trainer, make_kto_cache, tiny_model
+from trainkit import REPO, kto_batch, kto_trainer, make_kto_cache, tiny_model, whole_kl_sequences
 
 from mtdpo.assets import EMBEDDED_TOKENIZER
 from mtdpo.train.forward import fused_sequence_logps
@@ -54,8 +54,9 @@ def setup(tmp_path_factory):
     rank_kl, losses = [], []
     with torch.no_grad():
         batches = [kto_batch(trainer, range(rank * B, rank * B + B)) for rank in (0, 1)]
-        for batch in batches:
-            kl_diff = fused_sequence_logps(policy, batch["kl"])[0] - fused_sequence_logps(reference, batch["kl"])[0]
+        for rank in (0, 1):
+            kl_batch = whole_kl_sequences(trainer, range(rank * B, rank * B + B))
+            kl_diff = fused_sequence_logps(policy, kl_batch)[0] - fused_sequence_logps(reference, kl_batch)[0]
             rank_kl.append(kl_diff.mean())
         kl = torch.stack(rank_kl).mean().clamp(min=0)
         for batch in batches:
@@ -66,32 +67,45 @@ def setup(tmp_path_factory):
     return tmp, cache, paths, torch.cat(losses).mean().item(), kl.item()
 
 
-def launch(launcher: list[str], cache: Path, paths, out: Path) -> None:
+def launch(launcher: list[str], cache: Path, paths, out: Path, attention: str = "eager") -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, "-m", "mtdpo", "train", "--data", str(cache), "--output-dir", str(out)]
     cmd += ["--model", str(paths[0]), "--ref-model", str(paths[1]), "--loss-type", "kto"]
     cmd += ["--per-device-train-batch-size", str(B), "--use-cpu", "--bf16", "false", "--max-steps", "2"]
     cmd += ["--logging-steps", "1", "--train-sampling-strategy", "sequential", "--save-strategy", "no"]
-    cmd += ["--report-to", "none", "--attn-implementation", "eager"]  # as the in-process models compute
+    # eager: as the in-process models compute; sdpa: segment attention, whose KL sequences continue
+    # the rows' prompts (kto_data.py), the same numbers to fp32 rounding
+    cmd += ["--report-to", "none", "--attn-implementation", attention]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_ddp_two_ranks_average_the_rank_kl_means(setup):
+def assert_logged(logged: dict, loss: float, kl: float, attention: str) -> None:
+    """eager computes what the in-process models do; segment attention sums the log-probs (~ -400
+    per sequence) in another order, so its kl (a difference of such sums) agrees to fp32 rounding."""
+    tolerance = {"abs": 1e-5} if attention == "eager" else {"rel": 1e-5}
+    assert logged["kl"] == pytest.approx(kl, **tolerance)
+    assert logged["loss"] == pytest.approx(loss, abs=1e-6 if attention == "eager" else 1e-5)
+
+
+@pytest.mark.parametrize("attention, port", [("eager", 29543), ("sdpa", 29546)])
+def test_ddp_two_ranks_average_the_rank_kl_means(setup, attention, port):
     tmp, cache, paths, loss, kl = setup
-    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29543"], cache, paths, tmp / "ddp")
-    logged = step_one(tmp / "ddp")
-    assert logged["kl"] == pytest.approx(kl, abs=1e-5)
-    assert logged["loss"] == pytest.approx(loss, abs=1e-6)
+    out = tmp / f"ddp-{attention}"
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)], cache, paths, out, attention)
+    logged = step_one(out)
+    assert_logged(logged, loss, kl, attention)
 
 
-@pytest.mark.parametrize("stage, port", [("zero2", 29544), ("zero3", 29545)])
-def test_deepspeed_two_ranks(setup, stage, port):
+@pytest.mark.parametrize(
+    "stage, attention, port", [("zero2", "eager", 29544), ("zero3", "eager", 29545), ("zero3", "sdpa", 29547)]
+)
+def test_deepspeed_two_ranks(setup, stage, attention, port):
     tmp, cache, paths, loss, kl = setup
     launcher = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / f"configs/accelerate/{stage}.yaml")]
     launcher += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)]
-    launch(launcher, cache, paths, tmp / stage)
-    logged = step_one(tmp / stage)
-    assert logged["kl"] == pytest.approx(kl, abs=1e-5)
-    assert logged["loss"] == pytest.approx(loss, abs=1e-6)
-    assert (tmp / stage / "model.safetensors").exists()
+    out = tmp / f"{stage}-{attention}"
+    launch(launcher, cache, paths, out, attention)
+    logged = step_one(out)
+    assert_logged(logged, loss, kl, attention)
+    assert (out / "model.safetensors").exists()

@@ -18,13 +18,15 @@ from trainkit import (
     make_kto_cache,
     precompute,
     tiny_model,
+    whole_kl_sequences,
 )
 
 from mtdpo.cache import KtoRecord, Sequence, open_caches
 from mtdpo.errors import UsageError
 from mtdpo.train.attention import SEGMENT_ATTENTION
 from mtdpo.train.config import MtdpoConfig
-from mtdpo.train.kto_data import KtoCollator, KtoRows
+from mtdpo.train.forward import fused_sequence_logps
+from mtdpo.train.kto_data import KtoCollator, KtoRows, kto_logps
 from mtdpo.train.kto_loss import (
     KTO_LOSS_TYPES,
     desirable_nll,
@@ -78,6 +80,7 @@ def test_the_collator_by_hand():
     # each row's prompt, then its partner's completion with the partner's labels
     assert batch["kl"]["input_ids"].tolist() == [[2, 5, 9, 0], [2, 8, 6, 7]]
     assert batch["kl"]["labels"].tolist() == [[X, X, 9, X], [X, X, 6, 7]]
+    assert batch["kl_index"].tolist() == [0, 1] and batch["kl_same_as_row"].tolist() == [-1, -1]
     assert batch["desirable"].tolist() == [True, False] and batch["rows"].tolist() == [10, 11]
     assert batch["pair_tokens"].item() == 7  # the rows' tokens (the trained ones), not the KL sequences'
     assert batch["chosen_tokens"].item() == 2  # trained tokens of desirable rows: the NLL's divisor
@@ -89,6 +92,79 @@ def test_the_collator_by_hand():
     assert packed["kl"]["logp_index"].tolist() == [[1, 4, 5], [0, 1, 1]]
     truncated = KtoCollator(0, max_length=3)([(b, a)])  # a KL sequence longer than the cache allows keeps its start
     assert truncated["kl"]["input_ids"].tolist() == [[2, 8, 6]]
+
+
+def test_kl_sequences_continue_their_rows_prompts_by_hand():
+    """With segment attention a KL sequence is only what follows its prompt, from the prompt's
+    last token on (it predicts the completion's first token), attending to the rest of the prompt
+    where the rows' sub-batch holds it."""
+    a = KtoRecord(Sequence([2, 5, 6, 7], [X, X, 6, 7]), True, 2, 10)
+    b = KtoRecord(Sequence([2, 8, 9], [X, X, 9]), False, 2, 11)
+    c = KtoRecord(Sequence([3, 4, 5, 8, 7], [X, X, X, 8, 7]), True, 3, 12)  # a longer prompt: [3, 4, 5]
+    kl = KtoCollator(0, segments=True)([(a, b), (b, c), (c, a)])["kl"]
+    # a's prompt + b's completion [9]; b's prompt + c's [8, 7]; c's prompt + a's [6, 7]
+    assert kl["input_ids"].tolist() == [[5, 9, 8, 8, 7, 5, 6, 7]]
+    assert kl["labels"].tolist() == [[X, 9, X, 8, 7, X, 6, 7]]
+    assert kl["position_ids"].tolist() == [[1, 2, 1, 2, 3, 2, 3, 4]]
+    assert kl["segments"].tolist() == [[0, 0, 2, 0, 0], [0, 2, 5, 0, 0], [0, 5, 8, 0, 0]]
+    assert kl["earlier_context"] == [[(0, 0, 1)], [(1, 0, 1)], [(2, 0, 2)]]  # padded rows: row k's first tokens
+    assert kl["logp_index"].tolist() == [[0, 2, 3, 5, 6], [0, 1, 1, 2, 2]]
+    packed = KtoCollator(0, padding_free=True, segments=True)([(a, b), (b, c), (c, a)])["kl"]
+    assert packed["earlier_context"] == [[(0, 0, 1)], [(0, 4, 5)], [(0, 7, 9)]]  # the rows end to end
+    assert torch.equal(packed["input_ids"], kl["input_ids"])
+    # cut at max_length inside the completion, or right after the prompt: nothing left to score
+    cut = KtoCollator(0, segments=True, max_length=3)([(c, a), (a, b)])["kl"]
+    assert cut["input_ids"].tolist() == [[5, 5, 9]] and cut["labels"].tolist() == [[X, X, 9]]
+    assert cut["logp_index"].tolist() == [[1], [1]]
+
+
+def test_a_kl_sequence_that_is_a_row_of_the_batch_is_not_forwarded_again():
+    """Two answers to one prompt, each the other's KL partner: each KL sequence is the other row,
+    token for token, so its log-probs are that row's. One is still forwarded (each rank runs the
+    KL forward: ZeRO-3 gathers weights collectively)."""
+    d = KtoRecord(Sequence([2, 5, 6, 7], [X, X, 6, 7]), True, 2, 10)
+    e = KtoRecord(Sequence([2, 5, 9], [X, X, 9]), False, 2, 11)
+    f = KtoRecord(Sequence([2, 8, 9], [X, X, 9]), False, 2, 12)
+    batch = KtoCollator(0)([(d, e), (e, d)])
+    assert batch["kl_same_as_row"].tolist() == [-1, 0] and batch["kl_index"].tolist() == [0]
+    assert batch["kl"]["input_ids"].tolist() == [[2, 5, 9]]
+    # f's prompt differs from d's: f + d's completion is no row; d + f's completion is e's row
+    # (any row of the batch); e + g's completion is none (g, from another batch, is not one)
+    g = KtoRecord(Sequence([2, 8, 4], [X, X, 4]), False, 2, 99)
+    batch = KtoCollator(0, segments=True)([(f, d), (d, f), (e, g)])
+    assert batch["kl_same_as_row"].tolist() == [-1, 2, -1] and batch["kl_index"].tolist() == [0, 2]
+    assert batch["kl"]["input_ids"].tolist() == [[8, 6, 7, 5, 4]]
+    assert batch["kl"]["earlier_context"] == [[(0, 0, 1)], [(2, 0, 1)]]
+
+
+@pytest.mark.parametrize("max_length", [None, 90])
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True}, {"prefix_forest": True}])
+def test_kl_continuations_give_the_whole_kl_sequences_log_probs(cache, tmp_path, layout, max_length):
+    """The KL log-probs from continuations of the rows' keys and values, and those taken from the
+    rows a KL sequence repeats, equal those of the whole KL sequences forwarded alone (fp32),
+    multi-turn rows, cut ones included, in every layout."""
+    model = tiny_model()
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    trainer = kto_trainer(cache, model, None, tmp_path, **layout)
+    trainer.data_collator.max_length = max_length  # 90: shorter than the KL sequences
+    items = [trainer.train_dataset[i] for i in range(6)]
+    whole = whole_kl_sequences(trainer, range(6), max_length)
+    batch = trainer.data_collator(items)
+    if max_length is None:
+        # rows 2k and 2k + 1 share a prompt: 1, 3 and 5 borrow 0's, 2's, 4's completion, their
+        # KL sequences are those rows; 0, 2 and 4 continue their prompts (not forwarded again)
+        assert batch["kl_same_as_row"].tolist() == [-1, 0, -1, 2, -1, 4]
+        assert batch["kl"]["input_ids"].numel() < whole["attention_mask"][0::2].sum()
+    else:  # cut: no KL sequence is a row, each continues its prompt
+        assert (whole["attention_mask"].sum(1) == 90).all() and batch["kl_index"].tolist() == list(range(6))
+        assert batch["kl"]["input_ids"].numel() < whole["attention_mask"].sum()
+    with torch.no_grad():
+        expected = fused_sequence_logps(trainer.model, whole, 6)[0]
+        logps, tokens, kl_logps = kto_logps(trainer.model, batch)
+        rows = fused_sequence_logps(trainer.model, KtoCollator(0)(items)["policy"], 6)[0]
+    # sums of ~90 fp32 log-probs of ~ -5 each, in another order: equal to 1e-6 relative
+    torch.testing.assert_close(kl_logps, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logps, rows, rtol=1e-6, atol=0)
 
 
 # ── the multi-turn mask in the loss ───────────────────────────────────────────
@@ -312,13 +388,15 @@ def test_resume_replays_the_same_kto_steps(cache, tmp_path):
 
 def test_a_forest_of_kto_rows_gives_the_padded_losses_and_gradients(cache, tmp_path):
     """Rows 2k and 2k + 1 answer one prompt (kto_rows): in a forest each prompt is computed once
-    for the rows and once for their KL sequences; the losses and gradients are the padded ones."""
+    for the rows, and their KL sequences continue it; the losses and gradients are the padded ones."""
     padded, forest = (laid_out(cache, tmp_path, range(6), prefix_forest=flag) for flag in (False, True))
     assert padded[0].data_collator.prefix_forest is False and forest[0].data_collator.prefix_forest is True
     assert_same_step(padded, forest)
-    for part in ("policy", "kl"):  # one row, each shared prompt once: fewer tokens than the rows hold
-        assert forest[1][part]["input_ids"].shape[0] == 1
-        assert forest[1][part]["input_ids"].shape[1] < padded[1][part]["attention_mask"].sum().item()
+    rows = forest[1]["policy"]["input_ids"]  # one row, each shared prompt once: fewer tokens than the rows hold
+    assert rows.shape[0] == 1 and rows.shape[1] < padded[1]["policy"]["attention_mask"].sum().item()
+    # the same continuations in both, attending to where each layout holds the prompt
+    assert torch.equal(forest[1]["kl"]["input_ids"], padded[1]["kl"]["input_ids"])
+    assert forest[1]["kl"]["earlier_context"] != padded[1]["kl"]["earlier_context"]
 
 
 def test_group_by_prompt_puts_a_problem_s_kto_rows_in_one_micro_batch(cache, tmp_path):
@@ -326,7 +404,9 @@ def test_group_by_prompt_puts_a_problem_s_kto_rows_in_one_micro_batch(cache, tmp
     keys, suffix, prompt = KtoRows(data, 4).prompts()
     assert (keys[0::2] == keys[1::2]).all() and len(set(keys.tolist())) == len(keys) // 2  # pairs of rows share one
     assert (suffix + prompt).tolist() == data.lengths().tolist()
-    sampler = kto_trainer(cache, tiny_model(), None, tmp_path, prefix_forest=True)._get_train_sampler()
+    model = tiny_model()
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    sampler = kto_trainer(cache, model, None, tmp_path, prefix_forest=True)._get_train_sampler()
     assert sorted(i for batch in sampler.batches for i in batch) == list(range(len(keys)))
     for batch in sampler.batches:  # groups of two rows, four rows a micro-batch: every group whole
         assert len(batch) <= 4 and all(keys[i] in keys[[j for j in batch if j != i]] for i in batch)
