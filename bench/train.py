@@ -65,12 +65,16 @@ SYSTEMS = [*MTDPO_MODES, "TRL"]
 # ── data and model ────────────────────────────────────────────────────────────
 
 
-def write_multiturn_rows(path: Path, n: int, approx_tokens: int, shared_fraction: float = 0.5, seed: int = 7) -> Path:
+def write_multiturn_rows(
+    path: Path, n: int, approx_tokens: int, shared_fraction: float = 0.5, seed: int = 7, prompt_tokens: int = 0
+) -> Path:
     """n pairs from `mtdpo.synthetic.make_pairs` whose shared prompt holds an earlier assistant
     turn and its tool output: that shared tool output is lengthened identically on both sides to
     about `shared_fraction` of `approx_tokens`, and each side's own tool outputs to the rest
     (so each conversation has roughly 0.8-1.0 x approx_tokens tokens: the embedded tokenizer
-    splits the filler's numbers finely, about 2 characters a token)."""
+    splits the filler's numbers finely, about 2 characters a token). `prompt_tokens`: about as
+    many more in the first message (a long system prompt, such as tool definitions), the same
+    for both sides."""
     import random
 
     from mtdpo.synthetic import make_pairs
@@ -86,7 +90,10 @@ def write_multiturn_rows(path: Path, n: int, approx_tokens: int, shared_fraction
         size = 2 * approx_tokens * rng.uniform(0.8, 1.0)  # characters
         tool = max(i for i, m in enumerate(prompt) if m["role"] == "tool")
         text = _filler(int(size * shared_fraction), rng.randrange(1000))
+        head = _filler(2 * prompt_tokens, rng.randrange(1000)) if prompt_tokens else ""
         for side in ("chosen", "rejected"):
+            if head:
+                row[side][0] = {**row[side][0], "content": head + "\n" + row[side][0]["content"]}
             row[side][tool] = {**row[side][tool], "content": row[side][tool]["content"] + "\n" + text}
             own = [m for m in row[side][shared:] if m["role"] == "tool"] or [row[side][-1]]
             for message in own:
@@ -495,23 +502,63 @@ def summarise(runs: dict) -> dict:
 # ── KTO beside DPO at equal tokens ────────────────────────────────────────────
 #
 # The same sequences, as many per step: DPO trains B pairs per step, KTO the 2B rows they make
-# (each pair's chosen conversation as a desirable row, then its rejected one as an undesirable row),
+# (each pair's chosen conversation as a desirable row, its rejected one as an undesirable row),
 # both read in the cache's order (sequential sampling), so KTO's step k holds exactly the sequences
 # of DPO's step k. Tokens/s counts those sequences' tokens in both (for KTO what TRL's KTOTrainer
 # counts: the rows, not their KL sequences). Both padded (segment attention), both the same
 # precision. KTO does more per token: besides the rows' forward and backward and their reference
 # forward (DPO's work on its pairs), the policy's and the reference's forwards of the KL sequences
 # (without gradient; each continues its row's prompt, so only the partner's completion and one
-# prompt token are forwarded). With a stored reference (precompute-ref, both objectives) what
-# remains extra is the policy's KL forward. `work` below counts forward-equivalents per step
-# (a forward and backward = 3) from the tokens each system processed, so `tok/s x work` compares
-# the implementations once the objectives' different amounts of work are taken out.
+# prompt token are forwarded, and one that is a row of the batch is not forwarded at all). With a
+# stored reference (precompute-ref, both objectives) what remains extra is the policy's KL forward.
+#
+# "whole KL sequences": the same run forwarding each KL sequence whole, prompt included (what
+# mtdpo did before the continuations, and what TRL does), for the gain of continuing the prompts.
+#
+# Which KL sequences are rows depends on the row order (TRL's partner is the previous row): with
+# each pair's two rows adjacent ("neighbours of one problem", as `mtdpo pairs --kto` writes them)
+# half of them are; with the B chosen rows of a step first, then its B rejected ones ("neighbours
+# of other problems", the same sequences per step) none is. `work` below counts
+# forward-equivalents per step (a forward and backward = 3) from the tokens each system
+# processed, so `tok/s x work` compares the implementations once the objectives' different
+# amounts of work are taken out.
 
 KTO_SYSTEMS = {
     "DPO padded": {"objective": "dpo", "stored": False},
-    "KTO padded": {"objective": "kto", "stored": False},
+    "KTO padded": {"objective": "kto", "stored": False, "order": "problem", "peer": "DPO padded"},
+    "KTO padded, other-problem neighbours": {
+        "objective": "kto",
+        "stored": False,
+        "order": "mixed",
+        "peer": "DPO padded",
+    },
+    "KTO padded, other-problem neighbours, whole KL sequences": {
+        "objective": "kto",
+        "stored": False,
+        "order": "mixed",
+        "whole_kl": True,
+        "peer": "DPO padded",
+    },
     "DPO padded, stored reference": {"objective": "dpo", "stored": True},
-    "KTO padded, stored reference": {"objective": "kto", "stored": True},
+    "KTO padded, stored reference": {
+        "objective": "kto",
+        "stored": True,
+        "order": "problem",
+        "peer": "DPO padded, stored reference",
+    },
+    "KTO padded, other-problem neighbours, stored reference": {
+        "objective": "kto",
+        "stored": True,
+        "order": "mixed",
+        "peer": "DPO padded, stored reference",
+    },
+    "KTO padded, other-problem neighbours, whole KL sequences, stored reference": {
+        "objective": "kto",
+        "stored": True,
+        "order": "mixed",
+        "whole_kl": True,
+        "peer": "DPO padded, stored reference",
+    },
 }
 
 
@@ -542,6 +589,7 @@ def _train_mtdpo_kto(mode: dict, model: str, cache: str, steps: int, batch: int,
 
         def counting(*args, **kwargs):
             parts = original(*args, **kwargs)
+            parts["collator"].continue_prompts = not mode.get("whole_kl", False)
             counters.append(KtoTokenCounter(parts["collator"]))
             parts["collator"] = counters[-1]
             return parts
@@ -572,10 +620,15 @@ def _train_mtdpo_kto(mode: dict, model: str, cache: str, steps: int, batch: int,
     return counters[0]
 
 
-def kto_rows_of(pairs: Path, out: Path) -> Path:
-    """Each pair's chosen conversation (desirable), then its rejected one (undesirable)."""
+def kto_rows_of(pairs: Path, out: Path, order: str, batch: int) -> Path:
+    """Each pair's chosen conversation (desirable) and its rejected one (undesirable): "problem",
+    the two adjacent; "mixed", per block of `batch` pairs (a DPO step) the chosen ones, then the
+    rejected ones, so that no row's previous row answers its problem."""
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    unpaired = [{"messages": r[side], "label": side == "chosen"} for r in rows for side in ("chosen", "rejected")]
+    unpaired = []
+    for start in range(0, len(rows), batch if order == "mixed" else 1):
+        block = rows[start : start + (batch if order == "mixed" else 1)]
+        unpaired += [{"messages": r[side], "label": side == "chosen"} for side in ("chosen", "rejected") for r in block]
     out.write_text("".join(json.dumps(r) + "\n" for r in unpaired))
     return out
 
@@ -623,22 +676,35 @@ def benchmark_kto(quick: bool, bf16: bool, repeats: int, threads: int, parallel:
         "model": {**(GEMMA_TINY if quick else GEMMA_25M), "parameters": _parameters(model)},
         "lengths": {},
     }
-    systems = list(KTO_SYSTEMS)
-    for length in lengths:
-        n = batch * steps
-        pairs = write_multiturn_rows(WORK / f"kto-bench-pairs-{length}-{n}.jsonl", n, approx_tokens=length)
-        dpo_cache = cache_for(pairs, f"kto-bench-dpo-{length}-{n}")
-        kto_cache = cache_for(
-            kto_rows_of(pairs, WORK / f"kto-bench-rows-{length}-{n}.jsonl"), f"kto-bench-kto-{length}-{n}"
+    # each length as is, and the last one again with half its tokens in a long first message
+    shapes = [(length, 0) for length in lengths] + [(lengths[-1], lengths[-1] // 2)]
+    for length, prompt_tokens in shapes:
+        # the long-prompt shape: the neighbours' order only matters to which KL sequences are rows
+        systems = [s for s, mode in KTO_SYSTEMS.items() if not prompt_tokens or mode.get("order") != "problem"]
+        n, name = batch * steps, f"{length}" + (f"-prompt{prompt_tokens}" if prompt_tokens else "")
+        pairs = write_multiturn_rows(
+            WORK / f"kto-bench-pairs-{name}-{n}.jsonl",
+            n,
+            approx_tokens=length - prompt_tokens,
+            prompt_tokens=prompt_tokens,
         )
-        caches = {
-            "DPO padded": dpo_cache,
-            "KTO padded": kto_cache,
-            "DPO padded, stored reference": stored_reference_copy(dpo_cache, model, bf16, batch),
-            "KTO padded, stored reference": stored_reference_copy(kto_cache, model, bf16, 2 * batch),
+        dpo_cache = cache_for(pairs, f"kto-bench-dpo-{name}-{n}")
+        kto_caches = {
+            order: cache_for(
+                kto_rows_of(pairs, WORK / f"kto-bench-rows-{order}-{name}-{n}.jsonl", order, batch),
+                f"kto-bench-kto-{order}-{name}-{n}",
+            )
+            for order in ("problem", "mixed")
         }
-        entry = results["lengths"][str(length)] = {"data": cache_stats(dpo_cache), "runs": {}}
-        print(f"~{length} tokens: {entry['data']}", flush=True)
+        caches = {}
+        for system in systems:
+            mode = KTO_SYSTEMS[system]
+            cache = dpo_cache if mode["objective"] == "dpo" else kto_caches[mode["order"]]
+            rows = batch if mode["objective"] == "dpo" else 2 * batch
+            caches[system] = stored_reference_copy(cache, model, bf16, rows) if mode["stored"] else cache
+        data = {**cache_stats(dpo_cache), "kto_prompt_share": kto_prompt_share(kto_caches["mixed"])}
+        entry = results["lengths"][name] = {"data": data, "prompt_tokens": prompt_tokens, "runs": {}}
+        print(f"~{length} tokens ({prompt_tokens} in the first message): {entry['data']}", flush=True)
         runs = entry["runs"] = interleaved(
             systems,
             repeats,
@@ -659,6 +725,15 @@ def benchmark_kto(quick: bool, bf16: bool, repeats: int, threads: int, parallel:
         entry["summary"] = summarise(runs)
         entry["work"] = kto_work(runs)
     return results
+
+
+def kto_prompt_share(cache: Path) -> float:
+    """The share of a KTO cache's tokens before each row's first trained token (its prompt)."""
+    from mtdpo.cache import open_cache
+
+    data = open_cache(cache)
+    records = [data.record(i) for i in range(len(data))]
+    return sum(r.prompt_len for r in records) / sum(len(r.sequence) for r in records)
 
 
 def kto_work(runs: dict) -> dict:
@@ -682,15 +757,19 @@ def kto_table(results: dict, key: str = "tokens_per_cpu_s") -> str:
     ]
     for length, entry in results["lengths"].items():
         summary, work = entry["summary"], entry["work"]
-        for system in KTO_SYSTEMS:
+        prompt = entry.get("prompt_tokens", 0)
+        label = f"~{length.split('-')[0]} ({entry['data']['mean_seq_len']:,.0f})" + (
+            f", ~{prompt} of them a long first message" if prompt else ""
+        )
+        for system in [s for s in KTO_SYSTEMS if s in summary]:
             values = summary[system][key]
             cells = [
-                f"~{length} ({entry['data']['mean_seq_len']:,.0f})",
+                label,
                 system,
                 f"{values['median']:,.0f} ({values['min']:,.0f})",
             ]
-            if system.startswith("KTO"):
-                dpo = system.replace("KTO", "DPO")
+            if "peer" in KTO_SYSTEMS[system]:
+                dpo = KTO_SYSTEMS[system]["peer"]
                 ratio = values["median"] / summary[dpo][key]["median"]
                 low = values["min"] / summary[dpo][key]["min"]
                 cells += [

@@ -77,20 +77,16 @@ def kl_sequence(
     )
 
 
-Place = tuple[int, int, int]  # (row, start, end) of a batch: where some of a sequence's tokens lie
-
-
 @dataclass
 class KtoCollator:
     """[(record, partner)] -> {"policy": rows, "kl": KL sequences, "desirable", "rows", ...}."""
 
     pad_token_id: int
     padding_free: bool = False
-    segments: bool = (
-        False  # segment attention: padded rows describe their tokens, KL sequences continue the rows' prompts
-    )
+    segments: bool = False  # segment attention: padded rows say their tokens, KL sequences continue prompts
     max_length: int | None = None  # KL sequences longer than this keep their start (as TRL's collator)
     prefix_forest: bool = False  # each sub-batch one row, every prefix its sequences share computed once
+    continue_prompts: bool = True  # with segments; False: whole KL sequences (what bench/train.py compares)
 
     def __call__(self, items: list[tuple[KtoRecord, KtoRecord | None]]) -> dict:
         records = [record for record, _ in items]
@@ -103,7 +99,7 @@ class KtoCollator:
             # weights of each forward with collectives all ranks must join).
             todo = [k for k, j in enumerate(same) if j < 0] or [0]
             same[todo[0]] = -1
-            if self.segments:
+            if self.segments and self.continue_prompts:
                 batch["kl"] = continuations([(k, kl[k]) for k in todo], places)
             else:
                 batch["kl"] = self.lay_out([kl[k][:2] for k in todo])[0]

@@ -7,7 +7,7 @@ from trainkit import loss_metrics_grads, make_cache, mtdpo_trainer, tiny_model
 from mtdpo.cache import PairRecord
 from mtdpo.errors import UsageError
 from mtdpo.synthetic import make_pairs
-from mtdpo.train.attention import SEGMENT_ATTENTION, dense_segment_mask, segment_attention
+from mtdpo.train.attention import SEGMENT_ATTENTION, KeptKeys, dense_segment_mask, segment_attention
 from mtdpo.train.data import PairCollator, shared_pair
 from mtdpo.train.layout import choose_layout
 
@@ -95,6 +95,34 @@ def test_segment_attention_equals_attention_under_the_dense_mask():
     ).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert out[1, 7:].abs().sum() == 0  # padding is not computed
+
+
+def test_segments_attend_to_the_keys_an_earlier_forward_kept():
+    """A forward keeps its keys and values (`keep_keys`); a later one's segments attend to ranges
+    of them (`earlier_context`: (row, start, end) each) first, then causally to themselves."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 4, 2, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.layer_idx = heads // kv_heads, 3
+    kept = KeptKeys()
+    first_k, first_v = torch.randn(2, kv_heads, 6, dim), torch.randn(2, kv_heads, 6, dim)
+    segment_attention(
+        module, torch.randn(2, heads, 6, dim), first_k, first_v, None, segments=[[0, 0, 6, 0, 0]], keep_keys=kept
+    )
+    assert torch.equal(kept.layers[3][0], first_k) and not kept.layers[3][0].requires_grad
+    q, k, v = torch.randn(1, heads, 5, dim), torch.randn(1, kv_heads, 5, dim), torch.randn(1, kv_heads, 5, dim)
+    context = [[(1, 0, 4)], [(0, 1, 3), (0, 4, 5)]]
+    segments = [[0, 0, 3, 0, 0], [0, 3, 5, 0, 0]]
+    out, _ = segment_attention(
+        module, q, k, v, None, scaling=dim**-0.5, segments=segments, earlier_keys=kept, earlier_context=context
+    )
+    for (_, start, end, *_), ranges in zip(segments, context):
+        keys = torch.cat([*(first_k[r, :, a:b] for r, a, b in ranges), k[0, :, start:end]], 1).repeat_interleave(2, 0)
+        values = torch.cat([*(first_v[r, :, a:b] for r, a, b in ranges), v[0, :, start:end]], 1).repeat_interleave(2, 0)
+        n, c = end - start, keys.shape[1] - (end - start)
+        mask = torch.ones(n, c + n, dtype=torch.bool).tril(c)  # all of the context, then causal
+        scores = (q[0, :, start:end] @ keys.transpose(-1, -2) * dim**-0.5).masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(out[0, start:end], (scores.softmax(-1) @ values).transpose(0, 1))
 
 
 def test_segment_attention_builds_no_dense_mask_and_without_segments_is_sdpa(monkeypatch):
