@@ -17,7 +17,8 @@ row's prompt, which the rows' forward computes anyway: with segment attention th
 holds only each KL sequence's continuation (from the prompt's last token on, `continuations`),
 attending to the prompt's keys and values as the rows' forward left them (`kto_logps`), so a
 prompt goes through each model once per row, not twice. Other attention kernels get whole KL
-sequences laid out as the rows are.
+sequences laid out as the rows are. A KL sequence that is a row of the batch (`same_rows`) is not
+forwarded at all: it takes that row's log-probs.
 
 `pair_tokens` counts the rows' tokens, the ones trained (forward and backward): the tokens/s and
 MFU of a KTO run count those, as a DPO run's count both sides of its pairs (and, as there,
