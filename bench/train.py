@@ -525,41 +525,30 @@ def summarise(runs: dict) -> dict:
 
 KTO_SYSTEMS = {
     "DPO padded": {"objective": "dpo", "stored": False},
-    "KTO padded": {"objective": "kto", "stored": False, "order": "problem", "peer": "DPO padded"},
-    "KTO padded, other-problem neighbours": {
-        "objective": "kto",
-        "stored": False,
-        "order": "mixed",
-        "peer": "DPO padded",
-    },
+    "KTO padded": {"objective": "kto", "stored": False, "order": "problem"},
+    "KTO padded, other-problem neighbours": {"objective": "kto", "stored": False, "order": "mixed"},
     "KTO padded, other-problem neighbours, whole KL sequences": {
         "objective": "kto",
         "stored": False,
         "order": "mixed",
         "whole_kl": True,
-        "peer": "DPO padded",
     },
     "DPO padded, stored reference": {"objective": "dpo", "stored": True},
-    "KTO padded, stored reference": {
-        "objective": "kto",
-        "stored": True,
-        "order": "problem",
-        "peer": "DPO padded, stored reference",
-    },
-    "KTO padded, other-problem neighbours, stored reference": {
-        "objective": "kto",
-        "stored": True,
-        "order": "mixed",
-        "peer": "DPO padded, stored reference",
-    },
+    "KTO padded, stored reference": {"objective": "kto", "stored": True, "order": "problem"},
+    "KTO padded, other-problem neighbours, stored reference": {"objective": "kto", "stored": True, "order": "mixed"},
     "KTO padded, other-problem neighbours, whole KL sequences, stored reference": {
         "objective": "kto",
         "stored": True,
         "order": "mixed",
         "whole_kl": True,
-        "peer": "DPO padded, stored reference",
     },
 }
+
+
+def dpo_peer(system: str) -> str:
+    """The DPO system a KTO system is compared with: the one with the same reference handling."""
+    stored = KTO_SYSTEMS[system]["stored"]
+    return next(name for name, mode in KTO_SYSTEMS.items() if mode["objective"] == "dpo" and mode["stored"] == stored)
 
 
 class KtoTokenCounter(TokenCounter):
@@ -572,7 +561,7 @@ class KtoTokenCounter(TokenCounter):
     def __call__(self, examples):
         batch = super().__call__(examples)
         kl = batch.get("kl")
-        # padded whole KL sequences (eager attention), or packed continuations of the rows' prompts
+        # padded whole KL sequences, or packed ones or continuations of the rows' prompts (no padding)
         tokens = 0 if kl is None else kl["attention_mask"].sum() if "attention_mask" in kl else kl["input_ids"].numel()
         self.kl_tokens.append(int(tokens))
         return batch
@@ -768,8 +757,8 @@ def kto_table(results: dict, key: str = "tokens_per_cpu_s") -> str:
                 system,
                 f"{values['median']:,.0f} ({values['min']:,.0f})",
             ]
-            if "peer" in KTO_SYSTEMS[system]:
-                dpo = KTO_SYSTEMS[system]["peer"]
+            if KTO_SYSTEMS[system]["objective"] == "kto":
+                dpo = dpo_peer(system)
                 ratio = values["median"] / summary[dpo][key]["median"]
                 low = values["min"] / summary[dpo][key]["min"]
                 cells += [
